@@ -1,0 +1,233 @@
+"""Model builder: a ModelSpec becomes an IR module with prefill and/or decode entry points.
+
+Each entry embeds tokens, applies its layer body N times with ``scan`` over weights stacked
+along N (so the IR and the compile time do not grow with depth), then the final norm and the
+logits. Both phases read and write a KV cache of ``cache_len`` positions; prefill writes the
+prompt at positions 0..L-1 and decode writes one token per sequence at ``pos``.
+
+Attention is written in the paper's letters. Multihead shares the letter H between queries and
+keys (``BLHD,BTHD->BHLT``); multiquery drops the K/V head dim (``BLHD,BTD->BHLT``, Fig. 4 of the
+paper); grouped-query splits the query heads as K kv heads x G queries per group
+(``BLKGD,BTKD->BKGLT``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from compiler.spec import ModelSpec
+from ir.builder import BuildContext, FunctionBuilder
+from ir.errors import SpecError
+from ir.module import Function, Module
+from ir.ops import (Binary, CacheUpdate, CausalMask, Einsum, Embed, Norm, Rope, Scale, Scan, Softmax,
+                    Symbol, Unary)
+from ir.types import Dim, TensorType
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Shapes of the program: batch, prompt tokens (prefill L), cache positions (T), entries."""
+
+    batch: int
+    prompt_len: int
+    cache_len: int
+    entries: tuple[str, ...] = PHASES
+    dtype: str = "f32"
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.prompt_len < 1 or self.cache_len < 1:
+            raise SpecError("batch, prompt length and cache length must be positive")
+        if "prefill" in self.entries and self.prompt_len > self.cache_len:
+            raise SpecError(f"the prompt ({self.prompt_len} tokens) does not fit the KV cache ({self.cache_len})")
+        for e in self.entries:
+            if e not in PHASES:
+                raise SpecError(f"unknown entry {e!r}; valid: {', '.join(PHASES)}")
+
+
+@dataclass(frozen=True)
+class AttnForm:
+    """The einsum letters of one attention variant."""
+
+    q: str  # query activation dims after the projection, e.g. "BLHD"
+    kv: str  # new key/value dims, e.g. "BLD"
+    heads: str  # query-head letters, e.g. "H" or "KG"
+    kvheads: str  # key/value head letters, e.g. "" (multiquery), "H", "K"
+    score: str  # score dims, e.g. "BHLT"
+
+    @staticmethod
+    def of(model: ModelSpec) -> "AttnForm":
+        if model.kv_heads == model.heads:
+            return AttnForm("BLHD", "BLHD", "H", "H", "BHLT")
+        if model.kv_heads == 1:
+            return AttnForm("BLHD", "BLD", "H", "", "BHLT")
+        return AttnForm("BLKGD", "BLKD", "KG", "K", "BKGLT")
+
+    def cache(self) -> str:
+        return self.kv.replace("L", "T")
+
+
+def dim_sizes(model: ModelSpec, cfg: BuildConfig, L: int) -> dict[str, int]:
+    sizes = dict(B=cfg.batch, L=L, T=cfg.cache_len, E=model.d_model, F=model.d_ff, D=model.d_head,
+                 V=model.vocab, N=model.layers)
+    form = AttnForm.of(model)
+    if form.heads == "KG":
+        sizes.update(K=model.kv_heads, G=model.heads // model.kv_heads)
+    else:
+        sizes.update(H=model.heads)
+    return sizes
+
+
+def layer_weights(model: ModelSpec) -> dict[str, str]:
+    """Per-layer weight name -> dim letters (unstacked; entries stack them along a leading N)."""
+    f = AttnForm.of(model)
+    w: dict[str, str] = {"ln1_scale": "E"}
+    if model.norm == "layernorm":
+        w["ln1_bias"] = "E"
+    if model.block == "serial":
+        w["ln2_scale"] = "E"
+        if model.norm == "layernorm":
+            w["ln2_bias"] = "E"
+    w.update(wq="E" + f.heads + "D", wk="E" + f.kvheads + "D", wv="E" + f.kvheads + "D", wo=f.heads + "DE")
+    if model.bias == "all":
+        w.update(bq=f.heads + "D", bk=f.kvheads + "D", bv=f.kvheads + "D", bo="E")
+    if model.mlp == "swiglu":
+        w.update(w_gate="EF", w_up="EF", w_down="FE")
+        if model.bias != "none":
+            w.update(b_gate="F", b_up="F", b_down="E")
+    else:
+        w.update(w_in="EF", w_out="FE")
+        if model.bias != "none":
+            w.update(b_in="F", b_out="E")
+    return w
+
+
+def global_weights(model: ModelSpec) -> dict[str, str]:
+    """Weights outside the layer stack."""
+    w = {"embed": "VE", "final_scale": "E"}
+    if model.norm == "layernorm":
+        w["final_bias"] = "E"
+    if not model.tie_embeddings:
+        w["lm_head"] = "VE"
+    if model.bias != "none":
+        w["lm_head_bias"] = "V"
+    return w
+
+
+def _t(dtype: str, letters: str, sizes: dict[str, int]) -> TensorType:
+    return TensorType(dtype, tuple(Dim(c, sizes[c]) for c in letters))
+
+
+class _LayerEmitter:
+    """Emits one transformer layer into a FunctionBuilder."""
+
+    def __init__(self, b: FunctionBuilder, model: ModelSpec, w: dict[str, str]):
+        self.b, self.m, self.w = b, model, w
+
+    def norm(self, x: str, which: str) -> str:
+        ops = [x, self.w[f"{which}_scale"]]
+        if f"{which}_bias" in self.w:
+            ops.append(self.w[f"{which}_bias"])
+        return self.b.emit(Norm, ops, "h" if which == "ln1" else "h2", norm=self.m.norm, dim="E", eps=self.m.norm_eps)
+
+    def proj(self, x: str, wname: str, spec: str, hint: str, bias: str | None) -> str:
+        y = self.b.emit(Einsum, [x, self.w[wname]], hint, spec=spec)
+        if bias and bias in self.w:
+            y = self.b.emit(Binary, [y, self.w[bias]], hint, fn="add")
+        return y
+
+    def attention(self, h: str, pos: str, k_cache: str, v_cache: str) -> tuple[str, str, str]:
+        f = AttnForm.of(self.m)
+        q = self.proj(h, "wq", f"BLE,E{f.heads}D->{f.q}", "q", "bq")
+        k = self.proj(h, "wk", f"BLE,E{f.kvheads}D->{f.kv}", "k", "bk")
+        v = self.proj(h, "wv", f"BLE,E{f.kvheads}D->{f.kv}", "v", "bv")
+        rope = dict(style=self.m.rotary_style, rotary_dim=self.m.rotary_dim, theta=self.m.rope_theta)
+        q = self.b.emit(Rope, [q, pos], "q", **rope)
+        k = self.b.emit(Rope, [k, pos], "k", **rope)
+        kc = self.b.emit(CacheUpdate, [k_cache, k, pos], "k_cache")
+        vc = self.b.emit(CacheUpdate, [v_cache, v, pos], "v_cache")
+        s = self.b.emit(Einsum, [q, kc], "scores", spec=f"{f.q},{f.cache()}->{f.score}")
+        s = self.b.emit(Scale, [s], "scores", factor=1.0 / math.sqrt(self.m.d_head))
+        s = self.b.emit(CausalMask, [s, pos], "scores")
+        p = self.b.emit(Softmax, [s], "probs", dim="T")
+        o = self.b.emit(Einsum, [p, vc], "attn", spec=f"{f.score},{f.cache()}->{f.q}")
+        a = self.proj(o, "wo", f"{f.q},{f.heads}DE->BLE", "attn_out", "bo")
+        return a, kc, vc
+
+    def mlp(self, h: str) -> str:
+        if self.m.mlp == "swiglu":
+            g = self.proj(h, "w_gate", "BLE,EF->BLF", "gate", "b_gate")
+            u = self.proj(h, "w_up", "BLE,EF->BLF", "up", "b_up")
+            g = self.b.emit(Unary, [g], "gate", fn="silu")
+            u = self.b.emit(Binary, [g, u], "hidden", fn="mul")
+            return self.proj(u, "w_down", "BLF,FE->BLE", "mlp_out", "b_down")
+        u = self.proj(h, "w_in", "BLE,EF->BLF", "hidden", "b_in")
+        u = self.b.emit(Unary, [u], "hidden", fn="gelu" if self.m.mlp == "gelu" else "gelu_tanh")
+        return self.proj(u, "w_out", "BLF,FE->BLE", "mlp_out", "b_out")
+
+    def layer(self, x: str, pos: str, k_cache: str, v_cache: str) -> tuple[str, str, str]:
+        h = self.norm(x, "ln1")
+        a, kc, vc = self.attention(h, pos, k_cache, v_cache)
+        if self.m.block == "parallel":
+            m = self.mlp(h)
+            y = self.b.emit(Binary, [a, m], "y", fn="add")
+            return self.b.emit(Binary, [x, y], "x", fn="add"), kc, vc
+        x = self.b.emit(Binary, [x, a], "x", fn="add")
+        m = self.mlp(self.norm(x, "ln2"))
+        return self.b.emit(Binary, [x, m], "x", fn="add"), kc, vc
+
+
+def build_layer(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContext) -> Function:
+    L = cfg.prompt_len if phase == "prefill" else 1
+    sizes = dim_sizes(model, cfg, L)
+    f = AttnForm.of(model)
+    b = FunctionBuilder(f"{phase}_layer", ctx)
+    x = b.param("x", _t(cfg.dtype, "BLE", sizes))
+    pos = b.param("pos", _t("i32", "BL", sizes))
+    w = {n: b.param(n, _t(cfg.dtype, dims, sizes)) for n, dims in layer_weights(model).items()}
+    kc = b.param("k_cache", _t(cfg.dtype, f.cache(), sizes))
+    vc = b.param("v_cache", _t(cfg.dtype, f.cache(), sizes))
+    out = _LayerEmitter(b, model, w).layer(x, pos, kc, vc)
+    return b.finish(out)
+
+
+def build_entry(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContext) -> Function:
+    L = cfg.prompt_len if phase == "prefill" else 1
+    sizes = dim_sizes(model, cfg, L)
+    f = AttnForm.of(model)
+    b = FunctionBuilder(phase, ctx, entry=True)
+    tokens = b.param("tokens", _t("i32", "BL", sizes), "input")
+    pos = b.param("pos", _t("i32", "BL", sizes), "input")
+    gw = global_weights(model)
+    b.param("embed", _t(cfg.dtype, gw["embed"], sizes), "weight")
+    lw = [b.param(n, _t(cfg.dtype, "N" + dims, sizes), "weight") for n, dims in layer_weights(model).items()]
+    g = {n: b.param(n, _t(cfg.dtype, dims, sizes), "weight") for n, dims in gw.items() if n != "embed"}
+    kc = b.param("k_cache", _t(cfg.dtype, "N" + f.cache(), sizes), "cache")
+    vc = b.param("v_cache", _t(cfg.dtype, "N" + f.cache(), sizes), "cache")
+    x = b.emit(Embed, ["embed", tokens], "x")
+    x, kc2, vc2 = b.emit(Scan, [x, pos, *lw, kc, vc], ["x", "k_cache", "v_cache"],
+                         body=Symbol(f"{phase}_layer"), carry=1, consts=1)
+    norm_ops = [x, g["final_scale"]] + ([g["final_bias"]] if "final_bias" in g else [])
+    h = b.emit(Norm, norm_ops, "h", norm=model.norm, dim="E", eps=model.norm_eps)
+    logits = b.emit(Einsum, [h, g.get("lm_head", "embed")], "logits", spec="BLE,VE->BLV")
+    if "lm_head_bias" in g:
+        logits = b.emit(Binary, [logits, g["lm_head_bias"]], "logits", fn="add")
+    return b.finish([logits, kc2, vc2])
+
+
+def module_name(model: ModelSpec) -> str:
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in model.name) or "model"
+
+
+def build_module(model: ModelSpec, cfg: BuildConfig, mesh: tuple[tuple[str, int], ...] = ()) -> Module:
+    """The unsharded program for ``model`` at the shapes of ``cfg`` (mesh recorded, not applied)."""
+    ctx = BuildContext(dict(mesh))
+    fns: list[Function] = []
+    for phase in cfg.entries:
+        layer = build_layer(model, cfg, phase, ctx)
+        ctx.add(layer)
+        entry = build_entry(model, cfg, phase, ctx)
+        fns += [entry, layer]
+    return Module(module_name(model), tuple(mesh), tuple(fns))
