@@ -274,6 +274,8 @@ class _Source:
 
     def loc(self, line: int, col: int, length: int = 1) -> Location:
         src = self.lines[line - 1] if 0 < line <= len(self.lines) else None
+        if src is not None and not src.strip():
+            src = None  # a caret under a blank line shows nothing
         if src is not None:
             # Keep one character per column so the caret lines up; hide control characters.
             src = "".join(" " if c == "\t" else "?" if ord(c) < 32 or ord(c) == 127 else c
@@ -310,7 +312,7 @@ def _convert(name: str, f: _Field, text: str, loc: Location) -> Any:
         return text == "true"
     if f.kind == "enum":
         if text not in f.choices:
-            raise SpecError(f"invalid {name} '{text}'", loc, did_you_mean(text, f.choices))
+            raise SpecError(f"invalid value '{text}' for {name}", loc, did_you_mean(text, f.choices))
         return text
     return text  # name: the WORD token already restricts the characters
 
@@ -390,7 +392,9 @@ def _set_field(draft: _Draft, section: str, key: str, text: str, key_loc: Locati
         what, name = f"duplicate field '{key}' in {section} block", key
     if first is not None:
         if (section, key) in first:
-            raise SpecError(what, key_loc, f"it was already set at line {first[section, key].line}; keep one")
+            prev = first[section, key]
+            where = f"column {prev.col}" if prev.file == COMMAND_LINE else f"line {prev.line}"
+            raise SpecError(what, key_loc, f"it was already set at {where}; keep one")
         first[section, key] = key_loc
     if f.kind == "name" and not _WORD_RE.match(text):
         raise SpecError(f"invalid model name '{text}'", val_loc, "names use letters, digits, '_', '-', '.' and '+'")
@@ -555,7 +559,7 @@ def _checked_word(text: str, start: int, end: int, what: str) -> str:
     if not word:
         raise SpecError(f"missing {what}", _cli_loc(text, start, 1))
     if not _WORD_RE.match(word):
-        raise SpecError(f"invalid {what} '{word}'", _cli_loc(text, start, end - start),
+        raise SpecError(f"malformed {what}: '{word}'", _cli_loc(text, start, end - start),
                         "names and values use letters, digits, '_', '-', '.' and '+'")
     return word
 
@@ -596,7 +600,7 @@ def _set_override(draft: _Draft, text: str) -> None:
         raise SpecError(f"overrides are written SECTION.FIELD=VALUE, got '{path}'",
                         _cli_loc(text, kstart, max(1, kend - kstart)), hint)
     dot = text.index(".", kstart)
-    section = text[kstart:dot]
+    section = _checked_word(text, kstart, dot, "section")
     if section not in BLOCKS:
         raise SpecError(f"unknown section '{section}'", _cli_loc(text, kstart, max(1, dot - kstart)),
                         did_you_mean(section, BLOCKS))

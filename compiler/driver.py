@@ -1,0 +1,84 @@
+"""The compile driver: spec (or IR file) -> module -> default or given pipeline -> result.
+
+This is where serve settings turn into program shapes (BuildConfig) and where the default
+pipeline for a spec is chosen. The CLI and the benchmarks call it; it does no printing itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from compiler.build import BuildConfig, build_module
+from compiler.spec import Spec, load_spec
+from ir.errors import SpecError
+from ir.module import Module
+from ir.parser import parse_file
+from passes.manager import Instrumentation, PassManager, PipelineRun
+from passes.pipeline import Pipeline, parse_pipeline
+
+WEIGHT_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "bf16"}
+
+
+def load_input(path: str | Path) -> Spec | Module:
+    """A ``.ir`` file is parsed as IR; anything else is read as a model spec."""
+    p = Path(path)
+    if p.suffix == ".ir":
+        return parse_file(p)
+    return load_spec(p)
+
+
+def compile_config(spec: Spec) -> BuildConfig:
+    """Shapes of the program `einshard compile` emits: the serve phase's entry only."""
+    s = spec.serve
+    dtype = WEIGHT_DTYPES[s.weights]
+    if s.phase == "prefill":
+        return BuildConfig(s.batch, s.seq, s.seq, ("prefill",), dtype)
+    return BuildConfig(s.batch, 1, s.seq, ("decode",), dtype)
+
+
+def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildConfig:
+    """Shapes for `einshard run`: prefill a prompt, then ``steps`` decode steps.
+
+    For a prefill spec the prompt is ``seq`` tokens and the cache holds ``seq + steps``; for a
+    decode spec the cache holds ``seq`` positions and the prompt fills all but ``steps`` of them.
+    """
+    s = spec.serve
+    if steps < 0:
+        raise SpecError(f"--steps must be >= 0, got {steps}")
+    if prompt_len is None:
+        prompt_len = s.seq if s.phase == "prefill" else s.seq - steps
+        cache = s.seq + steps if s.phase == "prefill" else s.seq
+    else:
+        cache = max(prompt_len + steps, s.seq if s.phase == "decode" else 0)
+    if prompt_len < 1:
+        raise SpecError(f"a decode cache of {s.seq} positions leaves no room for a prompt before {steps} steps",
+                        hint="raise serve.seq or lower --steps")
+    return BuildConfig(s.batch, prompt_len, cache, ("prefill", "decode"), WEIGHT_DTYPES[s.weights])
+
+
+def default_pipeline(spec: Spec | None) -> str:
+    """The pipeline `einshard compile` runs when --passes is not given."""
+    return "cleanup"
+
+
+@dataclass
+class CompileResult:
+    input: Module
+    run: PipelineRun
+    pipeline: Pipeline
+
+    @property
+    def module(self) -> Module:
+        return self.run.module
+
+
+def compile_module(module: Module, pipeline: str, instr: Instrumentation = Instrumentation(),
+                   sink: Callable[[str], None] | None = None) -> CompileResult:
+    pipe = parse_pipeline(pipeline)
+    return CompileResult(module, PassManager(pipe, instr, sink).run(module), pipe)
+
+
+def build_for(spec: Spec, cfg: BuildConfig) -> Module:
+    return build_module(spec.model, cfg, spec.mesh.axes)

@@ -1,0 +1,150 @@
+"""``einshard run``: compile for prefill + decode, execute with JAX, check against the reference.
+
+The reference is the numpy float64 interpreter on the *unpartitioned* module the builder emits,
+so a check covers every pass of the pipeline as well as the lowering. Errors are reported
+normwise: ``max_rel_err = max|jax - ref| / max|ref|`` over all logits (elementwise relative
+error is meaningless near zero logits).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from compiler.driver import CompileResult, build_for, compile_module, default_pipeline, run_config
+from compiler.spec import Spec
+from passes.manager import Instrumentation
+
+#: Default normwise tolerance by weight format, and why.
+TOLERANCES = {
+    # f32 matmuls over d_model/d_ff terms: rounding ~1e-7 per op, a few e-6 after a few layers.
+    "f32": 1e-4,
+    # bf16 keeps 8 significant bits (rel. step 2^-8 = 4e-3); errors add up over layers.
+    "bf16": 5e-2,
+    # int8 weights with per-channel scales: quantization error dominates (issue 4 states it).
+    "int8": 1e-1,
+}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    steps: int = 4
+    prompt_len: int | None = None
+    seed: int = 0
+    check: bool = False
+    tolerance: float | None = None
+    weights_dir: Path | None = None
+    pipeline: str | None = None
+
+
+@dataclass
+class RunReport:
+    spec: Spec
+    options: RunOptions
+    compiled: CompileResult
+    batch: int
+    prompt_len: int
+    cache_len: int
+    timings: dict[str, float] = field(default_factory=dict)
+    last_tokens: list[int] = field(default_factory=list)
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    tolerance: float | None = None
+    ok: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "ok": self.ok,
+            "checked": self.options.check,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "tolerance": self.tolerance,
+            "config": {
+                "spec": s.path,
+                "model": asdict(s.model),
+                "mesh": dict(s.mesh.axes),
+                "serve": asdict(s.serve),
+                "batch": self.batch,
+                "prompt_len": self.prompt_len,
+                "decode_steps": self.options.steps,
+                "cache_len": self.cache_len,
+                "weights": str(self.options.weights_dir) if self.options.weights_dir else f"random(seed={self.options.seed})",
+                "pipeline": str(self.compiled.pipeline),
+            },
+            "timings_s": self.timings,
+            "last_step_argmax": self.last_tokens,
+        }
+
+
+def load_weights(spec: Spec, module, opts: RunOptions) -> dict[str, np.ndarray]:
+    from runtime.weights import random_weights
+
+    fn = module.function("prefill")
+    if opts.weights_dir is None:
+        return random_weights(fn, opts.seed)
+    from runtime.checkpoint import load_hf_weights
+
+    types = {p.name: p.type for p in fn.params_with_role("weight")}
+    return load_hf_weights(opts.weights_dir, spec.model, types)
+
+
+def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentation(),
+            sink: Callable[[str], None] | None = None) -> RunReport:
+    from runtime.generate import ReferenceExecutor, generate
+    from runtime.lower_jax import JaxExecutor
+    from runtime.weights import random_tokens, round_to
+
+    cfg = run_config(spec, opts.steps, opts.prompt_len)
+    module = build_for(spec, cfg)
+    pipeline = opts.pipeline if opts.pipeline is not None else default_pipeline(spec)
+    t0 = time.perf_counter()
+    compiled = compile_module(module, pipeline, instr, sink)
+    report = RunReport(spec, opts, compiled, cfg.batch, cfg.prompt_len, cfg.cache_len)
+    report.timings["compile_ir"] = time.perf_counter() - t0
+    weights = round_to(load_weights(spec, module, opts), cfg.dtype)
+    tokens = random_tokens(cfg.batch, cfg.prompt_len + opts.steps, spec.model.vocab, opts.seed)
+    t0 = time.perf_counter()
+    ex = JaxExecutor(compiled.module)
+    got = generate(ex, weights, tokens, cfg.prompt_len)
+    report.timings["jax_first_run"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    generate(ex, weights, tokens, cfg.prompt_len)
+    report.timings["jax_warm_run"] = time.perf_counter() - t0
+    report.last_tokens = [int(t) for t in np.argmax(got.logits[:, -1], axis=-1)]
+    if opts.check:
+        t0 = time.perf_counter()
+        ref = generate(ReferenceExecutor(module), weights, tokens, cfg.prompt_len)
+        report.timings["reference"] = time.perf_counter() - t0
+        diff = np.abs(got.logits.astype(np.float64) - ref.logits)
+        scale = float(np.abs(ref.logits).max()) or 1.0
+        report.max_abs_err = float(diff.max())
+        report.max_rel_err = report.max_abs_err / scale
+        report.tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES[spec.serve.weights]
+        report.ok = bool(np.isfinite(report.max_rel_err) and report.max_rel_err <= report.tolerance)
+    return report
+
+
+def format_run(r: RunReport) -> str:
+    s = r.spec
+    mesh = ",".join(f"{a}={n}" for a, n in s.mesh.axes) or "1 device"
+    lines = [
+        f"model      {s.model.name}: {s.model.layers} layers, d_model {s.model.d_model}, "
+        f"{s.model.heads} heads / {s.model.kv_heads} kv ({s.model.attention}), {s.model.block} block",
+        f"mesh       {mesh}",
+        f"shapes     batch {r.batch}, prompt {r.prompt_len}, {r.options.steps} decode steps, cache {r.cache_len}",
+        f"weights    {s.serve.weights}, "
+        + (str(r.options.weights_dir) if r.options.weights_dir else f"random (seed {r.options.seed})"),
+        f"pipeline   {r.compiled.pipeline or '(none)'}",
+        "timings    " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r.timings.items()),
+        f"argmax     last step: {r.last_tokens}",
+    ]
+    if r.options.check:
+        verdict = "OK" if r.ok else "MISMATCH"
+        lines.append(f"check      {verdict}: max abs err {r.max_abs_err:.3e}, max rel err {r.max_rel_err:.3e} "
+                     f"(tolerance {r.tolerance:.1e}, vs numpy float64 reference)")
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+"""Imports every pass module so that each registers itself."""
+
+from passes import cleanup
+
+__all__ = ["cleanup"]

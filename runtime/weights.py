@@ -1,0 +1,55 @@
+"""Random weights with activations of order one, and rounding to the served weight format.
+
+Random weights stand in for a checkpoint in ``einshard run``: matrices get std 1/sqrt(fan_in)
+(fan_in = the dims they contract), norm scales 1 ± 0.1, biases ± 0.1, the embedding N(0, 1), so
+that logits neither vanish nor blow up and errors are comparable across models.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from ir.module import Function
+from ir.types import TensorType
+
+
+def fan_in(name: str, t: TensorType) -> int:
+    dims = t.names.lstrip("N")
+    if dims.startswith("E") or dims == "VE":
+        return t.size("E")
+    return math.prod(t.size(c) for c in dims[:-1]) or 1
+
+
+def random_weights(fn: Function, seed: int = 0) -> dict[str, np.ndarray]:
+    """One float32 array per ``weight`` param of ``fn``, deterministic in ``seed`` and name."""
+    out: dict[str, np.ndarray] = {}
+    for p in fn.params_with_role("weight"):
+        rng = np.random.default_rng([seed, *map(ord, p.name)])
+        shape = p.type.shape
+        core = p.type.names.lstrip("N")
+        if p.name == "embed":
+            w = rng.normal(0.0, 1.0, shape)
+        elif len(core) == 1 and "scale" in p.name:
+            w = 1.0 + 0.1 * rng.normal(size=shape)
+        elif len(core) == 1 or len(core) == 2 and p.name.startswith("b"):
+            w = 0.1 * rng.normal(size=shape)
+        else:
+            w = rng.normal(0.0, 1.0 / math.sqrt(fan_in(p.name, p.type)), shape)
+        out[p.name] = w.astype(np.float32)
+    return out
+
+
+def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng([seed, 7]).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def round_to(weights: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Rounds float32 weights to ``dtype`` and back, so the reference sees what the device holds."""
+    if dtype in ("f32", "f64"):
+        return dict(weights)
+    np_t = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}[dtype]
+    return {k: np.asarray(v).astype(np_t).astype(np.float32) for k, v in weights.items()}
