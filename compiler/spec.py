@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import lark
 
@@ -106,7 +106,11 @@ def _value_problem(name: str, f: _Field, value: Any) -> str | None:
         return None if ok else f"{name} must be a positive integer, got {value!r}"
     if f.kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok and math.isfinite(value) and value > 0 else f"{name} must be a positive number, got {value!r}"
+        try:
+            ok = ok and math.isfinite(float(value)) and value > 0
+        except OverflowError:  # an int beyond float range
+            ok = False
+        return None if ok else f"{name} must be a positive number, got {value!r}"
     if f.kind == "bool":
         return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
     if f.kind == "enum":
@@ -138,21 +142,20 @@ class ModelSpec:
     name: str
     layers: int
     d_model: int
-    heads: int
-    kv_heads: int
+    heads: int  # query heads
+    kv_heads: int  # key/value heads; divides heads
     d_head: int
     d_ff: int
     vocab: int
-    block: str = "serial"
-    mlp: str = "gelu"
-    norm: str = "layernorm"
+    block: str = "serial"  # parallel: attention and MLP read the same normed input (PaLM, GPT-J)
+    mlp: str = "gelu"  # swiglu | gelu (exact erf, Falcon) | gelu-tanh (GPT-J's gelu_new)
+    norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rotary_dim: int = 0
-    """0 means d_head; resolved in ``__post_init__`` so readers never see 0."""
-    rotary_style: str = "half"
-    bias: str = "none"
-    tie_embeddings: bool = False
+    rotary_dim: int = 0  # dims of each head that RoPE rotates; 0 means d_head, resolved on construction
+    rotary_style: str = "half"  # half: rotate_half pairs (i, i + r/2) | interleaved: pairs (2i, 2i + 1)
+    bias: str = "none"  # none | mlp (MLP linears only) | all (every linear layer)
+    tie_embeddings: bool = False  # output projection reuses the input embedding
 
     def __post_init__(self) -> None:
         problem = _value_problem("name", _NAME_FIELD, self.name)
@@ -237,15 +240,14 @@ class MeshSpec:
 class ServeSpec:
     """How the model is served: phase, shapes, layouts, weight format and target hardware."""
 
-    phase: str = "prefill"
+    phase: str = "prefill"  # prefill | decode
     batch: int = 1
-    seq: int = 128
-    """prefill: tokens per sequence; decode: KV cache length."""
-    ffn: str = "1d-ws"
-    attn: str = "heads"
-    weights: str = "f32"
-    overlap: str = "none"
-    hardware: str = "cpu"
+    seq: int = 128  # prefill: tokens per sequence; decode: KV cache length
+    ffn: str = "1d-ws"  # FFN layout: weight-stationary 1D/2D, weight-gathered over x/xy/xyz, or auto
+    attn: str = "heads"  # attention sharded over heads or (for multiquery) batch, or auto
+    weights: str = "f32"  # weight storage format
+    overlap: str = "none"  # collective/einsum overlap: none | looped | bidirectional
+    hardware: str = "cpu"  # target for the cost model
 
     def __post_init__(self) -> None:
         _check_fields(self, _SERVE_FIELDS)
@@ -300,12 +302,12 @@ def _convert(name: str, f: _Field, text: str, loc: Location) -> Any:
     if f.kind == "float":
         if not _FLOAT_RE.match(text):
             raise SpecError(f"{name} must be a number, got '{text}'", loc, "write a number such as 1e-5 or 10000.0")
-        value = float(text)
-        if not math.isfinite(value):
+        number = float(text)
+        if not math.isfinite(number):
             raise SpecError(f"{name} is out of range: {text}", loc)
-        if value <= 0:
+        if number <= 0:
             raise SpecError(f"{name} must be positive, got {text}", loc)
-        return value
+        return number
     if f.kind == "bool":
         if text not in ("true", "false"):
             raise SpecError(f"{name} must be true or false, got '{text}'", loc, did_you_mean(text, ("true", "false")))
@@ -450,7 +452,8 @@ def _syntax_error(e: lark.UnexpectedInput, text: str, src: _Source) -> SpecError
     tok = getattr(e, "token", None)
     hint: str | None = None
     if isinstance(e, lark.UnexpectedCharacters):
-        c = text[e.pos_in_stream] if 0 <= e.pos_in_stream < len(text) else ""
+        pos = e.pos_in_stream or 0
+        c = text[pos] if 0 <= pos < len(text) else ""
         found = f"character '{c}'" if c.isprintable() and c.strip() else f"character U+{ord(c or ' '):04X}"
         if c in "\"'":
             hint = "values are written without quotes"
@@ -485,6 +488,21 @@ def _syntax_error(e: lark.UnexpectedInput, text: str, src: _Source) -> SpecError
     return SpecError(f"unexpected {found}; expected {_expected(exp)}", src.loc(line, col, length), hint)
 
 
+_Block = tuple[lark.Token, lark.Token | None, list[tuple[lark.Token, lark.Token]]]
+
+
+def _blocks(tree: lark.Tree[lark.Token]) -> list[_Block]:
+    """(head, name or None, [(key, value)]) per block, in file order."""
+    out: list[_Block] = []
+    for block in tree.children:
+        assert isinstance(block, lark.Tree)
+        head, name, *rest = block.children
+        assert isinstance(head, lark.Token) and (name is None or isinstance(name, lark.Token))
+        items = [cast(tuple[lark.Token, lark.Token], tuple(f.children)) for f in rest if isinstance(f, lark.Tree)]
+        out.append((head, name, items))
+    return out
+
+
 def parse_spec(text: str, path: str = "<spec>") -> Spec:
     """Parses spec text; any problem is a SpecError located in ``text``."""
     src = _Source(text, path)
@@ -497,8 +515,7 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
     draft = _Draft()
     blocks: dict[str, lark.Token] = {}
     first: dict[tuple[str, str], Location] = {}
-    for block in tree.children:
-        head, name, *items = block.children
+    for head, name, items in _blocks(tree):
         kind = str(head)
         if kind not in BLOCKS:
             raise SpecError(f"unknown block '{kind}'", src.at(head), did_you_mean(kind, BLOCKS))
@@ -513,10 +530,8 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
             draft.model["name"] = _Val(str(name), src.at(name))
         elif name is not None:
             raise SpecError(f"the {kind} block takes no name", src.at(name), f"write '{kind} {{'")
-        for item in items:
-            if isinstance(item, lark.Tree):
-                key, value = item.children
-                _set_field(draft, kind, str(key), str(value), src.at(key), src.at(value), first)
+        for key, value in items:
+            _set_field(draft, kind, str(key), str(value), src.at(key), src.at(value), first)
     if "model" not in blocks:
         raise SpecError("no model block", src.loc(1, 1),
                         f"a spec needs 'model NAME {{ ... }}' setting at least {', '.join(_REQUIRED)}")
@@ -606,8 +621,8 @@ def _set_override(draft: _Draft, text: str) -> None:
                         did_you_mean(section, BLOCKS))
     key = _checked_word(text, dot + 1, kend, "field name")
     value = _checked_word(text, eq + 1, len(text), f"value for {section}.{key}")
-    vs = _strip_span(text, eq + 1, len(text))[0]
-    _set_field(draft, section, key, value, _cli_loc(text, dot + 1, len(key)), _cli_loc(text, vs, len(value)))
+    ks, vs = _strip_span(text, dot + 1, kend)[0], _strip_span(text, eq + 1, len(text))[0]
+    _set_field(draft, section, key, value, _cli_loc(text, ks, len(key)), _cli_loc(text, vs, len(value)))
 
 
 def apply_overrides(spec: Spec, *, mesh: str | None = None, phase: str | None = None,

@@ -283,7 +283,10 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 @op_kind("norm")
 @dataclass(frozen=True, kw_only=True)
 class Norm(Op):
-    """LayerNorm or RMSNorm over one dim, with a scale and (layernorm) an optional bias."""
+    """LayerNorm or RMSNorm over one dim, with a scale and (layernorm) an optional bias.
+
+    The normalized dim may be sharded: its statistics are then summed over the dim's axes
+    inside the op (a [B, L]-sized all-reduce that the ledger counts)."""
 
     norm: str
     dim: str
@@ -297,9 +300,8 @@ class Norm(Op):
         if not x.has(self.dim):
             raise fail(f"norm over {self.dim}, but the operand has dims {x.names}")
         require_not_partial("norm", x)
-        require_unsharded("norm", x, self.dim)
         for p in params:
-            if p.names != self.dim or p.size(self.dim) != x.size(self.dim) or p.partial:
+            if p.names != self.dim or p.dim(self.dim) != x.dim(self.dim) or p.partial:
                 raise fail(f"norm parameters must be [{self.dim}={x.size(self.dim)}], got {p}")
         return (x,)
 
@@ -467,3 +469,7 @@ class Scan(Op):
         n = layers.pop() if layers else 1
         stacked = tuple(TensorType(t.dtype, (Dim("N", n), *t.dims), t.partial) for t in outs[nc:])
         return (*outs[:nc], *stacked)
+
+
+# The collective ops register themselves in OPS as well.
+import ir.collectives  # registers the collective ops

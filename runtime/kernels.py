@@ -39,6 +39,21 @@ class Backend(Protocol):
     def axis_offset(self, t: TensorType, dim: str) -> Any:
         """Global index of this device's first element along ``dim`` (0 when unsharded)."""
 
+    # Mesh collectives over tuples of axes (major first), as in jax.lax under shard_map.
+    def psum(self, x: Array, axes: tuple[str, ...]) -> Array: ...
+
+    def psum_scatter(self, x: Array, axes: tuple[str, ...], axis: int) -> Array: ...
+
+    def all_gather(self, x: Array, axes: tuple[str, ...], axis: int) -> Array: ...
+
+    def all_to_all(self, x: Array, axes: tuple[str, ...], split: int, concat: int) -> Array: ...
+
+    def axis_index(self, axes: tuple[str, ...]) -> Any: ...
+
+    def group_size(self, axes: tuple[str, ...]) -> int: ...
+
+    def dynamic_slice(self, x: Array, axis: int, start: Any, size: int) -> Array: ...
+
 
 Rule = Callable[[Op, Sequence[Array], Sequence[TensorType], Backend, Any], tuple]
 RULES: dict[str, Rule] = {}
@@ -122,12 +137,18 @@ def _norm(op, xs, ts, be, interp):
     xp = be.xp
     x, scale, *bias = xs
     ax = ts[0].index(op.dim)
+    axes = ts[0].dim(op.dim).axes
+    n = ts[0].size(op.dim)
+
+    def mean(v):  # over the whole (possibly sharded) dim
+        s = v.sum(axis=ax, keepdims=True)
+        return (be.psum(s, axes) if axes else s) / n
+
     if op.norm == "layernorm":
-        mu = x.mean(axis=ax, keepdims=True)
-        c = x - mu
-        y = c / xp.sqrt((c * c).mean(axis=ax, keepdims=True) + op.eps)
+        c = x - mean(x)
+        y = c / xp.sqrt(mean(c * c) + op.eps)
     else:
-        y = x / xp.sqrt((x * x).mean(axis=ax, keepdims=True) + op.eps)
+        y = x / xp.sqrt(mean(x * x) + op.eps)
     y = y * align(scale, op.dim, ts[0].names)
     if bias:
         y = y + align(bias[0], op.dim, ts[0].names)
@@ -239,3 +260,45 @@ class Interpreter:
             outs = rule_fn(op, [env[o] for o in op.operands], [types[o] for o in op.operands], self.be, self)
             env.update(zip(op.results, outs))
         return tuple(env[r] for r in fn.returns)
+
+
+# ---- collectives and layout ops (need a Backend with mesh collectives) ----------------------
+
+
+@rule("all_gather")
+def _all_gather(op, xs, ts, be, interp):
+    return (be.all_gather(xs[0], op.axes, ts[0].index(op.dim)),)
+
+
+@rule("reduce_scatter")
+def _reduce_scatter(op, xs, ts, be, interp):
+    return (be.psum_scatter(xs[0], op.axes, ts[0].index(op.dim)),)
+
+
+@rule("all_reduce")
+def _all_reduce(op, xs, ts, be, interp):
+    return (be.psum(xs[0], op.axes),)
+
+
+@rule("all_to_all")
+def _all_to_all(op, xs, ts, be, interp):
+    return (be.all_to_all(xs[0], op.axes, ts[0].index(op.split_dim), ts[0].index(op.concat_dim)),)
+
+
+@rule("local_slice")
+def _local_slice(op, xs, ts, be, interp):
+    x = xs[0]
+    ax = ts[0].index(op.dim)
+    n = be.group_size(op.axes)
+    size = x.shape[ax] // n
+    start = be.axis_index(op.axes) * size
+    return (be.dynamic_slice(x, ax, start, size),)
+
+
+@rule("pad")
+def _pad(op, xs, ts, be, interp):
+    x = xs[0]
+    ax = ts[0].index(op.dim)
+    widths = [(0, 0)] * x.ndim
+    widths[ax] = (0, op.size - x.shape[ax])
+    return (be.xp.pad(x, widths),)

@@ -155,7 +155,7 @@ def test_dataclasses_validate_themselves() -> None:
     with pytest.raises(SpecError, match="batch must be a positive integer"):
         ServeSpec(batch=0)
     assert ModelSpec("m", 1, 8, 4, 1, 4, 8, 8, norm_eps=1).norm_eps == 1.0
-    assert MeshSpec([["x", 2]]).axes == (("x", 2),)  # type: ignore[list-item]
+    assert MeshSpec([["x", 2]]).axes == (("x", 2),)  # type: ignore[arg-type]
 
 
 def test_format_is_canonical() -> None:

@@ -1,0 +1,53 @@
+# einshard developer targets. CI runs `make test` (see .ci/run).
+#
+#   make venv    .venv with the package (editable) and the test extras
+#   make demo    compile and run the tiny multiquery example (needs only the package)
+#   make test    the whole test suite, 2 workers, deterministic hypothesis profile `ci`
+#   make bench   every benchmark under bench/
+#   make clean   caches and build outputs (keeps .venv); `make distclean` also drops .venv
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow' -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean distclean
+
+# The venv with the test extras. torch is installed first, in its own pip call, pinned, so that
+# pip takes the CPU wheel rather than resolving a CUDA build while solving the rest. The stamp
+# makes re-runs free; editing pyproject.toml reinstalls.
+$(VENV)/.stamp-test: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp-test
+
+# The package alone, only when no venv has it yet (the test venv has it too).
+$(VENV)/bin/einshard:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+
+demo: | $(VENV)/bin/einshard
+	$(VENV)/bin/einshard compile examples/tiny-mqa.model --pass-stats
+	$(VENV)/bin/einshard run examples/tiny-mqa.model --check
+
+# tests/conftest.py reads HYPOTHESIS_PROFILE and points JAX's persistent cache at .jax_cache.
+test: $(VENV)/.stamp-test
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+bench: | $(VENV)/bin/einshard
+	for f in bench/*.py; do echo "== $$f"; $(PY) "$$f"; done
+
+clean:
+	rm -rf .jax_cache .hypothesis .pytest_cache .mypy_cache dumps build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
