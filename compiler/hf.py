@@ -22,6 +22,10 @@ field names suggest):
   the first ``rotary_dim`` dims with base 10000 (hard-wired in the module), biases on the MLP and
   ``lm_head`` only (bias ``mlp``).
 
+Rotary settings are read from ``rope_parameters`` (transformers 5.x), ``rope_scaling`` or a
+top-level ``rope_theta``, with transformers' precedence; any ``rope_type`` but ``default`` (linear,
+dynamic, yarn, llama3, ...) and a ``partial_rotary_factor`` below 1 are refused.
+
 Einshard's bias levels put a bias on ``lm_head`` whenever bias is not ``none``; families without
 one (Llama, Falcon) get a zero ``lm_head_bias`` from the weight loader, which is exact.
 """
@@ -33,10 +37,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ir.errors import Location, SpecError
 from compiler.spec import MeshSpec, ModelSpec, ServeSpec, Spec
+from ir.errors import Location, SpecError
 
-__all__ = ["FAMILIES", "HFConfig", "falcon_qkv_layout", "hf_family", "read_hf_config", "spec_from_hf"]
+__all__ = ["FAMILIES", "HFConfig", "falcon_qkv_layout", "hf_family", "model_from_config", "read_hf_config",
+           "spec_from_hf"]
 
 FAMILIES: dict[str, str] = {"llama": "llama", "falcon": "falcon", "gptj": "gptj"}
 """HF ``model_type`` → einshard family name."""
@@ -301,6 +306,15 @@ def _model_name(cfg: HFConfig) -> str:
     return name or "model"
 
 
+def model_from_config(cfg: HFConfig) -> ModelSpec:
+    """The ModelSpec a parsed config describes (SpecError when einshard cannot represent it)."""
+    fields = _READERS[hf_family(cfg)](cfg)
+    try:
+        return ModelSpec(name=_model_name(cfg), **fields)
+    except SpecError as e:
+        raise SpecError(f"{cfg.path}: {e.message}", None, e.hint) from None
+
+
 def spec_from_hf(path: str | Path) -> Spec:
     """The einshard Spec (default mesh and serve blocks) of a Hugging Face checkpoint directory.
 
@@ -308,9 +322,4 @@ def spec_from_hf(path: str | Path) -> Spec:
     einshard cannot represent exactly — is a SpecError naming the field.
     """
     cfg = read_hf_config(path)
-    fields = _READERS[hf_family(cfg)](cfg)
-    try:
-        model = ModelSpec(name=_model_name(cfg), **fields)
-    except SpecError as e:
-        raise SpecError(f"{cfg.path}: {e.message}", None, e.hint) from None
-    return Spec(model, MeshSpec(), ServeSpec(), str(cfg.path))
+    return Spec(model_from_config(cfg), MeshSpec(), ServeSpec(), str(cfg.path))

@@ -43,6 +43,8 @@ class AllGather(Op):
 
     axes: tuple[str, ...]
     dim: str
+    #: Why the collective exists (the rule that asked for it), for the ledger.
+    reason: str = ""
     arity = (1, 1)
     is_collective = True
 
@@ -66,6 +68,8 @@ class ReduceScatter(Op):
 
     axes: tuple[str, ...]
     dim: str
+    #: Why the collective exists (the rule that asked for it), for the ledger.
+    reason: str = ""
     arity = (1, 1)
     is_collective = True
 
@@ -87,6 +91,8 @@ class AllReduce(Op):
     """Sums the partial sums over ``axes``; the result is replicated over them."""
 
     axes: tuple[str, ...]
+    #: Why the collective exists (the rule that asked for it), for the ledger.
+    reason: str = ""
     arity = (1, 1)
     is_collective = True
 
@@ -107,6 +113,8 @@ class AllToAll(Op):
     axes: tuple[str, ...]
     split_dim: str
     concat_dim: str
+    #: Why the collective exists (the rule that asked for it), for the ledger.
+    reason: str = ""
     arity = (1, 1)
     is_collective = True
 
@@ -134,6 +142,8 @@ class LocalSlice(Op):
 
     axes: tuple[str, ...]
     dim: str
+    #: Why the collective exists (the rule that asked for it), for the ledger.
+    reason: str = ""
     arity = (1, 1)
 
     def infer(self, ins, ctx):

@@ -151,7 +151,11 @@ class _Builder:
             if not ok:
                 raise self.err(tok, f"attribute '{key}' of {cls.kind} must be {getattr(hint, '__name__', hint)}")
             out[key] = val
-        missing = want - set(out)
+        import dataclasses as _dc
+
+        required = {f.name for f in cls.attr_fields()
+                    if f.default is _dc.MISSING and f.default_factory is _dc.MISSING}
+        missing = required - set(out)
         if missing:
             raise self.err(kind_tok, f"{cls.kind} is missing attributes: {', '.join(sorted(missing))}")
         return out

@@ -17,9 +17,13 @@ maps the HF tensors onto the einshard weight names of ``compiler.build`` (``laye
 - einshard's ``lm_head_bias`` exists whenever bias is not ``none``; Llama and Falcon have none, so
   it is zero (exact).
 
+The ModelSpec must equal the one ``config.json`` describes (``compiler.hf``; the name aside):
+weights cannot reveal a different activation, norm eps or rotary form, and a spec that differs
+there would run without error and give wrong logits.
+
 Tensors the model does not use are ignored: rotary ``inv_freq`` / ``embed_positions`` buffers,
 GPT-J's old ``attn.bias``/``attn.masked_bias`` masks, a tied ``lm_head.weight``. A tensor of a
-layer beyond ``model.layers`` is an error, since it means the spec and the checkpoint disagree.
+layer beyond ``model.layers`` is an error: config.json and the tensors disagree.
 
 Every failure is a ``WeightsError``: all missing and all mis-shaped (or non-float) tensors are
 listed together, so one run shows everything that is wrong. F32, F64, F16 and BF16 tensors are
@@ -31,14 +35,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 from safetensors import safe_open
 
-from compiler.hf import HFConfig, falcon_qkv_layout, hf_family, read_hf_config
+from compiler.hf import HFConfig, falcon_qkv_layout, hf_family, model_from_config, read_hf_config
 from compiler.spec import ModelSpec
 from ir.errors import SpecError, WeightsError
 from ir.types import TensorType
@@ -210,11 +214,7 @@ def _llama_recipes(m: ModelSpec, cfg: HFConfig) -> dict[str, _Recipe]:
 
 def _falcon_recipes(m: ModelSpec, cfg: HFConfig) -> dict[str, _Recipe]:
     E, H, K, D, F, V = m.d_model, m.heads, m.kv_heads, m.d_head, m.d_ff, m.vocab
-    layout = falcon_qkv_layout(cfg)
-    want_k = {"multiquery": 1, "multihead": H}.get(layout, K)
-    if K != want_k:
-        raise WeightsError(f"config.json describes {layout} Falcon attention ({want_k} K/V heads) "
-                           f"but the model has kv_heads = {K}")
+    layout = falcon_qkv_layout(cfg)  # K agrees with it: the model equals the one config.json describes
     T, L = "transformer.", "transformer.h.{i}."
     qkv = L + "self_attention.query_key_value."
     rows = _qkv_rows(layout, H, K, D)
@@ -244,7 +244,7 @@ def _falcon_recipes(m: ModelSpec, cfg: HFConfig) -> dict[str, _Recipe]:
 
 
 def _gptj_recipes(m: ModelSpec, cfg: HFConfig) -> dict[str, _Recipe]:
-    E, H, D, F, V = m.d_model, m.heads, m.d_head, m.d_ff, m.vocab
+    E, H, K, D, F, V = m.d_model, m.heads, m.kv_heads, m.d_head, m.d_ff, m.vocab
     T, L = "transformer.", "transformer.h.{i}."
     r: dict[str, _Recipe] = {
         "embed": _Recipe(((T + "wte.weight", (V, E)),), _same, False),
@@ -260,8 +260,8 @@ def _gptj_recipes(m: ModelSpec, cfg: HFConfig) -> dict[str, _Recipe]:
         "w_out": _Recipe(((L + "mlp.fc_out.weight", (E, F)),), _linear, True),
         "b_out": _Recipe(((L + "mlp.fc_out.bias", (E,)),), _same, True),
     }
-    for p in "qkv":
-        r["w" + p] = _Recipe(((L + f"attn.{p}_proj.weight", (H * D, E)),), _linear, True)
+    for p, rows in (("q", H), ("k", K), ("v", K)):
+        r["w" + p] = _Recipe(((L + f"attn.{p}_proj.weight", (rows * D, E)),), _linear, True)
     return r
 
 
@@ -276,85 +276,100 @@ def _fmt(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def load_hf_weights(directory: str | Path, model: ModelSpec,
-                    weight_types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
-    """Einshard weights (float32, shaped as ``weight_types``) from a Hugging Face checkpoint.
+def _check_same_model(model: ModelSpec, described: ModelSpec, cfg: HFConfig) -> None:
+    """The spec must describe the checkpoint: weights alone cannot reveal a different activation,
+    norm eps, rotary or block form, and running with one would silently give wrong logits."""
+    diffs = [f"{f.name}: the spec says {getattr(model, f.name)!r}, {cfg.path.name} says {getattr(described, f.name)!r}"
+             for f in fields(ModelSpec) if f.name != "name" and getattr(model, f.name) != getattr(described, f.name)]
+    if diffs:
+        raise WeightsError(f"model '{model.name}' does not describe the checkpoint in '{cfg.path.parent}':\n  "
+                           + "\n  ".join(diffs), hint="derive the model block with `einshard spec-from-hf DIR`")
 
-    ``weight_types`` is {param name: type} of the entry function's ``weight`` params; exactly
-    those names are returned. ``model`` fixes the expected HF tensor shapes, so a spec that does
-    not describe the checkpoint shows up as mis-shaped tensors.
-    """
-    d = Path(directory)
-    try:
-        cfg = read_hf_config(d)
-        family = hf_family(cfg)
-    except SpecError as e:
-        raise WeightsError(e.message, e.loc, e.hint) from None
-    recipes = _RECIPES[family](model, cfg)
-    index = read_safetensors_index(d)
 
-    unknown = [n for n in weight_types if n not in recipes]
-    if unknown:
-        raise WeightsError(f"a {family} checkpoint has no tensors for einshard weight(s) {', '.join(unknown)}",
-                           hint="the spec does not describe this checkpoint; derive it with spec_from_hf")
+def _expand(rc: _Recipe, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The concrete HF names (one per layer for a layered recipe) with their expected shapes."""
+    return [(t.format(i=i), shape) for t, shape in rc.sources for i in (range(layers) if rc.layered else [0])]
+
+
+def _check_tensors(d: Path, model: ModelSpec, family: str, wanted: list[tuple[str, tuple[int, ...]]],
+                   index: Mapping[str, TensorInfo]) -> None:
+    """One WeightsError listing every missing, mis-shaped or non-float tensor and any extra layer."""
     missing: list[str] = []
     problems: list[str] = []
-    for name in weight_types:
-        rc = recipes[name]
-        for tmpl, shape in rc.sources:
-            for hf in ([tmpl.format(i=i) for i in range(model.layers)] if rc.layered else [tmpl]):
-                info = index.get(hf)
-                if info is None:
-                    missing.append(hf)
-                elif info.shape != shape:
-                    problems.append(f"mis-shaped: {hf}: expected {_fmt(shape)}, got {_fmt(info.shape)}")
-                elif info.dtype not in _NP_DTYPES and info.dtype != "BF16":
-                    problems.append(f"unsupported dtype: {hf}: {info.dtype} (F32, F64, F16 or BF16 expected)")
+    for hf, shape in dict.fromkeys(wanted):
+        info = index.get(hf)
+        if info is None:
+            missing.append(hf)
+        elif info.shape != shape:
+            problems.append(f"mis-shaped: {hf}: expected {_fmt(shape)}, got {_fmt(info.shape)}")
+        elif info.dtype not in _NP_DTYPES and info.dtype != "BF16":
+            problems.append(f"unsupported dtype: {hf}: {info.dtype} (F32, F64, F16 or BF16 expected)")
     extra = sorted({int(mt.group(1)) for n in index if (mt := _LAYER_RE[family].match(n))
                     and int(mt.group(1)) >= model.layers})
     if extra:
         problems.append(f"extra layers: the checkpoint has layer(s) {', '.join(map(str, extra))} "
                         f"but the model has {model.layers}")
     if missing or problems:
-        lines = [f"missing: {n}" for n in dict.fromkeys(missing)] + list(dict.fromkeys(problems))
-        counts = []
-        if missing:
-            counts.append(f"{len(dict.fromkeys(missing))} missing")
-        if problems:
-            counts.append(f"{len(dict.fromkeys(problems))} other problem(s)")
+        counts = ([f"{len(missing)} missing"] if missing else []) + \
+                 ([f"{len(problems)} other problem(s)"] if problems else [])
+        lines = [f"missing: {n}" for n in missing] + problems
         raise WeightsError(f"checkpoint '{d}' does not fit model '{model.name}' ({', '.join(counts)}):\n  "
                            + "\n  ".join(lines))
+
+
+def load_hf_weights(directory: str | Path, model: ModelSpec,
+                    weight_types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
+    """Einshard weights (float32, shaped as ``weight_types``) from a Hugging Face checkpoint.
+
+    ``weight_types`` is {param name: type} of the entry function's ``weight`` params; exactly
+    those names are returned. ``model`` must be the model that ``config.json`` describes (all
+    fields but the name; see ``compiler.hf.spec_from_hf``), and it fixes the expected HF tensor
+    shapes, so a config.json that does not fit its tensors shows up as mis-shaped tensors.
+    """
+    d = Path(directory)
+    try:
+        cfg = read_hf_config(d)
+        family = hf_family(cfg)
+        described = model_from_config(cfg)
+    except SpecError as e:
+        raise WeightsError(e.message, e.loc, e.hint) from None
+    _check_same_model(model, described, cfg)
+    recipes = _RECIPES[family](model, cfg)
+    unknown = [n for n in weight_types if n not in recipes]
+    if unknown:
+        raise WeightsError(f"a {family} checkpoint has no tensors for einshard weight(s) {', '.join(unknown)}",
+                           hint="the weight types come from a module built for another model")
+    index = read_safetensors_index(d)
+    wanted = [src for n in weight_types for src in _expand(recipes[n], model.layers)]
+    _check_tensors(d, model, family, wanted, index)
 
     # Each HF tensor is read once and dropped after its last use (Falcon's fused qkv feeds six
     # einshard weights), so peak memory stays near one copy of the weights.
     uses: dict[str, int] = {}
-    for name in weight_types:
-        rc = recipes[name]
-        for tmpl, _ in rc.sources:
-            for hf in ([tmpl.format(i=i) for i in range(model.layers)] if rc.layered else [tmpl]):
-                uses[hf] = uses.get(hf, 0) + 1
+    for hf, _ in wanted:
+        uses[hf] = uses.get(hf, 0) + 1
     cache: dict[str, np.ndarray] = {}
 
     def get(hf: str) -> np.ndarray:
-        arr = cache[hf] if hf in cache else _read_tensor(index[hf], hf)
+        arr = cache.pop(hf) if hf in cache else _read_tensor(index[hf], hf)
         uses[hf] -= 1
         if uses[hf]:
             cache[hf] = arr
-        else:
-            cache.pop(hf, None)
         return arr
 
     out: dict[str, np.ndarray] = {}
     for name, t in weight_types.items():
-        rc = recipes[name]
-        shape = tuple(t.shape)
-        if rc.layered:
-            per = shape[1:]
-            arr = np.stack([rc.convert([get(s.format(i=i)) for s, _ in rc.sources], per)
-                            for i in range(model.layers)])
-        else:
-            arr = rc.convert([get(s) for s, _ in rc.sources], shape)
-        if arr.shape != shape:  # the spec and the weight types disagree: an internal inconsistency
+        rc, shape = recipes[name], tuple(t.shape)
+        try:
+            if rc.layered:
+                arr = np.stack([rc.convert([get(s.format(i=i)) for s, _ in rc.sources], shape[1:])
+                                for i in range(model.layers)])
+            else:
+                arr = rc.convert([get(s) for s, _ in rc.sources], shape)
+        except ValueError as e:  # shapes were checked above; only an inconsistent weight type gets here
+            raise WeightsError(f"cannot make einshard weight '{name}' {_fmt(shape)} from "
+                               f"{', '.join(s for s, _ in rc.sources)}: {e}") from None
+        if arr.shape != shape:
             raise WeightsError(f"einshard weight '{name}' came out {_fmt(arr.shape)}, expected {_fmt(shape)}")
         out[name] = np.ascontiguousarray(arr, dtype=np.float32)
     return out

@@ -1,0 +1,133 @@
+"""The paper's layouts as data: where each weight, cache and the residual stream live.
+
+A layout names mesh *roles* X, Y, Z: the module's mesh axes in order (a 2-axis mesh has no Z,
+a 1-axis mesh only X). From them it derives
+
+* weight shardings by dim letter — 1D weight-stationary splits F (and heads) over all axes;
+  2D and the weight-gathered layouts share one storage, E over X and F/heads over Z then Y
+  (Y minor, so that XY-WG can gather it as a suffix);
+* the residual stream at rest: E over all axes (weight-stationary) or batch over X / XY / XYZ
+  with E over the rest (weight-gathered);
+* the KV cache: heads as the attention weights (``heads``) or batch over all axes (``batch``);
+* whether einsums keep weights still (WS) or gather them to the activations (WG).
+
+Everything else is derived by propagation (passes/shard.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ir.errors import LayoutError
+from ir.types import Dim, TensorType
+
+FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz")
+ATTN_LAYOUTS = ("heads", "batch")
+
+
+@dataclass(frozen=True)
+class Layout:
+    ffn: str
+    attn: str
+    mesh: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        if self.ffn not in FFN_LAYOUTS:
+            raise LayoutError(f"unknown ffn layout {self.ffn!r}; valid: {', '.join(FFN_LAYOUTS)} "
+                              "(auto is resolved by the cost model before sharding)")
+        if self.attn not in ATTN_LAYOUTS:
+            raise LayoutError(f"unknown attention layout {self.attn!r}; valid: {', '.join(ATTN_LAYOUTS)}")
+        if len(self.mesh) > 3:
+            raise LayoutError(f"the paper's layouts use at most 3 mesh axes (x, y, z); this mesh has "
+                              f"{len(self.mesh)}: {', '.join(a for a, _ in self.mesh)}")
+
+    # ---- mesh roles ------------------------------------------------------------------------
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    def role(self, r: str) -> tuple[str, ...]:
+        names = [a for a, _ in self.mesh]
+        i = "XYZ".index(r)
+        return (names[i],) if i < len(names) else ()
+
+    @property
+    def all_axes(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.mesh)
+
+    @property
+    def weights_move(self) -> bool:
+        return self.ffn.startswith("wg-")
+
+    # ---- shardings ---------------------------------------------------------------------------
+    def wide(self) -> tuple[str, ...]:
+        """Axes of the 'wide' weight dims (F, heads): all axes in 1D, Z then Y otherwise."""
+        if self.ffn == "1d-ws":
+            return self.all_axes
+        return self.role("Z") + self.role("Y")
+
+    def narrow(self) -> tuple[str, ...]:
+        """Axes of E in the weights: none in 1D, X otherwise."""
+        return () if self.ffn == "1d-ws" else self.role("X")
+
+    def batch_axes(self) -> tuple[str, ...]:
+        return {"wg-x": self.role("X"), "wg-xy": self.role("X") + self.role("Y"),
+                "wg-xyz": self.all_axes}.get(self.ffn, ())
+
+    def rest(self) -> dict[str, tuple[str, ...]]:
+        """Residual stream [B, L, E] between layers."""
+        b = self.batch_axes()
+        return {"B": b, "E": tuple(a for a in self.all_axes if a not in b)}
+
+
+def _fits(size: int, axes: tuple[str, ...], sizes: dict[str, int]) -> bool:
+    return size % math.prod(sizes[a] for a in axes) == 0
+
+
+def with_axes(t: TensorType, axes: dict[str, tuple[str, ...]]) -> TensorType:
+    return TensorType(t.dtype, tuple(Dim(d.name, d.size, axes.get(d.name, ())) for d in t.dims), t.partial)
+
+
+def require_fit(what: str, t: TensorType, axes: dict[str, tuple[str, ...]], sizes: dict[str, int],
+                options: str) -> None:
+    for dim, ax in axes.items():
+        if t.has(dim) and ax and not _fits(t.size(dim), ax, sizes):
+            n = math.prod(sizes[a] for a in ax)
+            raise LayoutError(
+                f"{what}: dim {dim}={t.size(dim)} does not divide over {{{','.join(ax)}}} ({n} devices)",
+                hint=options)
+
+
+def weight_axes(layout: Layout, name: str, t: TensorType, kv_heads_shardable: bool) -> dict[str, tuple[str, ...]]:
+    """Sharding of one weight (dims without the stacked N)."""
+    names = t.names.lstrip("N")
+    wide, narrow = layout.wide(), layout.narrow()
+    if names == "VE":  # embedding table / output head: vocab-parallel
+        return {"V": layout.all_axes} if _fits(t.size("V"), layout.all_axes, layout.sizes) else {}
+    if len(names) == 1 or (name.startswith("b") and "E" not in names):
+        return {}  # norm scales and biases: replicated, sliced where used (no communication)
+    out: dict[str, tuple[str, ...]] = {}
+    if "E" in names:
+        out["E"] = narrow
+    if "F" in names:
+        out["F"] = wide
+    if "H" in names:
+        out["H"] = wide
+    if "K" in names and "G" in names:  # grouped queries: shard kv groups if they divide, else queries
+        out["K" if kv_heads_shardable else "G"] = wide
+    elif "K" in names and kv_heads_shardable:
+        out["K"] = wide
+    return out
+
+
+def cache_axes(layout: Layout, t: TensorType, kv_heads_shardable: bool) -> dict[str, tuple[str, ...]]:
+    names = t.names.lstrip("N")
+    if layout.attn == "batch":
+        # the same axis order as the query heads end up in, so the reshard is one all-to-all
+        return {"B": layout.wide() + layout.narrow()}
+    if "H" in names:
+        return {"H": layout.wide()}
+    if "K" in names and kv_heads_shardable:
+        return {"K": layout.wide()}
+    return {}

@@ -1,0 +1,98 @@
+"""The collective ledger: every collective of a module, where it came from and what it moves.
+
+Bytes per device follow the paper's accounting (reference/partitioning.md §4.3): an all-gather
+costs its per-device *output*, a reduce-scatter its per-device *input*, an all-reduce twice its
+input (reduce-scatter + all-gather), an all-to-all its input. Ops inside a layer body run once
+per layer; ``per_step`` multiplies by the scan's layer count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ir.module import Module
+from ir.ops import Scan
+from ir.types import DTYPE_BYTES, TensorType
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    function: str
+    value: str
+    kind: str
+    axes: tuple[str, ...]
+    dims: str
+    participants: int
+    bytes_per_device: int
+    repeats: int
+    reason: str
+
+    @property
+    def per_step(self) -> int:
+        return self.bytes_per_device * self.repeats
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["axes"] = list(self.axes)
+        d["bytes_per_step"] = self.per_step
+        return d
+
+
+def collective_bytes(kind: str, src: TensorType, dst: TensorType, mesh: dict[str, int]) -> int:
+    if kind == "all_gather":
+        return dst.local_nbytes(mesh)
+    if kind == "all_reduce":
+        return 2 * src.local_nbytes(mesh)
+    return src.local_nbytes(mesh)
+
+
+def repeats_of(module: Module) -> dict[str, int]:
+    """How many times each function runs per call of its entry (layer bodies: N)."""
+    out = {f.name: 1 for f in module.entries}
+    for f in module.entries:
+        for op in f.ops:
+            if isinstance(op, Scan):
+                xs = [f.value_types[o] for o in op.operands[op.carry + op.consts:]]
+                n = xs[0].size("N") if xs and xs[0].has("N") else 1
+                out[op.body.name] = out[f.name] * n
+    return out
+
+
+def ledger(module: Module) -> list[LedgerEntry]:
+    mesh = module.mesh_sizes
+    reps = repeats_of(module)
+    out: list[LedgerEntry] = []
+    for fn in module.functions:
+        types = fn.value_types
+        for op in fn.ops:
+            if op.is_collective:
+                src, dst = types[op.operands[0]], op.type
+                dims = getattr(op, "dim", "") or "".join(x for x in (getattr(op, "concat_dim", ""),
+                                                                       getattr(op, "split_dim", "")) if x)
+                out.append(LedgerEntry(fn.name, op.result, op.kind, op.axes, dims,
+                                       math.prod(mesh[a] for a in op.axes),
+                                       collective_bytes(op.kind, src, dst, mesh), reps.get(fn.name, 1),
+                                       getattr(op, "reason", "")))
+            elif op.kind == "norm" and types[op.operands[0]].dim(op.dim).axes:
+                x = types[op.operands[0]]
+                axes = x.dim(op.dim).axes
+                stats = 2 if op.norm == "layernorm" else 1
+                rows = math.prod(s for s, d in zip(x.local_shape(mesh), x.dims) if d.name != op.dim)
+                out.append(LedgerEntry(fn.name, op.result, "all_reduce", axes, op.dim,
+                                       math.prod(mesh[a] for a in axes), 2 * stats * rows * DTYPE_BYTES[x.dtype],
+                                       reps.get(fn.name, 1), f"norm over sharded {op.dim}: statistics"))
+    return out
+
+
+def format_ledger(entries: list[LedgerEntry]) -> list[str]:
+    if not entries:
+        return ["collective ledger: no collectives"]
+    lines = ["collective ledger (bytes per device, paper accounting):"]
+    for e in entries:
+        rep = f" x{e.repeats}" if e.repeats != 1 else ""
+        lines.append(f"  @{e.function} %{e.value}: {e.kind}{{{','.join(e.axes)}}} on {e.dims or '-'} "
+                     f"[{e.participants} devices] {e.bytes_per_device} B{rep} - {e.reason}")
+    total = sum(e.per_step for e in entries)
+    lines.append(f"  total per step: {total} B per device")
+    return lines

@@ -1,0 +1,426 @@
+"""``shard``: assigns a layout's shardings at the boundary and propagates them through the IR.
+
+Parameters (weights, caches) and the residual stream get their shardings from the layout
+(passes/layouts.py). Every op is then visited in order; a small rule per op kind says which
+operand shardings it needs — an einsum keeps its *anchor* still (the cache, else the weight in
+weight-stationary layouts, else the activation's batch dims in weight-gathered ones) and
+adapts the other operand; nonlinear ops need whole sums; softmax/rope/masks need their dim
+whole. Where an operand's layout differs from what its consumer needs, a ``reshard`` op is
+inserted with the reason; ``insert-collectives`` turns those into collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ir.builder import Namer
+from ir.collectives import Reshard
+from ir.errors import LayoutError, PassError
+from ir.module import Function, Module, ModuleContext, Param
+from ir.ops import Op, Scan
+from ir.types import Dim, TensorType
+from passes.base import Pass, PassResult
+from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, Layout, cache_axes, require_fit, weight_axes, with_axes
+from passes.registry import register
+
+Axes = dict[str, tuple[str, ...]]
+
+#: Dims a pending partial sum is scattered onto, in order of preference, when its consumer
+#: needs a whole sum but does not care how it is sharded.
+SCATTER_PRIORITY = "FHKGVEBDTL"
+
+
+def axes_of(t: TensorType) -> Axes:
+    return {d.name: d.axes for d in t.dims}
+
+
+def cut(axes: tuple[str, ...], used: set[str]) -> tuple[str, ...]:
+    """Drops the first axis in ``used`` and every axis after it (gathers take suffixes)."""
+    for i, a in enumerate(axes):
+        if a in used:
+            return axes[:i]
+    return axes
+
+
+def retype(t: TensorType, axes: Axes, partial: frozenset[str] = frozenset()) -> TensorType:
+    return TensorType(t.dtype, tuple(Dim(d.name, d.size, axes.get(d.name, ())) for d in t.dims), partial)
+
+
+def common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        out.append(x)
+    return tuple(out)
+
+
+def settle(t: TensorType, mesh: dict[str, int], forbid: str = "") -> TensorType:
+    """``t`` with its partial sums resolved: reduce-scattered onto the first dim (in
+    SCATTER_PRIORITY order) that divides, else all-reduced."""
+    if not t.partial:
+        return t
+    order = [a for a in mesh if a in t.partial]
+    extra = math.prod(mesh[a] for a in order)
+    ax = axes_of(t)
+    for c in SCATTER_PRIORITY:
+        if c in forbid or not t.has(c):
+            continue
+        cur = ax[c]
+        if t.size(c) % (math.prod(mesh[a] for a in cur) * extra) == 0:
+            ax[c] = cur + tuple(order)
+            return retype(t, ax)
+    return retype(t, ax)
+
+
+#: Roles that flow through ops: a padded weight is a weight, an updated cache is the cache.
+RESULT_ROLES: dict[str, Callable[["Propagation", list[str]], str]] = {
+    "pad": lambda p, ops: p.role(ops[0]),
+    "cache_update": lambda p, ops: "cache",
+}
+
+
+@dataclass
+class Propagation:
+    """Rebuilds one function with new param types, inserting reshards where rules demand."""
+
+    layout: Layout
+    ctx: ModuleContext
+    fn: Function
+    roles: dict[str, str]
+    types: dict[str, TensorType]
+    body_sigs: dict[str, tuple[tuple[TensorType, ...], tuple[TensorType, ...]]]
+    ops: list[Op] = field(default_factory=list)
+    reshards: int = 0
+    memo: dict[tuple[str, TensorType], str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        taken = {p.name for p in self.fn.params} | {r for op in self.fn.ops for r in op.results}
+        self.namer = Namer(taken)
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return self.ctx.mesh
+
+    def role(self, v: str) -> str:
+        return self.roles.get(v, "act")
+
+    def to(self, v: str, target: TensorType, reason: str) -> str:
+        cur = self.types[v]
+        if cur == target:
+            return v
+        key = (v, target)
+        if key in self.memo:
+            return self.memo[key]
+        name = self.namer.fresh(v)
+        self.ops.append(Reshard(results=(name,), operands=(v,), types=(target,), reason=reason))
+        self.types[name] = target
+        self.roles[name] = self.role(v)
+        self.memo[key] = name
+        self.reshards += 1
+        return name
+
+    def whole(self, v: str, reason: str, forbid: str = "", need_whole: str = "") -> str:
+        """No partial sums, and the dims in ``need_whole`` unsharded."""
+        t = settle(self.types[v], self.mesh, forbid + need_whole)
+        if need_whole:
+            ax = axes_of(t)
+            for c in need_whole:
+                if c in ax:
+                    ax[c] = ()
+            t = retype(t, ax, t.partial)
+        return self.to(v, t, reason)
+
+    def emit(self, op: Op, operands: list[str]) -> None:
+        ins = tuple(self.types[o] for o in operands)
+        probe = op.with_(operands=tuple(operands), types=())
+        try:
+            types = probe.infer(ins, self.ctx)
+        except Exception as e:  # a rule that does not cover a case is a compiler bug, with context
+            raise PassError(f"shard: cannot type {op.kind} {op.results} after resharding: {e}") from None
+        new = op.with_(operands=tuple(operands), types=types)
+        self.ops.append(new)
+        for r, t in zip(new.results, types):
+            self.types[r] = t
+            self.roles[r] = RESULT_ROLES.get(op.kind, lambda p, o: "act")(self, operands)
+
+
+# ---- per-op rules ---------------------------------------------------------------------------
+
+
+def _einsum(p: Propagation, op) -> list[str]:
+    if len(op.operands) != 2:
+        return [p.whole(o, f"einsum {op.spec}") for o in op.operands]
+    a, b = op.operands
+    ta, tb = p.types[a], p.types[b]
+    (sa, sb), out = op.terms
+    contracted = set(sa + sb) - set(out)
+    ra, rb = p.role(a), p.role(b)
+    if "cache" in (ra, rb):
+        anchor_v = a if ra == "cache" else b
+        anchor = axes_of(p.types[anchor_v])
+        why = f"einsum {op.spec}: operand must match the KV cache layout"
+    elif "weight" in (ra, rb):
+        w, act = (a, b) if ra == "weight" else (b, a)
+        if p.layout.weights_move:
+            anchor = {d: ax for d, ax in axes_of(p.types[act]).items() if d not in contracted}
+            why = f"einsum {op.spec}: weight-gathered, weight {w} gathered to the activation's batch layout"
+        else:
+            anchor = axes_of(p.types[w])
+            why = f"einsum {op.spec}: weight-stationary, activation must match weight {w}"
+    else:
+        anchor = axes_of(ta)
+        why = f"einsum {op.spec}: operands must agree"
+    used = {x for ax in anchor.values() for x in ax}
+    tgt: list[Axes] = []
+    for t in (ta, tb):
+        tgt.append({d.name: anchor[d.name] if d.name in anchor else cut(d.axes, used) for d in t.dims})
+    for d in set(sa) & set(sb):
+        if d not in anchor:
+            common = common_prefix(tgt[0][d], tgt[1][d])
+            tgt[0][d] = tgt[1][d] = common
+    # no mesh axis may shard two dims of the einsum
+    seen: set[str] = set(used)
+    for d in list(dict.fromkeys(sa + sb)):
+        if d in anchor:
+            continue
+        ax = tgt[0].get(d, tgt[1].get(d, ()))
+        new = cut(ax, seen)
+        for tg in tgt:
+            if d in tg:
+                tg[d] = new
+        seen |= set(new)
+    return [p.to(v, retype(t, tg), why) for v, t, tg in ((a, ta, tgt[0]), (b, tb, tgt[1]))]
+
+
+def _binary(p: Propagation, op) -> list[str]:
+    a, b = op.operands
+    ta, tb = p.types[a], p.types[b]
+    reason = f"binary {op.fn}: operand layouts must agree"
+    linear_ok = (op.fn in ("add", "sub") and ta.partial == tb.partial) or (
+        op.fn == "mul" and not (ta.partial & tb.mesh_axes) and not (tb.partial & ta.mesh_axes)) or (
+        op.fn == "div" and not tb.partial and not (ta.partial & tb.mesh_axes))
+    if p.role(a) == "weight" or p.role(b) == "weight":
+        w, x = (a, b) if p.role(a) == "weight" else (b, a)
+        if not linear_ok:
+            x = p.whole(x, f"binary {op.fn} with weight {w}: needs a whole sum")
+        tx = p.types[x]
+        tw = retype(p.types[w], {d: tx.dim(d).axes for d in p.types[w].names if tx.has(d)})
+        w = p.to(w, tw, f"binary {op.fn}: weight {w} sliced to the activation's layout")
+        return [w, x] if p.role(a) == "weight" else [x, w]
+    if not linear_ok:
+        # reduce the partial operand(s) toward the other one's layout when it is whole
+        if ta.partial and not tb.partial:
+            a = p.to(a, retype(ta, _aligned(ta, tb)), reason)
+        elif tb.partial and not ta.partial:
+            b = p.to(b, retype(tb, _aligned(tb, ta)), reason)
+        else:
+            a, b = p.whole(a, reason), p.whole(b, reason)
+        ta, tb = p.types[a], p.types[b]
+    if ta.partial != tb.partial and op.fn in ("add", "sub"):
+        a, b = p.whole(a, reason), p.whole(b, reason)
+        ta, tb = p.types[a], p.types[b]
+    # align shared dims on the operand with more dims (the residual / activation)
+    base, other = (ta, tb) if ta.rank >= tb.rank else (tb, ta)
+    aligned = retype(other, _aligned(other, base), other.partial)
+    if other is tb:
+        b = p.to(b, aligned, reason)
+    else:
+        a = p.to(a, aligned, reason)
+    return [a, b]
+
+
+def _aligned(t: TensorType, ref: TensorType) -> Axes:
+    """``t``'s dims on ``ref``'s axes where shared; its own dims keep axes that do not clash."""
+    used = {x for d in ref.dims for x in d.axes}
+    return {d.name: ref.dim(d.name).axes if ref.has(d.name) else cut(d.axes, used) for d in t.dims}
+
+
+def _nonlinear(p: Propagation, op) -> list[str]:
+    return [p.whole(op.operands[0], f"{op.kind} {getattr(op, 'fn', '')}".strip() + ": nonlinear, needs whole sums")]
+
+
+def _linear(p: Propagation, op) -> list[str]:
+    return list(op.operands)
+
+
+def _norm(p: Propagation, op) -> list[str]:
+    x = p.whole(op.operands[0], "norm: needs whole sums")
+    tx = p.types[x]
+    params = [p.to(w, retype(p.types[w], {op.dim: tx.dim(op.dim).axes}), f"norm: {w} sliced like its input")
+              for w in op.operands[1:]]
+    return [x, *params]
+
+
+def _softmax(p: Propagation, op) -> list[str]:
+    return [p.whole(op.operands[0], f"softmax over {op.dim}: needs the dim whole", need_whole=op.dim)]
+
+
+def _positions_like(p: Propagation, pos: str, t: TensorType, why: str) -> str:
+    return p.to(pos, retype(p.types[pos], {"B": t.dim("B").axes, "L": t.dim("L").axes}), why)
+
+
+def _rope(p: Propagation, op) -> list[str]:
+    x = p.whole(op.operands[0], "rope: rotates D, needs it whole", need_whole="D")
+    return [x, _positions_like(p, op.operands[1], p.types[x], "rope: positions sliced like the activation")]
+
+
+def _mask(p: Propagation, op) -> list[str]:
+    s = p.whole(op.operands[0], "causal_mask: needs T whole", need_whole="T")
+    return [s, _positions_like(p, op.operands[1], p.types[s], "causal_mask: positions sliced like the scores")]
+
+
+def _cache_update(p: Propagation, op) -> list[str]:
+    cache, new, pos = op.operands
+    tc = p.types[cache]
+    ax = {d.name: d.axes for d in tc.dims if d.name != "T"}
+    new = p.to(new, retype(p.types[new], ax), "cache_update: new keys/values must match the KV cache layout")
+    pos = p.to(pos, retype(p.types[pos], {"B": tc.dim("B").axes}), "cache_update: positions sliced like the cache")
+    return [cache, new, pos]
+
+
+def _embed(p: Propagation, op) -> list[str]:
+    table, tokens = op.operands
+    used = set(p.types[table].mesh_axes)
+    tt = p.types[tokens]
+    tokens = p.to(tokens, retype(tt, {d.name: cut(d.axes, used) for d in tt.dims}), "embed: tokens vs table")
+    return [table, tokens]
+
+
+def _scan(p: Propagation, op) -> list[str]:
+    params, _ = p.body_sigs[op.body.name]
+    out = []
+    for v, want in zip(op.operands, params):
+        t = p.types[v]
+        if t.has("N") and not want.has("N"):
+            want = TensorType(want.dtype, (t.dim("N"), *want.dims), want.partial)
+        out.append(p.to(v, want, f"scan @{op.body.name}: layer boundary layout"))
+    return out
+
+
+RULES: dict[str, Callable[[Propagation, Op], list[str]]] = {
+    "einsum": _einsum, "binary": _binary, "unary": lambda p, op: (
+        _linear(p, op) if op.fn == "neg" else _nonlinear(p, op)),
+    "scale": _linear, "cast": _linear, "pad": _linear, "norm": _norm, "softmax": _softmax, "rope": _rope,
+    "causal_mask": _mask, "cache_update": _cache_update, "embed": _embed, "scan": _scan,
+}
+
+
+# ---- the pass -------------------------------------------------------------------------------
+
+
+def kv_shardable(module: Module, layout: Layout) -> bool:
+    """Whether K/V heads (grouped or multihead) divide over the wide axes."""
+    n = math.prod(layout.sizes[a] for a in layout.wide())
+    for fn in module.functions:
+        for prm in fn.params:
+            t = prm.type
+            if t.has("K"):
+                return t.size("K") % n == 0
+    return True
+
+
+def param_type(layout: Layout, name: str, role: str, t: TensorType, kv_ok: bool) -> TensorType:
+    core = t.drop("N") if t.has("N") else t
+    if role == "weight":
+        ax = weight_axes(layout, name, core, kv_ok)
+        what = f"weight %{name}"
+        hint = ("pad the heads (pad-heads) or choose another layout (--attn batch)"
+                if any(c in ax for c in "HKG") else "choose another layout (--ffn/--attn) or mesh (--mesh)")
+    elif role == "cache":
+        ax = cache_axes(layout, core, kv_ok)
+        what = f"KV cache %{name}"
+        hint = ("with attn=batch the batch must divide over all devices; use --attn heads or another --batch"
+                if layout.attn == "batch" else "pad the heads (pad-heads) or use --attn batch")
+    else:
+        return t
+    require_fit(what, core, ax, layout.sizes, hint)
+    return with_axes(t, ax)
+
+
+def rest_type(layout: Layout, t: TensorType) -> TensorType:
+    ax = layout.rest()
+    require_fit("the residual stream [B, L, E]", t, ax, layout.sizes,
+                "choose a batch divisible by the batch axes, or another --ffn layout")
+    return with_axes(t, ax)
+
+
+def propagate(layout: Layout, ctx: ModuleContext, fn: Function, new_params: list[Param], roles: dict[str, str],
+              body_sigs: dict, return_targets: list[TensorType | None]) -> tuple[Function, int]:
+    p = Propagation(layout, ctx, fn, dict(roles), {q.name: q.type for q in new_params}, body_sigs)
+    for op in fn.ops:
+        rule = RULES.get(op.kind)
+        if rule is None:
+            raise PassError(f"shard: no sharding rule for op '{op.kind}'")
+        p.emit(op, rule(p, op))
+    rets = []
+    for r, want in zip(fn.returns, return_targets):
+        if want is None:
+            want = settle(p.types[r], p.mesh)
+        rets.append(p.to(r, want, f"@{fn.name} result layout"))
+    out = Function(fn.name, tuple(new_params), tuple(p.ops), tuple(rets), tuple(p.types[r] for r in rets), fn.entry)
+    return out, p.reshards
+
+
+@register
+@dataclass(frozen=True)
+class Shard(Pass):
+    """Applies an FFN and an attention layout of the paper and propagates shardings."""
+
+    name = "shard"
+    summary = "assign a layout's shardings and propagate them (inserts reshard ops)"
+
+    #: Feed-forward layout: 1d-ws, 2d-ws, wg-x, wg-xy, wg-xyz.
+    ffn: str = "1d-ws"
+    #: Attention layout: heads (sharded over heads) or batch (multiquery K/V over batch).
+    attn: str = "heads"
+
+    def __post_init__(self) -> None:
+        if self.ffn not in FFN_LAYOUTS:
+            raise PassError(f"shard: unknown ffn layout {self.ffn!r}; valid: {', '.join(FFN_LAYOUTS)}")
+        if self.attn not in ATTN_LAYOUTS:
+            raise PassError(f"shard: unknown attn layout {self.attn!r}; valid: {', '.join(ATTN_LAYOUTS)}")
+
+    def run(self, module: Module) -> PassResult:
+        if module.n_devices == 1:
+            return PassResult(module, {"skipped (one device)": 1})
+        if any(d.axes or t.partial for f in module.functions for t in f.value_types.values() for d in t.dims):
+            raise PassError("shard: the module is already sharded")
+        layout = Layout(self.ffn, self.attn, module.mesh)
+        ctx = ModuleContext(module)
+        kv_ok = kv_shardable(module, layout)
+        fns: dict[str, Function] = {}
+        total = 0
+        for entry in module.entries:
+            roles = {q.name: q.role for q in entry.params}
+            params = [Param(q.name, param_type(layout, q.name, q.role, q.type, kv_ok), q.role) for q in entry.params]
+            scans = [op for op in entry.ops if isinstance(op, Scan)]
+            body_sigs = {}
+            for sc in scans:
+                body = module.function(sc.body.name)
+                nc, nk = sc.carry, sc.consts
+                b_params, b_roles = [], {}
+                for i, (bp, v) in enumerate(zip(body.params, sc.operands)):
+                    role = roles.get(v, "act")
+                    if i < nc:
+                        t = rest_type(layout, bp.type)
+                    elif i < nc + nk:
+                        t = bp.type  # constants (positions) stay replicated
+                    else:
+                        t = param_type(layout, bp.name, role, bp.type, kv_ok)
+                    b_params.append(Param(bp.name, t, bp.role))
+                    b_roles[bp.name] = role
+                targets = [b_params[i].type for i in range(nc)] + [None] * (len(body.returns) - nc)
+                new_body, n = propagate(layout, ctx, body, b_params, b_roles, {}, targets)
+                fns[body.name] = new_body
+                body_sigs[body.name] = (tuple(q.type for q in b_params), new_body.result_types)
+                ctx = ModuleContext(module.with_functions([*fns.values(), *[f for f in module.functions
+                                                                            if f.name not in fns]]))
+                total += n
+            new_entry, n = propagate(layout, ctx, entry, params, roles, body_sigs, [None] * len(entry.returns))
+            fns[entry.name] = new_entry
+            total += n
+        out = module.with_functions([fns.get(f.name, f) for f in module.functions])
+        return PassResult(out, {"reshards inserted": total})
