@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ir.errors import LoweringError
 
 from ir.module import Function, Module
 from ir.types import TensorType
@@ -27,8 +30,9 @@ JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16
 class JaxBackend:
     xp = jnp
 
-    def __init__(self, precision: Any = lax.Precision.HIGHEST):
+    def __init__(self, precision: Any = lax.Precision.HIGHEST, mesh: dict[str, int] | None = None):
         self.precision = precision
+        self.mesh = dict(mesh or {})
 
     def erf(self, x):
         return jax.scipy.special.erf(x)
@@ -53,7 +57,58 @@ class JaxBackend:
         return x.astype(JNP_DTYPES[dtype])
 
     def axis_offset(self, t: TensorType, dim: str):
-        return 0
+        axes = t.dim(dim).axes
+        if not axes:
+            return 0
+        return lax.axis_index(axes) * (t.size(dim) // self.group_size(axes))
+
+    # ---- collectives (valid inside shard_map) -------------------------------------------------
+    def group_size(self, axes):
+        n = 1
+        for a in axes:
+            n *= self.mesh[a]
+        return n
+
+    def psum(self, x, axes):
+        return lax.psum(x, tuple(axes))
+
+    def psum_scatter(self, x, axes, axis):
+        return lax.psum_scatter(x, tuple(axes), scatter_dimension=axis, tiled=True)
+
+    def all_gather(self, x, axes, axis):
+        # the gathered value is the same on every device of the group: say so for check_vma
+        return lax.all_gather(x, tuple(axes), axis=axis, tiled=True, to="invarying")
+
+    def all_to_all(self, x, axes, split, concat):
+        return lax.all_to_all(x, tuple(axes), split, concat, tiled=True)
+
+    def axis_index(self, axes):
+        return lax.axis_index(tuple(axes))
+
+    def dynamic_slice(self, x, axis, start, size):
+        return lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def partition_spec(t: TensorType) -> PartitionSpec:
+    """The PartitionSpec of a (non-partial) type: one entry per dim, major axes first."""
+    return PartitionSpec(*[None if not d.axes else d.axes[0] if len(d.axes) == 1 else tuple(d.axes)
+                           for d in t.dims])
+
+
+def make_mesh(module: Module) -> Mesh | None:
+    """A jax Mesh with the module's axes over the first devices JAX offers (None: one device)."""
+    if module.n_devices == 1:
+        return None
+    devices = jax.devices()
+    n = module.n_devices
+    if len(devices) < n:
+        raise LoweringError(
+            f"the mesh {dict(module.mesh)} needs {n} devices but JAX offers {len(devices)} "
+            f"({devices[0].platform})",
+            hint="on CPU, pass --devices N (or set XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                 "before JAX starts)")
+    shape = tuple(s for _, s in module.mesh)
+    return Mesh(np.array(devices[:n]).reshape(shape), tuple(a for a, _ in module.mesh))
 
 
 @dataclass
@@ -62,6 +117,7 @@ class JaxEntry:
 
     fn: Function
     jitted: Any
+    mesh: Any = None
 
     def __call__(self, args: Mapping[str, Any]) -> tuple:
         missing = [p.name for p in self.fn.params if p.name not in args]
@@ -74,15 +130,25 @@ class JaxEntry:
 
 
 def lower_entry(module: Module, entry: str, backend: JaxBackend | None = None) -> JaxEntry:
-    """Jits one entry function of ``module``; cache params are donated."""
+    """Jits one entry function of ``module``; cache params are donated. On a mesh of more than
+    one device the function runs inside ``jax.shard_map`` on per-device blocks, with the
+    in/out specs read off the param and result types (``check_vma`` on)."""
     fn = module.function(entry)
-    interp = Interpreter(module, backend or JaxBackend())
+    be = backend or JaxBackend(mesh=module.mesh_sizes)
+    interp = Interpreter(module, be)
 
     def program(*args):
         return interp.call(fn, args)
 
+    mesh = make_mesh(module)
+    if mesh is not None:
+        for t in fn.result_types:
+            if t.partial:
+                raise LoweringError(f"@{fn.name} returns a partial sum ({t}); run insert-collectives")
+        program = jax.shard_map(program, mesh=mesh, in_specs=tuple(partition_spec(p.type) for p in fn.params),
+                                out_specs=tuple(partition_spec(t) for t in fn.result_types), check_vma=True)
     donate = tuple(i for i, p in enumerate(fn.params) if p.role == "cache")
-    return JaxEntry(fn, jax.jit(program, donate_argnums=donate))
+    return JaxEntry(fn, jax.jit(program, donate_argnums=donate), mesh)
 
 
 def to_device(x: np.ndarray, t: TensorType) -> jax.Array:
@@ -99,9 +165,19 @@ class JaxExecutor:
         self.entries = {f.name: lower_entry(module, f.name) for f in module.entries}
 
     def prepare(self, entry: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Host arrays to device arrays, laid out as the entry's params say (so no resharding
+        happens at the call); arrays already on device are passed through."""
         fn = self.module.function(entry)
-        return {p.name: args[p.name] if isinstance(args[p.name], jax.Array) else to_device(args[p.name], p.type)
-                for p in fn.params}
+        mesh = self.entries[entry].mesh
+        out = {}
+        for p in fn.params:
+            a = args[p.name]
+            if not isinstance(a, jax.Array):
+                a = to_device(a, p.type)
+                if mesh is not None:
+                    a = jax.device_put(a, NamedSharding(mesh, partition_spec(p.type)))
+            out[p.name] = a
+        return out
 
     def call(self, entry: str, args: Mapping[str, Any]) -> tuple:
         return self.entries[entry](self.prepare(entry, args))
