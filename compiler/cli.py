@@ -72,6 +72,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of random weights and tokens")
     r.add_argument("--tolerance", type=float, help="max relative error allowed (default by weight format)")
     r.add_argument("--devices", type=int, help="simulated CPU devices (default: the mesh size)")
+    r.add_argument("--spmd", action="store_true",
+                   help="with --check, also run the numpy SPMD simulator (one thread per device)")
 
     h = sub.add_parser("spec-from-hf", help="write a spec for a Hugging Face checkpoint dir")
     h.add_argument("dir", type=Path)
@@ -156,8 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec_with_overrides(args)
     if not hasattr(spec, "model"):
         raise SpecError(f"einshard run needs a model spec, not IR: {args.input}")
+    _ensure_devices(args.devices or spec.mesh.n_devices)
     opts = RunOptions(steps=args.steps, prompt_len=args.prompt_len, seed=args.seed, check=args.check,
-                      tolerance=args.tolerance, weights_dir=_split_weights_flag(args)[1], pipeline=args.passes)
+                      tolerance=args.tolerance, weights_dir=_split_weights_flag(args)[1], pipeline=args.passes,
+                      spmd=args.spmd)
     report = execute(spec, opts, _instrumentation(args), _err_sink)
     _report(args, report.compiled)
     if args.json:
@@ -187,10 +191,9 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _setup_devices(args: argparse.Namespace) -> None:
-    """Simulated CPU devices must be requested before JAX is first imported."""
-    n = getattr(args, "devices", None)
-    if n is None:
+def _ensure_devices(n: int) -> None:
+    """Simulated CPU devices must be requested before JAX is first imported (a no-op after)."""
+    if n <= 1:
         return
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
@@ -202,7 +205,6 @@ COMMANDS = {"compile": cmd_compile, "run": cmd_run, "spec-from-hf": cmd_spec_fro
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    _setup_devices(args)
     try:
         return COMMANDS[args.command](args)
     except EinshardError as e:

@@ -18,7 +18,7 @@ from ir.parser import parse_file
 from passes.manager import Instrumentation, PassManager, PipelineRun
 from passes.pipeline import Pipeline, parse_pipeline
 
-WEIGHT_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "bf16"}
+WEIGHT_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "bf16"}  # int8 is refused by check_supported
 
 
 def load_input(path: str | Path) -> Spec | Module:
@@ -31,6 +31,7 @@ def load_input(path: str | Path) -> Spec | Module:
 
 def compile_config(spec: Spec) -> BuildConfig:
     """Shapes of the program `einshard compile` emits: the serve phase's entry only."""
+    check_supported(spec)
     s = spec.serve
     dtype = WEIGHT_DTYPES[s.weights]
     if s.phase == "prefill":
@@ -44,6 +45,7 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
     For a prefill spec the prompt is ``seq`` tokens and the cache holds ``seq + steps``; for a
     decode spec the cache holds ``seq`` positions and the prompt fills all but ``steps`` of them.
     """
+    check_supported(spec)
     s = spec.serve
     if steps < 0:
         raise SpecError(f"--steps must be >= 0, got {steps}")
@@ -58,9 +60,36 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
     return BuildConfig(s.batch, prompt_len, cache, ("prefill", "decode"), WEIGHT_DTYPES[s.weights])
 
 
+def check_supported(spec: Spec) -> None:
+    """Serve settings that parse but whose passes are not in this build fail loudly here."""
+    s = spec.serve
+    if s.ffn == "auto" or s.attn == "auto":
+        raise SpecError("ffn = auto / attn = auto need the cost model, which this build does not have yet",
+                        hint="choose a layout: --ffn 1d-ws|2d-ws|wg-x|wg-xy|wg-xyz and --attn heads|batch")
+    if s.weights == "int8":
+        raise SpecError("weights = int8 needs the quantize-int8 pass, which this build does not have yet",
+                        hint="use --weights f32 or bf16")
+    if s.overlap != "none":
+        raise SpecError(f"overlap = {s.overlap} needs the collective-einsum pass, which this build does not have yet",
+                        hint="use --overlap none")
+
+
 def default_pipeline(spec: Spec | None) -> str:
-    """The pipeline `einshard compile` runs when --passes is not given."""
-    return "cleanup"
+    """The pipeline `einshard compile` and `run` use when --passes is not given.
+
+    One device: just cleanup. A mesh: pad the heads when they do not divide over all devices
+    (as the paper pads PaLM 540B from 48 to 64), apply the spec's layouts, expand the reshards
+    into collectives, clean up.
+    """
+    if spec is None or spec.mesh.n_devices == 1:
+        return "cleanup"
+    check_supported(spec)
+    n = spec.mesh.n_devices
+    parts = []
+    if spec.model.attention != "grouped" and spec.model.heads % n:
+        parts.append(f"pad-heads{{multiple={n}}}")
+    parts += [f"shard{{ffn={spec.serve.ffn},attn={spec.serve.attn}}}", "insert-collectives", "cleanup"]
+    return ",".join(parts)
 
 
 @dataclass

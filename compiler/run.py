@@ -17,6 +17,7 @@ import numpy as np
 
 from compiler.driver import CompileResult, build_for, compile_module, default_pipeline, run_config
 from compiler.spec import Spec
+from passes.ledger import ledger
 from passes.manager import Instrumentation
 
 #: Default normwise tolerance by weight format, and why.
@@ -39,6 +40,7 @@ class RunOptions:
     tolerance: float | None = None
     weights_dir: Path | None = None
     pipeline: str | None = None
+    spmd: bool = False
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RunReport:
     last_tokens: list[int] = field(default_factory=list)
     max_abs_err: float | None = None
     max_rel_err: float | None = None
+    spmd_max_rel_err: float | None = None
     tolerance: float | None = None
     ok: bool = True
 
@@ -64,6 +67,8 @@ class RunReport:
             "max_abs_err": self.max_abs_err,
             "max_rel_err": self.max_rel_err,
             "tolerance": self.tolerance,
+            "spmd_max_rel_err": self.spmd_max_rel_err,
+            "ledger": [e.to_json() for e in ledger(self.compiled.module)],
             "config": {
                 "spec": s.path,
                 "model": asdict(s.model),
@@ -126,6 +131,15 @@ def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentati
         report.max_rel_err = report.max_abs_err / scale
         report.tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES[spec.serve.weights]
         report.ok = bool(np.isfinite(report.max_rel_err) and report.max_rel_err <= report.tolerance)
+        if opts.spmd:
+            from runtime.spmd import SpmdExecutor
+
+            t0 = time.perf_counter()
+            sim = generate(SpmdExecutor(compiled.module), weights, tokens, cfg.prompt_len)
+            report.timings["spmd"] = time.perf_counter() - t0
+            report.spmd_max_rel_err = float(np.abs(sim.logits - ref.logits).max()) / scale
+            # the simulator computes in float64: only reassociation separates it from the reference
+            report.ok = report.ok and report.spmd_max_rel_err <= 1e-9
     return report
 
 
@@ -147,4 +161,6 @@ def format_run(r: RunReport) -> str:
         verdict = "OK" if r.ok else "MISMATCH"
         lines.append(f"check      {verdict}: max abs err {r.max_abs_err:.3e}, max rel err {r.max_rel_err:.3e} "
                      f"(tolerance {r.tolerance:.1e}, vs numpy float64 reference)")
+        if r.spmd_max_rel_err is not None:
+            lines.append(f"spmd       numpy SPMD simulator max rel err {r.spmd_max_rel_err:.3e} (tolerance 1e-9)")
     return "\n".join(lines)

@@ -175,25 +175,3 @@ class Reshard(Op):
         if target.partial - x.partial:
             raise fail("reshard cannot create partial sums")
         return (target,)
-
-
-@op_kind("pad")
-@dataclass(frozen=True, kw_only=True)
-class Pad(Op):
-    """Zero-pads dim ``dim`` at its end to ``size`` (used by pad-heads on weights)."""
-
-    dim: str
-    size: int
-    arity = (1, 1)
-
-    def infer(self, ins, ctx):
-        (x,) = ins
-        if not x.has(self.dim):
-            raise fail(f"pad of dim {self.dim}, but the operand has dims {x.names}")
-        d = x.dim(self.dim)
-        if d.axes:
-            raise fail(f"pad needs dim {self.dim} unsharded")
-        if self.size < d.size:
-            raise fail(f"pad to {self.size} is smaller than {self.dim}={d.size}")
-        return (TensorType(x.dtype, tuple(Dim(e.name, self.size) if e.name == self.dim else e for e in x.dims),
-                           x.partial),)

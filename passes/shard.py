@@ -75,9 +75,8 @@ def settle(t: TensorType, mesh: dict[str, int], forbid: str = "") -> TensorType:
     return retype(t, ax)
 
 
-#: Roles that flow through ops: a padded weight is a weight, an updated cache is the cache.
+#: Roles that flow through ops: an updated cache is still the cache.
 RESULT_ROLES: dict[str, Callable[["Propagation", list[str]], str]] = {
-    "pad": lambda p, ops: p.role(ops[0]),
     "cache_update": lambda p, ops: "cache",
 }
 
@@ -303,7 +302,7 @@ def _scan(p: Propagation, op) -> list[str]:
 RULES: dict[str, Callable[[Propagation, Op], list[str]]] = {
     "einsum": _einsum, "binary": _binary, "unary": lambda p, op: (
         _linear(p, op) if op.fn == "neg" else _nonlinear(p, op)),
-    "scale": _linear, "cast": _linear, "pad": _linear, "norm": _norm, "softmax": _softmax, "rope": _rope,
+    "scale": _linear, "cast": _linear, "norm": _norm, "softmax": _softmax, "rope": _rope,
     "causal_mask": _mask, "cache_update": _cache_update, "embed": _embed, "scan": _scan,
 }
 

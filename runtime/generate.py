@@ -61,7 +61,10 @@ def zero_caches(module: Module, entry: str) -> dict[str, np.ndarray]:
 
 def generate(ex: Executor, weights: Mapping[str, Any], tokens: np.ndarray, prompt_len: int) -> Generation:
     """Prefills ``tokens[:, :prompt_len]`` and decodes the rest one token per step."""
+    from runtime.weights import fit_to_params
+
     m = ex.module
+    weights = fit_to_params(weights, m.function("prefill").params_with_role("weight"))
     B, total = tokens.shape
     caches: dict[str, Any] = zero_caches(m, "prefill")
     cache_names = [p.name for p in m.function("prefill").params_with_role("cache")]

@@ -293,12 +293,3 @@ def _local_slice(op, xs, ts, be, interp):
     size = x.shape[ax] // n
     start = be.axis_index(op.axes) * size
     return (be.dynamic_slice(x, ax, start, size),)
-
-
-@rule("pad")
-def _pad(op, xs, ts, be, interp):
-    x = xs[0]
-    ax = ts[0].index(op.dim)
-    widths = [(0, 0)] * x.ndim
-    widths[ax] = (0, op.size - x.shape[ax])
-    return (be.xp.pad(x, widths),)

@@ -53,3 +53,24 @@ def round_to(weights: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndar
         return dict(weights)
     np_t = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}[dtype]
     return {k: np.asarray(v).astype(np_t).astype(np.float32) for k, v in weights.items()}
+
+
+def fit_to_params(weights: Mapping[str, np.ndarray], params) -> dict[str, np.ndarray]:
+    """Zero-pads host weights whose head dim H is smaller than the module declares (pad-heads).
+
+    Only H may differ, and only upward: any other mismatch is left for the executor's shape
+    check to report."""
+    out = dict(weights)
+    for p in params:
+        if p.name not in out or not p.type.has("H"):
+            continue
+        a = np.asarray(out[p.name])
+        want = p.type.shape
+        if a.shape == want or a.ndim != len(want):
+            continue
+        ax = p.type.index("H")
+        if all(s == w for i, (s, w) in enumerate(zip(a.shape, want)) if i != ax) and a.shape[ax] < want[ax]:
+            widths = [(0, 0)] * a.ndim
+            widths[ax] = (0, want[ax] - a.shape[ax])
+            out[p.name] = np.pad(a, widths)
+    return out
