@@ -124,7 +124,10 @@ def weight_axes(layout: Layout, name: str, t: TensorType, kv_heads_shardable: bo
 def cache_axes(layout: Layout, t: TensorType, kv_heads_shardable: bool) -> dict[str, tuple[str, ...]]:
     names = t.names.lstrip("N")
     if layout.attn == "batch":
-        # the same axis order as the query heads end up in, so the reshard is one all-to-all
+        if layout.weights_move:  # extend the activations' batch sharding: a free local slice
+            b = layout.batch_axes()
+            return {"B": b + tuple(a for a in layout.all_axes if a not in b)}
+        # the axis order the query heads end up in, so the reshard is one all-to-all
         return {"B": layout.wide() + layout.narrow()}
     if "H" in names:
         return {"H": layout.wide()}
