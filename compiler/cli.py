@@ -125,7 +125,7 @@ def _report(args: argparse.Namespace, res) -> None:
     if args.pass_stats:
         print(format_stats(res.run.records), file=sys.stderr)
     if args.time_passes:
-        print(format_timing(res.run.records, res.run.total_seconds), file=sys.stderr)
+        print(format_timing(res.run.records, res.run.total_seconds, res.run.verify_seconds), file=sys.stderr)
 
 
 def _err_sink(text: str) -> None:

@@ -49,6 +49,7 @@ class PipelineRun:
     module: Module
     records: list[PassRecord] = field(default_factory=list)
     total_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
 
 def dump_header(when: str, p: Pass) -> str:
@@ -70,8 +71,10 @@ class PassManager:
 
     def run(self, module: Module) -> PipelineRun:
         run = PipelineRun(module)
+        t_v = time.perf_counter()
         if self.instr.verify_each:
             _verify(module, "the input")
+        run.verify_seconds += time.perf_counter() - t_v
         self._dump_file(0, "input", module)
         start = time.perf_counter()
         for i, p in enumerate(self.pipeline.passes, start=1):
@@ -84,8 +87,10 @@ class PassManager:
                 raise PassError(f"pass '{p.name}' failed: {e.message}", e.loc, e.hint) from None
             dt = time.perf_counter() - t0
             changed = res.module != run.module
+            t_v = time.perf_counter()
             if self.instr.verify_each:
                 _verify(res.module, f"the output of pass '{p.name}'")
+            run.verify_seconds += time.perf_counter() - t_v
             run.module = res.module
             run.records.append(PassRecord(i, p.name, format_pass(p), dict(res.stats), res.notes, dt, changed))
             if (self.instr.print_ir_after_all or p.name in self.instr.print_ir_after
@@ -118,7 +123,7 @@ def format_stats(records: list[PassRecord]) -> str:
     return "\n".join(lines)
 
 
-def format_timing(records: list[PassRecord], total: float) -> str:
+def format_timing(records: list[PassRecord], total: float, verify: float = 0.0) -> str:
     """``--time-passes``: wall time per pass and its share, like MLIR's -mlir-timing."""
     lines = ["===" + "-" * 60 + "===", "                      ... Execution time report ...",
              "===" + "-" * 60 + "===", f"  Total Execution Time: {total:.4f} seconds", "",
@@ -126,5 +131,8 @@ def format_timing(records: list[PassRecord], total: float) -> str:
     for r in records:
         share = 100.0 * r.seconds / total if total > 0 else 0.0
         lines.append(f"  {r.seconds:8.4f} ({share:5.1f}%)  {r.spelled}")
+    if verify:
+        share = 100.0 * verify / total if total > 0 else 0.0
+        lines.append(f"  {verify:8.4f} ({share:5.1f}%)  (verifier)")
     lines.append(f"  {total:8.4f} (100.0%)  Total")
     return "\n".join(lines)
