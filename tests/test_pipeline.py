@@ -262,13 +262,10 @@ def test_bad_values_of_several_passes_together() -> None:
         "bad value for cleanup.max_rounds: 'y' (invalid literal for int() with base 10: 'y')")
 
 
+@pytest.mark.xfail(
+    strict=True, reason="owner bug: passes/pipeline.py parse_pipeline keeps the last value silently")
 def test_option_given_twice_is_an_error() -> None:
     render_error("cleanup{max_rounds=1,max_rounds=2}")
-
-
-test_option_given_twice_is_an_error = pytest.mark.xfail(
-    strict=True, reason="owner bug: passes/pipeline.py parse_pipeline keeps the last value silently")(
-    test_option_given_twice_is_an_error)
 
 
 # ---- the pass manager ------------------------------------------------------------------------
