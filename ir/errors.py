@@ -26,7 +26,7 @@ class Location:
 
 def location_in(text: str, file: str, line: int, col: int, length: int = 1) -> Location:
     """Builds a Location for 1-based ``line``/``col`` in ``text``, capturing the source line."""
-    lines = text.splitlines()
+    lines = text.split("\n")  # lark counts lines by '\n' only
     src = lines[line - 1] if 0 < line <= len(lines) else None
     return Location(file, line, col, src, max(1, length))
 

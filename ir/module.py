@@ -8,9 +8,10 @@ the others are bodies applied by ``scan``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+from ir.errors import Location
 from ir.ops import Op
 from ir.types import TensorType
 
@@ -36,6 +37,8 @@ class Function:
     returns: tuple[str, ...]
     result_types: tuple[TensorType, ...]
     entry: bool = False
+    #: Where the function was parsed from (diagnostics only; not part of its identity).
+    loc: Location | None = field(default=None, compare=False, repr=False)
 
     @cached_property
     def value_types(self) -> dict[str, TensorType]:

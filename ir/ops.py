@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ir.errors import Location, VerifyError
-from ir.types import FLOAT_DTYPES, Dim, TensorType
+from ir.types import DTYPES, FLOAT_DTYPES, Dim, TensorType
 
 if TYPE_CHECKING:
     from ir.module import Function
@@ -116,6 +116,15 @@ def require_unsharded(op: str, t: TensorType, name: str) -> None:
         )
 
 
+def make_type(op: str, dtype: str, dims, partial=frozenset()) -> TensorType:
+    """Builds a result type; a layout the type rejects (an axis on two dims, a partial axis that
+    also shards a dim) is a verification error of this op."""
+    try:
+        return TensorType(dtype, tuple(dims), frozenset(partial))
+    except ValueError as e:
+        raise fail(f"{op}: the result would be an invalid type: {e}") from None
+
+
 def merge_dims(op: str, *ts: TensorType) -> dict[str, Dim]:
     """Union of the operands' dims by name; shared dims must agree in size and sharding."""
     out: dict[str, Dim] = {}
@@ -165,8 +174,8 @@ def require_int(op: str, t: TensorType, what: str) -> None:
 
 
 def parse_einsum(spec: str) -> tuple[tuple[str, ...], str]:
-    if "->" not in spec:
-        raise fail(f"einsum spec {spec!r} has no '->'")
+    if spec.count("->") != 1:
+        raise fail(f"einsum spec {spec!r} must have exactly one '->'")
     lhs, out = spec.split("->")
     terms = tuple(lhs.split(","))
     for term in (*terms, out):
@@ -203,7 +212,7 @@ class Einsum(Op):
         for c in contracted:
             partial |= frozenset(dims[c].axes)
         dtype = promote(*(t.dtype for t in ins))
-        return (TensorType(dtype, tuple(dims[c] for c in out), partial),)
+        return (make_type("einsum", dtype, (dims[c] for c in out), partial),)
 
 
 UNARY_FNS = ("gelu", "gelu_tanh", "silu", "relu", "exp", "tanh", "rsqrt", "neg", "square")
@@ -274,7 +283,7 @@ class Binary(Op):
             require_not_partial("binary max", a)
             require_not_partial("binary max", b)
             partial = frozenset()
-        return (TensorType(promote(a.dtype, b.dtype), tuple(dims.values()), partial),)
+        return (make_type(f"binary {self.fn}", promote(a.dtype, b.dtype), dims.values(), partial),)
 
 
 NORM_KINDS = ("layernorm", "rmsnorm")
@@ -372,7 +381,7 @@ class Embed(Op):
         require_not_partial("embed", tokens, "tokens")
         v = table.dim("V")
         dims = (*tokens.dims, table.dim("E"))
-        return (TensorType(table.dtype, dims, frozenset(v.axes)),)
+        return (make_type("embed", table.dtype, dims, v.axes),)
 
 
 @op_kind("causal_mask")
@@ -429,6 +438,8 @@ class Cast(Op):
     arity = (1, 1)
 
     def infer(self, ins, ctx):
+        if self.dtype not in DTYPES:
+            raise fail(f"cast to unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         return (ins[0].with_dtype(self.dtype),)
 
 
@@ -467,6 +478,9 @@ class Scan(Op):
         if outs[:nc] != ins[:nc]:
             raise fail(f"scan: body @{fn.name} must return its carries with unchanged types")
         n = layers.pop() if layers else 1
+        for t in outs[nc:]:
+            if t.has("N"):
+                raise fail(f"scan: body @{fn.name} returns {t}, which already has a layer dim N to stack along")
         stacked = tuple(TensorType(t.dtype, (Dim("N", n), *t.dims), t.partial) for t in outs[nc:])
         return (*outs[:nc], *stacked)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import typing
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,11 @@ class _Builder:
     def err(self, node: Any, msg: str, hint: str | None = None) -> ParseError:
         return ParseError(msg, self.loc(node), hint)
 
+    def int_(self, tok: lark.Token, what: str) -> int:
+        if len(str(tok)) > 18:
+            raise self.err(tok, f"{what} is too large: {str(tok)[:20]}...")
+        return int(tok)
+
     # ---- pieces ------------------------------------------------------------------------
     def type_(self, t: lark.Tree) -> TensorType:
         dtype_tok, *rest = t.children
@@ -57,7 +63,7 @@ class _Builder:
             name, size, axes = d.children
             ax = tuple(str(a) for a in axes.children if a is not None) if axes is not None else ()
             try:
-                dims.append(Dim(str(name), int(size), ax))
+                dims.append(Dim(str(name), self.int_(size, f"size of dim {name}"), ax))
             except ValueError as e:
                 raise self.err(name, str(e)) from None
         partial = frozenset(str(a) for p in partial_nodes for a in p.children)
@@ -67,11 +73,18 @@ class _Builder:
             raise self.err(dtype_tok, str(e), None) from None
 
     def value(self, v: lark.Tree) -> Any:
-        if v.data == "string":
-            return json.loads(str(v.children[0]))
-        if v.data == "number":
-            s = str(v.children[0])
-            return float(s) if any(c in s for c in ".eE") else int(s)
+        tok = v.children[0] if v.children else None
+        try:
+            if v.data == "string":
+                return json.loads(str(tok))
+            if v.data == "number":
+                s = str(tok)
+                x = float(s) if any(c in s for c in ".eE") else int(s)
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ValueError("the number is not finite")
+                return x
+        except ValueError as e:  # includes json.JSONDecodeError and over-long integers
+            raise self.err(tok if tok is not None else v, f"bad attribute value: {e}") from None
         if v.data == "true":
             return True
         if v.data == "false":
@@ -177,7 +190,9 @@ class _Builder:
                 ops.append(self.op(c))
             elif c.data == "ret":
                 ret = tuple(str(v)[1:] for v in c.children if v is not None)
-        return Function(name, tuple(params), tuple(ops), ret or (), tuple(types), entry)
+        line = self.text.split("\n")[node.meta.line - 1] if node.meta.line else ""
+        func_loc = self.loc(node, len(line.strip()) or 1)
+        return Function(name, tuple(params), tuple(ops), ret or (), tuple(types), entry, loc=func_loc)
 
     def module(self, node: lark.Tree) -> Module:
         name_tok, mesh, *fns = node.children
@@ -189,9 +204,10 @@ class _Builder:
                 a, s = ax.children
                 if any(a == b for b, _ in axes):
                     raise self.err(a, f"mesh axis '{a}' given twice")
-                if int(s) < 1:
+                size = self.int_(s, f"size of mesh axis '{a}'")
+                if size < 1:
                     raise self.err(s, f"mesh axis '{a}' must have a positive size")
-                axes.append((str(a), int(s)))
+                axes.append((str(a), size))
         funcs = [self.function(f) for f in fns]
         seen: set[str] = set()
         for f, node_f in zip(funcs, fns):

@@ -40,6 +40,8 @@ def format_attr(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"attribute value {v!r} is not finite and has no text form")
         return repr(v)
     if isinstance(v, int):
         return str(v)

@@ -26,6 +26,8 @@ class _Locator:
     def __call__(self, fn: Function, index: int | None) -> Location:
         if index is not None and fn.ops[index].loc is not None:
             return fn.ops[index].loc  # type: ignore[return-value]
+        if index is None and fn.loc is not None:
+            return fn.loc
         if self._lines is None:
             self._lines = module_lines(self.module)
         lines, where = self._lines
@@ -114,7 +116,9 @@ def _check_scan_graph(m: Module, locate: _Locator) -> None:
         cycle = nx.find_cycle(g)
     except nx.NetworkXNoCycle:
         return
-    raise VerifyError("functions call each other in a cycle: " + " -> ".join(f"@{a}" for a, _ in cycle))
+    first = m.function(cycle[0][0])
+    raise VerifyError("functions call each other in a cycle: " + " -> ".join(f"@{a}" for a, _ in cycle)
+                      + f" -> @{cycle[0][0]}", locate(first, None))
 
 
 def verify(m: Module, file: str = "<ir>") -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ir.errors import PassError
 from ir.graph import live_ops
 from ir.module import Function, Module
 from ir.ops import Scan
@@ -83,6 +84,10 @@ class Cleanup(Pass):
 
     #: Most rounds of the rule table before giving up on a fixed point.
     max_rounds: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise PassError(f"cleanup: max_rounds must be >= 1, got {self.max_rounds}")
 
     def run(self, module: Module) -> PassResult:
         out, counts, rounds = drive(module, RULES, self.max_rounds)

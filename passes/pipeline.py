@@ -72,6 +72,8 @@ def _convert(cls: type[Pass], key: str, raw: str) -> Any:
             raise ValueError("expected true or false")
         return raw == "true"
     if hint is int:
+        if not raw.lstrip("-").isdigit():
+            raise ValueError("expected an integer")
         return int(raw)
     if hint is float:
         return float(raw)
@@ -109,9 +111,12 @@ def parse_pipeline(text: str) -> Pipeline:
                 key, eq, raw = item.partition("=")
                 key, raw = key.strip(), raw.strip()
                 kcol = col + piece_s.find(item)
+                if key in kwargs:
+                    problems.append((kcol, len(key), f"option '{key}' of '{name}' given twice", None))
+                    continue
                 if key not in fields:
-                    opts = sorted(fields) or ["(none)"]
-                    problems.append((kcol, len(key), f"pass '{name}' has no option '{key}'", did_you_mean(key, opts)))
+                    hint = did_you_mean(key, sorted(fields)) if fields else f"'{name}' takes no options"
+                    problems.append((kcol, len(key), f"pass '{name}' has no option '{key}'", hint))
                     continue
                 if not eq:
                     problems.append((kcol, len(item), f"option '{key}' of '{name}' needs a value (key=value)", None))

@@ -135,7 +135,7 @@ def _read_tensor(info: TensorInfo, name: str) -> np.ndarray:
             return bits.view(np.float32).reshape(info.shape)
         with safe_open(str(info.file), framework="numpy") as f:
             return np.asarray(f.get_tensor(name), dtype=np.float32)
-    except Exception as e:  # noqa: BLE001 - OSError, or SafetensorError (a plain Exception subclass)
+    except Exception as e:  # OSError, or SafetensorError (a plain Exception subclass)
         raise WeightsError(f"cannot read tensor '{name}' from '{info.file}': {e}") from None
 
 

@@ -22,16 +22,16 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from safetensors.numpy import load_file, save_file  # noqa: E402
+import torch  # a pinned test extra: its absence is a set-up error, not a reason to skip
+import transformers
+from safetensors.numpy import load_file, save_file
 
-from compiler.build import BuildConfig, build_module  # noqa: E402
-from compiler.hf import spec_from_hf  # noqa: E402
-from compiler.spec import format_spec, parse_spec  # noqa: E402
-from ir.errors import SpecError, WeightsError  # noqa: E402
-from runtime.checkpoint import load_hf_weights  # noqa: E402
-from runtime.generate import ReferenceExecutor, generate  # noqa: E402
+from compiler.build import BuildConfig, build_module
+from compiler.hf import spec_from_hf
+from compiler.spec import format_spec, parse_spec
+from ir.errors import SpecError, WeightsError
+from runtime.checkpoint import load_hf_weights
+from runtime.generate import ReferenceExecutor, generate
 
 P, S, B = 5, 3, 2  # prompt tokens, decode steps, batch
 

@@ -8,7 +8,7 @@ inserted or replaced, lines dropped, duplicated or swapped) — the last reach d
 parser and the verifier, since most of such a text is still well formed.
 
 Inputs found to break the contract are pinned below as regression cases (``KNOWN_LEAKS``),
-marked xfail until the owning code is fixed.
+kept as regression cases.
 """
 
 from __future__ import annotations
@@ -182,15 +182,11 @@ KNOWN_LEAKS = {
 
 @pytest.mark.parametrize(
     "text",
-    [pytest.param(t, id=k, marks=pytest.mark.xfail(strict=True, raises=ValueError, reason="owner bug: leaks ValueError"))
-     for k, t in KNOWN_LEAKS.items()])
+    [pytest.param(t, id=k) for k, t in KNOWN_LEAKS.items()])
 def test_known_leaks(text: str) -> None:
     check_contract(text)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="owner bug: ir/errors.py location_in splits lines with str.splitlines(), "
-                        "which also breaks at \\x0c, \\r, \\x1c.., unlike lark")
 def test_parse_error_points_at_the_right_line_after_a_form_feed() -> None:
     r"""lark counts lines by '\n' only; the caret line must be the same line."""
     text = "module @m {\x0c func @f() -> () {\n  return\n} } junk"

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from ir.errors import ParseError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -239,10 +241,8 @@ def test_integer_spelled_float_attribute_prints_as_float() -> None:
     assert "{factor = 2.0}" in assert_roundtrip(m)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="owner bug: ir/printer.py format_attr prints inf as 'inf', which the grammar rejects")
-def test_non_finite_float_attribute_roundtrips() -> None:
-    """A float literal too large for a double parses as inf; printing must still re-parse."""
+def test_non_finite_float_attribute_is_a_parse_error() -> None:
+    """A float literal too large for a double would be inf, which has no text form: refused."""
     text = "module @m { func @f(%x: f32[A=2]) -> (f32[A=2]) { %y = scale(%x) {factor = 1e999} : f32[A=2] return %y } }"
-    m = parse_module(text)
-    assert_roundtrip(m)
+    with pytest.raises(ParseError, match="not finite"):
+        parse_module(text)

@@ -158,7 +158,7 @@ def pipelines(draw) -> Pipeline:
     for _ in range(draw(st.integers(0, 5))):
         kind = draw(st.sampled_from(["cleanup", "knobs"]))
         if kind == "cleanup":
-            passes.append(Cleanup(**draw(st.fixed_dictionaries({}, optional={"max_rounds": st.integers(-5, 10**12)}))))
+            passes.append(Cleanup(**draw(st.fixed_dictionaries({}, optional={"max_rounds": st.integers(1, 10**12)}))))
         else:
             passes.append(Knobs(**draw(st.fixed_dictionaries({}, optional={
                 "flag": st.booleans(),
@@ -232,10 +232,10 @@ def test_unknown_option_far_from_any() -> None:
 @pytest.mark.parametrize("text, first_line", [
     ("cleanup{max_rounds=abc}",
      "<pipeline>:1:9: pass error: bad value for cleanup.max_rounds: 'abc' "
-     "(invalid literal for int() with base 10: 'abc')"),
+     "(expected an integer)"),
     ("cleanup{max_rounds=2.5}",
      "<pipeline>:1:9: pass error: bad value for cleanup.max_rounds: '2.5' "
-     "(invalid literal for int() with base 10: '2.5')"),
+     "(expected an integer)"),
     ("cleanup{max_rounds}", "<pipeline>:1:9: pass error: option 'max_rounds' of 'cleanup' needs a value (key=value)"),
     ("test-knobs{flag=yes}", "<pipeline>:1:12: pass error: bad value for test-knobs.flag: 'yes' (expected true or false)"),
     ("test-knobs{ratio=fast}",
@@ -258,14 +258,12 @@ def test_bad_values_of_several_passes_together() -> None:
         err = render_error("test-knobs{flag=1,rounds=x},cleanup{max_rounds=y}")
     assert err.splitlines()[0] == (
         "<pipeline>:1:12: pass error: bad value for test-knobs.flag: '1' (expected true or false); "
-        "bad value for test-knobs.rounds: 'x' (invalid literal for int() with base 10: 'x'); "
-        "bad value for cleanup.max_rounds: 'y' (invalid literal for int() with base 10: 'y')")
+        "bad value for test-knobs.rounds: 'x' (expected an integer); "
+        "bad value for cleanup.max_rounds: 'y' (expected an integer)")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="owner bug: passes/pipeline.py parse_pipeline keeps the last value silently")
 def test_option_given_twice_is_an_error() -> None:
-    render_error("cleanup{max_rounds=1,max_rounds=2}")
+    assert "option 'max_rounds' of 'cleanup' given twice" in render_error("cleanup{max_rounds=1,max_rounds=2}")
 
 
 # ---- the pass manager ------------------------------------------------------------------------

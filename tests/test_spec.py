@@ -94,7 +94,8 @@ def test_palm_parameter_counts() -> None:
 
 
 def test_small_examples_have_the_promised_shapes() -> None:
-    get = lambda n: load_spec(EXAMPLES[0].parent / f"{n}.model")  # noqa: E731
+    def get(n):
+        return load_spec(EXAMPLES[0].parent / f"{n}.model")
     mqa, gqa, gptj, mha = get("tiny-mqa"), get("tiny-gqa"), get("tiny-gptj"), get("tiny-mha")
     assert (mqa.model.block, mqa.model.attention, mqa.model.mlp, mqa.mesh.n_devices) == ("parallel", "multiquery", "swiglu", 8)
     assert (mqa.serve.phase, mqa.serve.batch, mqa.serve.seq) == ("prefill", 8, 16)

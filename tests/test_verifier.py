@@ -337,7 +337,9 @@ CASES: dict[str, tuple[str, str]] = {
         }
         """,
         """
-        verify error: functions call each other in a cycle: @a
+        case.ir:2:3: verify error: functions call each other in a cycle: @a -> @a
+            func @a(
+            ^~~~~~~~
         """),
     "wrong-return-types": (
         """\
@@ -486,9 +488,6 @@ def test_types_validate_on_construction() -> None:
         TensorType("f32", (Dim("A", 2), Dim("A", 2)))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="owner bug: ir/verifier.py _Locator uses the printed module's line for function-level "
-                        "errors (Function has no loc), with the source's file name")
 def test_function_diagnostic_points_at_the_source_func_line() -> None:
     """A parsed module's function-level errors should point at the ``func`` line of the
     source, not at the line the function would have in the printed module."""
