@@ -10,14 +10,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
 
-from compiler.driver import build_for, compile_config, compile_module, default_pipeline  # noqa: E402
-from compiler.spec import apply_overrides, load_spec  # noqa: E402
-from ir.printer import print_function  # noqa: E402
-from passes.ledger import ledger  # noqa: E402
-from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS  # noqa: E402
-from passes.manager import Instrumentation  # noqa: E402
+from compiler.driver import build_for, compile_config, compile_module, default_pipeline
+from compiler.spec import apply_overrides, load_spec
+from ir.printer import print_function
+from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS
+from passes.ledger import ledger
+from passes.manager import Instrumentation
+from passes.pipeline import parse_pipeline
 
 OUT = ROOT / "docs" / "layouts.md"
 PALM = ROOT / "examples" / "palm-540b.model"
@@ -25,15 +27,11 @@ PALM = ROOT / "examples" / "palm-540b.model"
 
 def layer_after_each_pass() -> str:
     spec = load_spec(PALM)
-    dumps: list[str] = []
     module = build_for(spec, compile_config(spec))
     pipeline = default_pipeline(spec)
     lines = [f"Pipeline: `{pipeline}` (the default for this spec).", ""]
     lines += ["### Input (the builder's unsharded layer)", "", "```", print_function(module.function("decode_layer")).rstrip(), "```", ""]
-    res = compile_module(module, "", Instrumentation())
-    from passes.pipeline import parse_pipeline
-
-    cur = res.module
+    cur = compile_module(module, "", Instrumentation()).module
     for p in parse_pipeline(pipeline).passes:
         r = p.run(cur)
         cur = r.module
