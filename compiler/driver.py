@@ -88,7 +88,8 @@ def default_pipeline(spec: Spec | None) -> str:
     parts = []
     if spec.model.attention != "grouped" and spec.model.heads % n:
         parts.append(f"pad-heads{{multiple={n}}}")
-    parts += [f"shard{{ffn={spec.serve.ffn},attn={spec.serve.attn}}}", "insert-collectives", "cleanup"]
+    kv = "" if spec.serve.kv == "shard" else f",kv={spec.serve.kv}"
+    parts += [f"shard{{ffn={spec.serve.ffn},attn={spec.serve.attn}{kv}}}", "insert-collectives", "cleanup"]
     return ",".join(parts)
 
 

@@ -22,7 +22,7 @@ from ir.errors import Location, SpecError, did_you_mean
 
 __all__ = [
     "ATTN_LAYOUTS", "BIAS_KINDS", "BLOCK_KINDS", "FFN_LAYOUTS", "HARDWARE", "MLP_KINDS",
-    "NORM_KINDS", "OVERLAPS", "PHASES", "ROTARY_STYLES", "WEIGHT_FORMATS",
+    "NORM_KINDS", "OVERLAPS", "KV_LAYOUTS", "PHASES", "ROTARY_STYLES", "WEIGHT_FORMATS",
     "MeshSpec", "ModelSpec", "ServeSpec", "Spec",
     "apply_overrides", "format_spec", "load_spec", "parse_spec",
 ]
@@ -36,6 +36,7 @@ BIAS_KINDS = ("none", "mlp", "all")
 PHASES = ("prefill", "decode")
 FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz", "auto")
 ATTN_LAYOUTS = ("heads", "batch", "auto")
+KV_LAYOUTS = ("shard", "replicate")
 WEIGHT_FORMATS = ("f32", "bf16", "int8")
 OVERLAPS = ("none", "looped", "bidirectional")
 HARDWARE = ("tpu-v4", "tpu-v5e", "tpu-v5p", "a100-80g", "h100", "h200", "cpu")
@@ -85,6 +86,7 @@ _SERVE_FIELDS: dict[str, _Field] = {
     "weights": _Field("enum", WEIGHT_FORMATS),
     "overlap": _Field("enum", OVERLAPS),
     "hardware": _Field("enum", HARDWARE),
+    "kv": _Field("enum", KV_LAYOUTS),
 }
 _NAME_FIELD = _Field("name")
 _AXIS_SIZE = _Field("int")
@@ -248,6 +250,7 @@ class ServeSpec:
     weights: str = "f32"  # weight storage format
     overlap: str = "none"  # collective/einsum overlap: none | looped | bidirectional
     hardware: str = "cpu"  # target for the cost model
+    kv: str = "shard"  # grouped K/V heads with attn=heads: shard them (must divide) or replicate
 
     def __post_init__(self) -> None:
         _check_fields(self, _SERVE_FIELDS)

@@ -64,7 +64,13 @@ def plan(src: TensorType, dst: TensorType, mesh: dict[str, int]) -> list[tuple[t
                 continue
             for d2, c2 in ax.items():
                 ext2 = want[d2][len(c2):] if d2 != d and want[d2][: len(c2)] == c2 else ()
-                if ext2 and (drop[: len(ext2)] == ext2 or ext2[: len(drop)] == drop):
+                if ext2 and drop[: len(ext2)] == ext2 and len(drop) > len(ext2):
+                    # only the leading axes move; gather the rest where they are first
+                    apply(AllGather, axes=drop[len(ext2):], dim=d)
+                    apply(AllToAll, axes=ext2, split_dim=d2, concat_dim=d)
+                    moved = True
+                    break
+                if ext2 and ext2[: len(drop)] == drop:
                     apply(AllToAll, axes=drop, split_dim=d2, concat_dim=d)
                     moved = True
                     break

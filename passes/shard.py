@@ -310,29 +310,22 @@ RULES: dict[str, Callable[[Propagation, Op], list[str]]] = {
 # ---- the pass -------------------------------------------------------------------------------
 
 
-def kv_shardable(module: Module, layout: Layout) -> bool:
-    """Whether K/V heads (grouped or multihead) divide over the wide axes."""
-    n = math.prod(layout.sizes[a] for a in layout.wide())
-    for fn in module.functions:
-        for prm in fn.params:
-            t = prm.type
-            if t.has("K"):
-                return t.size("K") % n == 0
-    return True
-
-
 def param_type(layout: Layout, name: str, role: str, t: TensorType, kv_ok: bool) -> TensorType:
     core = t.drop("N") if t.has("N") else t
     if role == "weight":
         ax = weight_axes(layout, name, core, kv_ok)
         what = f"weight %{name}"
-        hint = ("pad the heads (pad-heads) or choose another layout (--attn batch)"
-                if any(c in ax for c in "HKG") else "choose another layout (--ffn/--attn) or mesh (--mesh)")
+        hint = ("replicate the K/V heads (--set serve.kv=replicate) or shard attention over batch (--attn batch)"
+                if "K" in ax else
+                "pad the heads (pad-heads) or choose another layout (--attn batch)"
+                if any(c in ax for c in "HG") else "choose another layout (--ffn/--attn) or mesh (--mesh)")
     elif role == "cache":
         ax = cache_axes(layout, core, kv_ok)
         what = f"KV cache %{name}"
         hint = ("with attn=batch the batch must divide over all devices; use --attn heads or another --batch"
-                if layout.attn == "batch" else "pad the heads (pad-heads) or use --attn batch")
+                if layout.attn == "batch" else
+                "replicate the K/V heads (--set serve.kv=replicate) or use --attn batch"
+                if "K" in ax else "pad the heads (pad-heads) or use --attn batch")
     else:
         return t
     require_fit(what, core, ax, layout.sizes, hint)
@@ -375,12 +368,17 @@ class Shard(Pass):
     ffn: str = "1d-ws"
     #: Attention layout: heads (sharded over heads) or batch (multiquery K/V over batch).
     attn: str = "heads"
+    #: Grouped-query K/V heads under attn=heads: shard them (they must divide) or replicate them
+    #: (the query groups G are sharded instead).
+    kv: str = "shard"
 
     def __post_init__(self) -> None:
         if self.ffn not in FFN_LAYOUTS:
             raise PassError(f"shard: unknown ffn layout {self.ffn!r}; valid: {', '.join(FFN_LAYOUTS)}")
         if self.attn not in ATTN_LAYOUTS:
             raise PassError(f"shard: unknown attn layout {self.attn!r}; valid: {', '.join(ATTN_LAYOUTS)}")
+        if self.kv not in ("shard", "replicate"):
+            raise PassError(f"shard: unknown kv option {self.kv!r}; valid: shard, replicate")
 
     def run(self, module: Module) -> PassResult:
         if module.n_devices == 1:
@@ -389,7 +387,11 @@ class Shard(Pass):
             raise PassError("shard: the module is already sharded")
         layout = Layout(self.ffn, self.attn, module.mesh)
         ctx = ModuleContext(module)
-        kv_ok = kv_shardable(module, layout)
+        kv_ok = self.kv == "shard"
+        if self.attn == "batch":  # K/V live batch-sharded in the cache: shard the projections if they divide
+            n = math.prod(layout.sizes[a] for a in layout.wide())
+            kv_ok = kv_ok and all(t.size("K") % n == 0 for f in module.functions
+                                  for t in f.value_types.values() if t.has("K"))
         fns: dict[str, Function] = {}
         total = 0
         for entry in module.entries:
