@@ -165,6 +165,20 @@ def check_partials_disjoint(op: str, ts: tuple[TensorType, ...]) -> frozenset[st
     return total
 
 
+def require_positional(op: str, x: TensorType, pos: TensorType, whole: str) -> None:
+    """Ops that read positions pos[B, L]: x has B, L and ``whole`` (unsharded), no partial sums,
+    and pos is laid out like x's B and L."""
+    for n in "BL" + whole:
+        if not x.has(n):
+            raise fail(f"{op} needs an operand with dims B, L and {whole}, got {x.names}")
+    require_int(op, pos, "positions")
+    if pos.names != "BL":
+        raise fail(f"{op} positions must be [B, L], got {pos.names}")
+    require_not_partial(op, x)
+    require_unsharded(op, x, whole)
+    merge_dims(op, x, pos)
+
+
 def require_int(op: str, t: TensorType, what: str) -> None:
     if t.dtype not in ("i32", "i8"):
         raise fail(f"{op}: {what} must be an integer tensor, got {t.dtype}")
@@ -349,17 +363,9 @@ class Rope(Op):
         x, pos = ins
         if self.style not in ROPE_STYLES:
             raise fail(f"unknown rope style {self.style!r}; valid: {', '.join(ROPE_STYLES)}")
-        for n in "BLD":
-            if not x.has(n):
-                raise fail(f"rope needs dims B, L and D, got {x.names}")
+        require_positional("rope", x, pos, "D")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= x.size("D"):
             raise fail(f"rotary_dim {self.rotary_dim} must be even and in (0, {x.size('D')}]")
-        require_int("rope", pos, "positions")
-        if pos.names != "BL":
-            raise fail(f"rope positions must be [B, L], got {pos.names}")
-        require_not_partial("rope", x)
-        require_unsharded("rope", x, "D")
-        merge_dims("rope", x, pos)
         return (x,)
 
 
@@ -393,15 +399,7 @@ class CausalMask(Op):
 
     def infer(self, ins, ctx):
         s, pos = ins
-        for n in "BLT":
-            if not s.has(n):
-                raise fail(f"causal_mask needs scores with dims B, L and T, got {s.names}")
-        require_int("causal_mask", pos, "positions")
-        if pos.names != "BL":
-            raise fail(f"causal_mask positions must be [B, L], got {pos.names}")
-        require_not_partial("causal_mask", s)
-        require_unsharded("causal_mask", s, "T")
-        merge_dims("causal_mask", s, pos)
+        require_positional("causal_mask", s, pos, "T")
         return (s,)
 
 
