@@ -8,6 +8,7 @@ The collectives keep the reshard's reason, so the ledger says where each came fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ir.builder import Namer
@@ -39,12 +40,19 @@ def plan(src: TensorType, dst: TensorType, mesh: dict[str, int]) -> list[tuple[t
         steps.append((cls, attrs))
 
     # 1. partial sums: reduce-scatter onto a dim whose target extends it with those axes
+    #    (slicing first any leading axes the dim gains for free, so less data is reduced)
     pending = [a for a in mesh if a in cur.partial - dst.partial]
     for d in dst.dims:
         c, t = _axes(cur)[d.name], d.axes
         if t[: len(c)] != c:
             continue
         ext = t[len(c):]
+        lead = 0
+        while lead < len(ext) and ext[lead] not in pending and ext[lead] not in cur.mesh_axes:
+            lead += 1
+        if lead < len(ext) and ext[lead] in pending and lead:
+            apply(LocalSlice, axes=ext[:lead], dim=d.name)
+            ext = ext[lead:]
         k = 0
         while k < len(ext) and ext[k] in pending:
             k += 1
@@ -65,9 +73,15 @@ def plan(src: TensorType, dst: TensorType, mesh: dict[str, int]) -> list[tuple[t
             for d2, c2 in ax.items():
                 ext2 = want[d2][len(c2):] if d2 != d and want[d2][: len(c2)] == c2 else ()
                 if ext2 and drop[: len(ext2)] == ext2 and len(drop) > len(ext2):
-                    # only the leading axes move; gather the rest where they are first
-                    apply(AllGather, axes=drop[len(ext2):], dim=d)
-                    apply(AllToAll, axes=ext2, split_dim=d2, concat_dim=d)
+                    # the target takes only the leading axes: move them all when the dim can hold
+                    # them (then gather the rest there, on a smaller block), else gather first
+                    n = math.prod(mesh[a] for a in c2 + drop)
+                    if cur.size(d2) % n == 0:
+                        apply(AllToAll, axes=drop, split_dim=d2, concat_dim=d)
+                        apply(AllGather, axes=drop[len(ext2):], dim=d2)
+                    else:
+                        apply(AllGather, axes=drop[len(ext2):], dim=d)
+                        apply(AllToAll, axes=ext2, split_dim=d2, concat_dim=d)
                     moved = True
                     break
                 if ext2 and ext2[: len(drop)] == drop:

@@ -75,6 +75,16 @@ class Layout:
         return {"wg-x": self.role("X"), "wg-xy": self.role("X") + self.role("Y"),
                 "wg-xyz": self.all_axes}.get(self.ffn, ())
 
+    def prefer(self) -> dict[str, tuple[str, ...]]:
+        """Where a pending partial sum would best land: with attn=batch, on the cache's batch
+        sharding (the keys and values of the new tokens go there next)."""
+        if self.attn != "batch":
+            return {}
+        b = self.batch_axes()
+        if self.weights_move:
+            return {"B": b + tuple(a for a in self.all_axes if a not in b)}
+        return {"B": self.wide() + self.narrow()}
+
     def rest(self) -> dict[str, tuple[str, ...]]:
         """Residual stream [B, L, E] between layers."""
         b = self.batch_axes()
@@ -124,11 +134,9 @@ def weight_axes(layout: Layout, name: str, t: TensorType, kv_heads_shardable: bo
 def cache_axes(layout: Layout, t: TensorType, kv_heads_shardable: bool) -> dict[str, tuple[str, ...]]:
     names = t.names.lstrip("N")
     if layout.attn == "batch":
-        if layout.weights_move:  # extend the activations' batch sharding: a free local slice
-            b = layout.batch_axes()
-            return {"B": b + tuple(a for a in layout.all_axes if a not in b)}
-        # the axis order the query heads end up in, so the reshard is one all-to-all
-        return {"B": layout.wide() + layout.narrow()}
+        # WS: the axis order the query heads end up in, so the reshard is one all-to-all;
+        # WG: an extension of the activations' batch sharding, so the reshard is a local slice
+        return layout.prefer()
     if "H" in names:
         return {"H": layout.wide()}
     if "K" in names and kv_heads_shardable:

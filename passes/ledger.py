@@ -27,6 +27,9 @@ class LedgerEntry:
     bytes_per_device: int
     repeats: int
     reason: str
+    #: The mesh axes of each IR collective this entry stands for (more than one when a chain of
+    #: gathers is priced as one).
+    parts: tuple[tuple[str, ...], ...] = ()
 
     @property
     def per_step(self) -> int:
@@ -35,6 +38,7 @@ class LedgerEntry:
     def to_json(self) -> dict:
         d = asdict(self)
         d["axes"] = list(self.axes)
+        d["parts"] = [list(p) for p in self.parts]
         d["bytes_per_step"] = self.per_step
         return d
 
@@ -59,21 +63,45 @@ def repeats_of(module: Module) -> dict[str, int]:
     return out
 
 
+def _gather_chains(fn) -> dict[str, str]:
+    """all_gather results that only feed another all_gather -> that consumer. A weight stored
+    E{x} F{z,y} and gathered dim by dim is one gather in the paper's accounting: it costs the
+    final output once, not each partial output."""
+    uses: dict[str, list] = {}
+    for op in fn.ops:
+        for o in op.operands:
+            uses.setdefault(o, []).append(op)
+    out = {}
+    for op in fn.ops:
+        if op.kind == "all_gather":
+            u = uses.get(op.result, [])
+            if len(u) == 1 and u[0].kind == "all_gather" and op.result not in fn.returns:
+                out[op.result] = u[0].result
+    return out
+
+
 def ledger(module: Module) -> list[LedgerEntry]:
     mesh = module.mesh_sizes
     reps = repeats_of(module)
     out: list[LedgerEntry] = []
     for fn in module.functions:
         types = fn.value_types
+        chained = _gather_chains(fn)
+        folded: dict[str, list[tuple[tuple[str, ...], str]]] = {}  # consumer -> (axes, dim) gathered before
         for op in fn.ops:
             if op.is_collective:
                 src, dst = types[op.operands[0]], op.type
                 dims = getattr(op, "dim", "") or "".join(x for x in (getattr(op, "concat_dim", ""),
                                                                        getattr(op, "split_dim", "")) if x)
-                out.append(LedgerEntry(fn.name, op.result, op.kind, op.axes, dims,
-                                       math.prod(mesh[a] for a in op.axes),
+                parts = [*folded.pop(op.result, []), (op.axes, dims)]
+                if op.result in chained:  # priced with the gather it feeds
+                    folded[chained[op.result]] = parts
+                    continue
+                axes = tuple(a for ax, _ in parts for a in ax)
+                out.append(LedgerEntry(fn.name, op.result, op.kind, axes, "".join(d for _, d in parts),
+                                       math.prod(mesh[a] for a in axes),
                                        collective_bytes(op.kind, src, dst, mesh), reps.get(fn.name, 1),
-                                       getattr(op, "reason", "")))
+                                       getattr(op, "reason", ""), tuple(ax for ax, _ in parts)))
             elif op.kind == "norm" and types[op.operands[0]].dim(op.dim).axes:
                 x = types[op.operands[0]]
                 axes = x.dim(op.dim).axes

@@ -57,14 +57,26 @@ def common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def settle(t: TensorType, mesh: dict[str, int], forbid: str = "") -> TensorType:
-    """``t`` with its partial sums resolved: reduce-scattered onto the first dim (in
-    SCATTER_PRIORITY order) that divides, else all-reduced."""
+def settle(t: TensorType, mesh: dict[str, int], forbid: str = "",
+           prefer: dict[str, tuple[str, ...]] | None = None) -> TensorType:
+    """``t`` with its partial sums resolved: onto a dim's preferred sharding when it holds the
+    partial axes and its other axes are free (a local slice then a reduce-scatter), else
+    reduce-scattered onto the first dim (in SCATTER_PRIORITY order) that divides, else
+    all-reduced."""
     if not t.partial:
         return t
     order = [a for a in mesh if a in t.partial]
     extra = math.prod(mesh[a] for a in order)
     ax = axes_of(t)
+    used = {a for v in ax.values() for a in v}
+    for c, want in (prefer or {}).items():
+        if c in forbid or not t.has(c) or not t.partial <= set(want):
+            continue
+        cur = ax[c]
+        free = set(want[len(cur):]) - t.partial
+        if want[: len(cur)] == cur and not (free & used) and t.size(c) % math.prod(mesh[a] for a in want) == 0:
+            ax[c] = want
+            return retype(t, ax)
     for c in SCATTER_PRIORITY:
         if c in forbid or not t.has(c):
             continue
@@ -123,7 +135,7 @@ class Propagation:
 
     def whole(self, v: str, reason: str, forbid: str = "", need_whole: str = "") -> str:
         """No partial sums, and the dims in ``need_whole`` unsharded."""
-        t = settle(self.types[v], self.mesh, forbid + need_whole)
+        t = settle(self.types[v], self.mesh, forbid + need_whole, self.layout.prefer())
         if need_whole:
             ax = axes_of(t)
             for c in need_whole:
@@ -310,24 +322,33 @@ RULES: dict[str, Callable[[Propagation, Op], list[str]]] = {
 # ---- the pass -------------------------------------------------------------------------------
 
 
+def layout_hint(layout: Layout, t: TensorType, ax: dict[str, tuple[str, ...]]) -> str:
+    """What the user can change when ``t`` does not divide as ``ax`` says (each option works)."""
+    bad = [d for d, a in ax.items() if a and t.size(d) % math.prod(layout.sizes[x] for x in a)]
+    d = bad[0] if bad else ""
+    if d == "B":
+        return "choose a batch divisible by the devices it is split over (--batch), or --attn heads"
+    if d == "K":
+        return "replicate the K/V heads (--set serve.kv=replicate) or shard attention over batch (--attn batch)"
+    if d == "G":
+        return ("the query heads per K/V group must divide over the head axes: use --ffn 2d-ws "
+                "(fewer head axes) or another --mesh")
+    if d == "H":
+        return "pad the heads with pad-heads (the default pipeline does when heads do not divide the mesh)"
+    return f"choose another layout (--ffn/--attn) or a mesh (--mesh) whose axes divide {d}"
+
+
 def param_type(layout: Layout, name: str, role: str, t: TensorType, kv_ok: bool) -> TensorType:
     core = t.drop("N") if t.has("N") else t
     if role == "weight":
         ax = weight_axes(layout, name, core, kv_ok)
         what = f"weight %{name}"
-        hint = ("replicate the K/V heads (--set serve.kv=replicate) or shard attention over batch (--attn batch)"
-                if "K" in ax else
-                "pad the heads (pad-heads) or choose another layout (--attn batch)"
-                if any(c in ax for c in "HG") else "choose another layout (--ffn/--attn) or mesh (--mesh)")
     elif role == "cache":
         ax = cache_axes(layout, core, kv_ok)
         what = f"KV cache %{name}"
-        hint = ("with attn=batch the batch must divide over all devices; use --attn heads or another --batch"
-                if layout.attn == "batch" else
-                "replicate the K/V heads (--set serve.kv=replicate) or use --attn batch"
-                if "K" in ax else "pad the heads (pad-heads) or use --attn batch")
     else:
         return t
+    hint = layout_hint(layout, core, ax)
     require_fit(what, core, ax, layout.sizes, hint)
     return with_axes(t, ax)
 
@@ -350,7 +371,7 @@ def propagate(layout: Layout, ctx: ModuleContext, fn: Function, new_params: list
     rets = []
     for r, want in zip(fn.returns, return_targets):
         if want is None:
-            want = settle(p.types[r], p.mesh)
+            want = settle(p.types[r], p.mesh, prefer=layout.prefer())
         rets.append(p.to(r, want, f"@{fn.name} result layout"))
     out = Function(fn.name, tuple(new_params), tuple(p.ops), tuple(rets), tuple(p.types[r] for r in rets), fn.entry)
     return out, p.reshards

@@ -1,0 +1,238 @@
+"""Layouts that do not fit: LayoutError naming the dim, its size, the axes and the options; and
+pad-heads, the paper's fix for heads that do not divide (PaLM 540B: 48 -> 64 heads on 64 chips).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from compiler.cli import main
+from compiler.driver import build_for, compile_config, compile_module, default_pipeline
+from compiler.spec import ModelSpec, load_spec
+from ir.errors import LayoutError
+from partition_helpers import (MESH_8, build, check_layout_error, compile_layout, expected_layout_problems,
+                               rel_err, run_pair, shard_pass)
+from runtime.generate import ReferenceExecutor, generate
+from runtime.spmd import SpmdExecutor
+from runtime.weights import random_tokens, random_weights
+
+from conftest import EXAMPLES
+
+MQA4 = ModelSpec("e-mqa", layers=1, d_model=32, heads=4, kv_heads=1, d_head=8, d_ff=64, vocab=64, block="parallel")
+GQA = ModelSpec("e-gqa", layers=1, d_model=32, heads=8, kv_heads=2, d_head=4, d_ff=64, vocab=64)
+MHA = ModelSpec("e-mha", layers=1, d_model=32, heads=8, kv_heads=8, d_head=4, d_ff=64, vocab=64)
+
+
+def layout_error(model, mesh, ffn, attn, batch=8, pad=False, kv="shard") -> LayoutError:
+    with pytest.raises(LayoutError) as ei:
+        compile_layout(model, batch, 2, 4, mesh, ffn, attn, pad=pad, kv=kv)
+    return ei.value
+
+
+def names(err: LayoutError, dim: str, size: int, axes: str, devices: int) -> None:
+    """The message names the dim and its size, the axes (as the layout orders them) and the
+    device count; the hint names at least one option."""
+    assert f"dim {dim}={size} does not divide over {{{axes}}} ({devices} devices)" in err.message, err.message
+    assert err.hint and re.search(r"--\w+|pad-heads|kv=replicate", err.hint), err.hint
+
+
+# ---- each kind of size ----------------------------------------------------------------------------
+
+
+def test_kv_heads_do_not_divide():
+    """GQA with 2 kv heads, attention over heads, K/V sharded (the default): K=2 over the 2D-WS
+    wide axes (z, y) = 4 devices."""
+    err = layout_error(GQA, MESH_8, "2d-ws", "heads")
+    names(err, "K", 2, "z,y", 4)
+    assert "%wq" in err.message or "%wk" in err.message or "cache" in err.message
+    check_layout_error(err, expected_layout_problems(GQA, 8, MESH_8, "2d-ws", "heads"), MESH_8)
+
+
+def test_query_groups_do_not_divide():
+    """With the K/V heads replicated the query groups G=4 are sharded: over all 8 devices in 1D-WS."""
+    err = layout_error(GQA, MESH_8, "1d-ws", "heads", kv="replicate")
+    names(err, "G", 4, "x,y,z", 8)
+
+
+@pytest.mark.parametrize("ffn,axes,n", [("1d-ws", "x,y,z", 8), ("2d-ws", "z,y", 4)])
+def test_heads_do_not_divide_without_pad_heads(ffn, axes, n):
+    model = ModelSpec("e-mqa3", layers=1, d_model=32, heads=3, kv_heads=1, d_head=8, d_ff=64, vocab=64)
+    err = layout_error(model, MESH_8, ffn, "heads")
+    names(err, "H", 3, axes, n)
+    assert "%wq" in err.message
+    assert "pad-heads" in err.hint
+
+
+def test_batch_does_not_divide_for_batch_sharded_attention():
+    err = layout_error(MQA4, MESH_8, "2d-ws", "batch", batch=4, pad=True)
+    names(err, "B", 4, "z,y,x", 8)
+    assert "KV cache" in err.message and "--attn heads" in err.hint
+
+
+@pytest.mark.parametrize("ffn,axes,n", [("wg-x", "x", 2), ("wg-xy", "x,y", 4), ("wg-xyz", "x,y,z", 8)])
+def test_batch_does_not_divide_for_weight_gathered(ffn, axes, n):
+    err = layout_error(MQA4, MESH_8, ffn, "heads", batch=3, pad=True)
+    names(err, "B", 3, axes, n)
+    assert "residual stream" in err.message and "--ffn" in err.hint
+
+
+def test_d_model_and_d_ff_do_not_divide():
+    m = ModelSpec("e-odd", layers=1, d_model=36, heads=8, kv_heads=1, d_head=4, d_ff=64, vocab=64)
+    err = layout_error(m, (("x", 8),), "2d-ws", "heads")
+    names(err, "E", 36, "x", 8)
+    m = ModelSpec("e-odd", layers=1, d_model=32, heads=8, kv_heads=1, d_head=4, d_ff=36, vocab=64)
+    err = layout_error(m, MESH_8, "1d-ws", "heads")
+    names(err, "F", 36, "x,y,z", 8)
+    assert "%w_" in err.message
+
+
+def test_vocab_that_does_not_divide_is_replicated_not_refused():
+    """The vocabulary is not part of the paper's layouts: the embedding / output head is split over
+    all devices when V divides, and kept whole on every device otherwise (passes/layouts.py
+    weight_axes). That is a working program, not a LayoutError; check that it runs correctly."""
+    m = ModelSpec("e-vocab", layers=1, d_model=32, heads=8, kv_heads=1, d_head=4, d_ff=64, vocab=61,
+                  block="parallel", tie_embeddings=False)
+    mod = compile_layout(m, 8, 2, 4, MESH_8, "2d-ws", "batch")
+    fn = mod.function("prefill")
+    assert fn.param("embed").type.dim("V").axes == () and fn.param("lm_head").type.dim("V").axes == ()
+    m64 = ModelSpec("e-vocab", layers=1, d_model=32, heads=8, kv_heads=1, d_head=4, d_ff=64, vocab=64)
+    assert compile_layout(m64, 8, 2, 4, MESH_8, "2d-ws", "batch").function("prefill").param(
+        "embed").type.dim("V").axes == ("x", "y", "z")
+    got, ref = run_pair(mod, m, 8, 2, 2, SpmdExecutor)
+    assert rel_err(got, ref) <= 1e-9
+
+
+# ---- the hint's options resolve the error -------------------------------------------------------------
+
+
+#: name -> (model, mesh, ffn, attn, batch, pad, kv, [(option text in the hint, changed settings)])
+HINT_CASES = {
+    # multiquery heads 4 on 8 devices, 1D-WS, no padding: pad-heads fixes it (--attn batch would
+    # not: wq/wo are split over the heads in every attention layout, so the hint must not offer it)
+    "mqa-heads": (MQA4, MESH_8, "1d-ws", "heads", 8, False, "shard",
+                  [("pad-heads", dict(pad=True))]),
+    # grouped-query K=2 on the 2D-WS wide axes (4 devices): both options work
+    "gqa-kv": (GQA, MESH_8, "2d-ws", "heads", 8, False, "shard",
+               [("kv=replicate", dict(kv="replicate")), ("--attn batch", dict(attn="batch"))]),
+    # grouped-query with the K/V heads replicated, G=4 over 8 devices (1D-WS): pad-heads does not
+    # pad grouped queries and --attn batch does not touch the weights; 2D-WS's head axes (4) do
+    "gqa-groups": (GQA, MESH_8, "1d-ws", "heads", 8, False, "replicate",
+                   [("--ffn 2d-ws", dict(ffn="2d-ws"))]),
+    "batch-cache": (MQA4, MESH_8, "2d-ws", "batch", 4, True, "shard",
+                    [("--attn heads", dict(attn="heads")), ("--batch", dict(batch=8))]),
+    "batch-residual": (MQA4, MESH_8, "wg-xyz", "heads", 4, True, "shard",
+                       [("--ffn", dict(ffn="wg-xy")), ("batch", dict(batch=8))]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HINT_CASES))
+def test_hint_options_resolve_the_error(name):
+    """Each option the hint names, applied alone, makes the error it was given for go away
+    (the layout compiles, or at least no longer fails on the same dim of the same tensor)."""
+    model, mesh, ffn, attn, batch, pad, kv, options = HINT_CASES[name]
+    err = layout_error(model, mesh, ffn, attn, batch=batch, pad=pad, kv=kv)
+    first = err.message.split(" does not divide")[0]
+    useless = []
+    for text, change in options:
+        assert text in err.hint, f"the hint does not offer {text!r}: {err.hint}"
+        s = dict(model=model, mesh=mesh, ffn=ffn, attn=attn, batch=batch, pad=pad, kv=kv) | change
+        try:
+            if s["pad"] and s["model"].attention == "grouped":
+                # the default pipeline never pads grouped queries: ask for pad-heads explicitly
+                mod = build(s["model"], s["batch"], 2, 4, s["mesh"])
+                compile_module(mod, f"pad-heads{{multiple=8}},{shard_pass(s['ffn'], s['attn'], s['kv'])},"
+                                    "insert-collectives,cleanup")
+            else:
+                compile_layout(s["model"], s["batch"], 2, 4, s["mesh"], s["ffn"], s["attn"], pad=s["pad"], kv=s["kv"])
+        except LayoutError as e2:
+            if e2.message.split(" does not divide")[0] == first:
+                useless.append(f"{text!r} leaves the same error: {e2.message}")
+    assert not useless, f"hint {err.hint!r} for {err.message!r}:\n" + "\n".join(useless)
+
+
+# ---- through the command line -------------------------------------------------------------------------
+
+
+CLI_CASES = {
+    "kv-heads": (["examples/tiny-gqa.model", "--mesh", "x=2,y=2,z=2", "--ffn", "2d-ws"], "K=2", "{z,y}"),
+    "heads": (["examples/tiny-mqa.model", "--passes", "shard{ffn=1d-ws,attn=heads},insert-collectives"],
+              "H=4", "{x,y,z}"),
+    "batch": (["examples/tiny-mqa.model", "--batch", "3"], "B=3", "{z,y,x}"),
+    "residual": (["examples/tiny-mqa.model", "--batch", "2", "--ffn", "wg-xy", "--attn", "heads"], "B=2", "{x,y}"),
+    "d_model": (["examples/tiny-mha.model", "--set", "model.d_model=62", "--ffn", "2d-ws"], "E=62", "{x}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLI_CASES))
+def test_cli_layout_error_exit_1_no_traceback(name, capsys, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parent)
+    argv, dim, axes = CLI_CASES[name]
+    rc = main(["compile", *argv, "--emit", "none"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    assert "Traceback" not in err and "internal error" not in err
+    assert err.startswith("layout error: "), err
+    assert f"dim {dim} does not divide over {axes}" in err
+    assert "\n  hint: " in err
+
+
+# ---- pad-heads -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [
+    ModelSpec("pad-mqa", layers=2, d_model=32, heads=6, kv_heads=1, d_head=8, d_ff=64, vocab=48, block="parallel",
+              mlp="swiglu"),
+    ModelSpec("pad-mha", layers=2, d_model=32, heads=6, kv_heads=6, d_head=4, d_ff=48, vocab=40, block="serial",
+              mlp="gelu", bias="all"),
+], ids=["mqa", "mha"])
+def test_pad_heads_keeps_outputs_identical(model):
+    """Reference interpreter on the padded module (6 -> 8 heads, zero W_q / W_o rows, zero K/V
+    heads for MHA) vs the unpadded one, prefill + decode: the padded heads contribute exact
+    zeros, so the logits agree to rounding of the (reordered) float64 contractions."""
+    batch, prompt, steps = 3, 4, 3
+    mod = build(model, batch, prompt, prompt + steps)
+    padded = compile_module(mod, "pad-heads{multiple=8}").module
+    fn = padded.function("prefill")
+    assert fn.param("wq").type.size("H") == 8 and fn.param("wo").type.size("H") == 8
+    if model.attention == "multihead":
+        assert fn.param("k_cache").type.size("H") == 8
+    weights = random_weights(mod.function("prefill"), seed=3)
+    tokens = random_tokens(batch, prompt + steps, model.vocab, seed=3)
+    ref = generate(ReferenceExecutor(mod), weights, tokens, prompt)
+    got = generate(ReferenceExecutor(padded), weights, tokens, prompt)
+    assert got.prefill_logits.shape == ref.prefill_logits.shape and got.decode_logits.shape[1] == steps
+    assert rel_err(got.logits, ref.logits) <= 1e-12
+    # and sharded after padding, on the simulator
+    sharded = compile_layout(model, 8, prompt, prompt + steps, MESH_8, "2d-ws", "heads", pad=True)
+    g, r = run_pair(sharded, model, 8, prompt, steps, SpmdExecutor)
+    assert rel_err(g, r) <= 1e-9
+
+
+def test_pad_heads_is_a_no_op_when_heads_divide():
+    mod = build(MHA, 2, 2, 4, MESH_8)
+    run = compile_module(mod, "pad-heads").run
+    assert run.module == mod
+    assert run.records[0].stats == {"heads already divide": 8}
+
+
+def test_palm_540b_pads_48_to_64_heads_on_4x4x4():
+    spec = load_spec(EXAMPLES / "palm-540b.model")
+    assert spec.model.heads == 48 and spec.mesh.n_devices == 64
+    pipeline = default_pipeline(spec)
+    assert pipeline.startswith("pad-heads{multiple=64},")
+    res = compile_module(build_for(spec, compile_config(spec)), pipeline)
+    stats = res.run.records[0].stats
+    assert stats.get("heads padded 48 -> 64") == 1
+    fn = res.module.function("decode")
+    wq = fn.param("wq").type
+    assert wq.size("H") == 64 and wq.dim("H").axes == ("z", "y") and wq.dim("E").axes == ("x",)
+    assert wq.local_shape(res.module.mesh_sizes) == (118, 18432 // 4, 64 // 16, 256)
+    # multiquery attention over batch: the KV cache is 1/64 per chip, independent of the padding
+    kc = fn.param("k_cache").type
+    assert kc.dim("B").axes == ("z", "y", "x") and kc.local_nbytes(res.module.mesh_sizes) * 64 == kc.nbytes()
+    # §3 derived check: padding adds 118 * 2 * E * 16 * 256 parameters (about 17.8B)
+    added = sum(p.type.nbytes() for p in fn.params_with_role("weight")) // 2 - sum(
+        p.type.nbytes() for p in build_for(spec, compile_config(spec)).function("decode").params_with_role("weight")) // 2
+    assert added == 118 * 2 * 18432 * 16 * 256
