@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compiler.driver import build_for, compile_config, compile_module, default_pipeline  # noqa: E402
-from compiler.spec import apply_overrides, load_spec  # noqa: E402
-from ir.printer import print_module  # noqa: E402
+from compiler.driver import build_for, compile_config, compile_module, default_pipeline
+from compiler.spec import apply_overrides, load_spec
+from ir.printer import print_module
 
 BASELINE_LAYERS = 2
 

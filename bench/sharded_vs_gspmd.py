@@ -31,25 +31,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA warns (W-level) when GSPMD has to fully rematerialize a tensor to reshard it; keep the table readable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import statistics
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
 
-from compiler.build import BuildConfig, build_module  # noqa: E402
-from compiler.driver import compile_module, default_pipeline  # noqa: E402
-from compiler.spec import apply_overrides, load_spec  # noqa: E402
-from runtime.generate import zero_caches  # noqa: E402
-from runtime.kernels import Interpreter  # noqa: E402
-from runtime.lower_jax import JaxBackend, JaxExecutor, partition_spec, to_device  # noqa: E402
-from runtime.weights import random_tokens, random_weights  # noqa: E402
+from compiler.build import BuildConfig, build_module
+from compiler.driver import compile_module, default_pipeline
+from compiler.spec import apply_overrides, load_spec
+from runtime.generate import zero_caches
+from runtime.kernels import Interpreter
+from runtime.lower_jax import JaxBackend, JaxExecutor, partition_spec, to_device
+from runtime.weights import random_tokens, random_weights
 
 FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz")
 ATTN_LAYOUTS = ("heads", "batch")

@@ -62,7 +62,10 @@ def paper_ffn_elements(ffn: str, B: int, L: int) -> int:
 def paper_ffn_exact_bytes(ffn: str, B: int, L: int) -> Fraction:
     """The same steps with each collective's (K-1)/K kept: what a chip actually receives."""
     n = X * Y * Z
-    f = lambda k: Fraction(k - 1, k)  # noqa: E731
+
+    def f(k: int) -> Fraction:
+        return Fraction(k - 1, k)
+
     BLE, BLF = B * L * E, B * L * F
     steps = {
         # AG(xyz) out BLE, RS(xyz) in BLE
@@ -336,8 +339,8 @@ def test_plan_attention_output_back_to_heads_is_all_to_all_then_gather():
 
 # -- any (src, dst) pair: the plan is valid, reaches dst, and computes the same tensor ------------
 
-from hypothesis import assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 
 @st.composite
