@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ir.errors import VerifyError
-from ir.module import Function, Module, ModuleContext, Param
+from ir.module import Function, Param
 from ir.ops import InferContext, Op
 from ir.types import TensorType
 
@@ -80,7 +80,3 @@ class BuildContext:
 
     def add(self, fn: Function) -> None:
         self.functions[fn.name] = fn
-
-
-def rebuild_context(m: Module) -> ModuleContext:
-    return ModuleContext(m)

@@ -7,7 +7,6 @@ a *suffix* of the axes, and scatters append axes as the new minor ones.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ir.ops import Op, fail, op_kind
@@ -32,8 +31,28 @@ def _set_axes(t: TensorType, name: str, axes: tuple[str, ...]) -> TensorType:
     return TensorType(t.dtype, tuple(Dim(d.name, d.size, axes) if d.name == name else d for d in t.dims), t.partial)
 
 
-def group_size(axes: tuple[str, ...], mesh: dict[str, int]) -> int:
-    return math.prod(mesh[a] for a in axes)
+def _require_dim(op: str, x: TensorType, dim: str) -> None:
+    if not x.has(dim):
+        raise fail(f"{op} on dim {dim}, but the operand has dims {x.names}")
+
+
+def _without_minor(op: str, x: TensorType, dim: str, axes: tuple[str, ...]) -> tuple[str, ...]:
+    """``dim``'s axes once ``axes`` leave it; they must be its minor (last) axes."""
+    _require_dim(op, x, dim)
+    have = x.dim(dim).axes
+    k = len(axes)
+    if k > len(have) or have[len(have) - k:] != axes:
+        raise fail(f"{op}{_axes_str(axes)} needs those axes as the minor axes of {dim}, "
+                   f"which is sharded over {_axes_str(have)}")
+    return have[: len(have) - k]
+
+
+def _reduced(op: str, x: TensorType, axes: tuple[str, ...]) -> TensorType:
+    """``x`` with its partial sums over ``axes`` summed (they must be pending)."""
+    if not set(axes) <= x.partial:
+        raise fail(f"{op} over {_axes_str(axes)} but the operand is partial over "
+                   f"{_axes_str(tuple(sorted(x.partial)))}")
+    return TensorType(x.dtype, x.dims, x.partial - set(axes))
 
 
 @op_kind("all_gather")
@@ -51,14 +70,7 @@ class AllGather(Op):
     def infer(self, ins, ctx):
         (x,) = ins
         _check_axes("all_gather", self.axes, ctx.mesh)
-        if not x.has(self.dim):
-            raise fail(f"all_gather over dim {self.dim}, but the operand has dims {x.names}")
-        have = x.dim(self.dim).axes
-        k = len(self.axes)
-        if have[len(have) - k:] != self.axes or k > len(have):
-            raise fail(f"all_gather{_axes_str(self.axes)} needs those axes as the minor axes of {self.dim}, "
-                       f"which is sharded over {_axes_str(have)}")
-        return (_set_axes(x, self.dim, have[: len(have) - k]),)
+        return (_set_axes(x, self.dim, _without_minor("all_gather", x, self.dim, self.axes)),)
 
 
 @op_kind("reduce_scatter")
@@ -76,12 +88,8 @@ class ReduceScatter(Op):
     def infer(self, ins, ctx):
         (x,) = ins
         _check_axes("reduce_scatter", self.axes, ctx.mesh)
-        if not set(self.axes) <= x.partial:
-            raise fail(f"reduce_scatter over {_axes_str(self.axes)} but the operand is partial over "
-                       f"{_axes_str(tuple(sorted(x.partial)))}")
-        if not x.has(self.dim):
-            raise fail(f"reduce_scatter onto dim {self.dim}, but the operand has dims {x.names}")
-        t = TensorType(x.dtype, x.dims, x.partial - set(self.axes))
+        _require_dim("reduce_scatter", x, self.dim)
+        t = _reduced("reduce_scatter", x, self.axes)
         return (_set_axes(t, self.dim, x.dim(self.dim).axes + self.axes),)
 
 
@@ -99,10 +107,7 @@ class AllReduce(Op):
     def infer(self, ins, ctx):
         (x,) = ins
         _check_axes("all_reduce", self.axes, ctx.mesh)
-        if not set(self.axes) <= x.partial:
-            raise fail(f"all_reduce over {_axes_str(self.axes)} but the operand is partial over "
-                       f"{_axes_str(tuple(sorted(x.partial)))}")
-        return (TensorType(x.dtype, x.dims, x.partial - set(self.axes)),)
+        return (_reduced("all_reduce", x, self.axes),)
 
 
 @op_kind("all_to_all")
@@ -121,17 +126,10 @@ class AllToAll(Op):
     def infer(self, ins, ctx):
         (x,) = ins
         _check_axes("all_to_all", self.axes, ctx.mesh)
-        for d in (self.split_dim, self.concat_dim):
-            if not x.has(d):
-                raise fail(f"all_to_all over dim {d}, but the operand has dims {x.names}")
+        _require_dim("all_to_all", x, self.split_dim)
         if self.split_dim == self.concat_dim:
             raise fail("all_to_all needs two different dims")
-        have = x.dim(self.concat_dim).axes
-        k = len(self.axes)
-        if k > len(have) or have[len(have) - k:] != self.axes:
-            raise fail(f"all_to_all moves {_axes_str(self.axes)}, which must be the minor axes of "
-                       f"{self.concat_dim} (sharded over {_axes_str(have)})")
-        t = _set_axes(x, self.concat_dim, have[: len(have) - k])
+        t = _set_axes(x, self.concat_dim, _without_minor("all_to_all", x, self.concat_dim, self.axes))
         return (_set_axes(t, self.split_dim, x.dim(self.split_dim).axes + self.axes),)
 
 
@@ -149,8 +147,7 @@ class LocalSlice(Op):
     def infer(self, ins, ctx):
         (x,) = ins
         _check_axes("local_slice", self.axes, ctx.mesh)
-        if not x.has(self.dim):
-            raise fail(f"local_slice of dim {self.dim}, but the operand has dims {x.names}")
+        _require_dim("local_slice", x, self.dim)
         if set(self.axes) & x.mesh_axes:
             raise fail(f"local_slice over {_axes_str(self.axes)}: the operand already varies over some of them")
         return (_set_axes(x, self.dim, x.dim(self.dim).axes + self.axes),)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ir.errors import VerifyError
-from ir.module import Function, Module, ModuleContext, Param
+from ir.module import Function, ModuleContext, Param
 
 
 def reinfer(fn: Function, params: tuple[Param, ...], ctx: ModuleContext) -> Function:
@@ -18,7 +18,3 @@ def reinfer(fn: Function, params: tuple[Param, ...], ctx: ModuleContext) -> Func
         ops.append(op.with_(types=new_types))
         types.update(zip(op.results, new_types))
     return Function(fn.name, params, tuple(ops), fn.returns, tuple(types[r] for r in fn.returns), fn.entry)
-
-
-def module_context(m: Module) -> ModuleContext:
-    return ModuleContext(m)

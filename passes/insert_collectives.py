@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ir.builder import Namer
 from ir.collectives import AllGather, AllReduce, AllToAll, LocalSlice, ReduceScatter
 from ir.errors import PassError
-from ir.module import Function, Module, ModuleContext
+from ir.module import Function, Module
 from ir.ops import Op
 from ir.types import TensorType
 from passes.base import Pass, PassResult

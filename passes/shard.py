@@ -17,7 +17,7 @@ from typing import Callable
 
 from ir.builder import Namer
 from ir.collectives import Reshard
-from ir.errors import LayoutError, PassError
+from ir.errors import PassError
 from ir.module import Function, Module, ModuleContext, Param
 from ir.ops import Op, Scan
 from ir.types import Dim, TensorType
