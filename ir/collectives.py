@@ -172,3 +172,58 @@ class Reshard(Op):
         if target.partial - x.partial:
             raise fail("reshard cannot create partial sums")
         return (target,)
+
+
+COLLECTIVE_EINSUM_KINDS = ("all_gather", "reduce_scatter")
+
+
+@op_kind("collective_einsum")
+@dataclass(frozen=True, kw_only=True)
+class CollectiveEinsum(Op):
+    """A collective fused with the einsum(s) next to it, run as a loop of ppermutes and partial
+    einsums so that communication overlaps computation (Wang et al. 2023; the paper's §3.5).
+
+    * ``collective = all_gather``: operand 0 is gathered over ``axes`` along ``dim`` and fed, as
+      the *first* term, to every einsum in ``specs``; operands 1.. are the einsums' second
+      terms, one per spec. Results: one per spec, equal to ``einsum(all_gather(x), w_i)``.
+    * ``collective = reduce_scatter``: one spec over operands 0 and 1; the result equals
+      ``reduce_scatter(einsum(a, b), axes, dim)``.
+
+    ``bidirectional`` sends half of each chunk each way around the ring (both links busy)."""
+
+    collective: str
+    axes: tuple[str, ...]
+    dim: str
+    specs: tuple[str, ...]
+    bidirectional: bool = False
+    #: Why the collective exists (the rule that asked for it), for the ledger.
+    reason: str = ""
+    arity = (2, None)
+    is_collective = True
+
+    def parts(self, ins: tuple[TensorType, ...], ctx) -> tuple[tuple[TensorType, ...], tuple[TensorType, ...]]:
+        """(the collective's input and output types, the einsums' result types)."""
+        from ir.ops import Einsum
+
+        if self.collective not in COLLECTIVE_EINSUM_KINDS:
+            raise fail(f"collective_einsum: unknown collective {self.collective!r}; "
+                       f"valid: {', '.join(COLLECTIVE_EINSUM_KINDS)}")
+        if not self.specs:
+            raise fail("collective_einsum needs at least one einsum spec")
+        if self.collective == "all_gather":
+            if len(ins) != 1 + len(self.specs):
+                raise fail(f"collective_einsum all_gather with {len(self.specs)} specs takes "
+                           f"{1 + len(self.specs)} operands, got {len(ins)}")
+            g = AllGather(results=(), operands=(), types=(), axes=self.axes, dim=self.dim).infer((ins[0],), ctx)[0]
+            outs = tuple(Einsum(results=(), operands=(), types=(), spec=s).infer((g, w), ctx)[0]
+                         for s, w in zip(self.specs, ins[1:]))
+            return (ins[0], g), outs
+        if len(self.specs) != 1 or len(ins) != 2:
+            raise fail("collective_einsum reduce_scatter takes one spec and two operands")
+        y = Einsum(results=(), operands=(), types=(), spec=self.specs[0]).infer(ins, ctx)[0]
+        r = ReduceScatter(results=(), operands=(), types=(), axes=self.axes, dim=self.dim).infer((y,), ctx)[0]
+        return (y, r), (r,)
+
+    def infer(self, ins, ctx):
+        _check_axes("collective_einsum", self.axes, ctx.mesh)
+        return self.parts(ins, ctx)[1]

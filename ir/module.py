@@ -17,6 +17,10 @@ from ir.types import TensorType
 
 ROLES: tuple[str, ...] = ("input", "weight", "cache", "arg")
 
+#: The load-time function: checkpoint weights in, the weights the entries take out (packed for
+#: fusion, quantized to int8). The runtime calls it once when weights arrive, never per step.
+PREPARE = "prepare"
+
 
 @dataclass(frozen=True)
 class Param:
@@ -95,6 +99,18 @@ class Module:
     @property
     def entries(self) -> tuple[Function, ...]:
         return tuple(f for f in self.functions if f.entry)
+
+    @property
+    def prepare(self) -> Function | None:
+        """The load-time weight function, whose results are (in order) every entry's weight
+        params; None when the entries take checkpoint weights as they are."""
+        return next((f for f in self.functions if f.name == PREPARE), None)
+
+    def raw_weight_params(self) -> tuple[Param, ...]:
+        """The weights a checkpoint must supply: @prepare's params, else the entries'."""
+        if self.prepare is not None:
+            return self.prepare.params
+        return self.entries[0].params_with_role("weight") if self.entries else ()
 
     def with_function(self, fn: Function) -> "Module":
         return replace(self, functions=tuple(fn if f.name == fn.name else f for f in self.functions))

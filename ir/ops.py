@@ -485,3 +485,5 @@ class Scan(Op):
 
 # The collective ops register themselves in OPS as well.
 import ir.collectives  # registers the collective ops
+import ir.fusion_ops  # registers concat, split, flatten, unflatten
+import ir.quant_ops  # registers quantize, dequantize

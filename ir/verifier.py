@@ -131,3 +131,22 @@ def verify(m: Module, file: str = "<ir>") -> None:
     ctx = ModuleContext(m)
     for fn in m.functions:
         verify_function(fn, ctx, locate)
+    _check_prepare(m, locate)
+
+
+def _check_prepare(m: Module, locate: _Locator) -> None:
+    """@prepare runs at load time: weights in, and out exactly what each entry's weight params are."""
+    prep = m.prepare
+    if prep is None:
+        return
+    if prep.entry:
+        raise VerifyError("@prepare runs once at weight-load time; it cannot be an entry", locate(prep, None))
+    for p in prep.params:
+        if p.role != "weight":
+            raise VerifyError(f"@prepare takes checkpoint weights only; %{p.name} is {p.role}", locate(prep, None))
+    for e in m.entries:
+        want = tuple(p.type for p in e.params_with_role("weight"))
+        if want != prep.result_types:
+            raise VerifyError(
+                f"@prepare returns ({', '.join(map(format_type, prep.result_types))}) but @{e.name} takes "
+                f"weights ({', '.join(map(format_type, want))})", locate(e, None))

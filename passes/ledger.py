@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ir.module import Module
+from ir.module import PREPARE, Module
 from ir.ops import Scan
 from ir.types import DTYPE_BYTES, TensorType
 
@@ -85,6 +85,8 @@ def ledger(module: Module) -> list[LedgerEntry]:
     reps = repeats_of(module)
     out: list[LedgerEntry] = []
     for fn in module.functions:
+        if fn.name == PREPARE:
+            continue  # load time, not per step
         types = fn.value_types
         chained = _gather_chains(fn)
         folded: dict[str, list[tuple[tuple[str, ...], str]]] = {}  # consumer -> (axes, dim) gathered before

@@ -29,7 +29,7 @@ Axes = dict[str, tuple[str, ...]]
 
 #: Dims a pending partial sum is scattered onto, in order of preference, when its consumer
 #: needs a whole sum but does not care how it is sharded.
-SCATTER_PRIORITY = "FHKGVEBDTL"
+SCATTER_PRIORITY = "PFHKGVEBDTL"
 
 
 def axes_of(t: TensorType) -> Axes:
@@ -90,6 +90,7 @@ def settle(t: TensorType, mesh: dict[str, int], forbid: str = "",
 #: Roles that flow through ops: an updated cache is still the cache.
 RESULT_ROLES: dict[str, Callable[["Propagation", list[str]], str]] = {
     "cache_update": lambda p, ops: "cache",
+    "dequantize": lambda p, ops: "weight",  # an int8 weight, dequantized, is still the weight
 }
 
 
@@ -311,7 +312,59 @@ def _scan(p: Propagation, op) -> list[str]:
     return out
 
 
+def _flatten(p: Propagation, op) -> list[str]:
+    x = op.operands[0]
+    t = p.types[x]
+    ax = axes_of(t)
+    for c in op.dims[1:]:
+        ax[c] = ()
+    return [p.to(x, retype(t, ax, t.partial), f"flatten {op.dims}: only the major dim may stay sharded")]
+
+
+def _unflatten(p: Propagation, op) -> list[str]:
+    x = op.operands[0]
+    t = p.types[x]
+    if op.sizes[0] % math.prod(p.mesh[a] for a in t.dim(op.dim).axes):
+        ax = axes_of(t)
+        ax[op.dim] = ()
+        x = p.to(x, retype(t, ax, t.partial), f"unflatten {op.dim}: {op.into[0]} does not divide over its axes")
+    return [x]
+
+
+def _concat(p: Propagation, op) -> list[str]:
+    """Every operand takes the layout of the largest one (the packed dim included), so the big
+    FFN activation stays put and the small attention output moves to it."""
+    vs = list(op.operands)
+    if len({p.types[v].partial for v in vs}) > 1:
+        vs = [p.whole(v, "concat: operands must be the same kind of partial sum") for v in vs]
+    ts = [p.types[v] for v in vs]
+    i = max(range(len(ts)), key=lambda k: (math.prod(ts[k].shape), -k))
+    anchor = axes_of(ts[i])
+    packed = anchor[op.dims[i]]
+    if op.groups % math.prod(p.mesh[a] for a in packed):
+        packed = ()
+    out = []
+    for v, t, c in zip(vs, ts, op.dims):
+        ax = {d: (packed if d == c else anchor.get(d, ())) for d in t.names}
+        out.append(p.to(v, retype(t, ax, t.partial), f"concat into {op.into}: operands packed alike"))
+    return out
+
+
+def _split(p: Propagation, op) -> list[str]:
+    k = len(op.sizes)
+    return [p.whole(op.operands[0], f"split {op.dim} into {k} segments: one collective for {k} fused projections")]
+
+
+def _dequantize(p: Propagation, op) -> list[str]:
+    q, s = op.operands
+    tq, ts = p.types[q], p.types[s]
+    ax = {d.name: (tq.dim(d.name).axes if d.name != "S" else ()) for d in ts.dims}
+    return [q, p.to(s, retype(ts, ax), "dequantize: scales sliced like the weight")]
+
+
 RULES: dict[str, Callable[[Propagation, Op], list[str]]] = {
+    "flatten": _flatten, "unflatten": _unflatten, "concat": _concat, "split": _split,
+    "quantize": _linear, "dequantize": _dequantize,
     "einsum": _einsum, "binary": _binary, "unary": lambda p, op: (
         _linear(p, op) if op.fn == "neg" else _nonlinear(p, op)),
     "scale": _linear, "cast": _linear, "norm": _norm, "softmax": _softmax, "rope": _rope,
@@ -415,9 +468,21 @@ class Shard(Pass):
                                   for t in f.value_types.values() if t.has("K"))
         fns: dict[str, Function] = {}
         total = 0
+        prepared: list[TensorType] | None = None
+        prep = module.prepare
+        if prep is not None:  # load time: checkpoint weights in their layout, packed/quantized alike
+            p_params = [Param(q.name, param_type(layout, q.name, q.role, q.type, kv_ok), q.role) for q in prep.params]
+            new_prep, n = propagate(layout, ctx, prep, p_params, {q.name: q.role for q in prep.params}, {},
+                                    [None] * len(prep.returns))
+            fns[prep.name] = new_prep
+            prepared = list(new_prep.result_types)
+            total += n
         for entry in module.entries:
             roles = {q.name: q.role for q in entry.params}
-            params = [Param(q.name, param_type(layout, q.name, q.role, q.type, kv_ok), q.role) for q in entry.params]
+            w_types = iter(prepared or ())
+            params = [Param(q.name, next(w_types) if prepared is not None and q.role == "weight" else
+                            param_type(layout, q.name, q.role, q.type, kv_ok), q.role) for q in entry.params]
+            e_types = {q.name: q.type for q in params}
             scans = [op for op in entry.ops if isinstance(op, Scan)]
             body_sigs = {}
             for sc in scans:
@@ -430,6 +495,8 @@ class Shard(Pass):
                         t = rest_type(layout, bp.type)
                     elif i < nc + nk:
                         t = bp.type  # constants (positions) stay replicated
+                    elif role == "weight" and prepared is not None:
+                        t = e_types[v].drop("N")  # what @prepare hands the entry, one layer of it
                     else:
                         t = param_type(layout, bp.name, role, bp.type, kv_ok)
                     b_params.append(Param(bp.name, t, bp.role))

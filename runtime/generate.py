@@ -59,12 +59,23 @@ def zero_caches(module: Module, entry: str) -> dict[str, np.ndarray]:
     return {p.name: np.zeros(p.type.shape, np.float32) for p in fn.params_with_role("cache")}
 
 
-def generate(ex: Executor, weights: Mapping[str, Any], tokens: np.ndarray, prompt_len: int) -> Generation:
-    """Prefills ``tokens[:, :prompt_len]`` and decodes the rest one token per step."""
+def prepared_weights(ex: Executor, weights: Mapping[str, Any]) -> dict[str, Any]:
+    """Checkpoint weights -> the entries' weight arguments: fitted to the params (padded heads),
+    then, when the module has a load-time ``@prepare`` (packing, int8), run through it once."""
     from runtime.weights import fit_to_params
 
     m = ex.module
-    weights = fit_to_params(weights, m.function("prefill").params_with_role("weight"))
+    raw = fit_to_params(weights, m.raw_weight_params())
+    if m.prepare is None:
+        return raw
+    outs = ex.call(m.prepare.name, raw)
+    return dict(zip((p.name for p in m.entries[0].params_with_role("weight")), outs))
+
+
+def generate(ex: Executor, weights: Mapping[str, Any], tokens: np.ndarray, prompt_len: int) -> Generation:
+    """Prefills ``tokens[:, :prompt_len]`` and decodes the rest one token per step."""
+    m = ex.module
+    weights = prepared_weights(ex, weights)
     B, total = tokens.shape
     caches: dict[str, Any] = zero_caches(m, "prefill")
     cache_names = [p.name for p in m.function("prefill").params_with_role("cache")]

@@ -293,3 +293,6 @@ def _local_slice(op, xs, ts, be, interp):
     size = x.shape[ax] // n
     start = be.axis_index(op.axes) * size
     return (be.dynamic_slice(x, ax, start, size),)
+
+
+import runtime.kernels_rewrites  # registers the rules of the rewrite passes' ops

@@ -88,6 +88,20 @@ class JaxBackend:
     def dynamic_slice(self, x, axis, start, size):
         return lax.dynamic_slice_in_dim(x, start, size, axis)
 
+    def dynamic_update_slice(self, x, y, axis, start):
+        return lax.dynamic_update_slice_in_dim(x, y, start, axis)
+
+    def pmax(self, x, axes):
+        return lax.pmax(x, tuple(axes))
+
+    def ppermute(self, x, axes, shift):
+        n = self.group_size(axes)
+        return lax.ppermute(x, tuple(axes), perm=[(i, (i + shift) % n) for i in range(n)])
+
+    def fori_loop(self, lo, hi, body, init):
+        # a real loop in the HLO (not unrolled): the collective-permutes sit in a while body
+        return lax.fori_loop(lo, hi, body, init) if hi > lo else init
+
 
 def partition_spec(t: TensorType) -> PartitionSpec:
     """The PartitionSpec of a (non-partial) type: one entry per dim, major axes first."""
@@ -162,7 +176,8 @@ class JaxExecutor:
 
     def __init__(self, module: Module):
         self.module = module
-        self.entries = {f.name: lower_entry(module, f.name) for f in module.entries}
+        fns = [*module.entries, *([module.prepare] if module.prepare is not None else [])]
+        self.entries = {f.name: lower_entry(module, f.name) for f in fns}
 
     def prepare(self, entry: str, args: Mapping[str, Any]) -> dict[str, Any]:
         """Host arrays to device arrays, laid out as the entry's params say (so no resharding

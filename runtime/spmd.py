@@ -100,10 +100,13 @@ class SpmdBackend(NumpyBackend):
         parts = [np.split(v, self.group_size(axes), axis=split)[me] for v in self._members(x, axes)]
         return np.concatenate(parts, axis=concat)
 
-    def dynamic_slice(self, x, axis, start, size):
-        idx = [slice(None)] * x.ndim
-        idx[axis] = slice(start, start + size)
-        return x[tuple(idx)]
+    def pmax(self, x, axes):
+        return np.maximum.reduce(self._members(x, axes))
+
+    def ppermute(self, x, axes, shift):
+        """Every device sends to the one ``shift`` places after it in the group's ring."""
+        members = self._members(x, axes)
+        return members[(self.axis_index(axes) - shift) % len(members)]
 
 
 def local_block(x: np.ndarray, t: TensorType, mesh: Mesh, dev: int) -> np.ndarray:
