@@ -1,4 +1,4 @@
-"""The ``einshard`` command line: compile, run, spec-from-hf, passes.
+"""The ``einshard`` command line: compile, run, explain, spec-from-hf, passes.
 
 Documented errors (EinshardError) print as ``file:line:col: kind: message`` with a caret and
 exit 1; anything else is an internal bug and exits 2 with its traceback.
@@ -30,6 +30,8 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", metavar="FORMAT|DIR",
                    help="weight format f32|bf16|int8; for `run`, a checkpoint directory is also accepted")
     g.add_argument("--overlap", help="none|looped|bidirectional")
+    g.add_argument("--hardware", metavar="CHIP|FILE",
+                   help="chip for the cost model (tpu-v4, tpu-v5e, tpu-v5p, a100-80g, h100, h200, cpu) or a chip .toml")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any spec field, e.g. model.layers=2 (repeatable)")
 
@@ -78,6 +80,16 @@ def make_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("spec-from-hf", help="write a spec for a Hugging Face checkpoint dir")
     h.add_argument("dir", type=Path)
 
+    x = sub.add_parser("explain", help="price every candidate layout with the cost model (table, JSON, plot)")
+    x.add_argument("input", help="model spec file")
+    _add_overrides(x)
+    x.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    x.add_argument("--kv-fraction", type=float, default=0.5,
+                   help="share of HBM reserved for the KV cache when computing the longest context (default 0.5)")
+    x.add_argument("--pareto", type=Path, metavar="FILE",
+                   help="draw latency vs cost per token over batch sizes and weight formats (matplotlib)")
+    x.add_argument("--batches", help="batch sizes for --pareto, e.g. 1,4,16,64,256,1024")
+
     sub.add_parser("passes", help="list the registered passes and their options")
     return ap
 
@@ -106,8 +118,34 @@ def _spec_with_overrides(args: argparse.Namespace):
     loaded = load_input(args.input)
     if not hasattr(loaded, "model"):
         return loaded
+    hw = getattr(args, "hardware", None)
+    sets = [*args.sets, f"serve.hardware={hw}"] if hw is not None and not _is_chip_file(hw) else args.sets
     return apply_overrides(loaded, mesh=args.mesh, phase=args.phase, batch=args.batch, seq=args.seq,
-                           ffn=args.ffn, attn=args.attn, weights=fmt, overlap=args.overlap, sets=args.sets)
+                           ffn=args.ffn, attn=args.attn, weights=fmt, overlap=args.overlap, sets=sets)
+
+
+def _is_chip_file(hw: str) -> bool:
+    return hw.endswith(".toml") or Path(hw).is_file()
+
+
+def _chip(args: argparse.Namespace, spec):
+    from compiler.cost.hardware import get_chip
+
+    hw = getattr(args, "hardware", None)
+    return get_chip(hw if hw is not None and _is_chip_file(hw) else spec.serve.hardware)
+
+
+def _resolve_auto(args: argparse.Namespace, spec):
+    """ffn/attn = auto: the cost model's choice; its report goes with --pass-stats."""
+    if not hasattr(spec, "model") or (spec.serve.ffn != "auto" and spec.serve.attn != "auto") \
+            or spec.mesh.n_devices == 1:
+        return spec
+    from compiler.cost.autolayout import resolve_auto
+
+    resolved, choice = resolve_auto(spec, _chip(args, spec))
+    if args.pass_stats and choice is not None:
+        print("\n".join(choice.report()), file=sys.stderr)
+    return resolved
 
 
 def _instrumentation(args: argparse.Namespace):
@@ -136,7 +174,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.driver import build_for, compile_config, compile_module, default_pipeline
     from ir.printer import print_module
 
-    spec_or_module = _spec_with_overrides(args)
+    spec_or_module = _resolve_auto(args, _spec_with_overrides(args))
     if hasattr(spec_or_module, "model"):
         module = build_for(spec_or_module, compile_config(spec_or_module))
         pipeline = args.passes if args.passes is not None else default_pipeline(spec_or_module)
@@ -158,6 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec_with_overrides(args)
     if not hasattr(spec, "model"):
         raise SpecError(f"einshard run needs a model spec, not IR: {args.input}")
+    spec = _resolve_auto(args, spec)
     _ensure_devices(args.devices or spec.mesh.n_devices)
     opts = RunOptions(steps=args.steps, prompt_len=args.prompt_len, seed=args.seed, check=args.check,
                       tolerance=args.tolerance, weights_dir=_split_weights_flag(args)[1], pipeline=args.passes,
@@ -177,6 +216,43 @@ def cmd_spec_from_hf(args: argparse.Namespace) -> int:
 
     sys.stdout.write(format_spec(spec_from_hf(args.dir)))
     return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from compiler.cost.explain import explain, format_explain, to_json
+
+    spec = _spec_with_overrides(args)
+    if not hasattr(spec, "model"):
+        raise SpecError(f"einshard explain needs a model spec, not IR: {args.input}")
+    if not 0 < args.kv_fraction <= 1:
+        raise SpecError(f"--kv-fraction must be in (0, 1], got {args.kv_fraction}")
+    chip = _chip(args, spec)
+    phases = (spec.serve.phase,) if args.phase else ("prefill", "decode")
+    if args.pareto:
+        from compiler.cost.pareto import DEFAULT_BATCHES, plot, sweep
+
+        batches = DEFAULT_BATCHES if not args.batches else tuple(_positive_ints(args.batches, "--batches"))
+        points, skipped = sweep(spec, chip, phases, batches)
+        plot(points, args.pareto, f"{spec.model.name} on {spec.mesh.n_devices} x {chip.name}")
+        for line in skipped:
+            print(f"pareto: skipped {line}", file=sys.stderr)
+        print(f"pareto: {len(points)} points written to {args.pareto}", file=sys.stderr)
+    reports = explain(spec, chip, phases, args.kv_fraction)
+    if args.json:
+        print(json.dumps(to_json(spec, chip, reports), indent=2))
+    else:
+        sys.stdout.write(format_explain(spec, chip, reports))
+    return EXIT_OK
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        out = []
+    if not out or any(n < 1 for n in out):
+        raise SpecError(f"{flag} must be positive integers separated by commas, got {text!r}")
+    return out
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -200,7 +276,8 @@ def _ensure_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "spec-from-hf": cmd_spec_from_hf, "passes": cmd_passes}
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "spec-from-hf": cmd_spec_from_hf, "explain": cmd_explain,
+            "passes": cmd_passes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -62,10 +62,7 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
 
 def check_supported(spec: Spec) -> None:
     """Serve settings that parse but whose passes are not in this build fail loudly here."""
-    s = spec.serve
-    if s.ffn == "auto" or s.attn == "auto":
-        raise SpecError("ffn = auto / attn = auto need the cost model, which this build does not have yet",
-                        hint="choose a layout: --ffn 1d-ws|2d-ws|wg-x|wg-xy|wg-xyz and --attn heads|batch")
+    s = spec.serve  # ffn/attn = auto are resolved by the cost model in default_pipeline
     if s.weights == "int8":
         raise SpecError("weights = int8 needs the quantize-int8 pass, which this build does not have yet",
                         hint="use --weights f32 or bf16")
@@ -84,6 +81,10 @@ def default_pipeline(spec: Spec | None) -> str:
     if spec is None or spec.mesh.n_devices == 1:
         return "cleanup"
     check_supported(spec)
+    if spec.serve.ffn == "auto" or spec.serve.attn == "auto":
+        from compiler.cost.autolayout import resolve_auto
+
+        spec = resolve_auto(spec)[0]  # the cost model's choice (see compiler/cost/autolayout.py)
     n = spec.mesh.n_devices
     parts = []
     if spec.model.attention != "grouped" and spec.model.heads % n:

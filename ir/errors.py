@@ -114,3 +114,9 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     if close:
         return f"did you mean '{close[0]}'? valid choices: {listed}"
     return f"valid choices: {listed}"
+
+
+class CostError(EinshardError):
+    """The cost model cannot price a configuration: no layout fits in memory, unknown hardware."""
+
+    kind = "cost error"

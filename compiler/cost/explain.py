@@ -1,0 +1,149 @@
+"""``einshard explain``: every candidate layout priced, per phase, as a table or JSON.
+
+For each phase (the one given by --phase, else prefill and decode) every FFN x attention
+layout is compiled and priced (compiler/cost/autolayout.py); the table shows the time
+components of a step (sums over ops: matmul compute, weight load, KV load, activation traffic,
+exposed communication), the combined step time (see compiler/cost/model.py for the rule), MFU,
+cost, memory per chip and whether it fits. ``*`` marks the layout ``auto`` chooses (the fastest
+that fits), ``s`` the spec's own layout when it names one and it differs. ``max context`` is the
+longest KV cache that fits in ``kv_fraction`` of HBM for the chosen layout (the cache grows
+linearly with its length T, which no layout shards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from compiler.cost.autolayout import Candidate, Choice, evaluate
+from compiler.cost.hardware import Chip, GiB
+from compiler.cost.model import Components, Estimate
+from compiler.spec import Spec
+from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    phase: str
+    spec: Spec
+    choice: Choice
+    kv_fraction: float
+
+    def max_context(self, c: Candidate | None) -> int | None:
+        if c is None or c.estimate is None:
+            return None
+        e = c.estimate
+        per_position = e.memory.kv / self.spec.serve.seq
+        if per_position <= 0:
+            return None
+        return int(self.kv_fraction * e.hbm_bytes // per_position)
+
+
+def explain(spec: Spec, chip: Chip, phases: tuple[str, ...], kv_fraction: float = 0.5) -> list[PhaseReport]:
+    out = []
+    for ph in phases:
+        s = replace(spec, serve=replace(spec.serve, phase=ph))
+        out.append(PhaseReport(ph, s, evaluate(s, chip, FFN_LAYOUTS, ATTN_LAYOUTS), kv_fraction))
+    return out
+
+
+def _spec_layout(spec: Spec) -> tuple[str, str]:
+    return spec.serve.ffn, spec.serve.attn
+
+
+def _components(c: Components) -> dict:
+    return {"compute_s": c.compute, "weight_load_s": c.weights, "kv_load_s": c.kv, "activation_s": c.activations,
+            "comm_s": c.comm, "comm_exposed_s": c.comm_exposed, "overhead_s": c.overhead, "time_s": c.time,
+            "flops": c.flops}
+
+
+def candidate_json(r: PhaseReport, c: Candidate) -> dict:
+    d: dict = {"phase": r.phase, "ffn": c.ffn, "attn": c.attn, "weights": r.spec.serve.weights,
+               "legal": c.legal, "chosen": c is r.choice.chosen,
+               "spec_layout": (c.ffn, c.attn) == _spec_layout(r.spec)}
+    if not c.legal:
+        d["illegal"] = c.illegal
+        return d
+    e: Estimate = c.estimate
+    d.update(step_time_s=e.step_time_s, layer_time_s=e.per_layer.time, mfu=e.mfu,
+             cost_chip_ms_per_token=e.cost_chip_ms_per_token, memory_per_chip_bytes=e.memory.total,
+             memory={"weights": e.memory.weights, "kv_cache": e.memory.kv, "activations": e.memory.activations,
+                     "activations_at": e.memory.activations_at},
+             fits=e.fits, per_step=_components(e.per_step), per_layer=_components(e.per_layer),
+             max_context=r.max_context(c))
+    return d
+
+
+def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
+    first = next((c.estimate for r in reports for c in r.choice.candidates if c.estimate), None)
+    by_phase = {r.phase: r.max_context(r.choice.chosen) for r in reports}
+    main = by_phase.get("decode", next(iter(by_phase.values()), None))
+    return {
+        "model": spec.model.name,
+        "hardware": {"name": chip.name, "flops_bf16": chip.peak("bf16"), "hbm_bytes": chip.hbm_bytes,
+                     "hbm_bw": chip.hbm_bw, "ici_bw": chip.ici_bw, "source": chip.source},
+        "mesh": dict(spec.mesh.axes),
+        "n_devices": spec.mesh.n_devices,
+        "n_params": first.n_params if first else None,
+        "layers": first.layers if first else None,
+        "batch": spec.serve.batch,
+        "seq": spec.serve.seq,
+        "kv_fraction": reports[0].kv_fraction if reports else None,
+        "chosen": {r.phase: ({"ffn": r.choice.chosen.ffn, "attn": r.choice.chosen.attn} if r.choice.chosen else None)
+                   for r in reports},
+        "max_context": main,
+        "max_context_by_phase": by_phase,
+        "candidates": [candidate_json(r, c) for r in reports for c in r.choice.candidates],
+    }
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3f}" if s < 10 else f"{s * 1e3:.0f}"
+
+
+def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
+    s = spec.serve
+    mesh = ",".join(f"{a}={n}" for a, n in spec.mesh.axes) or "1"
+    est = next((c.estimate for r in reports for c in r.choice.candidates if c.estimate), None)
+    lines = [f"model      {spec.model.name}: {spec.model.layers} layers, {est.n_params / 1e9:.2f}B parameters "
+             f"(nominal: MFU counts 2 x this per token), weights {s.weights}" if est else spec.model.name,
+             f"hardware   {spec.mesh.n_devices} x {chip.describe()}",
+             f"mesh       {mesh}",
+             "rule       per op max(compute, HBM traffic); collectives exposed (looped ones overlap their einsum); "
+             "components are sums over ops"]
+    for r in reports:
+        ss = r.spec.serve
+        tokens = ss.batch * (ss.seq if r.phase == "prefill" else 1)
+        what = f"prompt {ss.seq}" if r.phase == "prefill" else f"context {ss.seq}"
+        lines += ["", f"{r.phase}: batch {ss.batch}, {what} ({tokens} tokens per step); times in ms per step"]
+        head = (f"  {'':1} {'ffn':7}{'attn':6}{'compute':>10}{'weights':>10}{'kv':>9}{'acts':>9}{'comm':>9}"
+                f"{'step':>11}{'MFU':>7}{'chip-ms/tok':>12}{'GiB/chip':>9}  fits")
+        lines += [head, "  " + "-" * (len(head) - 2)]
+        for c in r.choice.candidates:
+            mark = "*" if c is r.choice.chosen else ("s" if (c.ffn, c.attn) == _spec_layout(r.spec) else " ")
+            if not c.legal:
+                lines.append(f"  {mark} {c.ffn:7}{c.attn:6} illegal: {c.illegal}")
+                continue
+            e = c.estimate
+            p = e.per_step
+            lines.append(f"  {mark} {c.ffn:7}{c.attn:6}{_ms(p.compute):>10}{_ms(p.weights):>10}{_ms(p.kv):>9}"
+                         f"{_ms(p.activations):>9}{_ms(p.comm_exposed):>9}{_ms(e.step_time_s):>11}"
+                         f"{100 * e.mfu:6.1f}%{e.cost_chip_ms_per_token:12.4g}{e.memory.total / GiB:9.2f}  "
+                         f"{'yes' if e.fits else 'no'}")
+        ch = r.choice.chosen
+        if ch is None:
+            lines.append("  no layout fits in HBM")
+            continue
+        e = ch.estimate
+        lay = e.per_layer
+        lines.append(f"  chosen {ch.ffn}/{ch.attn}: per layer {_ms(lay.time)} ms (compute {_ms(lay.compute)}, "
+                     f"weights {_ms(lay.weights)}, kv {_ms(lay.kv)}, comm exposed {_ms(lay.comm_exposed)}); "
+                     f"memory per chip {e.memory.weights / GiB:.2f} GiB weights + {e.memory.kv / GiB:.2f} KV + "
+                     f"{e.memory.activations / GiB:.2f} activations of {e.hbm_bytes / GiB:g}")
+        mc = r.max_context(ch)
+        if mc is not None:
+            lines.append(f"  max context at batch {ss.batch} with {100 * r.kv_fraction:g}% of HBM for the KV cache: "
+                         f"{mc} tokens")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["PhaseReport", "explain", "format_explain", "to_json", "FFN_LAYOUTS", "ATTN_LAYOUTS"]

@@ -1,0 +1,165 @@
+"""Chips the cost model knows: peak matmul FLOP/s, HBM capacity and bandwidth, interconnect.
+
+Bandwidth convention (used everywhere in the cost model, stated once here):
+
+* **Interconnect.** ``ici_bw`` is the paper's single "network bandwidth" constant: the sum, over
+  the chip's links, of the bandwidth in *one* direction. On TPU v4 that is 6 links x 45 GB/s =
+  270 GB/s, the figure the paper quotes (reference/partitioning.md §2). Every collective moves
+  the bytes the collective ledger charges it (the paper's accounting, §4.3: an all-gather its
+  per-device output, a reduce-scatter its per-device input, an all-reduce twice its input, an
+  all-to-all its input; the (K-1)/K factor dropped) at ``ici_bw``, whatever mesh axes it spans.
+  This is the convention under which the paper derived its layouts (X = 0.5 sqrt(n) for 2D
+  weight-stationary, 2D beats 1D past 16 chips, §5.2); the scaling-book's per-axis convention
+  (k axes give k x W_ici) would move those optima (§5.3).
+* **Latency.** A collective takes at least ``hops x hop_latency_s``: on a torus, hops =
+  sum over its axes of floor(size / 2) (a bidirectional ring per axis, scaling-book §12.3); on a
+  switch (NVLink) or in shared memory (simulated CPU devices), one hop.
+* **HBM.** ``hbm_bw`` is the chip's memory bandwidth; ``hbm_bytes`` its capacity.
+* **Compute.** ``flops`` maps the einsum's arithmetic dtype to the chip's dense peak. int8
+  weights are dequantized to bf16 before their einsums (the paper's §4.4), so they run at the
+  bf16 peak; a dtype missing from the table runs at the bf16 peak.
+
+Sources are given per chip. Users add a chip with a small TOML file (``--hardware FILE``)::
+
+    name = "my-chip"
+    source = "vendor datasheet"
+    flops_bf16 = 4.0e14      # FLOP/s; flops_f32, flops_int8 optional
+    hbm_bytes = 34359738368
+    hbm_bw = 1.6e12          # bytes/s
+    ici_bw = 3.0e11          # bytes/s, one direction, summed over links
+    hop_latency_s = 1e-6     # optional
+    topology = "torus"       # torus | switch | shared-memory
+
+``cpu`` is measured on the spot by ``runtime/probe.py`` (JAX, imported only then) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+from ir.errors import CostError, did_you_mean
+
+GiB = 1 << 30
+TOPOLOGIES = ("torus", "switch", "shared-memory")
+
+
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    flops: Mapping[str, float] | tuple  # dense peak FLOP/s by arithmetic dtype (bf16 required); stored as pairs
+    hbm_bytes: int
+    hbm_bw: float  # bytes/s
+    ici_bw: float  # bytes/s, one direction, summed over the chip's links (the paper's constant)
+    hop_latency_s: float = 0.0
+    topology: str = "torus"
+    source: str = ""
+    #: Fixed cost of launching one op (s); measured for ``cpu``, 0 for accelerators (lower bound).
+    op_overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flops", tuple(sorted(dict(self.flops).items())))  # hashable
+        if "bf16" not in dict(self.flops):
+            raise CostError(f"chip {self.name!r}: flops needs a bf16 entry")
+        for what, v in (("hbm_bytes", self.hbm_bytes), ("hbm_bw", self.hbm_bw), ("ici_bw", self.ici_bw),
+                        *((f"flops_{k}", v) for k, v in self.flops)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise CostError(f"chip {self.name!r}: {what} must be a positive number, got {v!r}")
+        if self.topology not in TOPOLOGIES:
+            raise CostError(f"chip {self.name!r}: unknown topology {self.topology!r}",
+                            hint=did_you_mean(self.topology, TOPOLOGIES))
+
+    def peak(self, dtype: str) -> float:
+        table = dict(self.flops)
+        return table.get(dtype, table["bf16"])
+
+    def hops(self, axes: tuple[str, ...], mesh: Mapping[str, int]) -> int:
+        if self.topology != "torus":
+            return 1
+        return max(1, sum(mesh[a] // 2 for a in axes))
+
+    def collective_seconds(self, nbytes: float, axes: tuple[str, ...], mesh: Mapping[str, int]) -> float:
+        """Time of one collective that the ledger charges ``nbytes`` per device."""
+        if nbytes <= 0:
+            return 0.0
+        return max(nbytes / self.ici_bw, self.hops(axes, mesh) * self.hop_latency_s)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.peak('bf16') / 1e12:g} TFLOP/s bf16, HBM {self.hbm_bytes / GiB:g} GiB at "
+                f"{self.hbm_bw / 1e9:g} GB/s, interconnect {self.ici_bw / 1e9:g} GB/s ({self.topology})")
+
+
+_SB = "scaling-book tpus.md"
+CHIPS: dict[str, Chip] = {
+    "tpu-v4": Chip("tpu-v4", {"bf16": 275e12, "int8": 275e12}, 32 * GiB, 1.2e12, 270e9, 1e-6, "torus",
+                   "Pope et al. §4 (reference/partitioning.md §2): 275 TFLOP/s, 32 GiB, 1.2 TB/s, 270 GB/s "
+                   "(6 links x 45 GB/s); int8 = bf16 and ~1 us per hop from the scaling-book"),
+    "tpu-v5e": Chip("tpu-v5e", {"bf16": 1.97e14, "int8": 3.94e14}, 16 * GiB, 8.1e11, 4 * 4.5e10, 1e-6, "torus",
+                    f"{_SB}: 1.97e14 bf16, 3.94e14 int8, 16 GB, 8.1e11 B/s, 2D torus of 4 links x 4.5e10 B/s"),
+    "tpu-v5p": Chip("tpu-v5p", {"bf16": 4.59e14, "int8": 9.18e14}, 95 * GiB, 2.76e12, 6 * 9e10, 1e-6, "torus",
+                    f"{_SB}: 4.59e14 bf16, 9.18e14 int8, 95 GB, 2.76e12 B/s, 3D torus of 6 links x 9e10 B/s"),
+    "a100-80g": Chip("a100-80g", {"bf16": 312e12, "f32": 19.5e12, "int8": 624e12}, 80 * GiB, 2.039e12, 300e9,
+                     3e-6, "switch",
+                     "NVIDIA A100 datasheet (SXM 80GB): 312 TFLOP/s bf16 dense, 2039 GB/s, NVLink3 600 GB/s "
+                     "bidirectional (300 one way)"),
+    "h100": Chip("h100", {"bf16": 989e12, "f32": 67e12, "int8": 1979e12}, 80 * GiB, 3.35e12, 450e9, 3e-6, "switch",
+                 "NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s, NVLink4 900 GB/s bidirectional"),
+    "h200": Chip("h200", {"bf16": 989e12, "f32": 67e12, "int8": 1979e12}, 141 * 10**9, 4.8e12, 450e9, 3e-6,
+                 "switch",
+                 "NVIDIA H200 SXM datasheet: 989 TFLOP/s bf16 dense, 141 GB at 4.8 TB/s, NVLink4 900 GB/s"),
+}
+CHIP_NAMES = (*CHIPS, "cpu")
+
+
+def chip_from_mapping(d: Mapping, where: str) -> Chip:
+    known = {"name", "source", "flops_bf16", "flops_f32", "flops_int8", "hbm_bytes", "hbm_bw", "ici_bw",
+             "hop_latency_s", "topology", "op_overhead_s"}
+    for k in d:
+        if k not in known:
+            raise CostError(f"{where}: unknown chip field {k!r}", hint=did_you_mean(k, sorted(known)))
+    missing = [k for k in ("name", "flops_bf16", "hbm_bytes", "hbm_bw", "ici_bw") if k not in d]
+    if missing:
+        raise CostError(f"{where}: chip file lacks {', '.join(missing)}")
+    flops = {k[6:]: float(d[k]) for k in ("flops_bf16", "flops_f32", "flops_int8") if k in d}
+    try:
+        return Chip(str(d["name"]), flops, int(d["hbm_bytes"]), float(d["hbm_bw"]), float(d["ici_bw"]),
+                    float(d.get("hop_latency_s", 0.0)), str(d.get("topology", "torus")),
+                    str(d.get("source", where)), float(d.get("op_overhead_s", 0.0)))
+    except (TypeError, ValueError) as e:
+        raise CostError(f"{where}: {e}") from None
+
+
+def load_chip_file(path: str | Path) -> Chip:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CostError(f"cannot read chip file {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CostError(f"chip file {p} is not valid TOML: {e}") from None
+    return chip_from_mapping(data, str(p))
+
+
+def get_chip(name_or_file: str, cache_dir: Path | None = None) -> Chip:
+    """A chip by table name, ``cpu`` (measured and cached), or a TOML chip file."""
+    if name_or_file in CHIPS:
+        return CHIPS[name_or_file]
+    if name_or_file == "cpu":
+        from runtime.probe import measure_cpu  # JAX lives in runtime/ only
+
+        return chip_from_mapping(measure_cpu(cache_dir), "cpu probe")
+    p = Path(name_or_file)
+    if p.suffix == ".toml" or p.is_file():
+        return load_chip_file(p)
+    raise CostError(f"unknown hardware {name_or_file!r}",
+                    hint=did_you_mean(name_or_file, CHIP_NAMES) + ", or a chip file (.toml)")
+
+
+def with_hbm(chip: Chip, hbm_bytes: int) -> Chip:
+    return replace(chip, hbm_bytes=hbm_bytes)
+
+
+__all__ = ["CHIPS", "CHIP_NAMES", "Chip", "GiB", "chip_from_mapping", "get_chip", "load_chip_file", "with_hbm"]

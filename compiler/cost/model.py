@@ -1,0 +1,457 @@
+"""Prices a compiled module on a chip: per op, per layer, per step; memory per chip.
+
+Everything is read off the compiled IR and its collective ledger, so whatever the passes did
+(padded heads, fused weights, int8 params, gathered weights, looped collectives) is priced:
+
+* **FLOPs** of an einsum are 2 x the product of the local sizes of all its dims (1 x for a
+  single-operand einsum); other ops have no matmul FLOPs (they are memory-bound).
+* **HBM bytes** of an op are the local bytes of the operands it reads and the results it
+  writes, each classed by where it comes from: ``weight`` (weight params and what is gathered,
+  sliced or dequantized from them), ``kv`` (the KV cache; ``cache_update`` writes only the new
+  positions, in place) or ``act`` (activations). ``dequantize`` and ``local_slice`` are fused
+  into their consumers (who read the int8 weights / the slice), and ``embed`` reads only the
+  rows it gathers. int8 weights are i8 params, so they cost 1 byte per element.
+* **Communication** comes from the ledger (passes/ledger.py): each entry's bytes per device,
+  axes and participants, at the chip's interconnect bandwidth (hardware.py states the
+  convention).
+
+Combination rule, per op: ``t = max(flops / peak, hbm_bytes / hbm_bw) + op_overhead`` (its
+roofline); a collective is exposed, ``t = comm``, never overlapped with other ops; a looped
+collective einsum (the ledger marks it looped) overlaps its K-step transfer with its einsum,
+``t = max(E, C) + min(E, C) / K`` (the first and last steps cannot overlap), and only ``t - E``
+counts as exposed communication. A function's time is the sum over its ops; a step is the sum
+over the functions an entry runs, layer bodies counted once per layer (``repeats_of``); a
+``prepare`` function (load time) is not part of a step. The components reported beside the
+time are the plain sums of each term over the ops, so ``max(compute, memory) + comm_exposed <=
+time <= compute + memory + comm_exposed + overhead``.
+
+Op kinds are priced through ``OP_RULES`` (add a row for a new kind); an unknown kind is priced
+as elementwise memory traffic of its operands and results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
+
+from compiler.cost.hardware import Chip
+from ir.module import Function, Module
+from ir.ops import Op, parse_einsum
+from ir.types import TensorType
+from passes.ledger import LedgerEntry, ledger, repeats_of
+
+CLASSES = ("weight", "kv", "act")
+#: Ops whose result is the same data as operand 0 (moved, sliced, converted): it keeps its class.
+PASS_THROUGH = frozenset({"all_gather", "reduce_scatter", "all_reduce", "all_to_all", "ppermute", "local_slice",
+                          "reshard", "cast", "dequantize", "concat", "split", "flatten", "unflatten",
+                          "cache_update"})
+#: Ops fused into their consumers: no HBM traffic of their own; consumers read their sources.
+FUSED = frozenset({"dequantize", "local_slice"})
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one op does locally: matmul FLOPs, bytes read by class, bytes written."""
+
+    flops: float = 0.0
+    reads: Mapping[str, float] = field(default_factory=dict)
+    writes: float = 0.0
+    dtype: str = "bf16"
+
+
+@dataclass
+class View:
+    """An op in its function, for the rules: types, local sizes, what reading an operand costs."""
+
+    op: Op
+    fn: Function
+    mesh: Mapping[str, int]
+    read_bytes: Mapping[str, float]
+    classes: Mapping[str, str]
+
+    @property
+    def ins(self) -> list[TensorType]:
+        t = self.fn.value_types
+        return [t[o] for o in self.op.operands]
+
+    def local(self, t: TensorType) -> dict[str, int]:
+        return {d.name: s for d, s in zip(t.dims, t.local_shape(self.mesh))}
+
+    def reads(self, operands=None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for o in self.op.operands if operands is None else operands:
+            c = self.classes.get(o, "act")
+            out[c] = out.get(c, 0.0) + self.read_bytes[o]
+        return out
+
+    def writes(self) -> float:
+        return float(sum(t.local_nbytes(self.mesh) for t in self.op.types))
+
+
+def einsum_flops(spec: str, sizes: Mapping[str, int]) -> float:
+    terms, out = parse_einsum(spec)
+    letters = set("".join(terms)) | set(out)
+    n = math.prod(sizes[c] for c in letters)
+    return float(2 * n if len(terms) > 1 else n)
+
+
+def _elementwise(v: View) -> Cost:
+    return Cost(0.0, v.reads(), v.writes())
+
+
+def _free(v: View) -> Cost:
+    return Cost()
+
+
+def _einsum(v: View) -> Cost:
+    sizes: dict[str, int] = {}
+    for t in (*v.ins, *v.op.types):
+        sizes.update(v.local(t))
+    return Cost(einsum_flops(v.op.spec, sizes), v.reads(), v.writes(), v.op.type.dtype)
+
+
+def _collective_einsum(v: View) -> Cost:
+    """Looped all-gather + einsum or einsum + reduce-scatter: the FLOPs of its einsums, with each
+    dim at the largest local size it has in any operand or result (the gathered / unscattered
+    size the loop computes on)."""
+    sizes: dict[str, int] = {}
+    for t in (*v.ins, *v.op.types):
+        for k, s in v.local(t).items():
+            sizes[k] = max(s, sizes.get(k, 0))
+    specs = getattr(v.op, "specs", None) or (getattr(v.op, "spec", None),)
+    flops = 0.0
+    for s in specs:
+        if s:
+            flops += einsum_flops(s, sizes)
+    return Cost(flops, v.reads(), v.writes(), v.op.type.dtype)
+
+
+def _embed(v: View) -> Cost:
+    table, tokens = v.op.operands
+    rows = float(v.op.type.local_nbytes(v.mesh))  # only the gathered rows are read
+    return Cost(0.0, {v.classes.get(table, "weight"): rows, "act": v.read_bytes[tokens]}, v.writes())
+
+
+def _cache_update(v: View) -> Cost:
+    _, new, pos = v.op.operands  # in place: reads the new values, writes them into the cache
+    return Cost(0.0, v.reads([new, pos]), float(v.fn.value_types[new].local_nbytes(v.mesh)))
+
+
+def _collective(v: View) -> Cost:
+    return Cost()  # priced from the ledger as communication
+
+
+OP_RULES: dict[str, Callable[[View], Cost]] = {
+    "einsum": _einsum,
+    "collective_einsum": _collective_einsum,
+    "embed": _embed,
+    "cache_update": _cache_update,
+    "scan": _free,  # its body is priced once per layer
+    "dequantize": _free,  # fused: the consuming einsum reads the int8 weights and scales
+    "local_slice": _free,  # fused: the consumer reads the slice
+    "quantize": _elementwise,  # only in @prepare, which runs at load time
+    "concat": _elementwise, "split": _elementwise, "flatten": _elementwise, "unflatten": _elementwise,
+    "unary": _elementwise, "binary": _elementwise, "scale": _elementwise, "cast": _elementwise,
+    "norm": _elementwise, "softmax": _elementwise, "rope": _elementwise, "causal_mask": _elementwise,
+    "reshard": _elementwise,
+}
+for _k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "ppermute"):
+    OP_RULES[_k] = _collective
+
+
+@dataclass(frozen=True)
+class OpPrice:
+    function: str
+    value: str
+    kind: str
+    flops: float
+    bytes: Mapping[str, float]  # HBM bytes read + written, by class
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    exposed_comm_s: float
+    time_s: float
+    looped: bool = False
+
+
+@dataclass(frozen=True)
+class Components:
+    """Seconds spent per term (sums over ops) and the combined time (see the module docstring)."""
+
+    compute: float = 0.0
+    weights: float = 0.0
+    kv: float = 0.0
+    activations: float = 0.0
+    comm: float = 0.0
+    comm_exposed: float = 0.0
+    overhead: float = 0.0
+    time: float = 0.0
+    flops: float = 0.0
+
+    def __add__(self, o: "Components") -> "Components":
+        return Components(*(a + b for a, b in zip(astuple(self), astuple(o))))
+
+    def __mul__(self, k: float) -> "Components":
+        return Components(*(a * k for a in astuple(self)))
+
+    @property
+    def memory(self) -> float:
+        return self.weights + self.kv + self.activations
+
+
+def astuple(c: Components) -> tuple[float, ...]:
+    return tuple(asdict(c).values())
+
+
+@dataclass(frozen=True)
+class Memory:
+    weights: int
+    kv: int
+    activations: int
+    activations_at: str = ""  # the op with the largest working set
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.activations
+
+
+@dataclass(frozen=True)
+class Estimate:
+    chip: str
+    n_devices: int
+    tokens: int  # new tokens per step (B x L)
+    layers: int
+    n_params: int  # nominal, for MFU
+    per_layer: Components
+    per_step: Components
+    memory: Memory
+    hbm_bytes: int
+    peak_flops: float
+    ops: tuple[OpPrice, ...]
+
+    @property
+    def step_time_s(self) -> float:
+        return self.per_step.time
+
+    @property
+    def mfu(self) -> float:
+        """The paper's MFU (§4.1): 2 n_params FLOPs per token at peak, over the step time."""
+        ideal = 2.0 * self.n_params * self.tokens / (self.n_devices * self.peak_flops)
+        return ideal / self.step_time_s if self.step_time_s > 0 else 0.0
+
+    @property
+    def cost_chip_ms_per_token(self) -> float:
+        return 1e3 * self.n_devices * self.step_time_s / self.tokens
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.hbm_bytes
+
+
+# ---- classes and read bytes -----------------------------------------------------------------
+
+
+def param_classes(module: Module) -> dict[str, dict[str, str]]:
+    """function -> value -> class, for params, following scans from entries to their bodies."""
+    out: dict[str, dict[str, str]] = {}
+    role_class = {"weight": "weight", "cache": "kv"}
+    todo = [f for f in module.entries]
+    for f in module.entries:
+        out[f.name] = {p.name: role_class.get(p.role, "act") for p in f.params}
+    seen = set()
+    while todo:
+        f = todo.pop()
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        cls = value_classes(f, out[f.name], module)
+        for op in f.ops:
+            body = getattr(op, "body", None)
+            if op.kind == "scan" and body is not None and module.has_function(body.name):
+                bf = module.function(body.name)
+                out.setdefault(bf.name, {})
+                for p, o in zip(bf.params, op.operands):
+                    out[bf.name][p.name] = cls.get(o, "act")
+                todo.append(bf)
+    return out
+
+
+def value_classes(fn: Function, params: Mapping[str, str], module: Module | None = None) -> dict[str, str]:
+    cls = dict(params)
+    for op in fn.ops:
+        if op.kind in PASS_THROUGH and op.operands:
+            c = cls.get(op.operands[0], "act")
+            for r in op.results:
+                cls[r] = c
+        elif op.kind == "scan" and module is not None and module.has_function(op.body.name):
+            body = module.function(op.body.name)
+            bcls = value_classes(body, {p.name: cls.get(o, "act") for p, o in zip(body.params, op.operands)})
+            for r, ret in zip(op.results, body.returns):
+                cls[r] = bcls.get(ret, "act")
+        else:
+            for r in op.results:
+                cls[r] = "act"
+    return cls
+
+
+def read_bytes_of(fn: Function, mesh: Mapping[str, int]) -> dict[str, float]:
+    """What reading each value from HBM costs: its local bytes, or for a fused op's result,
+    what reading that op's data operand costs (int8 weights + scales for dequantize)."""
+    types = fn.value_types
+    out = {p.name: float(p.type.local_nbytes(mesh)) for p in fn.params}
+    for op in fn.ops:
+        for r, t in zip(op.results, op.types):
+            out[r] = float(t.local_nbytes(mesh))
+        if op.kind == "dequantize":
+            out[op.result] = sum(out[o] for o in op.operands)
+    del types
+    return out
+
+
+# ---- pricing --------------------------------------------------------------------------------
+
+
+def _looped(e: LedgerEntry) -> bool:
+    return bool(getattr(e, "looped", False)) or e.kind == "collective_einsum"
+
+
+def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[str, str],
+                   entries: list[LedgerEntry]) -> tuple[Components, list[OpPrice]]:
+    mesh = module.mesh_sizes
+    cls = value_classes(fn, classes, module)
+    rb = read_bytes_of(fn, mesh)
+    comm: dict[str, list[LedgerEntry]] = {}
+    for e in entries:
+        comm.setdefault(e.value, []).append(e)
+    total = Components()
+    prices = []
+    for op in fn.ops:
+        rule = OP_RULES.get(op.kind, _elementwise)
+        try:
+            c = rule(View(op, fn, mesh, rb, cls))
+        except (KeyError, AttributeError, TypeError, ValueError):
+            c = _elementwise(View(op, fn, mesh, rb, cls))  # an op the rule cannot read: price its traffic
+        reads = dict(c.reads)  # HBM traffic by class: what it reads, plus what it writes
+        wc = cls.get(op.result, "act")
+        reads[wc] = reads.get(wc, 0.0) + c.writes
+        compute = c.flops / chip.peak(c.dtype)
+        memory = sum(reads.values()) / chip.hbm_bw
+        es = comm.get(op.result, [])
+        comm_s = sum(chip.collective_seconds(e.bytes_per_device, e.axes, mesh) for e in es)
+        looped = any(_looped(e) for e in es)
+        work = max(compute, memory)
+        overhead = chip.op_overhead_s if (c.flops or sum(reads.values()) or comm_s) else 0.0
+        if looped:
+            k = max(max(e.participants for e in es), 1)
+            t = max(work, comm_s) + min(work, comm_s) / k
+            exposed = max(0.0, t - work)
+        else:
+            t = work + comm_s
+            exposed = comm_s
+        t += overhead
+        prices.append(OpPrice(fn.name, op.result, op.kind, c.flops, reads, compute, memory, comm_s, exposed, t,
+                              looped))
+        total = total + Components(compute, reads.get("weight", 0.0) / chip.hbm_bw, reads.get("kv", 0.0) / chip.hbm_bw,
+                                   reads.get("act", 0.0) / chip.hbm_bw, comm_s, exposed, overhead, t, c.flops)
+    return total, prices
+
+
+def working_set_bytes(fn: Function, mesh: Mapping[str, int], cls: Mapping[str, str]) -> tuple[int, str]:
+    """The largest working set of any one op of ``fn``: its activation operands and results,
+    gathered weight copies included. The KV cache (updated in place), weight params and their
+    fused slices / dequantized views are counted elsewhere or not at all. Any schedule needs at
+    least this much, so like the times it is a lower bound."""
+    types = fn.value_types
+    params = {p.name for p in fn.params}
+    producer = {r: op.kind for op in fn.ops for r in op.results}
+
+    def counted(v: str) -> bool:
+        c = cls.get(v, "act")
+        if c == "kv":
+            return False
+        if c == "weight":
+            return v not in params and producer.get(v) not in FUSED
+        return True
+
+    peak, where = 0, ""
+    for op in fn.ops:
+        if op.kind == "scan" or op.kind in FUSED:
+            continue
+        vals = {v for v in (*op.operands, *op.results) if counted(v)}
+        n = sum(types[v].local_nbytes(mesh) for v in vals)
+        if n > peak:
+            peak, where = n, f"@{fn.name} {op.kind} %{op.result}"
+    return peak, where
+
+
+def memory_per_chip(module: Module) -> Memory:
+    mesh = module.mesh_sizes
+    weights, kv = 0, 0
+    for f in module.entries:
+        weights = max(weights, sum(p.type.local_nbytes(mesh) for p in f.params_with_role("weight")))
+        kv = max(kv, sum(p.type.local_nbytes(mesh) for p in f.params_with_role("cache")))
+    classes = param_classes(module)
+    reps = repeats_of(module)
+    act, where = 0, ""
+    for f in module.functions:
+        if f.name in reps:
+            n, w = working_set_bytes(f, mesh, value_classes(f, classes.get(f.name, {}), module))
+            if n > act:
+                act, where = n, w
+    return Memory(weights, kv, act, where)
+
+
+def nominal_params(module: Module) -> int:
+    """Parameter count of an (unpadded) module: the elements of its entries' weight params."""
+    seen: dict[str, int] = {}
+    for f in module.entries:
+        for p in f.params_with_role("weight"):
+            seen[p.name] = math.prod(p.type.shape)
+    return sum(seen.values())
+
+
+def tokens_per_step(module: Module) -> int:
+    f = module.entries[0]
+    for p in f.params:
+        if p.name == "tokens":
+            return math.prod(p.type.shape)
+    return 1
+
+
+def _bodies(module: Module, fn: Function) -> list[str]:
+    """Functions ``fn`` applies through scans, transitively."""
+    out: list[str] = []
+    for op in fn.ops:
+        body = getattr(op, "body", None)
+        if op.kind == "scan" and body is not None and module.has_function(body.name) and body.name not in out:
+            out.append(body.name)
+            out += [b for b in _bodies(module, module.function(body.name)) if b not in out]
+    return out
+
+
+def price(module: Module, chip: Chip, n_params: int | None = None) -> Estimate:
+    """Prices one step of ``module``'s entry (the first entry when there are several)."""
+    reps = repeats_of(module)
+    classes = param_classes(module)
+    book = ledger(module)
+    entry = module.entries[0]
+    run = [entry.name] + [b for b in _bodies(module, entry) if b in reps]
+    step, layer, ops = Components(), Components(), []
+    layers = 1
+    dtypes: Counter[str] = Counter()
+    for name in run:
+        f = module.function(name)
+        comps, prices = price_function(module, f, chip, classes.get(name, {}), [e for e in book if e.function == name])
+        ops += prices
+        step = step + comps * reps[name]
+        if not f.entry:
+            layer, layers = comps, reps[name]
+        for op in f.ops:
+            if op.kind in ("einsum", "collective_einsum"):
+                dtypes[op.type.dtype] += 1
+    dtype = dtypes.most_common(1)[0][0] if dtypes else "bf16"
+    params = n_params if n_params is not None else nominal_params(module)
+    return Estimate(chip.name, module.n_devices, tokens_per_step(module), layers, params, layer, step,
+                    memory_per_chip(module), chip.hbm_bytes, chip.peak(dtype), tuple(ops))

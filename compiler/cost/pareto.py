@@ -1,0 +1,102 @@
+"""``einshard explain --pareto FILE``: latency per token against cost per token, as the paper's
+Figure 1 draws it, over batch sizes and weight formats, the Pareto frontier marked.
+
+For each phase, batch size and weight format that compiles, the layout ``auto`` would choose
+(the fastest that fits) gives one point: x = cost (chip-ms per token), y = latency (decode: the
+step time, i.e. per generated token; prefill: the time to process the prompt). A point is on the
+frontier when no other point of its phase is at least as cheap and as fast and better in one.
+matplotlib is imported only here, only when a plot is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from compiler.cost.autolayout import evaluate
+from compiler.cost.hardware import Chip
+from compiler.spec import Spec
+from ir.errors import EinshardError
+
+DEFAULT_BATCHES = (1, 4, 16, 64, 256, 1024)
+
+
+@dataclass(frozen=True)
+class Point:
+    phase: str
+    batch: int
+    weights: str
+    ffn: str
+    attn: str
+    latency_s: float
+    cost_chip_ms_per_token: float
+    mfu: float
+
+
+def sweep(spec: Spec, chip: Chip, phases: tuple[str, ...], batches: tuple[int, ...] = DEFAULT_BATCHES,
+          formats: tuple[str, ...] = ("bf16", "int8")) -> tuple[list[Point], list[str]]:
+    """Points of every (phase, batch, format) that compiles and fits; and why the others are missing."""
+    points, skipped = [], []
+    for ph in phases:
+        for w in formats:
+            for b in batches:
+                s = replace(spec, serve=replace(spec.serve, phase=ph, batch=b, weights=w, ffn="auto", attn="auto"))
+                try:
+                    ch = evaluate(s, chip).chosen
+                except EinshardError as e:  # e.g. a weight format this build refuses
+                    skipped.append(f"{ph} {w} batch {b}: {e.message}")
+                    continue
+                if ch is None:
+                    skipped.append(f"{ph} {w} batch {b}: no layout fits")
+                    continue
+                e = ch.estimate
+                points.append(Point(ph, b, w, ch.ffn, ch.attn, e.step_time_s, e.cost_chip_ms_per_token, e.mfu))
+    return points, skipped
+
+
+def frontier(points: list[Point]) -> list[Point]:
+    """The Pareto-optimal points (lower cost and lower latency are better), by increasing cost."""
+    out = []
+    for p in points:
+        dominated = any(q is not p and q.cost_chip_ms_per_token <= p.cost_chip_ms_per_token
+                        and q.latency_s <= p.latency_s
+                        and (q.cost_chip_ms_per_token < p.cost_chip_ms_per_token or q.latency_s < p.latency_s)
+                        for q in points)
+        if not dominated:
+            out.append(p)
+    return sorted(out, key=lambda p: (p.cost_chip_ms_per_token, p.latency_s))
+
+
+def plot(points: list[Point], path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [ph for ph in ("prefill", "decode") if any(p.phase == ph for p in points)]
+    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(6 * max(1, len(phases)), 4.5), squeeze=False)
+    for ax, ph in zip(axes[0], phases):
+        pts = [p for p in points if p.phase == ph]
+        for w, marker in (("bf16", "o"), ("int8", "s"), ("f32", "^")):
+            sel = [p for p in pts if p.weights == w]
+            if not sel:
+                continue
+            ax.scatter([p.cost_chip_ms_per_token for p in sel], [p.latency_s * 1e3 for p in sel], marker=marker,
+                       label=f"{w} weights", alpha=0.8)
+            for p in sel:
+                ax.annotate(f"B={p.batch}\n{p.ffn}/{p.attn}", (p.cost_chip_ms_per_token, p.latency_s * 1e3),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        fr = frontier(pts)
+        ax.plot([p.cost_chip_ms_per_token for p in fr], [p.latency_s * 1e3 for p in fr], "k--", lw=1,
+                label="Pareto frontier")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("cost (chip-ms per token)")
+        ax.set_ylabel("latency per generated token (ms)" if ph == "decode" else "prefill time (ms)")
+        ax.set_title(f"{ph}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""Measures the host CPU for the cost model's ``cpu`` chip: matmul FLOP/s, memory bandwidth,
+per-op launch overhead. Cached as JSON so that later compiles do not measure again.
+
+The cache lives at ``$XDG_CACHE_HOME/einshard/cpu-probe.json`` (``~/.cache`` when unset, the
+platform convention) unless a directory is given. Measurements use JAX on one CPU device, the
+same backend ``einshard run`` uses: an f32 matmul of 1024^3 (median of several runs), a copy of
+a 64 MiB array (bytes read + written per second), and the time of a jitted chain of 64 tiny
+matmuls divided by 64 (XLA's per-kernel overhead). The simulated devices of a CPU mesh share
+this memory, so the interconnect bandwidth is the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+PROBE_VERSION = 2
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "einshard"
+
+
+def _median_time(fn, *args, repeats: int = 7) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _measure() -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices("cpu")[0]
+    n = 1024
+    with jax.default_device(cpu):
+        a = jnp.ones((n, n), jnp.float32)
+        b = jnp.ones((n, n), jnp.float32)
+        mm = jax.jit(lambda x, y: x @ y)
+        flops_f32 = 2 * n**3 / _median_time(mm, a, b)
+        ab = a.astype(jnp.bfloat16)
+        flops_bf16 = 2 * n**3 / _median_time(mm, ab, ab)
+        big = jnp.ones((16 << 20,), jnp.float32)  # 64 MiB
+        copy = jax.jit(lambda x: x * 1.0001)
+        bw = 2 * big.nbytes / _median_time(copy, big)
+        small = jnp.ones((8, 8), jnp.float32)
+
+        def chain(x):
+            for _ in range(64):
+                x = jnp.tanh(x @ x)  # dots do not fuse with each other: 64 kernels
+            return x
+
+        empty = jax.jit(lambda x: x + 1.0)
+        overhead = max(0.0, _median_time(jax.jit(chain), small, repeats=21)
+                       - _median_time(empty, small, repeats=21)) / 64
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 8 << 30
+    return {"name": "cpu", "flops_f32": flops_f32, "flops_bf16": flops_bf16, "hbm_bw": bw, "ici_bw": bw,
+            "hbm_bytes": int(total), "hop_latency_s": 0.0, "topology": "shared-memory",
+            "op_overhead_s": overhead,
+            "source": f"measured on {platform.machine()} ({os.cpu_count()} cores) by runtime/probe.py, "
+                      f"jax {jax.__version__}"}
+
+
+def measure_cpu(cache_dir: Path | None = None, refresh: bool = False) -> dict:
+    """The cpu chip's fields (see compiler/cost/hardware.py), from the cache or measured now."""
+    d = cache_dir or default_cache_dir()
+    path = d / "cpu-probe.json"
+    if not refresh and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("version", None) == PROBE_VERSION:
+                return data
+        except (OSError, ValueError):
+            pass
+    data = _measure()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**data, "version": PROBE_VERSION}, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement
+    return data
