@@ -107,6 +107,8 @@ class Propagation:
     ops: list[Op] = field(default_factory=list)
     reshards: int = 0
     memo: dict[tuple[str, TensorType], str] = field(default_factory=dict)
+    #: Values produced by a dequantize, so that reshards of them move the int8 operands instead.
+    dequantized: dict[str, Op] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         taken = {p.name for p in self.fn.params} | {r for op in self.fn.ops for r in op.results}
@@ -126,6 +128,19 @@ class Propagation:
         key = (v, target)
         if key in self.memo:
             return self.memo[key]
+        if v in self.dequantized and not target.partial:
+            # move the int8 weight and its scales, not the dequantized floats: a quarter (or half)
+            # of the bytes; the dequantize is re-emitted after the move
+            op = self.dequantized[v]
+            q, s = op.operands
+            q2 = self.to(q, target.with_dtype("i8"), reason)
+            ts = self.types[s]
+            s2 = self.to(s, retype(ts, {d.name: (target.dim(d.name).axes if d.name != "S" else ())
+                                        for d in ts.dims}), reason)
+            name = self.namer.fresh(v)
+            self.emit(op.with_(results=(name,), operands=(q2, s2), types=()), [q2, s2])
+            self.memo[key] = name
+            return name
         name = self.namer.fresh(v)
         self.ops.append(Reshard(results=(name,), operands=(v,), types=(target,), reason=reason))
         self.types[name] = target
@@ -154,6 +169,8 @@ class Propagation:
             raise PassError(f"shard: cannot type {op.kind} {op.results} after resharding: {e}") from None
         new = op.with_(operands=tuple(operands), types=types)
         self.ops.append(new)
+        if new.kind == "dequantize":
+            self.dequantized[new.result] = new
         for r, t in zip(new.results, types):
             self.types[r] = t
             self.roles[r] = RESULT_ROLES.get(op.kind, lambda p, o: "act")(self, operands)
@@ -176,12 +193,13 @@ def _einsum(p: Propagation, op) -> list[str]:
         why = f"einsum {op.spec}: operand must match the KV cache layout"
     elif "weight" in (ra, rb):
         w, act = (a, b) if ra == "weight" else (b, a)
+        wname = p.dequantized[w].operands[0] if w in p.dequantized else w  # name the int8 weight
         if p.layout.weights_move:
             anchor = {d: ax for d, ax in axes_of(p.types[act]).items() if d not in contracted}
-            why = f"einsum {op.spec}: weight-gathered, weight {w} gathered to the activation's batch layout"
+            why = f"einsum {op.spec}: weight-gathered, weight {wname} gathered to the activation's batch layout"
         else:
             anchor = axes_of(p.types[w])
-            why = f"einsum {op.spec}: weight-stationary, activation must match weight {w}"
+            why = f"einsum {op.spec}: weight-stationary, activation must match weight {wname}"
     else:
         anchor = axes_of(ta)
         why = f"einsum {op.spec}: operands must agree"

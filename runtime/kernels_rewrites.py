@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ir.types import TensorType
 from runtime.kernels import align, rule
 
@@ -87,10 +89,9 @@ def _split(op, xs, ts, be, interp):
 
 def _segment_index(be, op, t: TensorType):
     """For a segmented scale: the segment of every local row of the packed dim."""
-    xp = be.xp
     g = _groups(be, op.groups, t, op.reduce)
-    per_group = xp.repeat(xp.arange(len(op.segments)), [s // op.groups for s in op.segments])
-    return xp.tile(per_group, g)
+    per_group = np.repeat(np.arange(len(op.segments)), [s // op.groups for s in op.segments])
+    return be.xp.asarray(np.tile(per_group, g))  # static: the layout fixes it
 
 
 def _expand_scale(be, op, scale, s_names: str, t: TensorType):

@@ -1,0 +1,254 @@
+"""``quantize-int8``: weight-only int8 with per-output-channel scales (reference §9).
+
+Every weight that only feeds matmuls (einsums), directly or through the collectives that move
+it, is quantized once at load time in ``@prepare`` and stored as int8 plus f32 scales; the
+entries and layer bodies take the int8 weight and its scales and dequantize right before each
+einsum, so the matmul itself runs in the weight's float type (never an int8-output matmul).
+Scales reduce over the dims the einsum contracts, so they have the weight's output dims and,
+when the pass runs after ``shard``, the weight's sharding of them. A packed contraction dim (the
+fused output projection) gets a scale per segment. Collectives that moved the float weight now
+move the int8 weight and, where the scale has the dim, the scale: communication shrinks too.
+
+Weights used by anything but einsums (the embedding table when the output head is tied to it,
+norm scales, biases) stay in float; the notes list them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ir.builder import Namer
+from ir.collectives import Reshard
+from ir.errors import PassError
+from ir.module import PREPARE, Function, Module, ModuleContext, Param
+from ir.ops import Einsum, Op, Scan
+from ir.quant_ops import Dequantize, Quantize
+from ir.types import TensorType
+from passes.base import Pass, PassResult
+from passes.registry import register
+
+#: Ops that only move a weight; they are replayed on the int8 weight (and on its scales).
+MOVES = frozenset({"all_gather", "local_slice", "reshard"})
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    reduce: str
+    segments: tuple[int, ...] = ()
+    groups: int = 1
+
+
+def _uses(fn: Function) -> dict[str, list[Op]]:
+    out: dict[str, list[Op]] = {}
+    for op in fn.ops:
+        for o in op.operands:
+            out.setdefault(o, []).append(op)
+    return out
+
+
+def _einsum_reduce(op: Op, v: str, t: TensorType) -> str:
+    (terms, out) = op.terms
+    return "".join(c for c in t.names if c not in out)
+
+
+def _analyze(fn: Function, root: str, uses: dict[str, list[Op]]) -> tuple[set[str] | None, str]:
+    """The contracted-dim sets of the einsums that ``root`` reaches through moves, or (None, why)."""
+    types = fn.value_types
+    reduces: set[str] = set()
+    stack = [root]
+    while stack:
+        v = stack.pop()
+        if v in fn.returns:
+            return None, f"returned by @{fn.name}"
+        for op in uses.get(v, []):
+            if op.kind in MOVES:
+                stack.append(op.result)
+            elif isinstance(op, Einsum):
+                reduces.add(_einsum_reduce(op, v, types[v]))
+            elif isinstance(op, Scan):
+                continue  # the body is analysed on its own
+            else:
+                return None, f"used by {op.kind} in @{fn.name}"
+    return reduces, ""
+
+
+def _identity_prepare(m: Module) -> Function:
+    ws = m.entries[0].params_with_role("weight")
+    return Function(PREPARE, ws, (), tuple(p.name for p in ws), tuple(p.type for p in ws))
+
+
+class _Rewriter:
+    """Rebuilds one function with some weight params split into (int8, scale)."""
+
+    def __init__(self, fn: Function, ctx: ModuleContext):
+        self.fn, self.ctx = fn, ctx
+        self.types: dict[str, TensorType] = {}
+        self.namer = Namer({p.name for p in fn.params} | {r for op in fn.ops for r in op.results})
+        self.ops: list[Op] = []
+
+    def emit(self, op: Op, hint: str | None = None) -> str:
+        ts = op.infer(tuple(self.types[o] for o in op.operands), self.ctx)
+        names = op.results if op.results else (self.namer.fresh(hint or "v"),)
+        self.ops.append(op.with_(results=names, types=ts))
+        self.types.update(zip(names, ts))
+        return names[0]
+
+    def run(self, params: list[Param], quant: dict[str, tuple[str, QuantSpec]]) -> Function:
+        """``quant``: weight param -> (its scale param, spec); ``params`` is the new param list."""
+        self.types = {p.name: p.type for p in params}
+        self.namer.taken |= set(self.types)
+        sv = {w: s for w, (s, _) in quant.items()}
+        spec_of = {w: spec for w, (_, spec) in quant.items()}
+        for op in self.fn.ops:
+            if isinstance(op, Scan):  # each int8 weight travels with its scales
+                ins = tuple(x for o in op.operands for x in ((o, sv[o]) if o in sv else (o,)))
+                self.emit(op.with_(operands=ins, types=()))
+                continue
+            if not any(o in sv for o in op.operands):
+                self.emit(op.with_(types=()))
+                continue
+            if op.kind in MOVES:  # move the int8 weight, and its scales where they have the dim
+                (u,) = op.operands
+                st = self.types[sv[u]]
+                if isinstance(op, Reshard):
+                    q_new = self.emit(op.with_(types=(op.type.with_dtype("i8"),)))
+                    tgt = TensorType(st.dtype, tuple(d if d.name == "S" else op.type.dim(d.name) for d in st.dims))
+                    s_new = sv[u] if tgt == st else self.emit(
+                        Reshard(results=(), operands=(sv[u],), types=(tgt,), reason=op.reason), sv[u])
+                else:
+                    q_new = self.emit(op.with_(types=()))
+                    s_new = self.emit(op.with_(results=(), operands=(sv[u],), types=()), sv[u]) \
+                        if st.has(op.dim) else sv[u]
+                sv[q_new], spec_of[q_new] = s_new, spec_of[u]
+                continue
+            ops = list(op.operands)  # an einsum: dequantize each int8 operand right before it
+            for i, o in enumerate(ops):
+                if o in sv:
+                    sp = spec_of[o]
+                    ops[i] = self.emit(Dequantize(results=(), operands=(o, sv[o]), types=(), reduce=sp.reduce,
+                                                  segments=sp.segments, groups=sp.groups,
+                                                  dtype=self.fn.value_types[o].dtype), f"{o}_deq")
+            self.emit(op.with_(operands=tuple(ops), types=()))
+        rets = self.fn.returns
+        return Function(self.fn.name, tuple(params), tuple(self.ops), rets, tuple(self.types[r] for r in rets),
+                        self.fn.entry)
+
+
+@register
+@dataclass(frozen=True)
+class QuantizeInt8(Pass):
+    """Quantizes the matmul weights to int8 with per-output-channel f32 scales."""
+
+    name = "quantize-int8"
+    summary = "int8 weights + per-channel scales, quantized at load time, dequantized before each einsum"
+
+    def run(self, module: Module) -> PassResult:
+        if any(op.kind == "collective_einsum" for f in module.functions for op in f.ops):
+            raise PassError("quantize-int8: run it before collective-einsum")
+        if not module.entries:
+            return PassResult(module, {"weights quantized": 0})
+        if any(p.type.dtype == "i8" for p in module.entries[0].params_with_role("weight")):
+            raise PassError("quantize-int8: the weights are already int8")
+        prep = module.prepare or _identity_prepare(module)
+        weights = [p.name for p in module.entries[0].params_with_role("weight")]
+        # which weights only feed einsums, and over which contracted dims
+        reduce_of: dict[str, set[str]] = {w: set() for w in weights}
+        why: dict[str, str] = {}
+        for e in module.entries:
+            uses = _uses(e)
+            for w in weights:
+                r, reason = _analyze(e, w, uses)
+                if r is None:
+                    why.setdefault(w, reason)
+                else:
+                    reduce_of[w] |= r
+            for sc in [op for op in e.ops if isinstance(op, Scan)]:
+                body = module.function(sc.body.name)
+                b_uses = _uses(body)
+                for bp, v in zip(body.params, sc.operands):
+                    if v in reduce_of:
+                        r, reason = _analyze(body, bp.name, b_uses)
+                        if r is None:
+                            why.setdefault(v, reason)
+                        else:
+                            reduce_of[v] |= r
+        chosen: dict[str, QuantSpec] = {}
+        p_types = prep.value_types
+        producers = {r: op for op in prep.ops for r in op.results}
+        for w, ret in zip(weights, prep.returns):
+            t = p_types[ret]
+            if w in why:
+                continue
+            if len(reduce_of[w]) != 1:
+                why[w] = "no einsum uses it" if not reduce_of[w] else f"contracted differently: {sorted(reduce_of[w])}"
+                continue
+            (red,) = reduce_of[w]
+            if not red or t.rank - (1 if t.has("N") else 0) < 2:
+                why[w] = "not a matrix"
+                continue
+            pack = producers.get(ret)
+            if pack is not None and pack.kind == "concat" and red == pack.into:
+                sizes = tuple(p_types[o].size(c) for o, c in zip(pack.operands, pack.dims))
+                chosen[w] = QuantSpec(red, sizes, pack.groups)
+            else:
+                chosen[w] = QuantSpec(red)
+        if not chosen:
+            return PassResult(module, {"weights quantized": 0}, tuple(f"kept {w}: {r}" for w, r in why.items()))
+        ctx = ModuleContext(module)
+        # @prepare: quantize each chosen result; scales follow their weight
+        pr = _Rewriter(prep, ctx)
+        pr.types = {p.name: p.type for p in prep.params}
+        for op in prep.ops:
+            pr.emit(op.with_(types=()))
+        rets: list[str] = []
+        scale_name = {w: f"{w}_scale" for w in chosen}
+        for w, ret in zip(weights, prep.returns):
+            if w not in chosen:
+                rets.append(ret)
+                continue
+            sp = chosen[w]
+            q = Quantize(results=(), operands=(ret,), types=(), reduce=sp.reduce, segments=sp.segments,
+                         groups=sp.groups)
+            ts = q.infer((pr.types[ret],), ctx)
+            qn, sn = pr.namer.fresh(f"{w}_int8"), scale_name[w]
+            pr.ops.append(q.with_(results=(qn, sn), types=ts))
+            pr.types.update({qn: ts[0], sn: ts[1]})
+            rets += [qn, sn]
+        new_prep = Function(PREPARE, prep.params, tuple(pr.ops), tuple(rets), tuple(pr.types[r] for r in rets))
+        out_fns = {PREPARE: new_prep}
+        scale_t = {w: pr.types[scale_name[w]] for w in chosen}
+        for e in module.entries:
+            for sc in [op for op in e.ops if isinstance(op, Scan)]:
+                body = module.function(sc.body.name)
+                b_params, b_quant = [], {}
+                for bp, v in zip(body.params, sc.operands):
+                    if v in chosen:  # stacked along N in the entry, one layer in the body
+                        sname = f"{bp.name}_scale"
+                        b_params += [Param(bp.name, bp.type.with_dtype("i8"), bp.role),
+                                     Param(sname, scale_t[v].drop("N"), bp.role)]
+                        b_quant[bp.name] = (sname, chosen[v])
+                    else:
+                        b_params.append(bp)
+                out_fns[body.name] = _Rewriter(body, ctx).run(b_params, b_quant)
+            params: list[Param] = []
+            for p in e.params:
+                if p.name in chosen:
+                    params += [Param(p.name, p.type.with_dtype("i8"), "weight"),
+                               Param(scale_name[p.name], scale_t[p.name], "weight")]
+                else:
+                    params.append(p)
+            ctx2 = ModuleContext(module.with_functions([*out_fns.values(), *[f for f in module.functions
+                                                                              if f.name not in out_fns]]))
+            out_fns[e.name] = _Rewriter(e, ctx2).run(params, {w: (scale_name[w], chosen[w]) for w in chosen})
+        fns = [out_fns.get(f.name, f) for f in module.functions]
+        if module.prepare is None:
+            fns = [new_prep, *fns]
+        out = module.with_functions(fns)
+        before = sum(p.type.local_nbytes(module.mesh_sizes) for p in module.entries[0].params_with_role("weight"))
+        after = sum(p.type.local_nbytes(out.mesh_sizes) for p in out.entries[0].params_with_role("weight"))
+        stats = {"weights quantized": len(chosen), "weights kept in float": len(why),
+                 "weight bytes per device before": before, "weight bytes per device after": after}
+        notes = tuple(f"int8 {w}: scales over {sp.reduce}" + (f", one per segment {list(sp.segments)}"
+                                                              if sp.segments else "") for w, sp in chosen.items())
+        notes += tuple(f"kept {w} in float: {r}" for w, r in why.items())
+        return PassResult(out, stats, notes)
