@@ -1,0 +1,90 @@
+"""``einshard explain``: golden text output for one configuration, the JSON fields scripts rely
+on, --pareto, and ``compile --ffn auto --attn auto --pass-stats``.
+
+Regenerate the golden file after an intended change with
+``.venv/bin/einshard explain examples/palm-540b.model --hardware tpu-v4 --mesh x=4,y=4,z=4 --phase decode --batch 64 > tests/golden/explain/palm-540b_decode_b64.txt``
+"""
+
+from __future__ import annotations
+
+import json
+
+from compiler.cli import main
+from conftest import EXAMPLES, GOLDEN
+
+PALM = str(EXAMPLES / "palm-540b.model")
+ARGS = [PALM, "--hardware", "tpu-v4", "--mesh", "x=4,y=4,z=4", "--phase", "decode", "--batch", "64"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_explain_golden(capsys):
+    code, out, err = run(capsys, "explain", *ARGS)
+    assert code == 0, err
+    assert out == (GOLDEN / "explain" / "palm-540b_decode_b64.txt").read_text()
+
+
+def test_explain_json_fields(capsys):
+    code, out, err = run(capsys, "explain", "examples/palm-62b.model".replace("examples/", str(EXAMPLES) + "/"),
+                         "--hardware", "tpu-v4", "--mesh", "x=2,y=4,z=4", "--phase", "prefill", "--batch", "512",
+                         "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    cands = d["candidates"]
+    assert len(cands) == 10 and {c["phase"] for c in cands} == {"prefill"}
+    legal = [c for c in cands if c["legal"]]
+    for c in legal:
+        for k in ("phase", "ffn", "attn", "weights", "step_time_s", "mfu", "cost_chip_ms_per_token",
+                  "memory_per_chip_bytes", "fits", "chosen", "max_context"):
+            assert k in c, k
+        assert c["memory_per_chip_bytes"] == sum(v for k, v in c["memory"].items() if k != "activations_at")
+    (chosen,) = [c for c in cands if c["chosen"]]
+    assert (chosen["ffn"], chosen["attn"]) == ("wg-xyz", "batch") == tuple(d["chosen"]["prefill"].values())
+    assert chosen["fits"] and chosen["step_time_s"] == min(c["step_time_s"] for c in legal if c["fits"])
+    assert isinstance(d["max_context"], int) and d["max_context"] == chosen["max_context"]
+
+
+def test_explain_max_context_scales_with_kv_fraction(capsys):
+    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "0.25")
+    quarter = json.loads(out)["max_context"]
+    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "0.5")
+    half = json.loads(out)["max_context"]
+    assert abs(half - 2 * quarter) <= 1 and half > 2048
+
+
+def test_explain_pareto(tmp_path, capsys):
+    png = tmp_path / "pareto.png"
+    code, _, err = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--pareto", str(png), "--batches", "1,64,256",
+                       "--phase", "decode")
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "points written" in err
+
+
+def test_pareto_frontier():
+    from compiler.cost.pareto import Point, frontier
+
+    pts = [Point("decode", b, "bf16", "2d-ws", "batch", lat, cost, 0.1)
+           for b, lat, cost in ((1, 1.0, 10.0), (4, 1.1, 3.0), (16, 2.0, 3.0), (64, 3.0, 1.0))]
+    assert [p.batch for p in frontier(pts)] == [64, 4, 1]
+
+
+def test_compile_auto_pass_stats(capsys):
+    code, out, err = run(capsys, "compile", PALM, "--ffn", "auto", "--attn", "auto", "--pass-stats", "--emit", "none")
+    assert code == 0, err
+    assert "auto layout on tpu-v4" in err
+    lines = err.splitlines()
+    chosen = [ln for ln in lines if ln.rstrip().endswith("chosen")]
+    assert len(chosen) == 1 and chosen[0].split()[:2] == ["2d-ws", "batch"]
+    assert "shard{ffn=2d-ws,attn=batch}" in err  # the pipeline ran the chosen layout
+
+
+def test_explain_errors(capsys):
+    code, _, err = run(capsys, "explain", *ARGS, "--kv-fraction", "1.5")
+    assert code == 1 and "--kv-fraction must be in (0, 1]" in err
+    code, _, err = run(capsys, "explain", PALM, "--hardware", "tpu-v9")
+    assert code == 1 and "invalid value 'tpu-v9' for hardware" in err
