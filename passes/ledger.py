@@ -30,6 +30,9 @@ class LedgerEntry:
     #: The mesh axes of each IR collective this entry stands for (more than one when a chain of
     #: gathers is priced as one).
     parts: tuple[tuple[str, ...], ...] = ()
+    #: "" for a plain collective; "one-way" or "bidirectional" when a collective_einsum runs it
+    #: as a ppermute ring overlapped with its einsums.
+    looped: str = ""
 
     @property
     def per_step(self) -> int:
@@ -91,7 +94,14 @@ def ledger(module: Module) -> list[LedgerEntry]:
         chained = _gather_chains(fn)
         folded: dict[str, list[tuple[tuple[str, ...], str]]] = {}  # consumer -> (axes, dim) gathered before
         for op in fn.ops:
-            if op.is_collective:
+            if op.kind == "collective_einsum":
+                (src, dst), _ = op.parts(tuple(types[o] for o in op.operands), _Ctx(mesh))
+                out.append(LedgerEntry(fn.name, op.result, op.collective, op.axes, op.dim,
+                                       math.prod(mesh[a] for a in op.axes),
+                                       collective_bytes(op.collective, src, dst, mesh), reps.get(fn.name, 1),
+                                       op.reason, (op.axes,),
+                                       "bidirectional" if op.bidirectional else "one-way"))
+            elif op.is_collective:
                 src, dst = types[op.operands[0]], op.type
                 dims = getattr(op, "dim", "") or "".join(x for x in (getattr(op, "concat_dim", ""),
                                                                        getattr(op, "split_dim", "")) if x)
@@ -115,12 +125,21 @@ def ledger(module: Module) -> list[LedgerEntry]:
     return out
 
 
+class _Ctx:
+    def __init__(self, mesh: dict[str, int]):
+        self.mesh = mesh
+
+    def function(self, name: str):
+        raise KeyError(name)
+
+
 def format_ledger(entries: list[LedgerEntry]) -> list[str]:
     if not entries:
         return ["collective ledger: no collectives"]
     lines = ["collective ledger (bytes per device, paper accounting):"]
     for e in entries:
         rep = f" x{e.repeats}" if e.repeats != 1 else ""
+        rep += f" looped {e.looped}" if e.looped else ""
         lines.append(f"  @{e.function} %{e.value}: {e.kind}{{{','.join(e.axes)}}} on {e.dims or '-'} "
                      f"[{e.participants} devices] {e.bytes_per_device} B{rep} - {e.reason}")
     total = sum(e.per_step for e in entries)
