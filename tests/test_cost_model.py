@@ -81,11 +81,16 @@ def test_one_sharded_einsum_by_hand():
 
 
 def test_collective_time_by_hand():
+    """App. A.1: ledger bytes x (K-1)/K / bandwidth; at least hops x latency where a chip has one."""
     mesh = {"x": 4, "y": 4, "z": 4}
-    assert V4.collective_seconds(2.7e9, ("x",), mesh) == pytest.approx(2.7e9 / 270e9)
+    assert V4.collective_seconds(2.7e9, ("x",), mesh) == pytest.approx(2.7e9 * 3 / 4 / 270e9)
+    assert V4.collective_seconds(2.7e9, ("x", "y", "z"), mesh) == pytest.approx(2.7e9 * 63 / 64 / 270e9)
+    slow = replace(V4, hop_latency_s=1e-6)
     # latency-bound: 2 KiB over x, y, z: hops = 2 + 2 + 2, 1 us each
-    assert V4.collective_seconds(2048, ("x", "y", "z"), mesh) == pytest.approx(6e-6)
+    assert slow.collective_seconds(2048, ("x", "y", "z"), mesh) == pytest.approx(6e-6)
+    assert V4.collective_seconds(2048, ("x", "y", "z"), mesh) == pytest.approx(2048 * 63 / 64 / 270e9)
     assert V4.collective_seconds(0, ("x",), mesh) == 0.0
+    assert V4.collective_seconds(1e6, ("x",), {"x": 1}) == 0.0  # one participant: nothing moves
     assert CHIPS["h100"].hops(("x", "y"), {"x": 4, "y": 2}) == 1  # NVSwitch: one hop
 
 
@@ -100,7 +105,7 @@ def test_exposed_all_gather_adds_to_the_einsum():
 
     e = price(_module(build), V4_NO_LATENCY)
     ops = {p.kind: p for p in e.ops}
-    assert ops["all_gather"].comm_s == pytest.approx(B * E * 2 / 270e9)  # paper: AG costs its output
+    assert ops["all_gather"].comm_s == pytest.approx(B * E * 2 * 3 / 4 / 270e9)  # AG: its output x (K-1)/K
     assert e.step_time_s == pytest.approx(ops["einsum"].time_s + ops["all_gather"].comm_s)
     assert e.per_step.comm_exposed == pytest.approx(ops["all_gather"].comm_s)
 
@@ -191,15 +196,28 @@ FIG3 = ModelSpec("fig3", layers=2, d_model=E, heads=128, kv_heads=128, d_head=12
 FFN_VALUES = ("h2", "hidden", "mlp_out", "w_in", "w_out")
 
 
-def paper_ffn_elements(ffn: str, B: int, L: int, x: int = X, yz: int = Y * Z) -> int:
-    """Per-chip FFN communication in elements: reference §5.1, §5.2 and the §5.4 table."""
+def paper_ffn_steps(ffn: str, B: int, L: int, x: int = X, yz: int = Y * Z) -> list[tuple[int, int]]:
+    """Per-chip FFN collectives as (elements, participants K): reference §5.1, §5.2 and the §5.4
+    table (an all-gather counts its output, a reduce-scatter its input)."""
+    n = x * yz
+    BLE, BLF = B * L * E, B * L * F
     return {
-        "1d-ws": 2 * B * L * E,
-        "2d-ws": 2 * B * L * (E // x + F // yz),
-        "wg-x": 2 * B * L * E // x + 2 * E * F // yz,
-        "wg-xy": 2 * B * L * E // (X * Y) + 2 * E * F // Z,
-        "wg-xyz": 2 * E * F,
+        "1d-ws": [(BLE, n), (BLE, n)],  # AG(xyz) out BLE, RS(xyz) in BLE
+        "2d-ws": [(BLE // x, yz), (BLF // yz, x), (BLF // yz, x), (BLE // x, yz)],
+        "wg-x": [(BLE // x, yz), (E * F // yz, x), (E * F // yz, x), (BLE // x, yz)],
+        "wg-xy": [(BLE // (X * Y), Z), (E * F // Z, X * Y), (E * F // Z, X * Y), (BLE // (X * Y), Z)],
+        "wg-xyz": [(E * F, n), (E * F, n)],
     }[ffn]
+
+
+def paper_ffn_elements(ffn: str, B: int, L: int, x: int = X, yz: int = Y * Z) -> int:
+    """The paper's per-chip volume, (K-1)/K dropped: 2BLE (1D), 2BL(E/X + F/YZ) (2D), ..."""
+    return sum(el for el, _ in paper_ffn_steps(ffn, B, L, x, yz))
+
+
+def paper_ffn_seconds(ffn: str, B: int, L: int, x: int = X, yz: int = Y * Z) -> float:
+    """App. A.1 with (K-1)/K kept, 2 bytes per element, 270 GB/s."""
+    return sum(el * 2 * (k - 1) / k for el, k in paper_ffn_steps(ffn, B, L, x, yz)) / 270e9
 
 
 def ffn_comm_seconds(m: Module, chip: Chip) -> float:
@@ -211,24 +229,29 @@ def ffn_comm_seconds(m: Module, chip: Chip) -> float:
 @pytest.mark.parametrize("ffn", ["1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz"])
 @pytest.mark.parametrize("B,L,phase", [(64, 1, "decode"), (512, 1, "decode"), (64, 128, "prefill")])
 def test_fig3_ffn_communication_time(ffn, B, L, phase):
-    """The model's FFN communication time per layer = the §5 per-chip elements x 2 bytes / 270 GB/s."""
+    """The model's FFN communication time per layer = the §5 per-chip volumes x 2 bytes x (K-1)/K
+    / 270 GB/s, and within (K-1)/K of the paper's closed forms (2BLE, 2BL(E/X + F/YZ), ...)."""
     m, _ = compiled(FIG3, FIG3_MESH, phase, B, L if phase == "prefill" else 2048, ffn, "heads")
-    want = paper_ffn_elements(ffn, B, L) * 2 / 270e9
-    assert ffn_comm_seconds(m, V4_NO_LATENCY) == pytest.approx(want, rel=1e-12)
+    got = ffn_comm_seconds(m, V4_NO_LATENCY)
+    assert got == pytest.approx(paper_ffn_seconds(ffn, B, L), rel=1e-12)
+    closed = paper_ffn_elements(ffn, B, L) * 2 / 270e9
+    assert 3 / 4 * closed <= got <= closed
 
 
 def test_best_2d_split_of_64_chips():
     """§5.2: T_comm = 2BL(E/X + F/YZ)/bw is smallest at X = sqrt(n E / F) = 4 for n = 64, F = 4E,
-    where it equals 8 B L E / (sqrt(n) bw). The model finds the same split among all X x YZ = 64."""
+    where it equals 8 B L E / (sqrt(n) bw). The model (which keeps App. A.1's (K-1)/K) finds the
+    same split among all X x YZ = 64."""
     B, L, n = 64, 1, 64
-    times = {}
+    times, closed = {}, {}
     for x in (1, 2, 4, 8, 16, 32):
         m, _ = compiled(FIG3, (("x", x), ("y", n // x)), "decode", B, 2048, "2d-ws", "heads")
         times[x] = ffn_comm_seconds(m, V4_NO_LATENCY)
-        assert times[x] == pytest.approx(paper_ffn_elements("2d-ws", B, L, x, n // x) * 2 / 270e9, rel=1e-12)
+        assert times[x] == pytest.approx(paper_ffn_seconds("2d-ws", B, L, x, n // x), rel=1e-12)
+        closed[x] = paper_ffn_elements("2d-ws", B, L, x, n // x) * 2 / 270e9
     best = min(times, key=times.get)
-    assert best == math.isqrt(n * E // F) == 4
-    assert times[best] == pytest.approx(8 * B * L * E * 2 / (math.sqrt(n) * 270e9), rel=1e-12)
+    assert best == min(closed, key=closed.get) == math.isqrt(n * E // F) == 4
+    assert closed[best] == pytest.approx(8 * B * L * E * 2 / (math.sqrt(n) * 270e9), rel=1e-12)
 
 
 # Multihead uses 1d-ws, whose head axes are all of x, y, z. (Under 2d-ws the compiler keeps the

@@ -4,8 +4,10 @@ as summarised in reference/partitioning.md §6.3 "When to use which"), for PaLM 
 * decode, low and high batch: 2D weight-stationary FFN, multiquery attention sharded over batch;
 * prefill at batch 1 (low latency): 2D weight-stationary, attention sharded over heads;
 * prefill at high batch: weight-gathered XYZ, attention sharded over batch;
-* and §5.2's threshold: on fewer than 16 chips 1D weight-stationary communicates less than 2D
-  (n < 4F/E), so PaLM 8B on 8 chips decodes with 1D.
+* past §5.2's threshold (n > 4F/E = 16 chips), 2D weight-stationary also for PaLM 8B. (At 8
+  chips the paper's closed forms favour 1D, 2BLE < 3BLE, but with App. A.1's (K-1)/K kept, as the
+  model does, the two tie at 1.75 BLE: 2-chip collectives move only half their bytes. So no
+  8-chip decode choice is asserted.)
 
 Nothing here is fitted: the choice is whatever the cost model ranks first among the candidates
 that fit. Model shapes come from the example specs (reference §3).
@@ -35,8 +37,9 @@ CASES = [
     ("palm-62b", M64, "prefill", 512, ("wg-xyz", "batch")),
     ("palm-62b", "x=2,y=4,z=4", "decode", 64, ("2d-ws", "batch")),
     ("palm-62b", "x=2,y=4,z=4", "prefill", 512, ("wg-xyz", "batch")),
-    ("palm-8b", "x=2,y=2,z=2", "decode", 64, ("1d-ws", "batch")),
     ("palm-8b", "x=2,y=2,z=2", "prefill", 128, ("wg-xyz", "batch")),
+    ("palm-8b", M64, "decode", 64, ("2d-ws", "batch")),
+    ("palm-8b", M64, "prefill", 1, ("2d-ws", "heads")),
 ]
 
 

@@ -7,13 +7,17 @@ Bandwidth convention (used everywhere in the cost model, stated once here):
   270 GB/s, the figure the paper quotes (reference/partitioning.md §2). Every collective moves
   the bytes the collective ledger charges it (the paper's accounting, §4.3: an all-gather its
   per-device output, a reduce-scatter its per-device input, an all-reduce twice its input, an
-  all-to-all its input; the (K-1)/K factor dropped) at ``ici_bw``, whatever mesh axes it spans.
+  all-to-all its input) times (K-1)/K for K participants (App. A.1: each chip sends all but its
+  own share) at ``ici_bw``, whatever mesh axes it spans.
   This is the convention under which the paper derived its layouts (X = 0.5 sqrt(n) for 2D
   weight-stationary, 2D beats 1D past 16 chips, §5.2); the scaling-book's per-axis convention
   (k axes give k x W_ici) would move those optima (§5.3).
 * **Latency.** A collective takes at least ``hops x hop_latency_s``: on a torus, hops =
   sum over its axes of floor(size / 2) (a bidirectional ring per axis, scaling-book §12.3); on a
-  switch (NVLink) or in shared memory (simulated CPU devices), one hop.
+  switch (NVLink) or in shared memory (simulated CPU devices), one hop. The TPU entries set it
+  to 0, as the paper's collective model (App. A.1) has no latency term; the scaling-book's
+  ~1 us per hop would make the many small collectives of 2D layouts at decode latency-bound
+  and move the 1D/2D crossover (a chip file can set it).
 * **HBM.** ``hbm_bw`` is the chip's memory bandwidth; ``hbm_bytes`` its capacity.
 * **Compute.** ``flops`` maps the einsum's arithmetic dtype to the chip's dense peak. int8
   weights are dequantized to bf16 before their einsums (the paper's §4.4), so they run at the
@@ -83,9 +87,10 @@ class Chip:
 
     def collective_seconds(self, nbytes: float, axes: tuple[str, ...], mesh: Mapping[str, int]) -> float:
         """Time of one collective that the ledger charges ``nbytes`` per device."""
-        if nbytes <= 0:
+        k = math.prod(mesh[a] for a in axes)
+        if nbytes <= 0 or k <= 1:
             return 0.0
-        return max(nbytes / self.ici_bw, self.hops(axes, mesh) * self.hop_latency_s)
+        return max(nbytes * (k - 1) / k / self.ici_bw, self.hops(axes, mesh) * self.hop_latency_s)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.peak('bf16') / 1e12:g} TFLOP/s bf16, HBM {self.hbm_bytes / GiB:g} GiB at "
@@ -94,12 +99,12 @@ class Chip:
 
 _SB = "scaling-book tpus.md"
 CHIPS: dict[str, Chip] = {
-    "tpu-v4": Chip("tpu-v4", {"bf16": 275e12, "int8": 275e12}, 32 * GiB, 1.2e12, 270e9, 1e-6, "torus",
+    "tpu-v4": Chip("tpu-v4", {"bf16": 275e12, "int8": 275e12}, 32 * GiB, 1.2e12, 270e9, 0.0, "torus",
                    "Pope et al. §4 (reference/partitioning.md §2): 275 TFLOP/s, 32 GiB, 1.2 TB/s, 270 GB/s "
-                   "(6 links x 45 GB/s); int8 = bf16 and ~1 us per hop from the scaling-book"),
-    "tpu-v5e": Chip("tpu-v5e", {"bf16": 1.97e14, "int8": 3.94e14}, 16 * GiB, 8.1e11, 4 * 4.5e10, 1e-6, "torus",
+                   "(6 links x 45 GB/s); int8 = bf16 from the scaling-book"),
+    "tpu-v5e": Chip("tpu-v5e", {"bf16": 1.97e14, "int8": 3.94e14}, 16 * GiB, 8.1e11, 4 * 4.5e10, 0.0, "torus",
                     f"{_SB}: 1.97e14 bf16, 3.94e14 int8, 16 GB, 8.1e11 B/s, 2D torus of 4 links x 4.5e10 B/s"),
-    "tpu-v5p": Chip("tpu-v5p", {"bf16": 4.59e14, "int8": 9.18e14}, 95 * GiB, 2.76e12, 6 * 9e10, 1e-6, "torus",
+    "tpu-v5p": Chip("tpu-v5p", {"bf16": 4.59e14, "int8": 9.18e14}, 95 * GiB, 2.76e12, 6 * 9e10, 0.0, "torus",
                     f"{_SB}: 4.59e14 bf16, 9.18e14 int8, 95 GB, 2.76e12 B/s, 3D torus of 6 links x 9e10 B/s"),
     "a100-80g": Chip("a100-80g", {"bf16": 312e12, "f32": 19.5e12, "int8": 624e12}, 80 * GiB, 2.039e12, 300e9,
                      3e-6, "switch",

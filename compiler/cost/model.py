@@ -5,12 +5,14 @@ Everything is read off the compiled IR and its collective ledger, so whatever th
 
 * **FLOPs** of an einsum are 2 x the product of the local sizes of all its dims (1 x for a
   single-operand einsum); other ops have no matmul FLOPs (they are memory-bound).
-* **HBM bytes** of an op are the local bytes of the operands it reads and the results it
-  writes, each classed by where it comes from: ``weight`` (weight params and what is gathered,
+* **HBM bytes** of an einsum (or a copy) are the local bytes of the operands it reads and the
+  results it writes, each classed by where it comes from: ``weight`` (weight params and what is gathered,
   sliced or dequantized from them), ``kv`` (the KV cache; ``cache_update`` writes only the new
-  positions, in place) or ``act`` (activations). ``dequantize`` and ``local_slice`` are fused
-  into their consumers (who read the int8 weights / the slice), and ``embed`` reads only the
-  rows it gathers. int8 weights are i8 params, so they cost 1 byte per element.
+  positions, in place) or ``act`` (activations). Elementwise ops, norms, softmax, rope and
+  masks are fused with the einsums around them (as XLA fuses them): they move nothing of their
+  own, the tensors they pass on are priced where einsums read and write them. ``dequantize``
+  and ``local_slice`` are fused into their consumers (who read the int8 weights / the slice),
+  and ``embed`` reads only the rows it gathers. int8 weights are i8 params, so they cost 1 byte per element.
 * **Communication** comes from the ledger (passes/ledger.py): each entry's bytes per device,
   axes and participants, at the chip's interconnect bandwidth (hardware.py states the
   convention).
@@ -153,8 +155,11 @@ OP_RULES: dict[str, Callable[[View], Cost]] = {
     "local_slice": _free,  # fused: the consumer reads the slice
     "quantize": _elementwise,  # only in @prepare, which runs at load time
     "concat": _elementwise, "split": _elementwise, "flatten": _elementwise, "unflatten": _elementwise,
-    "unary": _elementwise, "binary": _elementwise, "scale": _elementwise, "cast": _elementwise,
-    "norm": _elementwise, "softmax": _elementwise, "rope": _elementwise, "causal_mask": _elementwise,
+    # elementwise ops and their reductions fuse with the einsums around them (XLA fuses them into
+    # the producer's output or the consumer's input): the tensors they pass on are priced where
+    # an einsum (or a copy) reads or writes them
+    "unary": _free, "binary": _free, "scale": _free, "cast": _free,
+    "norm": _free, "softmax": _free, "rope": _free, "causal_mask": _free,
     "reshard": _elementwise,
 }
 for _k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "ppermute"):
