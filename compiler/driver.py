@@ -16,9 +16,11 @@ from ir.errors import SpecError
 from ir.module import Module
 from ir.parser import parse_file
 from passes.manager import Instrumentation, PassManager, PipelineRun
-from passes.pipeline import Pipeline, parse_pipeline
+from passes.pipeline import Pipeline, format_pass, parse_pipeline
 
-WEIGHT_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "bf16"}  # int8 is refused by check_supported
+#: The float type of the program per weight format; int8 weights are quantized from bf16 by
+#: quantize-int8 and dequantized to bf16 before each matmul.
+WEIGHT_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "bf16"}
 
 
 def load_input(path: str | Path) -> Spec | Module:
@@ -31,7 +33,6 @@ def load_input(path: str | Path) -> Spec | Module:
 
 def compile_config(spec: Spec) -> BuildConfig:
     """Shapes of the program `einshard compile` emits: the serve phase's entry only."""
-    check_supported(spec)
     s = spec.serve
     dtype = WEIGHT_DTYPES[s.weights]
     if s.phase == "prefill":
@@ -45,7 +46,6 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
     For a prefill spec the prompt is ``seq`` tokens and the cache holds ``seq + steps``; for a
     decode spec the cache holds ``seq`` positions and the prompt fills all but ``steps`` of them.
     """
-    check_supported(spec)
     s = spec.serve
     if steps < 0:
         raise SpecError(f"--steps must be >= 0, got {steps}")
@@ -60,38 +60,58 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
     return BuildConfig(s.batch, prompt_len, cache, ("prefill", "decode"), WEIGHT_DTYPES[s.weights])
 
 
-def check_supported(spec: Spec) -> None:
-    """Serve settings that parse but whose passes are not in this build fail loudly here."""
-    s = spec.serve  # ffn/attn = auto are resolved by the cost model in default_pipeline
-    if s.weights == "int8":
-        raise SpecError("weights = int8 needs the quantize-int8 pass, which this build does not have yet",
-                        hint="use --weights f32 or bf16")
-    if s.overlap != "none":
-        raise SpecError(f"overlap = {s.overlap} needs the collective-einsum pass, which this build does not have yet",
-                        hint="use --overlap none")
-
-
 def default_pipeline(spec: Spec | None) -> str:
     """The pipeline `einshard compile` and `run` use when --passes is not given.
 
-    One device: just cleanup. A mesh: pad the heads when they do not divide over all devices
-    (as the paper pads PaLM 540B from 48 to 64), apply the spec's layouts, expand the reshards
-    into collectives, clean up.
+    For the spec's phase (the cost model resolves ``auto`` layouts per phase): pad the heads
+    when they do not divide over the devices (as the paper pads PaLM 540B from 48 to 64), fuse
+    a parallel block's projections, quantize the weights for ``weights = int8``, apply the
+    layouts, expand the reshards into collectives, clean up, and for ``overlap = looped |
+    bidirectional`` turn collective + einsum pairs into ring loops. One device: fusion,
+    quantization and cleanup only.
     """
-    if spec is None or spec.mesh.n_devices == 1:
+    if spec is None:
         return "cleanup"
-    check_supported(spec)
-    if spec.serve.ffn == "auto" or spec.serve.attn == "auto":
+    if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
         from compiler.cost.autolayout import resolve_auto
 
         spec = resolve_auto(spec)[0]  # the cost model's choice (see compiler/cost/autolayout.py)
-    n = spec.mesh.n_devices
+    m, s, n = spec.model, spec.serve, spec.mesh.n_devices
     parts = []
-    if spec.model.attention != "grouped" and spec.model.heads % n:
+    if n > 1 and m.attention != "grouped" and m.heads % n:
         parts.append(f"pad-heads{{multiple={n}}}")
-    kv = "" if spec.serve.kv == "shard" else f",kv={spec.serve.kv}"
-    parts += [f"shard{{ffn={spec.serve.ffn},attn={spec.serve.attn}{kv}}}", "insert-collectives", "cleanup"]
+    if m.block == "parallel":
+        parts.append("fuse-parallel-block" if _fuse_attention(spec) else "fuse-parallel-block{attention=false}")
+    if s.weights == "int8":
+        parts.append("quantize-int8")
+    if n > 1:
+        kv = "" if s.kv == "shard" else f",kv={s.kv}"
+        parts += [f"shard{{ffn={s.ffn},attn={s.attn}{kv}}}", "insert-collectives"]
+    parts.append("cleanup")
+    if n > 1 and s.overlap != "none":
+        parts.append("collective-einsum" + ("{bidirectional=true}" if s.overlap == "bidirectional" else ""))
     return ",".join(parts)
+
+
+def _fuse_attention(spec: Spec) -> bool:
+    """Grouped-query projections join the packed weight only when their K/V heads are sharded
+    (else the query heads are sharded inside a group, which a packed dim cannot express)."""
+    m, s = spec.model, spec.serve
+    if m.attention != "grouped" or spec.mesh.n_devices == 1:
+        return True
+    if s.kv == "replicate":
+        return False
+    n = spec.mesh.n_devices
+    wide = n if s.ffn == "1d-ws" else n // spec.mesh.axes[0][1]  # F/heads: all axes, or Y and Z
+    return m.kv_heads % wide == 0
+
+
+def unsharded_pipeline(pipeline: str) -> str:
+    """The passes of ``pipeline`` that change numerics or program shape but not the layout, as a
+    pipeline for the unsharded module: the exact reference for a sharded, int8 program."""
+    keep = ("fuse-parallel-block", "quantize-int8")
+    parts = [format_pass(p) for p in parse_pipeline(pipeline).passes if p.name in keep]
+    return ",".join(parts + ["cleanup"])
 
 
 @dataclass

@@ -91,6 +91,16 @@ def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[S
             producers = fn.producers
             late = [ops[j].operands[1 - ops[j].operands.index(v)] for j in us
                     if producers.get(ops[j].operands[1 - ops[j].operands.index(v)], -1) > first]
+            for w in list(late):  # hoist a stationary operand computed from earlier values (a dequantize)
+                k = producers[w]
+                if replace.get(k, ops[k]) is ops[k] and all(producers.get(o, -1) < first for o in ops[k].operands) \
+                        and k not in replace:
+                    ops.insert(first, ops.pop(k))
+                    fn = fn.with_ops(ops)
+                    uses, producers = _uses(fn), fn.producers
+                    us = uses.get(v, [])
+                    first = min(us)
+                    late.remove(w)
             if late:
                 sites.append(Site(fn.name, v, "all_gather", False,
                                   f"stationary operand %{late[0]} is computed after the first einsum"))
@@ -126,7 +136,7 @@ def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[S
             e = ops[j] if j is not None else None
             why = ""
             if e is None or not isinstance(e, Einsum) or len(e.operands) != 2:
-                why = f"its operand is {'a parameter' if e is None else 'a ' + e.kind}, not an einsum"
+                why = f"its operand is {'a parameter' if e is None else 'a ' + e.kind + ' op'}, not an einsum"
             elif uses.get(src, []) != [i] or src in fn.returns:
                 why = "the einsum's result has other uses"
             elif j in taken:

@@ -247,7 +247,7 @@ class QuantizeInt8(Pass):
         before = sum(p.type.local_nbytes(module.mesh_sizes) for p in module.entries[0].params_with_role("weight"))
         after = sum(p.type.local_nbytes(out.mesh_sizes) for p in out.entries[0].params_with_role("weight"))
         stats = {"weights quantized": len(chosen), "weights kept in float": len(why),
-                 "weight bytes per device before": before, "weight bytes per device after": after}
+                 "weight bytes before (local blocks)": before, "weight bytes after (local blocks)": after}
         notes = tuple(f"int8 {w}: scales over {sp.reduce}" + (f", one per segment {list(sp.segments)}"
                                                               if sp.segments else "") for w, sp in chosen.items())
         notes += tuple(f"kept {w} in float: {r}" for w, r in why.items())
