@@ -60,7 +60,7 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
     return BuildConfig(s.batch, prompt_len, cache, ("prefill", "decode"), WEIGHT_DTYPES[s.weights])
 
 
-def default_pipeline(spec: Spec | None) -> str:
+def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
     """The pipeline `einshard compile` and `run` use when --passes is not given.
 
     For the spec's phase (the cost model resolves ``auto`` layouts per phase): pad the heads
@@ -68,7 +68,8 @@ def default_pipeline(spec: Spec | None) -> str:
     a parallel block's projections, quantize the weights for ``weights = int8``, apply the
     layouts, expand the reshards into collectives, clean up, and for ``overlap = looped |
     bidirectional`` turn collective + einsum pairs into ring loops. One device: fusion,
-    quantization and cleanup only.
+    quantization and cleanup only. ``rewrites=False`` leaves out fusion, int8 and loops: the
+    paper's layouts alone (the layout tests and docs/layouts.md use it).
     """
     if spec is None:
         return "cleanup"
@@ -80,15 +81,15 @@ def default_pipeline(spec: Spec | None) -> str:
     parts = []
     if n > 1 and m.attention != "grouped" and m.heads % n:
         parts.append(f"pad-heads{{multiple={n}}}")
-    if m.block == "parallel":
+    if rewrites and m.block == "parallel":
         parts.append("fuse-parallel-block" if _fuse_attention(spec) else "fuse-parallel-block{attention=false}")
-    if s.weights == "int8":
+    if rewrites and s.weights == "int8":
         parts.append("quantize-int8")
     if n > 1:
         kv = "" if s.kv == "shard" else f",kv={s.kv}"
         parts += [f"shard{{ffn={s.ffn},attn={s.attn}{kv}}}", "insert-collectives"]
     parts.append("cleanup")
-    if n > 1 and s.overlap != "none":
+    if rewrites and n > 1 and s.overlap != "none":
         parts.append("collective-einsum" + ("{bidirectional=true}" if s.overlap == "bidirectional" else ""))
     return ",".join(parts)
 

@@ -28,7 +28,7 @@ PALM = ROOT / "examples" / "palm-540b.model"
 def layer_after_each_pass() -> str:
     spec = load_spec(PALM)
     module = build_for(spec, compile_config(spec))
-    pipeline = default_pipeline(spec)
+    pipeline = default_pipeline(spec, rewrites=False)
     lines = [f"Pipeline: `{pipeline}` (the default for this spec).", ""]
     lines += ["### Input (the builder's unsharded layer)", "", "```", print_function(module.function("decode_layer")).rstrip(), "```", ""]
     cur = compile_module(module, "", Instrumentation()).module
@@ -48,7 +48,7 @@ def collective_table() -> str:
     for ffn in FFN_LAYOUTS:
         for attn in ATTN_LAYOUTS:
             spec = apply_overrides(load_spec(PALM), ffn=ffn, attn=attn)
-            res = compile_module(build_for(spec, compile_config(spec)), default_pipeline(spec))
+            res = compile_module(build_for(spec, compile_config(spec)), default_pipeline(spec, rewrites=False))
             ents = [e for e in ledger(res.module) if e.function == "decode_layer"]
             seq = ", ".join(f"{e.kind}{{{','.join(e.axes)}}}:{e.dims}" for e in ents)
             rows.append(f"| {ffn} | {attn} | {seq} | {sum(e.bytes_per_device for e in ents):,} |")

@@ -170,7 +170,7 @@ def shard_pass(ffn: str, attn: str, kv: str = "shard") -> str:
 def pipeline_for(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool, kv: str = "shard") -> str:
     """The default pipeline (which pads heads when they do not divide) or a bare shard pipeline."""
     if pad:
-        return default_pipeline(spec_for(model, mesh, ffn, attn, 1, kv=kv))
+        return default_pipeline(spec_for(model, mesh, ffn, attn, 1, kv=kv), rewrites=False)
     return f"{shard_pass(ffn, attn, kv)},insert-collectives,cleanup"
 
 

@@ -49,7 +49,7 @@ def header(ffn: str, attn: str, pipeline: str) -> str:
 
 def compiled_text(ffn: str, attn: str) -> str:
     spec = spec_for(ffn, attn)
-    pipeline = default_pipeline(spec)
+    pipeline = default_pipeline(spec, rewrites=False)
     module = compile_module(build_for(spec, compile_config(spec)), pipeline).module
     return header(ffn, attn, pipeline) + print_module(module)
 
