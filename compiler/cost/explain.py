@@ -96,6 +96,10 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
     }
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else str(n)
+
+
 def _ms(s: float) -> str:
     return f"{s * 1e3:.3f}" if s < 10 else f"{s * 1e3:.0f}"
 
@@ -104,7 +108,7 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
     s = spec.serve
     mesh = ",".join(f"{a}={n}" for a, n in spec.mesh.axes) or "1"
     est = next((c.estimate for r in reports for c in r.choice.candidates if c.estimate), None)
-    lines = [f"model      {spec.model.name}: {spec.model.layers} layers, {est.n_params / 1e9:.2f}B parameters "
+    lines = [f"model      {spec.model.name}: {spec.model.layers} layers, {_count(est.n_params)} parameters "
              f"(nominal: MFU counts 2 x this per token), weights {s.weights}" if est else spec.model.name,
              f"hardware   {spec.mesh.n_devices} x {chip.describe()}",
              f"mesh       {mesh}",

@@ -115,19 +115,24 @@ def _einsum(v: View) -> Cost:
 
 
 def _collective_einsum(v: View) -> Cost:
-    """Looped all-gather + einsum or einsum + reduce-scatter: the FLOPs of its einsums, with each
-    dim at the largest local size it has in any operand or result (the gathered / unscattered
-    size the loop computes on)."""
-    sizes: dict[str, int] = {}
-    for t in (*v.ins, *v.op.types):
-        for k, s in v.local(t).items():
-            sizes[k] = max(s, sizes.get(k, 0))
-    specs = getattr(v.op, "specs", None) or (getattr(v.op, "spec", None),)
+    """Looped all-gather + einsum(s) or einsum + reduce-scatter (ir/collectives.py): the FLOPs of
+    its einsums. All-gather: operand 0, gathered along ``dim``, is the first term of every spec,
+    operand i + 1 the second term of spec i. Reduce-scatter: one spec over operands 0 and 1 (the
+    scatter happens on the result). Every letter of an einsum appears in its operands."""
+    op, ins = v.op, v.ins
+    specs = tuple(getattr(op, "specs", ()) or ())
+    if getattr(op, "collective", "") == "all_gather":
+        x = ins[0]
+        keep = tuple(a for a in x.dim(op.dim).axes if a not in op.axes)
+        g = x.with_axes(op.dim, keep)
+        pairs = [(g, w) for w in ins[1:]]
+    else:
+        pairs = [tuple(ins[:2])]
     flops = 0.0
-    for s in specs:
-        if s:
-            flops += einsum_flops(s, sizes)
-    return Cost(flops, v.reads(), v.writes(), v.op.type.dtype)
+    for spec, (a, b) in zip(specs, pairs):
+        sizes = {**v.local(a), **v.local(b)}
+        flops += einsum_flops(spec, sizes)
+    return Cost(flops, v.reads(), v.writes(), op.type.dtype)
 
 
 def _embed(v: View) -> Cost:
