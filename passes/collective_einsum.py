@@ -18,6 +18,7 @@ from ir.errors import PassError
 from ir.module import PREPARE, Function, Module, ModuleContext
 from ir.ops import Einsum, Op
 from passes.base import Pass, PassResult
+from passes.ledger import format_ledger, ledger
 from passes.registry import register
 
 
@@ -136,7 +137,7 @@ def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[S
             e = ops[j] if j is not None else None
             why = ""
             if e is None or not isinstance(e, Einsum) or len(e.operands) != 2:
-                why = f"its operand is {'a parameter' if e is None else 'a ' + e.kind + ' op'}, not an einsum"
+                why = f"its operand is {'a parameter' if e is None else 'produced by ' + e.kind}, not an einsum"
             elif uses.get(src, []) != [i] or src in fn.returns:
                 why = "the einsum's result has other uses"
             elif j in taken:
@@ -191,4 +192,23 @@ class CollectiveEinsumPass(Pass):
         fns = [f if f.name == PREPARE else rewrite(f, ctx, self.bidirectional, sites) for f in module.functions]
         fired = [s for s in sites if s.fired]
         stats = {"sites": len(sites), "fired": len(fired), "not fired": len(sites) - len(fired)}
-        return PassResult(module.with_functions(fns), stats, tuple(s.note() for s in sites))
+        out = module.with_functions(fns)
+        return PassResult(out, stats, tuple(s.note() for s in sites) + tuple(ledger_with_sites(out, sites)))
+
+
+def ledger_with_sites(module: Module, sites: list[Site]) -> list[str]:
+    """The collective ledger, each entry saying whether its loop fired and, if not, why."""
+    verdict = {(s.fn, s.value): s for s in sites}
+    entries = ledger(module)
+    lines = format_ledger(entries)
+    out = [lines[0]]
+    for e, line in zip(entries, lines[1:]):
+        s = verdict.get((e.function, e.value))
+        if e.looped:
+            out.append(line)
+        elif s is not None:
+            out.append(f"{line} [not looped: {s.detail}]")
+        else:
+            out.append(f"{line} [not looped: not next to an einsum]")
+    out += lines[1 + len(entries):]
+    return out
