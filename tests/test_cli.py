@@ -259,6 +259,6 @@ def test_passes_lists_cleanup(capsys) -> None:
     rc, out, _ = cli(capsys, "passes")
     assert rc == 0
     lines = out.splitlines()
-    assert "cleanup: fold identities, CSE, dead code and dead functions" in lines
-    i = lines.index("cleanup: fold identities, CSE, dead code and dead functions")
+    assert "cleanup: fold identities and collective algebra, CSE, dead code and dead functions" in lines
+    i = lines.index("cleanup: fold identities and collective algebra, CSE, dead code and dead functions")
     assert lines[i + 1].split() == ["max_rounds=16", "(int)"]

@@ -297,7 +297,9 @@ module @m {
 """
     (r,) = res.records
     assert (r.index, r.name, r.spelled, r.changed) == (1, "cleanup", "cleanup", True)
-    assert r.stats == {"fold-identity matches": 1, "cse matches": 1, "dce matches": 1,
+    assert r.stats == {"fold-identity matches": 1, "reshard-noop matches": 0, "reshard-chain matches": 0,
+                       "rs-ag-to-ar matches": 0, "ag-of-slice matches": 0, "slice-of-ag matches": 0,
+                       "a2a-pair matches": 0, "cse matches": 1, "dce matches": 1,
                        "dead-functions matches": 0, "rounds": 2}
     assert r.seconds >= 0 and res.total_seconds >= r.seconds
 
@@ -401,6 +403,12 @@ def test_pass_stats_text() -> None:
         rule,
         "cleanup",
         "         1  fold-identity matches",
+        "         0  reshard-noop matches",
+        "         0  reshard-chain matches",
+        "         0  rs-ag-to-ar matches",
+        "         0  ag-of-slice matches",
+        "         0  slice-of-ag matches",
+        "         0  a2a-pair matches",
         "         1  cse matches",
         "         1  dce matches",
         "         0  dead-functions matches",
