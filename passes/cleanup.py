@@ -25,7 +25,7 @@ from typing import Callable
 from ir.collectives import AllReduce
 from ir.errors import EinshardError, PassError
 from ir.graph import live_ops
-from ir.module import Function, Module, ModuleContext
+from ir.module import PREPARE, Function, Module, ModuleContext
 from ir.ops import Op, Scan
 from ir.types import TensorType
 from passes.base import Pass, PassResult
@@ -34,7 +34,7 @@ from passes.rewrite import Rule, drive, op_key, per_function, rename_uses
 
 #: Non-entry functions that ``dead-functions`` keeps although no scan applies them: the
 #: runtime calls ``prepare`` itself, once, when the weights are loaded.
-KEEP_FUNCTIONS: frozenset[str] = frozenset({"prepare"})
+KEEP_FUNCTIONS: frozenset[str] = frozenset({PREPARE})
 
 
 def join_reasons(*reasons: str) -> str:
