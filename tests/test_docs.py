@@ -9,3 +9,9 @@ from conftest import ROOT
 def test_layouts_doc_is_current() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "generate.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_rewrites_doc_is_current() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "generate_rewrites.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
