@@ -29,6 +29,8 @@ from passes.registry import register
 
 #: Ops that only move a weight; they are replayed on the int8 weight (and on its scales).
 MOVES = frozenset({"all_gather", "local_slice", "reshard"})
+#: Ops that bring an einsum's activation operand to the einsum's layout.
+ACTIVATION_MOVES = frozenset({"all_gather", "local_slice", "reshard", "reduce_scatter", "all_reduce", "all_to_all"})
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,23 @@ class _Rewriter:
                 sv[q_new], spec_of[q_new] = s_new, spec_of[u]
                 continue
             ops = list(op.operands)  # an einsum: dequantize each int8 operand right before it
+            # ... and before the collectives that bring its other operands to it, as when the pass
+            # runs before shard (which inserts those right before the einsum): the same program
+            # whether int8 comes before or after sharding
+            mark = len(self.ops)
+            deq_in = {x for o in ops if o in sv for x in (o, sv[o])}
+            at, needed = mark, set(ops)
+            while at > 0 and self.ops[at - 1].kind in ACTIVATION_MOVES and set(self.ops[at - 1].results) & needed \
+                    and not set(self.ops[at - 1].results) & deq_in:
+                at -= 1
+                needed |= set(self.ops[at].operands)
             for i, o in enumerate(ops):
                 if o in sv:
                     sp = spec_of[o]
                     ops[i] = self.emit(Dequantize(results=(), operands=(o, sv[o]), types=(), reduce=sp.reduce,
                                                   segments=sp.segments, groups=sp.groups,
                                                   dtype=self.fn.value_types[o].dtype), f"{o}_deq")
+            self.ops[at:] = self.ops[mark:] + self.ops[at:mark]
             self.emit(op.with_(operands=tuple(ops), types=()))
         rets = self.fn.returns
         return Function(self.fn.name, tuple(params), tuple(self.ops), rets, tuple(self.types[r] for r in rets),
