@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from ir.ops import Op, check_partials_disjoint, fail, make_type, merge_dims, op_kind
-from ir.types import Dim, TensorType
+from ir.types import Dim
 
 
 def _letter(op: str, c: str) -> None:

@@ -15,19 +15,12 @@ from dataclasses import dataclass
 
 from ir.collectives import CollectiveEinsum
 from ir.errors import PassError
+from ir.graph import users
 from ir.module import PREPARE, Function, Module, ModuleContext
 from ir.ops import Einsum, Op
 from passes.base import Pass, PassResult
 from passes.ledger import format_ledger, ledger
 from passes.registry import register
-
-
-def _uses(fn: Function) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for i, op in enumerate(fn.ops):
-        for o in op.operands:
-            out.setdefault(o, []).append(i)
-    return out
 
 
 def _first_term(spec: str, k: int) -> str:
@@ -57,7 +50,7 @@ def _even(n: int) -> bool:
 def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[Site]) -> Function:
     ops = list(fn.ops)
     types = fn.value_types
-    uses = _uses(fn)
+    uses = users(fn)
     taken: set[int] = set()  # einsums already in a loop
     replace: dict[int, Op | None] = {}  # op index -> new op (None: removed)
 
@@ -98,7 +91,7 @@ def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[S
                         and k not in replace:
                     ops.insert(first, ops.pop(k))
                     fn = fn.with_ops(ops)
-                    uses, producers = _uses(fn), fn.producers
+                    uses, producers = users(fn), fn.producers
                     us = uses.get(v, [])
                     first = min(us)
                     late.remove(w)

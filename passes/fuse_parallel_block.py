@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ir.builder import Namer
 from ir.errors import PassError
+from ir.graph import users
 from ir.module import PREPARE, Function, Module, ModuleContext, Param
 from ir.ops import Binary, Einsum, Op, Scan
 from ir.fusion_ops import Concat, Flatten, Split, Unflatten
@@ -76,11 +77,8 @@ class _Plan:
 
 
 def _uses(fn: Function) -> dict[str, list[Op]]:
-    out: dict[str, list[Op]] = {}
-    for op in fn.ops:
-        for o in op.operands:
-            out.setdefault(o, []).append(op)
-    return out
+    """Value name -> the ops that read it."""
+    return {v: [fn.ops[i] for i in idx] for v, idx in users(fn).items()}
 
 
 def _in_projections(fn: Function, weights: set[str]) -> dict[str, list[Op]]:

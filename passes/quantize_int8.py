@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ir.builder import Namer
 from ir.collectives import Reshard
 from ir.errors import PassError
+from ir.graph import users
 from ir.module import PREPARE, Function, Module, ModuleContext, Param
 from ir.ops import Einsum, Op, Scan
 from ir.quant_ops import Dequantize, Quantize
@@ -41,11 +42,8 @@ class QuantSpec:
 
 
 def _uses(fn: Function) -> dict[str, list[Op]]:
-    out: dict[str, list[Op]] = {}
-    for op in fn.ops:
-        for o in op.operands:
-            out.setdefault(o, []).append(op)
-    return out
+    """Value name -> the ops that read it."""
+    return {v: [fn.ops[i] for i in idx] for v, idx in users(fn).items()}
 
 
 def _einsum_reduce(op: Op, v: str, t: TensorType) -> str:
@@ -260,7 +258,7 @@ class QuantizeInt8(Pass):
         before = sum(p.type.local_nbytes(module.mesh_sizes) for p in module.entries[0].params_with_role("weight"))
         after = sum(p.type.local_nbytes(out.mesh_sizes) for p in out.entries[0].params_with_role("weight"))
         stats = {"weights quantized": len(chosen), "weights kept in float": len(why),
-                 "weight bytes before (local blocks)": before, "weight bytes after (local blocks)": after}
+                 "weight bytes per device before (current layout)": before, "weight bytes per device after (current layout)": after}
         notes = tuple(f"int8 {w}: scales over {sp.reduce}" + (f", one per segment {list(sp.segments)}"
                                                               if sp.segments else "") for w, sp in chosen.items())
         notes += tuple(f"kept {w} in float: {r}" for w, r in why.items())
