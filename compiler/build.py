@@ -2,7 +2,7 @@
 
 Each entry embeds tokens, applies its layer body N times with ``scan`` over weights stacked
 along N (so the IR and the compile time do not grow with depth), then the final norm and the
-logits. Both phases read and write a KV cache of ``cache_len`` positions; prefill writes the
+logits (a prefill's for its last prompt position unless ``logits = all``). Both phases read and write a KV cache of ``cache_len`` positions; prefill writes the
 prompt at positions 0..L-1 and decode writes one token per sequence at ``pos``.
 
 Attention is written in the paper's letters. Multihead shares the letter H between queries and
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from compiler.spec import ModelSpec
 from ir.builder import BuildContext, FunctionBuilder
 from ir.errors import SpecError
+from ir.fusion_ops import Split
 from ir.module import Function, Module
 from ir.ops import (Binary, CacheUpdate, CausalMask, Einsum, Embed, Norm, Rope, Scale, Scan, Softmax,
                     Symbol, Unary)
@@ -36,6 +37,9 @@ class BuildConfig:
     cache_len: int
     entries: tuple[str, ...] = PHASES
     dtype: str = "f32"
+    #: Prefill logits for the ``last`` prompt position only (what serving samples from; the
+    #: ``[B, L, V]`` logits of a long batch outweigh the model on a chip) or for ``all`` (scoring).
+    logits: str = "last"
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.prompt_len < 1 or self.cache_len < 1:
@@ -45,6 +49,8 @@ class BuildConfig:
         for e in self.entries:
             if e not in PHASES:
                 raise SpecError(f"unknown entry {e!r}; valid: {', '.join(PHASES)}")
+        if self.logits not in ("last", "all"):
+            raise SpecError(f"logits must be 'last' or 'all', got {self.logits!r}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,8 @@ def build_entry(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContex
     x = b.emit(Embed, ["embed", tokens], "x")
     x, kc2, vc2 = b.emit(Scan, [x, pos, *lw, kc, vc], ["x", "k_cache", "v_cache"],
                          body=Symbol(f"{phase}_layer"), carry=1, consts=1)
+    if phase == "prefill" and cfg.logits == "last" and L > 1:
+        _, x = b.emit(Split, [x], ["x_prompt", "x_last"], dim="L", names="LL", sizes=(L - 1, 1), groups=1)
     norm_ops = [x, g["final_scale"]] + ([g["final_bias"]] if "final_bias" in g else [])
     h = b.emit(Norm, norm_ops, "h", norm=model.norm, dim="E", eps=model.norm_eps)
     logits = b.emit(Einsum, [h, g.get("lm_head", "embed")], "logits", spec="BLE,VE->BLV")

@@ -36,8 +36,8 @@ def compile_config(spec: Spec) -> BuildConfig:
     s = spec.serve
     dtype = WEIGHT_DTYPES[s.weights]
     if s.phase == "prefill":
-        return BuildConfig(s.batch, s.seq, s.seq, ("prefill",), dtype)
-    return BuildConfig(s.batch, 1, s.seq, ("decode",), dtype)
+        return BuildConfig(s.batch, s.seq, s.seq, ("prefill",), dtype, s.logits)
+    return BuildConfig(s.batch, 1, s.seq, ("decode",), dtype, s.logits)
 
 
 def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildConfig:
@@ -57,7 +57,7 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
     if prompt_len < 1:
         raise SpecError(f"a decode cache of {s.seq} positions leaves no room for a prompt before {steps} steps",
                         hint="raise serve.seq or lower --steps")
-    return BuildConfig(s.batch, prompt_len, cache, ("prefill", "decode"), WEIGHT_DTYPES[s.weights])
+    return BuildConfig(s.batch, prompt_len, cache, ("prefill", "decode"), WEIGHT_DTYPES[s.weights], s.logits)
 
 
 def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:

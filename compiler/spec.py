@@ -37,6 +37,7 @@ PHASES = ("prefill", "decode")
 FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz", "auto")
 ATTN_LAYOUTS = ("heads", "batch", "auto")
 KV_LAYOUTS = ("shard", "replicate")
+LOGITS = ("last", "all")
 WEIGHT_FORMATS = ("f32", "bf16", "int8")
 OVERLAPS = ("none", "looped", "bidirectional")
 HARDWARE = ("tpu-v4", "tpu-v5e", "tpu-v5p", "a100-80g", "h100", "h200", "cpu")
@@ -87,6 +88,7 @@ _SERVE_FIELDS: dict[str, _Field] = {
     "overlap": _Field("enum", OVERLAPS),
     "hardware": _Field("enum", HARDWARE),
     "kv": _Field("enum", KV_LAYOUTS),
+    "logits": _Field("enum", LOGITS),
 }
 _NAME_FIELD = _Field("name")
 _AXIS_SIZE = _Field("int")
@@ -251,6 +253,7 @@ class ServeSpec:
     overlap: str = "none"  # collective/einsum overlap: none | looped | bidirectional
     hardware: str = "cpu"  # target for the cost model
     kv: str = "shard"  # grouped K/V heads with attn=heads: shard them (must divide) or replicate
+    logits: str = "last"  # prefill logits: the last prompt position (serving) or all (scoring)
 
     def __post_init__(self) -> None:
         _check_fields(self, _SERVE_FIELDS)

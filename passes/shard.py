@@ -312,11 +312,29 @@ def _cache_update(p: Propagation, op) -> list[str]:
 
 
 def _embed(p: Propagation, op) -> list[str]:
+    """A vocab-parallel table gives each device a partial sum of the whole ``[B, L, E]`` output;
+    when that is larger than the device's share of the table, the table is moved to an
+    E-sharded copy first (one all-to-all) and each device looks up its columns of every row."""
     table, tokens = op.operands
+    tt, tk = p.types[table], p.types[tokens]
+    axes = tt.dim("V").axes
+    if axes and _columns_cheaper(tt, tk, axes, p.mesh):
+        table = p.to(table, retype(tt, {"E": axes}),
+                     "embed: the vocab-parallel partial [B, L, E] outweighs the table; look up E-sharded columns")
     used = set(p.types[table].mesh_axes)
-    tt = p.types[tokens]
-    tokens = p.to(tokens, retype(tt, {d.name: cut(d.axes, used) for d in tt.dims}), "embed: tokens vs table")
+    tokens = p.to(tokens, retype(tk, {d.name: cut(d.axes, used) for d in tk.dims}), "embed: tokens vs table")
     return [table, tokens]
+
+
+def _columns_cheaper(table: TensorType, tokens: TensorType, axes: tuple[str, ...], mesh: dict[str, int]) -> bool:
+    """Per-device elements moved and held: the partial output ``B·L·E`` (reduce-scattered next)
+    against the table's share ``V·E/k`` (all-to-all) plus the E-sharded output ``B·L·E/k``."""
+    k = math.prod(mesh[a] for a in axes)
+    e = table.size("E")
+    if e % k:
+        return False
+    rows = math.prod(d.size // math.prod(mesh[a] for a in cut(d.axes, set(axes))) for d in tokens.dims)
+    return table.size("V") * e // k + rows * e // k < rows * e
 
 
 def _scan(p: Propagation, op) -> list[str]:

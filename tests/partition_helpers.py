@@ -175,8 +175,9 @@ def pipeline_for(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool, k
 
 
 def build(model: ModelSpec, batch: int, prompt: int, cache: int, mesh: Mesh = (), dtype: str = "f32",
-          entries: tuple[str, ...] = ("prefill", "decode")) -> Module:
-    return build_module(model, BuildConfig(batch, prompt, cache, entries, dtype), mesh)
+          entries: tuple[str, ...] = ("prefill", "decode"), logits: str = "all") -> Module:
+    """Prefill logits for every prompt position by default: the layouts are checked everywhere."""
+    return build_module(model, BuildConfig(batch, prompt, cache, entries, dtype, logits), mesh)
 
 
 def compile_layout(model: ModelSpec, batch: int, prompt: int, cache: int, mesh: Mesh, ffn: str, attn: str,

@@ -121,7 +121,7 @@ def _hf_logits(model: Any, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _einshard(d: Path, tokens: np.ndarray) -> tuple[Any, Any, dict[str, np.ndarray]]:
     spec = spec_from_hf(d)
-    module = build_module(spec.model, BuildConfig(batch=B, prompt_len=P, cache_len=P + S))
+    module = build_module(spec.model, BuildConfig(batch=B, prompt_len=P, cache_len=P + S, logits="all"))
     types = {p.name: p.type for p in module.function("prefill").params_with_role("weight")}
     return spec, module, load_hf_weights(d, spec.model, types)
 

@@ -67,7 +67,11 @@ def tiny_setup(name: str, weights: str = "f32", steps: int = 3):
 def compare(module: Module, weights, tokens, prompt_len: int) -> float:
     ref = generate(ReferenceExecutor(module), weights, tokens, prompt_len)
     got = generate(jax_executor(module), weights, tokens, prompt_len)
-    assert got.logits.shape == ref.logits.shape == (tokens.shape[0], tokens.shape[1], ref.logits.shape[-1])
+    pf = module.function("prefill")
+    prefill_positions = pf.value_types[pf.returns[0]].size("L")  # the prompt, or its last position
+    assert prefill_positions in (1, prompt_len)
+    steps = tokens.shape[1] - prompt_len
+    assert got.logits.shape == ref.logits.shape == (tokens.shape[0], prefill_positions + steps, ref.logits.shape[-1])
     assert np.isfinite(got.logits).all() and np.isfinite(ref.logits).all()
     return normwise(got.logits, ref.logits)
 
@@ -111,8 +115,8 @@ def incremental(ex, weights, tokens: np.ndarray, prompt_len: int) -> tuple[np.nd
 
 def check_cache_consistency(model: ModelSpec, batch: int, prompt_len: int, steps: int, seed: int) -> None:
     total = prompt_len + steps
-    inc_m = build_module(model, BuildConfig(batch, prompt_len, total))
-    full_m = build_module(model, BuildConfig(batch, total, total, ("prefill",)))
+    inc_m = build_module(model, BuildConfig(batch, prompt_len, total, logits="all"))
+    full_m = build_module(model, BuildConfig(batch, total, total, ("prefill",), logits="all"))
     w = random_weights(inc_m.function("prefill"), seed)
     tokens = random_tokens(batch, total, model.vocab, seed)
     inc_logits, inc_caches = incremental(ReferenceExecutor(inc_m), w, tokens, prompt_len)
@@ -145,7 +149,8 @@ def test_generate_matches_incremental() -> None:
     ex = ReferenceExecutor(module)
     logits, _ = incremental(ex, w, tokens, cfg.prompt_len)
     g = generate(ex, w, tokens, cfg.prompt_len)
-    assert g.prefill_logits.shape[1] == cfg.prompt_len and g.decode_logits.shape[1] == 3
+    assert cfg.logits == "last"  # the serving default: the prompt's last position only
+    assert g.prefill_logits.shape[1] == 1 and g.decode_logits.shape[1] == 3
     assert normwise(g.logits, logits) == 0.0
 
 
@@ -190,10 +195,12 @@ def test_random_models_cache_consistency(model: ModelSpec, batch: int, prompt_le
 
 @pytest.mark.slow
 @settings(max_examples=10)
-@given(model_specs(), st.integers(1, 2), st.integers(1, 4), st.integers(1, 2), st.integers(0, 2**16))
-def test_random_models_reference_vs_jax(model: ModelSpec, batch: int, prompt_len: int, steps: int, seed: int) -> None:
+@given(model_specs(), st.integers(1, 2), st.integers(1, 4), st.integers(1, 2), st.integers(0, 2**16),
+       st.sampled_from(["last", "all"]))
+def test_random_models_reference_vs_jax(model: ModelSpec, batch: int, prompt_len: int, steps: int, seed: int,
+                                        logits: str) -> None:
     # Each example compiles two entry points with XLA (about a second), hence few examples.
-    cfg = BuildConfig(batch, prompt_len, prompt_len + steps)
+    cfg = BuildConfig(batch, prompt_len, prompt_len + steps, logits=logits)
     module = build_module(model, cfg)
     verify(module)
     w = random_weights(module.function("prefill"), seed)

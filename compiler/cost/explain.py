@@ -112,8 +112,9 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
              f"(nominal: MFU counts 2 x this per token), weights {s.weights}" if est else spec.model.name,
              f"hardware   {spec.mesh.n_devices} x {chip.describe()}",
              f"mesh       {mesh}",
-             "rule       per op max(compute, HBM traffic); collectives exposed (looped ones overlap their einsum); "
-             "components are sums over ops"]
+             "rule       per op max(compute, HBM traffic); activation collectives exposed (looped ones overlap "
+             "their einsum), weight collectives prefetched beside the other ops; comm = exposed; components are "
+             "sums over ops"]
     for r in reports:
         ss = r.spec.serve
         tokens = ss.batch * (ss.seq if r.phase == "prefill" else 1)

@@ -18,10 +18,15 @@ Everything is read off the compiled IR and its collective ledger, so whatever th
   convention).
 
 Combination rule, per op: ``t = max(flops / peak, hbm_bytes / hbm_bw) + op_overhead`` (its
-roofline); a collective is exposed, ``t = comm``, never overlapped with other ops; a looped
-collective einsum (the ledger marks it looped) overlaps its K-step transfer with its einsum,
-``t = max(E, C) + min(E, C) / K`` (the first and last steps cannot overlap), and only ``t - E``
-counts as exposed communication. A function's time is the sum over its ops; a step is the sum
+roofline); a collective of activations is exposed, ``t = comm``, never overlapped with other
+ops; a looped collective einsum (the ledger marks it looped) overlaps its K-step transfer with
+its einsum, ``t = max(E, C) + min(E, C) / K`` (the first and last steps cannot overlap), and
+only ``t - E`` counts as exposed communication. A collective of a *weight* (the gathers of the
+weight-gathered layouts, a resharded table) depends on no activation, so it is prefetched while
+the other ops run (XLA schedules it early; layer i+1's gathers run under layer i's matmuls):
+a function takes ``max(T, W + A)``, where ``T`` is the sum of its op times, ``W`` the weight
+collectives and ``A`` its exposed activation communication (the links carry both), and only
+the excess over ``T`` is exposed. A function's time is otherwise the sum over its ops; a step is the sum
 over the functions an entry runs, layer bodies counted once per layer (``repeats_of``); a
 ``prepare`` function (load time) is not part of a step. The components reported beside the
 time are the plain sums of each term over the ops, so ``max(compute, memory) + comm_exposed <=
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
 from compiler.cost.hardware import Chip
@@ -337,6 +342,7 @@ def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[st
         comm.setdefault(e.value, []).append(e)
     total = Components()
     prices = []
+    prefetch = 0.0  # seconds of weight collectives, run beside the other ops
     for op in fn.ops:
         rule = OP_RULES.get(op.kind, _elementwise)
         try:
@@ -357,6 +363,10 @@ def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[st
             k = max(max(e.participants for e in es), 1)
             t = max(work, comm_s) + min(work, comm_s) / k
             exposed = max(0.0, t - work)
+        elif comm_s and wc == "weight":
+            # a weight's collective depends on no activation: it is prefetched during other ops
+            prefetch += comm_s
+            t, exposed = work, 0.0
         else:
             t = work + comm_s
             exposed = comm_s
@@ -365,6 +375,10 @@ def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[st
                               looped))
         total = total + Components(compute, reads.get("weight", 0.0) / chip.hbm_bw, reads.get("kv", 0.0) / chip.hbm_bw,
                                    reads.get("act", 0.0) / chip.hbm_bw, comm_s, exposed, overhead, t, c.flops)
+    # the links carry the prefetched weights and the activation collectives one after another
+    late = max(0.0, prefetch + total.comm_exposed - total.time)
+    if late:
+        total = replace(total, comm_exposed=total.comm_exposed + late, time=total.time + late)
     return total, prices
 
 
