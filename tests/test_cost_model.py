@@ -131,6 +131,43 @@ def test_looped_collective_einsum_overlaps():
     assert op.time_s < work + op.comm_s  # overlapped, unlike an exposed collective
 
 
+def _gathered_weight_module(B: int, E: int, F: int, act_gather: bool):
+    """x[B, E] @ all_gather(w[E, F{x}]) and, with ``act_gather``, x itself gathered over x first."""
+
+    def build(b):
+        x = b.param("x", TensorType("bf16", (Dim("B", B), Dim("E", E, ("x",) if act_gather else ()))), "input")
+        w = b.param("w", TensorType("bf16", (Dim("E", E), Dim("F", F, ("x",)))), "weight")
+        if act_gather:
+            x = b.emit(AllGather, [x], "xg", axes=("x",), dim="E")
+        wg = b.emit(AllGather, [w], "wg", axes=("x",), dim="F")
+        return [b.emit(Einsum, [x, wg], "y", spec="BE,EF->BF")]
+
+    return _module(build)
+
+
+@pytest.mark.parametrize("B", [16, 4096])
+def test_weight_collectives_are_prefetched(B):
+    """A weight's all-gather depends on no activation: time = max(T, W + A), T the op times, W the
+    weight collectives, A the exposed activation collectives; only the excess over T is exposed."""
+    E, F = 1024, 4096
+    for act_gather in (False, True):
+        e = price(_gathered_weight_module(B, E, F, act_gather), V4_NO_LATENCY)
+        ops = {p.value: p for p in e.ops}
+        W = ops["wg"].comm_s
+        assert W == pytest.approx(E * F * 2 * 3 / 4 / 270e9)  # the gathered weight x (K-1)/K
+        assert ops["wg"].exposed_comm_s == 0 and ops["wg"].time_s == 0  # priced beside the others
+        A = ops["xg"].comm_s if act_gather else 0.0
+        T = sum(p.time_s for p in e.ops)
+        assert e.step_time_s == pytest.approx(max(T, W + A), rel=1e-12)
+        assert e.per_step.comm_exposed == pytest.approx(A + max(0.0, W + A - T), rel=1e-12)
+        assert e.per_step.comm == pytest.approx(W + A, rel=1e-12)
+    # small batch: the gather outlasts the matmul and is exposed; large batch: it hides under it
+    small = price(_gathered_weight_module(16, E, F, False), V4_NO_LATENCY)
+    assert small.per_step.comm_exposed > 0
+    big = price(_gathered_weight_module(4096, E, F, False), V4_NO_LATENCY)
+    assert big.per_step.comm_exposed == 0
+
+
 def test_unknown_op_kind_is_priced_as_memory_traffic():
     from compiler.cost.model import OP_RULES, View, _elementwise
 
