@@ -358,12 +358,19 @@ def _flatten(p: Propagation, op) -> list[str]:
 
 
 def _unflatten(p: Propagation, op) -> list[str]:
+    """The major dim takes the packed dim's sharding; where it does not divide over all of its
+    axes, the longest prefix that divides is kept (a gather over the rest only)."""
     x = op.operands[0]
     t = p.types[x]
-    if op.sizes[0] % math.prod(p.mesh[a] for a in t.dim(op.dim).axes):
+    axes = t.dim(op.dim).axes
+    keep = axes
+    while op.sizes[0] % math.prod(p.mesh[a] for a in keep):
+        keep = keep[:-1]
+    if keep != axes:
         ax = axes_of(t)
-        ax[op.dim] = ()
-        x = p.to(x, retype(t, ax, t.partial), f"unflatten {op.dim}: {op.into[0]} does not divide over its axes")
+        ax[op.dim] = keep
+        x = p.to(x, retype(t, ax, t.partial),
+                 f"unflatten {op.dim}: {op.into[0]}={op.sizes[0]} does not divide over {{{','.join(axes)}}}")
     return [x]
 
 
