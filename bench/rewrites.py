@@ -6,7 +6,7 @@ attn=batch, each configuration is compiled with the default pipeline's passes an
 (runtime.lower_jax.JaxExecutor; weights through the module's load-time @prepare as
 runtime.generate does):
 
-* baseline: ``default_pipeline(spec, rewrites=False)`` (pad-heads, shard, insert-collectives,
+* baseline: ``default_pipeline(spec, rewrites=False)`` (pad-heads if needed, shard, insert-collectives,
   cleanup), f32 weights;
 * + fusion: fuse-parallel-block (packed projections);
 * + int8: quantize-int8 (int8 weights + per-channel scales; the program computes in bf16);

@@ -63,24 +63,24 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
 def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
     """The pipeline `einshard compile` and `run` use when --passes is not given.
 
-    For the spec's phase (the cost model resolves ``auto`` layouts per phase): pad the heads
-    when they do not divide over the devices (as the paper pads PaLM 540B from 48 to 64), fuse
-    a parallel block's projections, quantize the weights for ``weights = int8``, apply the
-    layouts, expand the reshards into collectives, clean up, and for ``overlap = looped |
-    bidirectional`` turn collective + einsum pairs into ring loops. One device: fusion,
-    quantization and cleanup only. ``rewrites=False`` leaves out fusion, int8 and loops: the
-    paper's layouts alone (the layout tests and docs/layouts.md use it).
+    For the spec's phase (the cost model resolves ``auto`` layouts per phase): pad the
+    (non-grouped) heads to a multiple of :func:`head_multiple`, the devices the layout shards
+    them over, when they do not divide it (PaLM 540B's 48 heads on 4x4x4: to 64 under ``attn =
+    heads`` or 1D-WS, as the paper does; not at all under 2D-WS with ``attn = batch``, whose 16
+    head devices 48 divides), fuse a parallel block's projections, quantize the weights for
+    ``weights = int8``, apply the layouts, expand the reshards into collectives, clean up, and
+    for ``overlap = looped | bidirectional`` turn collective + einsum pairs into ring loops.
+    One device: fusion, quantization and cleanup only. ``rewrites=False`` leaves out fusion,
+    int8 and loops: the paper's layouts alone (the layout tests and docs/layouts.md use it).
     """
     if spec is None:
         return "cleanup"
-    if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
-        from compiler.cost.autolayout import resolve_auto
-
-        spec = resolve_auto(spec)[0]  # the cost model's choice (see compiler/cost/autolayout.py)
+    spec = _resolved(spec)
     m, s, n = spec.model, spec.serve, spec.mesh.n_devices
     parts = []
-    if n > 1 and m.attention != "grouped" and m.heads % n:
-        parts.append(f"pad-heads{{multiple={n}}}")
+    mult = head_multiple(spec)
+    if m.attention != "grouped" and m.heads % mult:
+        parts.append(f"pad-heads{{multiple={mult}}}")
     if rewrites and m.block == "parallel":
         parts.append("fuse-parallel-block" if _fuse_attention(spec) else "fuse-parallel-block{attention=false}")
     if rewrites and s.weights == "int8":
@@ -94,6 +94,38 @@ def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
     return ",".join(parts)
 
 
+def _resolved(spec: Spec) -> Spec:
+    """``spec`` with ``auto`` layouts replaced by the cost model's choice for its phase."""
+    if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
+        from compiler.cost.autolayout import resolve_auto
+
+        return resolve_auto(spec)[0]  # see compiler/cost/autolayout.py
+    return spec
+
+
+def head_multiple(spec: Spec) -> int:
+    """The device count that the default pipeline pads the query heads to a multiple of.
+
+    Padding costs weight memory and bandwidth, so it goes only as far as the layout needs: all
+    devices under ``attn = heads`` (Q's partial sums are reduce-scattered onto H over every
+    axis, passes/shard.py ``settle``) or 1D-WS (its weights split the heads over every axis);
+    else the wide weight axes (all but the first, passes/layouts.py ``Layout.wide``), since
+    ``attn = batch`` moves Q to the cache's batch sharding anyway (heads dividing every device
+    would only shorten that path, by less than the padded weights cost on PaLM 540B).
+    ``auto`` layouts are resolved first.
+    """
+    spec = _resolved(spec)
+    if spec.mesh.n_devices == 1 or spec.serve.attn == "heads":
+        return spec.mesh.n_devices
+    return _wide_devices(spec)
+
+
+def _wide_devices(spec: Spec) -> int:
+    """Devices of the wide weight dims (F, heads): all axes in 1D-WS, Y and Z otherwise."""
+    n = spec.mesh.n_devices
+    return n if spec.serve.ffn == "1d-ws" else n // spec.mesh.axes[0][1]
+
+
 def _fuse_attention(spec: Spec) -> bool:
     """Grouped-query projections join the packed weight only when their K/V heads are sharded
     (else the query heads are sharded inside a group, which a packed dim cannot express)."""
@@ -102,9 +134,7 @@ def _fuse_attention(spec: Spec) -> bool:
         return True
     if s.kv == "replicate":
         return False
-    n = spec.mesh.n_devices
-    wide = n if s.ffn == "1d-ws" else n // spec.mesh.axes[0][1]  # F/heads: all axes, or Y and Z
-    return m.kv_heads % wide == 0
+    return m.kv_heads % _wide_devices(spec) == 0
 
 
 def unsharded_pipeline(pipeline: str) -> str:

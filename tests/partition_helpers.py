@@ -90,11 +90,21 @@ class Problem:
     what: str
 
 
-def padded_heads(model: ModelSpec, mesh: Mesh, pad: bool) -> int:
-    """Query heads after the default pipeline's pad-heads (grouped-query heads are never padded)."""
-    n = n_devices(mesh)
-    if pad and model.attention != "grouped" and model.heads % n:
-        return -(-model.heads // n) * n
+def head_devices(mesh: Mesh, ffn: str, attn: str) -> int:
+    """Devices the default pipeline makes the heads divide: all of them under attn=heads (§6.1:
+    Q's partial sums are reduce-scattered onto the heads), else the wide weight axes (all of
+    them in 1D); attn=batch moves Q onto the batch and needs no more."""
+    if attn == "heads":
+        return n_devices(mesh)
+    return math.prod(dict(mesh)[a] for a in layout_axes(mesh, ffn)["wide"])
+
+
+def padded_heads(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool) -> int:
+    """Query heads after the default pipeline's pad-heads: up to a multiple of
+    :func:`head_devices` (grouped-query heads are never padded)."""
+    k = head_devices(mesh, ffn, attn)
+    if pad and model.attention != "grouped" and model.heads % k:
+        return -(-model.heads // k) * k
     return model.heads
 
 
@@ -115,7 +125,7 @@ def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str,
         if axes and size % k(axes):
             out.append(Problem(dim, size, frozenset(axes), what))
 
-    heads = padded_heads(model, mesh, pad)
+    heads = padded_heads(model, mesh, ffn, attn, pad)
     E, F = model.d_model, model.d_ff
     # weights: E over narrow (every matrix has E), F over wide
     need("E", E, ax["narrow"], "weights")
@@ -231,7 +241,8 @@ def event(text: str) -> None:
 @st.composite
 def model_specs(draw, n: int, divisible: bool, attention: str | None = None) -> ModelSpec:
     """A small model; with ``divisible`` its E and F are multiples of the mesh size ``n`` and its
-    heads are either a multiple of ``n`` or padded by the default pipeline (MHA/MQA)."""
+    heads are either a multiple of ``n`` or padded by the default pipeline as far as the layout
+    shards them (MHA/MQA)."""
     att = attention or draw(st.sampled_from(["mha", "mqa", "gqa"]))
     if divisible:
         unit = 8  # every mesh has at most 8 devices, and axis products divide 8
@@ -292,7 +303,7 @@ def check_partitioned(case, executor, tol: float, what: str) -> None:
         event(f"LayoutError on {p.dim} ({p.what})")
         return
     assert not problems, f"compiled although {problems} do not divide"
-    if padded_heads(model, mesh, pad) != model.heads:
+    if padded_heads(model, mesh, ffn, attn, pad) != model.heads:
         event("heads padded by the default pipeline")
     got, ref = run_pair(sharded, model, batch, prompt, steps, executor, seed=batch + 10 * prompt + steps)
     assert got.shape == ref.shape == (batch, prompt + steps, model.vocab)

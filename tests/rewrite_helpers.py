@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from compiler.driver import _fuse_attention, compile_module, unsharded_pipeline
+from compiler.driver import _fuse_attention, compile_module, head_multiple, unsharded_pipeline
 from ir.errors import LayoutError
 from partition_helpers import (build, cases, check_layout_error, event, expected_layout_problems, mesh_str,
-                               n_devices, note, padded_heads, rel_err, shard_pass, spec_for)
+                               note, padded_heads, rel_err, shard_pass, spec_for)
 
 QUANT = (None, "before", "after")
 LOOPS = (None, "one-way", "bidirectional")
@@ -30,12 +30,11 @@ def rewrite_cases(draw, attention=("mha", "mqa", "gqa"), meshes=None):
 def rewrite_pipeline(case, rw) -> str:
     model, mesh, ffn, attn, phase, batch, prompt, steps, pad, kv = case
     fuse, quant, loops = rw
-    n = n_devices(mesh)
+    spec = spec_for(model, mesh, ffn, attn, batch, kv=kv)
     parts = []
-    if padded_heads(model, mesh, pad) != model.heads:
-        parts.append(f"pad-heads{{multiple={n}}}")
+    if padded_heads(model, mesh, ffn, attn, pad) != model.heads:
+        parts.append(f"pad-heads{{multiple={head_multiple(spec)}}}")
     if fuse:
-        spec = spec_for(model, mesh, ffn, attn, batch, kv=kv)
         parts.append("fuse-parallel-block" + ("" if _fuse_attention(spec) else "{attention=false}"))
     if quant == "before":
         parts.append("quantize-int8")

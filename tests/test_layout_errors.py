@@ -1,5 +1,6 @@
 """Layouts that do not fit: LayoutError naming the dim, its size, the axes and the options; and
-pad-heads, the paper's fix for heads that do not divide (PaLM 540B: 48 -> 64 heads on 64 chips).
+pad-heads, the paper's fix for heads that do not divide (PaLM 540B: 48 -> 64 heads on 64 chips
+where the layout shards them over all 64, none where it shards them over 16).
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ import re
 import pytest
 
 from compiler.cli import main
-from compiler.driver import build_for, compile_config, compile_module, default_pipeline
-from compiler.spec import ModelSpec, load_spec
+from compiler.driver import build_for, compile_config, compile_module, default_pipeline, head_multiple
+from compiler.spec import ModelSpec, apply_overrides, load_spec
 from ir.errors import LayoutError
 from partition_helpers import (MESH_8, build, check_layout_error, compile_layout, expected_layout_problems,
-                               rel_err, run_pair, shard_pass)
+                               padded_heads, rel_err, run_pair, shard_pass, spec_for)
 from runtime.generate import ReferenceExecutor, generate
 from runtime.spmd import SpmdExecutor
 from runtime.weights import random_tokens, random_weights
@@ -217,22 +218,84 @@ def test_pad_heads_is_a_no_op_when_heads_divide():
     assert run.records[0].stats == {"heads already divide": 8}
 
 
-def test_palm_540b_pads_48_to_64_heads_on_4x4x4():
-    spec = load_spec(EXAMPLES / "palm-540b.model")
+#: PaLM 540B on x=4,y=4,z=4 per layout: the pad-heads multiple of the default pipeline (None: none).
+PALM_PADDING = {
+    ("2d-ws", "batch"): None,  # heads over the wide axes z,y only: 48 % 16 == 0
+    ("wg-xy", "batch"): None,  # the weight-gathered layouts share 2D-WS's weight storage
+    ("2d-ws", "heads"): 64,  # Q's partial sums over x are reduce-scattered onto H over all 64
+    ("wg-x", "heads"): 64,
+    ("1d-ws", "batch"): 64,  # 1D-WS splits the heads of the weights over all 64
+    ("1d-ws", "heads"): 64,
+}
+
+
+@pytest.mark.parametrize("ffn,attn", sorted(PALM_PADDING), ids=["-".join(k) for k in sorted(PALM_PADDING)])
+def test_palm_540b_pads_heads_only_as_far_as_the_layout_shards_them(ffn, attn):
+    spec = apply_overrides(load_spec(EXAMPLES / "palm-540b.model"), ffn=ffn, attn=attn)
     assert spec.model.heads == 48 and spec.mesh.n_devices == 64
+    want = PALM_PADDING[ffn, attn]
+    assert head_multiple(spec) == (want or 16)
     pipeline = default_pipeline(spec, rewrites=False)
-    assert pipeline.startswith("pad-heads{multiple=64},")
-    res = compile_module(build_for(spec, compile_config(spec)), pipeline)
-    stats = res.run.records[0].stats
-    assert stats.get("heads padded 48 -> 64") == 1
+    if want is None:
+        assert "pad-heads" not in pipeline, pipeline
+        assert pipeline.startswith(f"shard{{ffn={ffn},attn={attn}}},")
+    else:
+        assert pipeline.startswith(f"pad-heads{{multiple={want}}},shard{{ffn={ffn},attn={attn}}},"), pipeline
+    # the rewrites do not change the padding
+    assert ("pad-heads" in default_pipeline(spec)) == (want is not None)
+
+
+def test_palm_540b_2d_ws_batch_keeps_48_heads_on_4x4x4():
+    """The example's own layout (the paper's decode setting): 3 heads per chip of the 16 that
+    share an x coordinate, no padded weights, and the KV cache 1/64 per chip over batch."""
+    spec = load_spec(EXAMPLES / "palm-540b.model")
+    assert (spec.serve.ffn, spec.serve.attn) == ("2d-ws", "batch")
+    raw = build_for(spec, compile_config(spec))
+    res = compile_module(raw, default_pipeline(spec, rewrites=False))
+    fn = res.module.function("decode")
+    wq = fn.param("wq").type
+    assert wq.size("H") == 48 and wq.dim("H").axes == ("z", "y") and wq.dim("E").axes == ("x",)
+    assert wq.local_shape(res.module.mesh_sizes) == (118, 18432 // 4, 48 // 16, 256)
+    kc = fn.param("k_cache").type
+    assert kc.dim("B").axes == ("z", "y", "x") and kc.local_nbytes(res.module.mesh_sizes) * 64 == kc.nbytes()
+    weights = [p.type.nbytes() for p in fn.params_with_role("weight")]
+    assert weights == [p.type.nbytes() for p in raw.function("decode").params_with_role("weight")]
+
+
+def test_palm_540b_pads_48_to_64_heads_under_attn_heads():
+    """Attention over heads: the paper's padding, 48 -> 64 so that each chip holds one head."""
+    spec = apply_overrides(load_spec(EXAMPLES / "palm-540b.model"), attn="heads")
+    pipeline = default_pipeline(spec, rewrites=False)
+    raw = build_for(spec, compile_config(spec))
+    res = compile_module(raw, pipeline)
+    assert res.run.records[0].spelled == "pad-heads{multiple=64}"
+    assert res.run.records[0].stats.get("heads padded 48 -> 64") == 1
     fn = res.module.function("decode")
     wq = fn.param("wq").type
     assert wq.size("H") == 64 and wq.dim("H").axes == ("z", "y") and wq.dim("E").axes == ("x",)
     assert wq.local_shape(res.module.mesh_sizes) == (118, 18432 // 4, 64 // 16, 256)
-    # multiquery attention over batch: the KV cache is 1/64 per chip, independent of the padding
-    kc = fn.param("k_cache").type
-    assert kc.dim("B").axes == ("z", "y", "x") and kc.local_nbytes(res.module.mesh_sizes) * 64 == kc.nbytes()
     # §3 derived check: padding adds 118 * 2 * E * 16 * 256 parameters (about 17.8B)
     added = sum(p.type.nbytes() for p in fn.params_with_role("weight")) // 2 - sum(
-        p.type.nbytes() for p in build_for(spec, compile_config(spec)).function("decode").params_with_role("weight")) // 2
+        p.type.nbytes() for p in raw.function("decode").params_with_role("weight")) // 2
     assert added == 118 * 2 * 18432 * 16 * 256
+
+
+@pytest.mark.parametrize("model", [
+    MQA4, ModelSpec("e-mha4", layers=1, d_model=32, heads=4, kv_heads=4, d_head=4, d_ff=64, vocab=64, block="serial"),
+], ids=["mqa", "mha"])
+def test_heads_dividing_the_wide_axes_are_not_padded_and_match_the_reference(model):
+    """4 heads on x=2,y=2,z=2 under 2D-WS with attention over batch: the heads divide the 4
+    devices of z,y that shard them but not the 8 of the mesh. The default pipeline leaves them
+    alone, and the program compiles and equals the float64 reference on the SPMD simulator;
+    under attn=heads the same model is padded to 8."""
+    spec = spec_for(model, MESH_8, "2d-ws", "batch", 8, phase="decode")
+    assert head_multiple(spec) == 4 and "pad-heads" not in default_pipeline(spec)
+    assert default_pipeline(spec_for(model, MESH_8, "2d-ws", "heads", 8)).startswith("pad-heads{multiple=8},")
+    assert padded_heads(model, MESH_8, "2d-ws", "batch", pad=True) == 4
+    assert not expected_layout_problems(model, 8, MESH_8, "2d-ws", "batch", pad=True)
+    sharded = compile_layout(model, 8, 2, 4, MESH_8, "2d-ws", "batch", pad=True)
+    wq = sharded.function("prefill").param("wq").type
+    assert wq.size("H") == 4 and wq.dim("H").axes == ("z", "y")
+    got, ref = run_pair(sharded, model, 8, 2, 2, SpmdExecutor, seed=5)
+    assert got.shape == ref.shape == (8, 4, 64)
+    assert rel_err(got, ref) <= 1e-9
