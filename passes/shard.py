@@ -430,7 +430,7 @@ def layout_hint(layout: Layout, t: TensorType, ax: dict[str, tuple[str, ...]]) -
         return ("the query heads per K/V group must divide over the head axes: use --ffn 2d-ws "
                 "(fewer head axes) or another --mesh")
     if d == "H":
-        return "pad the heads with pad-heads (the default pipeline does when heads do not divide the mesh)"
+        return "pad the heads with pad-heads (the default pipeline does when they do not divide the devices the layout shards them over)"
     return f"choose another layout (--ffn/--attn) or a mesh (--mesh) whose axes divide {d}"
 
 
