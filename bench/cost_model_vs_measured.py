@@ -70,7 +70,7 @@ def main() -> None:
     a = ap.parse_args()
     probe = measure_cpu(refresh=a.refresh_probe)
     chip = chip_from_mapping(probe, "cpu probe")
-    print(f"cpu chip: {chip.peak('f32') / 1e9:.1f} GFLOP/s f32 matmul, {chip.hbm_bw / 1e9:.2f} GB/s copy, "
+    print(f"cpu chip: {chip.peak('f32') / 1e9:.1f} GFLOP/s f32 matmul, {chip.hbm_bw / 1e9:.2f} GB/s memory, "
           f"{chip.op_overhead_s * 1e6:.2f} us per kernel ({probe['source']}); median of {a.repeats} warm runs; "
           f"prompt {PROMPT}, decode cache {CACHE}, f32 weights")
     head = (f"{'model':10} {'phase':8} {'batch':>5} {'predicted ms':>13} {'measured ms':>12} {'ratio':>6}  "

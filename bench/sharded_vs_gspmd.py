@@ -107,7 +107,9 @@ def main() -> None:
     for ffn in FFN_LAYOUTS:
         for attn in ATTN_LAYOUTS:
             spec = apply_overrides(base, ffn=ffn, attn=attn)
-            sharded = compile_module(build_module(model, cfg, spec.mesh.axes), default_pipeline(spec)).module
+            # the layouts alone: the GSPMD side runs the same unfused float program
+            pipeline = default_pipeline(spec, rewrites=False)
+            sharded = compile_module(build_module(model, cfg, spec.mesh.axes), pipeline).module
             ex = JaxExecutor(sharded)
             mesh = ex.entries["prefill"].mesh
             for phase in ("prefill", "decode"):

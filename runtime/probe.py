@@ -4,7 +4,9 @@ per-op launch overhead. Cached as JSON so that later compiles do not measure aga
 The cache lives at ``$XDG_CACHE_HOME/einshard/cpu-probe.json`` (``~/.cache`` when unset, the
 platform convention) unless a directory is given. Measurements use JAX on one CPU device, the
 same backend ``einshard run`` uses: an f32 matmul of 1024^3 (median of several runs), a copy of
-a 64 MiB array (bytes read + written per second), and the time of a jitted chain of 64 tiny
+a 64 MiB array (bytes read + written per second) and a sum over it (bytes read per second: a
+decode step streams its weights read-only, and on this machine reading runs faster than
+copying; the memory bandwidth is the larger of the two, so the roofline stays a bound), and the time of a jitted chain of 64 tiny
 matmuls divided by 64 (XLA's per-kernel overhead). The simulated devices of a CPU mesh share
 this memory, so the interconnect bandwidth is the copy bandwidth.
 """
@@ -18,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +55,9 @@ def _measure() -> dict:
         flops_bf16 = 2 * n**3 / _median_time(mm, ab, ab)
         big = jnp.ones((16 << 20,), jnp.float32)  # 64 MiB
         copy = jax.jit(lambda x: x * 1.0001)
-        bw = 2 * big.nbytes / _median_time(copy, big)
+        copy_bw = 2 * big.nbytes / _median_time(copy, big)
+        read_bw = big.nbytes / _median_time(jax.jit(jnp.sum), big)
+        bw = max(copy_bw, read_bw)
         small = jnp.ones((8, 8), jnp.float32)
 
         def chain(x):
@@ -65,7 +69,7 @@ def _measure() -> dict:
         overhead = max(0.0, _median_time(jax.jit(chain), small, repeats=21)
                        - _median_time(empty, small, repeats=21)) / 64
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 8 << 30
-    return {"name": "cpu", "flops_f32": flops_f32, "flops_bf16": flops_bf16, "hbm_bw": bw, "ici_bw": bw,
+    return {"name": "cpu", "flops_f32": flops_f32, "flops_bf16": flops_bf16, "hbm_bw": bw, "ici_bw": copy_bw,
             "hbm_bytes": int(total), "hop_latency_s": 0.0, "topology": "shared-memory",
             "op_overhead_s": overhead,
             "source": f"measured on {platform.machine()} ({os.cpu_count()} cores) by runtime/probe.py, "

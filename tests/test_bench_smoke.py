@@ -1,0 +1,36 @@
+"""The benchmark scripts run to the end on small shapes (they are not imported anywhere else, so
+a refactor can break one silently: ``bench/sharded_vs_gspmd.py`` once did). Nothing is timed
+here; each script prints its ratios against a baseline measured in the same run, and this only
+checks that the table and its ratio column are there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SMALL = {
+    "compile_time.py": ["--repeats", "1"],
+    "sharded_vs_gspmd.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16"],
+    "rewrites.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16"],
+    "cost_model_vs_measured.py": ["--repeats", "1"],
+}
+
+
+def test_every_bench_script_is_covered():
+    assert {p.name for p in (ROOT / "bench").glob("*.py")} == set(SMALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMALL))
+def test_bench_script_runs(script, tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the CPU probe measures into a fresh cache
+    env.pop("XLA_FLAGS", None)  # each script sets up its own devices
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *SMALL[script]], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ratio" in r.stdout, r.stdout[-3000:]
