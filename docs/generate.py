@@ -29,7 +29,7 @@ def layer_after_each_pass() -> str:
     spec = load_spec(PALM)
     module = build_for(spec, compile_config(spec))
     pipeline = default_pipeline(spec, rewrites=False)
-    lines = [f"Pipeline: `{pipeline}` (the default for this spec).", ""]
+    lines = [f"Pipeline: `{pipeline}` (the default pipeline's layout passes for this spec, without the rewrites).", ""]
     lines += ["### Input (the builder's unsharded layer)", "", "```", print_function(module.function("decode_layer")).rstrip(), "```", ""]
     cur = compile_module(module, "", Instrumentation()).module
     for p in parse_pipeline(pipeline).passes:

@@ -390,7 +390,8 @@ class FuseParallelBlock(Pass):
                  "projections packed per layer": sum(len(g.segments) for g in fused),
                  "einsums per layer saved": sum(len(g.segments) - 1 for g in fused)}
         for g in fused:
-            notes.append(f"{g.name} [{'E, P' if g.side == 'in' else 'P, E'}={g.size}] packs "
+            packed = f"P={g.size}"
+            notes.append(f"{g.name} [{'E, ' + packed if g.side == 'in' else packed + ', E'}] packs "
                          + " + ".join(f"{s.weight}({s.letters})" for s in g.segments)
                          + f", interleaved in {groups} groups")
         return PassResult(out, stats, tuple(notes))
