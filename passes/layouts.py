@@ -8,7 +8,8 @@ a 1-axis mesh only X). From them it derives
   (Y minor, so that XY-WG can gather it as a suffix);
 * the residual stream at rest: E over all axes (weight-stationary) or batch over X / XY / XYZ
   with E over the rest (weight-gathered);
-* the KV cache: heads as the attention weights (``heads``) or batch over all axes (``batch``);
+* the KV cache: heads as the attention weights (``heads``) or batch over all axes (``batch``;
+  a smaller batch over the longest prefix of them it divides, at least one full axis);
 * whether einsums keep weights still (WS) or gather them to the activations (WG).
 
 Everything else is derived by propagation (passes/shard.py).
@@ -131,12 +132,24 @@ def weight_axes(layout: Layout, name: str, t: TensorType, kv_heads_shardable: bo
     return out
 
 
+def dividing_prefix(size: int, axes: tuple[str, ...], sizes: dict[str, int]) -> tuple[str, ...]:
+    """The longest prefix of ``axes`` over which ``size`` divides."""
+    keep = axes
+    while keep and not _fits(size, keep, sizes):
+        keep = keep[:-1]
+    return keep
+
+
 def cache_axes(layout: Layout, t: TensorType, kv_heads_shardable: bool) -> dict[str, tuple[str, ...]]:
     names = t.names.lstrip("N")
     if layout.attn == "batch":
         # WS: the axis order the query heads end up in, so the reshard is one all-to-all;
-        # WG: an extension of the activations' batch sharding, so the reshard is a local slice
-        return layout.prefer()
+        # WG: an extension of the activations' batch sharding, so the reshard is a local slice.
+        # A batch that does not divide over every axis is sharded over the longest prefix it
+        # divides (the paper: at least one full axis), the cache replicated over the rest; with
+        # none, the first axis is asked for and refused.
+        order = layout.prefer()["B"]
+        return {"B": dividing_prefix(t.size("B"), order, layout.sizes) or order[:1]}
     if "H" in names:
         return {"H": layout.wide()}
     if "K" in names and kv_heads_shardable:

@@ -22,7 +22,8 @@ from ir.module import Function, Module, ModuleContext, Param
 from ir.ops import Op, Scan
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
-from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, Layout, cache_axes, require_fit, weight_axes, with_axes
+from passes.layouts import (ATTN_LAYOUTS, FFN_LAYOUTS, Layout, cache_axes, dividing_prefix, require_fit, weight_axes,
+                            with_axes)
 from passes.registry import register
 
 Axes = dict[str, tuple[str, ...]]
@@ -70,7 +71,9 @@ def settle(t: TensorType, mesh: dict[str, int], forbid: str = "",
     ax = axes_of(t)
     used = {a for v in ax.values() for a in v}
     for c, want in (prefer or {}).items():
-        if c in forbid or not t.has(c) or not t.partial <= set(want):
+        if t.has(c):
+            want = dividing_prefix(t.size(c), want, mesh)
+        if c in forbid or not t.has(c) or not want or not t.partial <= set(want):
             continue
         cur = ax[c]
         free = set(want[len(cur):]) - t.partial

@@ -142,7 +142,13 @@ def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str,
     else:
         need("H", heads, ax["wide"], "weights")  # wq/wo (and wk/wv, the cache under attn=heads, for MHA)
     if attn == "batch":
-        need("B", batch, ax["all"], "cache")
+        # the KV cache's batch goes over the axes the query heads end up on (weight-stationary:
+        # wide then narrow) or the activations' batch axes then the rest (weight-gathered); a
+        # batch that does not divide all of them takes the longest prefix it divides, but at
+        # least the first axis (the paper: one full axis at least)
+        order = ax["batch"] + tuple(a for a in ax["all"] if a not in ax["batch"]) if ax["batch"] else (
+            ax["wide"] + ax["narrow"])
+        need("B", batch, order[:1], "cache")
     # the residual stream [B, L, E] at rest
     need("B", batch, ax["batch"], "residual")
     need("E", E, ax["rest_e"], "residual")
