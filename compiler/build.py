@@ -2,8 +2,9 @@
 
 Each entry embeds tokens, applies its layer body N times with ``scan`` over weights stacked
 along N (so the IR and the compile time do not grow with depth), then the final norm and the
-logits (a prefill's for its last prompt position unless ``logits = all``). Both phases read and write a KV cache of ``cache_len`` positions; prefill writes the
-prompt at positions 0..L-1 and decode writes one token per sequence at ``pos``.
+logits (a prefill's for its last prompt position unless ``logits = all``). Both phases read
+and write a KV cache of ``cache_len`` positions; prefill writes the prompt at positions
+0..L-1 and decode writes one token per sequence at ``pos``.
 
 Attention is written in the paper's letters. Multihead shares the letter H between queries and
 keys (``BLHD,BTHD->BHLT``); multiquery drops the K/V head dim (``BLHD,BTD->BHLT``, Fig. 4 of the

@@ -366,9 +366,7 @@ def _unflatten(p: Propagation, op) -> list[str]:
     x = op.operands[0]
     t = p.types[x]
     axes = t.dim(op.dim).axes
-    keep = axes
-    while op.sizes[0] % math.prod(p.mesh[a] for a in keep):
-        keep = keep[:-1]
+    keep = dividing_prefix(op.sizes[0], axes, p.mesh)
     if keep != axes:
         ax = axes_of(t)
         ax[op.dim] = keep
@@ -433,7 +431,8 @@ def layout_hint(layout: Layout, t: TensorType, ax: dict[str, tuple[str, ...]]) -
         return ("the query heads per K/V group must divide over the head axes: use --ffn 2d-ws "
                 "(fewer head axes) or another --mesh")
     if d == "H":
-        return "pad the heads with pad-heads (the default pipeline does when they do not divide the devices the layout shards them over)"
+        return ("pad the heads with pad-heads (the default pipeline does when they do not divide the devices the "
+                "layout shards them over)")
     return f"choose another layout (--ffn/--attn) or a mesh (--mesh) whose axes divide {d}"
 
 

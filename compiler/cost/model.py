@@ -26,9 +26,9 @@ weight-gathered layouts, a resharded table) depends on no activation, so it is p
 the other ops run (XLA schedules it early; layer i+1's gathers run under layer i's matmuls):
 a function takes ``max(T, W + A)``, where ``T`` is the sum of its op times, ``W`` the weight
 collectives and ``A`` its exposed activation communication (the links carry both), and only
-the excess over ``T`` is exposed. A function's time is otherwise the sum over its ops; a step is the sum
-over the functions an entry runs, layer bodies counted once per layer (``repeats_of``); a
-``prepare`` function (load time) is not part of a step. The components reported beside the
+the excess over ``T`` is exposed. A function's time is otherwise the sum over its ops; a step
+is the sum over the functions an entry runs, layer bodies counted once per layer
+(``repeats_of``); a ``prepare`` function (load time) is not part of a step. The components reported beside the
 time are the plain sums of each term over the ops, so ``max(compute, memory) + comm_exposed <=
 time <= compute + memory + comm_exposed + overhead``.
 
