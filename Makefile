@@ -43,7 +43,7 @@ test: $(VENV)/.stamp-test
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: | $(VENV)/bin/einshard
-	for f in bench/*.py; do echo "== $$f"; $(PY) "$$f"; done
+	for f in bench/[!_]*.py; do echo "== $$f"; $(PY) "$$f"; done
 
 clean:
 	rm -rf .jax_cache .hypothesis .pytest_cache .mypy_cache dumps build dist *.egg-info

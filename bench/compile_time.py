@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _harness import ROOT
 
 from compiler.driver import build_for, compile_config, compile_module, default_pipeline
 from compiler.spec import apply_overrides, load_spec

@@ -13,20 +13,15 @@ meant to be). No assertions.
 
 from __future__ import annotations
 
-import os
-import sys
+import _harness
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_harness.use_cpu_devices(1)
 
 import argparse
 import statistics
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _harness import ROOT, median_s
 
-import jax
 import numpy as np
 
 from compiler.build import BuildConfig, build_module
@@ -48,19 +43,6 @@ MODELS = [
 ]
 BATCHES = (1, 8, 32)
 PROMPT, CACHE = 64, 128
-
-
-def median_s(fn, make_args, repeats: int) -> float:
-    for _ in range(2):
-        jax.block_until_ready(fn(make_args()))
-    ts = []
-    for _ in range(repeats):
-        args = make_args()
-        jax.block_until_ready(list(args.values()))
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:

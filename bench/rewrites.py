@@ -29,20 +29,15 @@ here: their cost is reported as measured, and is expected to be a slowdown (more
 
 from __future__ import annotations
 
-import os
-import sys
+import _harness
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_harness.use_cpu_devices(8)
 
 import argparse
-import statistics
+import os
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _harness import ROOT, median_s
 
 import jax
 import numpy as np
@@ -83,21 +78,6 @@ def weight_bytes(module, entry: str) -> int:
 
 def ledger_bytes(module) -> int:
     return sum(e.per_step for e in ledger(module))
-
-
-def median_ms(fn, make_args, repeats: int) -> float:
-    """Median wall time of ``fn(*make_args())``; the arguments (fresh KV caches: they are
-    donated) are built outside the timing."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*make_args()))
-    times = []
-    for _ in range(repeats):
-        args = make_args()
-        jax.block_until_ready(args)
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def bytes_table(title: str, spec, build) -> None:
@@ -187,7 +167,7 @@ def main() -> None:
                 fresh = ex.prepare(phase, {**fixed, **{c: np.zeros_like(np.asarray(fixed[c])) for c in caches}})
                 return [fresh[p.name] for p in fn.params]
 
-            ms[phase] = median_ms(entry.jitted, make_args, a.repeats)
+            ms[phase] = 1e3 * median_s(lambda args: entry.jitted(*args), make_args, a.repeats)
             if phase == "decode":
                 logits = np.asarray(ex.to_host(entry.jitted(*make_args())[0]), np.float64)
         if ref_logits is None:

@@ -23,21 +23,14 @@ collective counts are the interesting part.
 
 from __future__ import annotations
 
-import os
-import sys
+import _harness
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA warns (W-level) when GSPMD has to fully rematerialize a tensor to reshard it; keep the table readable
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_harness.use_cpu_devices(8)
 
 import argparse
-import statistics
-import time
-from pathlib import Path
+import os
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _harness import ROOT, median_s
 
 import jax
 import numpy as np
@@ -60,21 +53,6 @@ KINDS = {"all-gather(": "AG", "reduce-scatter(": "RS", "all-reduce(": "AR", "all
 def counts(hlo: str) -> str:
     c = {short: hlo.count(" " + op) for op, short in KINDS.items()}
     return " ".join(f"{k}{v}" for k, v in c.items() if v) or "-"
-
-
-def median_ms(fn, make_args, repeats: int) -> float:
-    """Median wall time of ``fn(*make_args())`` (arguments rebuilt outside the timing: the KV
-    caches are donated)."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*make_args()))
-    times = []
-    for _ in range(repeats):
-        args = make_args()
-        jax.block_until_ready(args)
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -130,7 +108,7 @@ def main() -> None:
                 # einshard: shard_map program
                 ein = ex.entries[phase].jitted
                 ein_hlo = ein.lower(*make_args()).compile().as_text()
-                ein_ms = median_ms(ein, make_args, a.repeats)
+                ein_ms = 1e3 * median_s(lambda args: ein(*args), make_args, a.repeats)
                 ein_out = np.asarray(ein(*make_args())[0], np.float64)
 
                 # GSPMD: the unsharded program, jitted with the same boundary shardings
@@ -143,7 +121,7 @@ def main() -> None:
                 gs = jax.jit(program, in_shardings=tuple(shardings), out_shardings=out_shardings,
                              donate_argnums=donate)
                 gs_hlo = gs.lower(*make_args()).compile().as_text()
-                gs_ms = median_ms(gs, make_args, a.repeats)
+                gs_ms = 1e3 * median_s(lambda args: gs(*args), make_args, a.repeats)
                 gs_out = np.asarray(gs(*make_args())[0], np.float64)
                 diff = float(np.abs(ein_out - gs_out).max() / (np.abs(gs_out).max() or 1.0))
                 print(f"{ffn:7} {attn:6} {phase:8} {ein_ms:11.2f} {gs_ms:9.2f} {ein_ms / gs_ms:6.2f}  "

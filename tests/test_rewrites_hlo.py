@@ -23,7 +23,7 @@ import pytest
 from compiler.driver import build_for, compile_config, compile_module, default_pipeline
 from compiler.spec import apply_overrides, load_spec
 from conftest import EXAMPLES
-from partition_helpers import FFN_LAYOUTS, MESH_8, build, shard_pass
+from partition_helpers import MESH_8, build, shard_pass
 from passes.ledger import ledger
 from runtime.generate import zero_caches
 from runtime.weights import random_weights
