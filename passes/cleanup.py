@@ -171,33 +171,34 @@ def _rs_ag_to_ar(inner: Op, outer: Op, types: dict[str, TensorType]) -> Op | Non
                      axes=inner.axes, reason=join_reasons(inner.reason, outer.reason))
 
 
-def _ag_of_slice(inner: Op, outer: Op, types: dict[str, TensorType]) -> str | None:
+def _inverse_pair(first: str, then: str, doc: str) -> PairMatch:
+    """``then{A}`` on d of ``first{A}`` on d, when one undoes the other, is ``first``'s operand."""
+
+    def match(inner: Op, outer: Op, types: dict[str, TensorType]) -> str | None:
+        if (inner.kind, outer.kind) != (first, then) or inner.axes != outer.axes or inner.dim != outer.dim:
+            return None
+        return inner.operands[0]
+
+    match.__doc__ = doc
+    return match
+
+
+_ag_of_slice = _inverse_pair("local_slice", "all_gather",
     """``all_gather{A}`` on d of ``local_slice{A}`` on d is the sliced value.
 
     Sound: the slice keeps block k of d on device k of the group of ``A`` (a value replicated
     over ``A`` beforehand); the gather over the same axes in the same order concatenates blocks
     0..g-1, which is the value before the slice, on every device. Types must be equal (they are,
     by the two rules: the slice appends ``A`` to d's axes, the gather removes that suffix).
-    """
-    if (inner.kind, outer.kind) != ("local_slice", "all_gather"):
-        return None
-    if inner.axes != outer.axes or inner.dim != outer.dim:
-        return None
-    return inner.operands[0]
+    """)
 
-
-def _slice_of_ag(inner: Op, outer: Op, types: dict[str, TensorType]) -> str | None:
+_slice_of_ag = _inverse_pair("all_gather", "local_slice",
     """``local_slice{A}`` on d of ``all_gather{A}`` on d is the gathered operand.
 
     Sound: after the gather every device of the group holds blocks 0..g-1 of d; slicing keeps
     block k on device k, which is what device k held before the gather. Fires only when the
     types are exactly equal.
-    """
-    if (inner.kind, outer.kind) != ("all_gather", "local_slice"):
-        return None
-    if inner.axes != outer.axes or inner.dim != outer.dim:
-        return None
-    return inner.operands[0]
+    """)
 
 
 def _a2a_pair(inner: Op, outer: Op, types: dict[str, TensorType]) -> str | None:
