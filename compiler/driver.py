@@ -6,6 +6,7 @@ pipeline for a spec is chosen. The CLI and the benchmarks call it; it does no pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ from compiler.spec import Spec, load_spec
 from ir.errors import SpecError
 from ir.module import Module
 from ir.parser import parse_file
+from passes.layouts import Layout
 from passes.manager import Instrumentation, PassManager, PipelineRun
 from passes.pipeline import Pipeline, format_pass, parse_pipeline
 
@@ -121,9 +123,9 @@ def head_multiple(spec: Spec) -> int:
 
 
 def _wide_devices(spec: Spec) -> int:
-    """Devices of the wide weight dims (F, heads): all axes in 1D-WS, Y and Z otherwise."""
-    n = spec.mesh.n_devices
-    return n if spec.serve.ffn == "1d-ws" else n // spec.mesh.axes[0][1]
+    """Devices of the wide weight dims (F, heads), as the layout places them."""
+    layout = Layout(spec.serve.ffn, spec.serve.attn, spec.mesh.axes)
+    return math.prod(layout.sizes[a] for a in layout.wide())
 
 
 def _fuse_attention(spec: Spec) -> bool:
