@@ -229,8 +229,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     chip = _chip(args, spec)
     phases = (spec.serve.phase,) if args.phase else ("prefill", "decode")
     if args.pareto:
-        from compiler.cost.pareto import DEFAULT_BATCHES, plot, sweep
+        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep
 
+        check_path(args.pareto)
         batches = DEFAULT_BATCHES if not args.batches else tuple(_positive_ints(args.batches, "--batches"))
         points, skipped = sweep(spec, chip, phases, batches)
         plot(points, args.pareto, f"{spec.model.name} on {spec.mesh.n_devices} x {chip.name}")

@@ -65,6 +65,15 @@ def test_explain_pareto(tmp_path, capsys):
     assert "points written" in err
 
 
+def test_explain_pareto_bad_file_is_a_clear_error(tmp_path, capsys):
+    """An unknown image format or a missing folder is refused before the sweep, without a traceback."""
+    for target, says in ((tmp_path / "pareto.txt", "unknown image format '.txt'"),
+                         (tmp_path / "missing" / "pareto.png", "does not exist")):
+        code, _, err = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--pareto", str(target))
+        assert code == 1 and err.startswith("spec error: --pareto ") and says in err, err
+        assert "Traceback" not in err and not target.exists()
+
+
 def test_pareto_frontier():
     from compiler.cost.pareto import Point, frontier
 

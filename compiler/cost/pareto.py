@@ -16,7 +16,7 @@ from pathlib import Path
 from compiler.cost.autolayout import evaluate
 from compiler.cost.hardware import Chip
 from compiler.spec import Spec
-from ir.errors import EinshardError
+from ir.errors import EinshardError, SpecError
 
 DEFAULT_BATCHES = (1, 4, 16, 64, 256, 1024)
 
@@ -65,6 +65,20 @@ def frontier(points: list[Point]) -> list[Point]:
         if not dominated:
             out.append(p)
     return sorted(out, key=lambda p: (p.cost_chip_ms_per_token, p.latency_s))
+
+
+def check_path(path: str | Path) -> None:
+    """Refuses, before the sweep, a file matplotlib cannot write: an unknown image format or a
+    folder that does not exist."""
+    from matplotlib.figure import Figure
+
+    p = Path(path)
+    formats = Figure().canvas.get_supported_filetypes()
+    if p.suffix.lstrip(".").lower() not in formats:
+        raise SpecError(f"--pareto {path}: unknown image format {p.suffix or '(none)'!r}",
+                        hint=f"end the name with one of: {', '.join('.' + f for f in sorted(formats))}")
+    if not p.parent.is_dir():
+        raise SpecError(f"--pareto {path}: folder {p.parent} does not exist")
 
 
 def plot(points: list[Point], path: str | Path, title: str) -> None:
