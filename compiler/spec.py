@@ -19,6 +19,15 @@ from typing import Any, Sequence, cast
 import lark
 
 from ir.errors import Location, SpecError, did_you_mean
+from ir.model import BIAS_KINDS, BLOCK_KINDS, MLP_KINDS, NORM_KINDS, ROTARY_STYLES, ModelSpec
+from ir.model import MAX_INT as _MAX_INT
+from ir.model import MODEL_FIELDS as _MODEL_FIELDS
+from ir.model import NAME_FIELD as _NAME_FIELD
+from ir.model import WORD_RE as _WORD_RE
+from ir.model import Field as _Field
+from ir.model import Invalid as _Invalid
+from ir.model import check_fields as _check_fields
+from ir.model import value_problem as _value_problem
 
 __all__ = [
     "ATTN_LAYOUTS", "BIAS_KINDS", "BLOCK_KINDS", "FFN_LAYOUTS", "HARDWARE", "MLP_KINDS",
@@ -28,11 +37,6 @@ __all__ = [
 ]
 
 BLOCKS = ("model", "mesh", "serve")
-BLOCK_KINDS = ("parallel", "serial")
-MLP_KINDS = ("swiglu", "gelu", "gelu-tanh")
-NORM_KINDS = ("layernorm", "rmsnorm")
-ROTARY_STYLES = ("half", "interleaved")
-BIAS_KINDS = ("none", "mlp", "all")
 PHASES = ("prefill", "decode")
 FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz", "auto")
 ATTN_LAYOUTS = ("heads", "batch", "auto")
@@ -43,41 +47,12 @@ OVERLAPS = ("none", "looped", "bidirectional")
 HARDWARE = ("tpu-v4", "tpu-v5e", "tpu-v5p", "a100-80g", "h100", "h200", "cpu")
 
 COMMAND_LINE = "<command line>"
-_MAX_INT = 2**62  # far beyond any real size; keeps later arithmetic in machine integers
 
-_WORD_RE = re.compile(r"[A-Za-z0-9_.+\-]+\Z")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _INT_RE = re.compile(r"[+-]?[0-9]+\Z")
 _FLOAT_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 
 
-@dataclass(frozen=True)
-class _Field:
-    """How one field's value is written and checked: int, float, bool, enum or name."""
-
-    kind: str
-    choices: tuple[str, ...] = ()
-    required: bool = False
-
-
-_MODEL_FIELDS: dict[str, _Field] = {
-    "layers": _Field("int", required=True),
-    "d_model": _Field("int", required=True),
-    "heads": _Field("int", required=True),
-    "kv_heads": _Field("int", required=True),
-    "d_head": _Field("int", required=True),
-    "d_ff": _Field("int", required=True),
-    "vocab": _Field("int", required=True),
-    "block": _Field("enum", BLOCK_KINDS),
-    "mlp": _Field("enum", MLP_KINDS),
-    "norm": _Field("enum", NORM_KINDS),
-    "norm_eps": _Field("float"),
-    "rope_theta": _Field("float"),
-    "rotary_dim": _Field("int"),
-    "rotary_style": _Field("enum", ROTARY_STYLES),
-    "bias": _Field("enum", BIAS_KINDS),
-    "tie_embeddings": _Field("bool"),
-}
 _SERVE_FIELDS: dict[str, _Field] = {
     "phase": _Field("enum", PHASES),
     "batch": _Field("int"),
@@ -90,111 +65,8 @@ _SERVE_FIELDS: dict[str, _Field] = {
     "kv": _Field("enum", KV_LAYOUTS),
     "logits": _Field("enum", LOGITS),
 }
-_NAME_FIELD = _Field("name")
 _AXIS_SIZE = _Field("int")
 _REQUIRED = tuple(k for k, f in _MODEL_FIELDS.items() if f.required)
-
-
-class _Invalid(SpecError):
-    """Raised by the dataclasses' own checks; ``fields`` lets the parser point at a culprit."""
-
-    def __init__(self, message: str, fields_: tuple[str, ...], hint: str | None = None):
-        super().__init__(message, None, hint)
-        self.fields = fields_
-
-
-def _value_problem(name: str, f: _Field, value: Any) -> str | None:
-    """Why ``value`` is not a valid already-converted value of field ``name`` (None if it is)."""
-    if f.kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_INT
-        return None if ok else f"{name} must be a positive integer, got {value!r}"
-    if f.kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        try:
-            ok = ok and math.isfinite(float(value)) and value > 0
-        except OverflowError:  # an int beyond float range
-            ok = False
-        return None if ok else f"{name} must be a positive number, got {value!r}"
-    if f.kind == "bool":
-        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
-    if f.kind == "enum":
-        return None if value in f.choices else f"{name} must be one of {', '.join(f.choices)}, got {value!r}"
-    ok = isinstance(value, str) and _WORD_RE.match(value) is not None
-    return None if ok else f"{name} must be a word of letters, digits, '_', '-', '.' or '+', got {value!r}"
-
-
-def _check_fields(obj: Any, table: dict[str, _Field]) -> None:
-    """Validates every table field of a spec dataclass; coerces int floats to float."""
-    for name, f in table.items():
-        value = getattr(obj, name)
-        problem = _value_problem(name, f, value)
-        if problem:
-            raise _Invalid(problem, (name,))
-        if f.kind == "float":
-            object.__setattr__(obj, name, float(value))
-
-
-def _divisors(n: int) -> str:
-    ds = [d for d in range(1, min(n, 4096) + 1) if n % d == 0]
-    return ", ".join(map(str, ds[:16])) + (", ..." if len(ds) > 16 else "")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A decoder-only transformer. Construction validates it, so every ModelSpec is usable."""
-
-    name: str
-    layers: int
-    d_model: int
-    heads: int  # query heads
-    kv_heads: int  # key/value heads; divides heads
-    d_head: int
-    d_ff: int
-    vocab: int
-    block: str = "serial"  # parallel: attention and MLP read the same normed input (PaLM, GPT-J)
-    mlp: str = "gelu"  # swiglu | gelu (exact erf, Falcon) | gelu-tanh (GPT-J's gelu_new)
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rotary_dim: int = 0  # dims of each head that RoPE rotates; 0 means d_head, resolved on construction
-    rotary_style: str = "half"  # half: rotate_half pairs (i, i + r/2) | interleaved: pairs (2i, 2i + 1)
-    bias: str = "none"  # none | mlp (MLP linears only) | all (every linear layer)
-    tie_embeddings: bool = False  # output projection reuses the input embedding
-
-    def __post_init__(self) -> None:
-        problem = _value_problem("name", _NAME_FIELD, self.name)
-        if problem:
-            raise _Invalid(problem, ("name",))
-        defaulted = isinstance(self.rotary_dim, int) and not isinstance(self.rotary_dim, bool) and self.rotary_dim == 0
-        if defaulted:
-            object.__setattr__(self, "rotary_dim", self.d_head)
-        _check_fields(self, _MODEL_FIELDS)
-        if self.heads % self.kv_heads:
-            raise _Invalid(
-                f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})",
-                ("kv_heads", "heads"),
-                f"each K/V head serves heads/kv_heads query heads; kv_heads can be {_divisors(self.heads)}",
-            )
-        culprit = ("d_head", "rotary_dim") if defaulted else ("rotary_dim", "d_head")
-        if self.rotary_dim % 2:
-            why = " (it defaults to d_head)" if defaulted else ""
-            raise _Invalid(f"rotary_dim must be even, got {self.rotary_dim}{why}", culprit,
-                           "rotary embeddings rotate pairs of dimensions")
-        if self.rotary_dim > self.d_head:
-            raise _Invalid(f"rotary_dim ({self.rotary_dim}) exceeds d_head ({self.d_head})", culprit,
-                           "rotary_dim is how many of each head's d_head dimensions are rotated")
-
-    @property
-    def attention(self) -> str:
-        """``multihead``, ``multiquery`` or ``grouped``: which K/V sharing scheme the heads use."""
-        if self.kv_heads == self.heads:
-            return "multihead"
-        return "multiquery" if self.kv_heads == 1 else "grouped"
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per K/V head."""
-        return self.heads // self.kv_heads
 
 
 @dataclass(frozen=True)

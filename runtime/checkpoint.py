@@ -17,7 +17,7 @@ maps the HF tensors onto the einshard weight names of ``compiler.build`` (``laye
 - einshard's ``lm_head_bias`` exists whenever bias is not ``none``; Llama and Falcon have none, so
   it is zero (exact).
 
-The ModelSpec must equal the one ``config.json`` describes (``compiler.hf``; the name aside):
+The ModelSpec must equal the one ``config.json`` describes (``runtime.hf_config``; the name aside):
 weights cannot reveal a different activation, norm eps or rotary form, and a spec that differs
 there would run without error and give wrong logits.
 
@@ -42,10 +42,10 @@ from typing import Callable, Mapping
 import numpy as np
 from safetensors import safe_open
 
-from compiler.hf import HFConfig, falcon_qkv_layout, hf_family, model_from_config, read_hf_config
-from compiler.spec import ModelSpec
 from ir.errors import SpecError, WeightsError
+from ir.model import ModelSpec
 from ir.types import TensorType
+from runtime.hf_config import HFConfig, falcon_qkv_layout, hf_family, model_from_config, read_hf_config
 
 __all__ = ["load_hf_weights", "read_safetensors_index", "TensorInfo"]
 
@@ -323,7 +323,7 @@ def load_hf_weights(directory: str | Path, model: ModelSpec,
 
     ``weight_types`` is {param name: type} of the entry function's ``weight`` params; exactly
     those names are returned. ``model`` must be the model that ``config.json`` describes (all
-    fields but the name; see ``compiler.hf.spec_from_hf``), and it fixes the expected HF tensor
+    fields but the name; see ``runtime.hf_config.model_from_config``), and it fixes the expected HF tensor
     shapes, so a config.json that does not fit its tensors shows up as mis-shaped tensors.
     """
     d = Path(directory)
