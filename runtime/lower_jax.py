@@ -152,10 +152,11 @@ class JaxEntry:
         return self.jitted.lower(*[args[p.name] for p in self.fn.params])
 
 
-def lower_entry(module: Module, entry: str, backend: JaxBackend | None = None) -> JaxEntry:
-    """Jits one entry function of ``module``; cache params are donated. On a mesh of more than
-    one device the function runs inside ``jax.shard_map`` on per-device blocks, with the
-    in/out specs read off the param and result types (``check_vma`` on)."""
+def entry_program(module: Module, entry: str, backend: JaxBackend | None = None) -> tuple[Any, Mesh | None]:
+    """The traceable (not jitted) program of one entry, positional in its params, and its mesh.
+    On a mesh of more than one device the function runs inside ``jax.shard_map`` on per-device
+    blocks, with the in/out specs read off the param and result types (``check_vma`` on).
+    Callers compose it inside their own ``jax.jit`` (the generation loop, the serving step)."""
     fn = module.function(entry)
     be = backend or JaxBackend(mesh=module.mesh_sizes)
     interp = Interpreter(module, be)
@@ -175,6 +176,14 @@ def lower_entry(module: Module, entry: str, backend: JaxBackend | None = None) -
         looped = any(op.kind == "collective_einsum" for f in module.functions for op in f.ops)
         program = jax.shard_map(program, mesh=mesh, in_specs=tuple(partition_spec(p.type) for p in fn.params),
                                 out_specs=tuple(partition_spec(t) for t in fn.result_types), check_vma=not looped)
+    return program, mesh
+
+
+def lower_entry(module: Module, entry: str, backend: JaxBackend | None = None) -> JaxEntry:
+    """Jits one entry function of ``module`` (see :func:`entry_program`); cache params are
+    donated so decode updates them in place."""
+    fn = module.function(entry)
+    program, mesh = entry_program(module, entry, backend)
     donate = tuple(i for i, p in enumerate(fn.params) if p.role == "cache")
     return JaxEntry(fn, jax.jit(program, donate_argnums=donate), mesh)
 

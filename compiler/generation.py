@@ -1,0 +1,59 @@
+"""From a spec and weights to a runtime ModelRunner: one layout, a module per program shape.
+
+The runner (runtime/model_runner.py) compiles a step for every (phase, batch, length) it is
+used at; this module is the compiler half of that: the callback that builds and compiles the
+module for a shape. ``auto`` layouts are resolved once, at the decode shape, and then fixed, so
+every shape takes the same prepared weights (the runner checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Mapping
+
+import numpy as np
+
+from compiler.build import BuildConfig, build_module
+from compiler.driver import WEIGHT_DTYPES, compile_module, default_pipeline
+from compiler.spec import Spec
+from ir.module import Module
+from runtime.model_runner import ModelRunner
+
+
+def fixed_layout(spec: Spec, batch: int) -> Spec:
+    """``spec`` with ``auto`` layouts resolved by the cost model for decode at ``batch``."""
+    s = spec.serve
+    if spec.mesh.n_devices > 1 and (s.ffn == "auto" or s.attn == "auto"):
+        from compiler.cost.autolayout import resolve_auto
+
+        probe = replace(spec, serve=replace(s, phase="decode", batch=batch))
+        chosen = resolve_auto(probe)[0].serve
+        return replace(spec, serve=replace(s, ffn=chosen.ffn, attn=chosen.attn))
+    return spec
+
+
+def module_for(spec: Spec, phase: str, batch: int, length: int, cache_len: int, logits: str = "last") -> Module:
+    """The compiled module with one entry: ``phase`` at ``batch`` x ``length`` over a cache of
+    ``cache_len`` positions, through the spec's default pipeline."""
+    s = replace(spec.serve, phase=phase, batch=batch, seq=length if phase == "prefill" else cache_len)
+    sp = replace(spec, serve=s)
+    cfg = BuildConfig(batch, length, cache_len, (phase,), WEIGHT_DTYPES[s.weights], logits)
+    module = build_module(spec.model, cfg, spec.mesh.axes)
+    return compile_module(module, default_pipeline(sp)).module
+
+
+def make_runner(spec: Spec, weights: Mapping[str, np.ndarray], cache_len: int, batch: int = 1) -> ModelRunner:
+    """A runner for ``spec``'s model and layout (``auto`` resolved at decode x ``batch``)."""
+    fixed = fixed_layout(spec, batch)
+
+    def build(phase: str, b: int, length: int) -> Module:
+        return module_for(fixed, phase, b, length, cache_len)
+
+    return ModelRunner(build, weights, cache_len, spec.model.vocab)
+
+
+def weight_types(spec: Spec) -> dict:
+    """The checkpoint-facing weight params (names -> types) of the unpartitioned model."""
+    cfg = BuildConfig(1, 1, 1, ("decode",), WEIGHT_DTYPES[spec.serve.weights])
+    fn = build_module(spec.model, cfg).function("decode")
+    return {p.name: p.type for p in fn.params_with_role("weight")}

@@ -1,0 +1,229 @@
+"""Batch generation: prefill the prompts, then decode until every row stops.
+
+One jitted function does a whole decode iteration (the model's step, sampling, the stop rule)
+with the KV cache donated, so it is updated in place. Without streaming the whole loop runs on
+device in a ``lax.while_loop`` that exits as soon as every row has stopped; with streaming the
+same iteration runs once per host call and each token is handed over as it is made. Both call
+the same iteration function, so they give the same tokens.
+
+Rows of different prompt lengths share one prefill (runtime.model_runner.pack_prompts) and
+then decode each at its own position; each row stops on its own (end-of-sequence token or its
+token budget). Stop strings are text, so they are applied by the caller on the decoded text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ir.errors import SpecError
+from runtime.model_runner import Caches, ModelRunner, bucket, pack_prompts
+from runtime.sampling import SamplingArrays, SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What to generate: prompts (token ids), per-row sampling and budgets, the stop ids."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    params: tuple[SamplingParams, ...]
+    max_new_tokens: tuple[int, ...]
+    eos_ids: tuple[int, ...] = ()
+
+    @staticmethod
+    def of(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+           max_new_tokens: int | Sequence[int], eos_ids: Sequence[int] = ()) -> "GenerateRequest":
+        B = len(prompts)
+        ps = (params,) * B if isinstance(params, SamplingParams) else tuple(params)
+        mx = (max_new_tokens,) * B if isinstance(max_new_tokens, int) else tuple(max_new_tokens)
+        if len(ps) != B or len(mx) != B:
+            raise SpecError(f"{B} prompts need {B} sampling parameters and budgets, got {len(ps)} and {len(mx)}")
+        for i, n in enumerate(mx):
+            if n < 1:
+                raise SpecError(f"max_new_tokens must be >= 1, got {n} for prompt {i}")
+        return GenerateRequest(tuple(tuple(int(t) for t in p) for p in prompts), ps, mx, tuple(eos_ids))
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "eos" | "length"
+    prompt_tokens: list[int]
+    ttft_s: float  # prefill + first token, as the caller saw it
+    decode_s: float  # wall time of the decode loop
+    step_ms: list[float] = field(default_factory=list)  # per-step times (streaming: each; else the mean)
+    batch: int = 0
+    prompt_bucket: int = 0
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # tokens made by the decode loop (the first token of each row comes from prefill)
+        made = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return made / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def step_ms_p50(self) -> float:
+        return float(np.median(self.step_ms)) if self.step_ms else 0.0
+
+
+class Generator:
+    """Compiled prefill + decode iteration + on-device loop for one runner, cached per shape."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._prefill: dict[tuple[int, int], Callable] = {}
+        self._iterate: dict[int, Callable] = {}
+        self._loop: dict[tuple[int, int], Callable] = {}
+
+    # ---- compiled pieces -----------------------------------------------------------------
+    def prefill_fn(self, batch: int, length: int) -> Callable:
+        key = (batch, length)
+        if key not in self._prefill:
+            step = self.runner.step("prefill", batch, length)
+
+            def prefill(params, caches, tokens, pos, samp, first_pos):
+                logits, caches = step(params, tokens, pos, caches)
+                tok = sample(logits, *samp, first_pos)
+                return tok, caches
+
+            self._prefill[key] = jax.jit(prefill, donate_argnums=(1,))
+        return self._prefill[key]
+
+    def _iteration(self, batch: int) -> Callable:
+        """(params, caches, state, samp, eos, limit) -> (caches, state): one decode step for
+        every live row. state = (tok [B], pos [B], done [B], count [B]); ``pos`` is the position
+        of ``tok``, ``count`` the tokens made so far, ``limit`` each row's budget."""
+        step = self.runner.step("decode", batch, 1)
+
+        def iterate(params, caches, state, samp, eos, limit):
+            tok, pos, done, count = state
+            logits, caches = step(params, tok[:, None], pos[:, None], caches)
+            nxt = sample(logits, *samp, pos + 1)
+            live = ~done
+            tok = jnp.where(live, nxt, tok)
+            pos = jnp.where(live, pos + 1, pos)
+            count = count + live.astype(jnp.int32)
+            stop = (count >= limit) | jnp.any(nxt[:, None] == eos[None, :], axis=-1)
+            return caches, (tok, pos, done | (live & stop), count)
+
+        return iterate
+
+    def iterate_fn(self, batch: int) -> Callable:
+        if batch not in self._iterate:
+            self._iterate[batch] = jax.jit(self._iteration(batch), donate_argnums=(1,))
+        return self._iterate[batch]
+
+    def loop_fn(self, batch: int, max_new: int) -> Callable:
+        """The whole decode on device: iterate until every row is done; tokens into a buffer."""
+        key = (batch, max_new)
+        if key not in self._loop:
+            iterate = self._iteration(batch)
+
+            def loop(params, caches, state, samp, eos, limit):
+                out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(state[0])
+
+                def cond(c):
+                    return ~jnp.all(c[1][2])
+
+                def body(c):
+                    caches, state, out = c
+                    caches, state = iterate(params, caches, state, samp, eos, limit)
+                    tok, _, _, count = state
+                    out = out.at[jnp.arange(batch), jnp.minimum(count - 1, max_new - 1)].set(tok)
+                    return caches, state, out
+
+                caches, state, out = jax.lax.while_loop(cond, body, (caches, state, out))
+                return caches, state, out
+
+            self._loop[key] = jax.jit(loop, donate_argnums=(1,))
+        return self._loop[key]
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, req: GenerateRequest, stream: Callable[[int, int], None] | None = None,
+                 batch: int | None = None) -> GenerateResult:
+        """Generates for every prompt; ``stream(row, token)`` is called for each token as it is
+        made when given (then one host call per step). ``batch`` pads the rows to a compiled
+        batch size (extra rows repeat the first prompt and are dropped)."""
+        r = self.runner
+        n = len(req.prompts)
+        if n == 0:
+            raise SpecError("no prompts to generate from")
+        B = max(batch or n, n)
+        for i, p in enumerate(req.prompts):
+            if not p:
+                raise SpecError(f"prompt {i} is empty", hint="give at least one token (most tokenizers add BOS)")
+            if any(t < 0 or t >= r.vocab for t in p):
+                bad = next(t for t in p if t < 0 or t >= r.vocab)
+                raise SpecError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {r.vocab})")
+            need = len(p) + req.max_new_tokens[i]
+            if need > r.cache_len:
+                raise SpecError(f"prompt {i} ({len(p)} tokens) + {req.max_new_tokens[i]} new tokens needs {need} "
+                                f"positions; the context holds {r.cache_len}",
+                                hint="shorten the prompt or lower --max-new-tokens")
+        rows = list(req.prompts) + [req.prompts[0]] * (B - n)
+        params = list(req.params) + [req.params[0]] * (B - n)
+        limit = np.array(list(req.max_new_tokens) + [1] * (B - n), np.int32)
+        L = min(bucket(max(len(p) for p in rows)), r.cache_len)
+        tokens, pos = pack_prompts(rows, L)
+        lens = np.array([len(p) for p in rows], np.int32)
+        samp = tuple(jnp.asarray(a) for a in SamplingArrays.of(params).as_tuple())
+        eos = jnp.asarray(np.array(req.eos_ids or (-1,), np.int32))
+        max_new = int(limit.max())
+
+        t0 = time.perf_counter()
+        caches = r.empty_cache(B)
+        first, caches = self.prefill_fn(B, L)(r.params, caches, tokens, pos, samp, jnp.asarray(lens))
+        first_h = np.asarray(first)
+        ttft = time.perf_counter() - t0
+        count = np.ones(B, np.int32)
+        done = (count >= limit) | np.isin(first_h, np.array(req.eos_ids, np.int32))
+        state = (jnp.asarray(first_h), jnp.asarray(lens), jnp.asarray(done), jnp.asarray(count))
+        out = [[int(first_h[b])] for b in range(B)]
+        if stream is not None:
+            for b in range(n):
+                stream(b, out[b][0])
+        steps: list[float] = []
+        t1 = time.perf_counter()
+        if stream is None:
+            if not done.all():
+                caches, state, buf = self.loop_fn(B, max_new)(r.params, caches, state, samp, eos, jnp.asarray(limit))
+                counts = np.asarray(state[3])
+                buf_h = np.asarray(buf)
+                out = [buf_h[b, : counts[b]].tolist() for b in range(B)]
+                made = int(counts.max()) - 1
+                dt = time.perf_counter() - t1
+                steps = [dt / made * 1e3] if made else []
+        else:
+            iterate = self.iterate_fn(B)
+            lim = jnp.asarray(limit)
+            while not done.all():
+                ts = time.perf_counter()
+                caches, state = iterate(r.params, caches, state, samp, eos, lim)
+                tok_h, done_prev = np.asarray(state[0]), done
+                done = np.asarray(state[2])
+                steps.append((time.perf_counter() - ts) * 1e3)
+                for b in range(B):
+                    if not done_prev[b]:
+                        out[b].append(int(tok_h[b]))
+                        if b < n:
+                            stream(b, int(tok_h[b]))
+        decode_s = time.perf_counter() - t1
+        eos_set = set(req.eos_ids)
+        reasons = ["eos" if o and o[-1] in eos_set else "length" for o in out[:n]]
+        return GenerateResult(out[:n], reasons, [len(p) for p in req.prompts], ttft, decode_s, steps, B, L)
+
+
+def generate(runner: ModelRunner, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+             max_new_tokens: int | Sequence[int], eos_ids: Sequence[int] = ()) -> GenerateResult:
+    """One-shot generation (the reference a request alone gets; see Generator for reuse)."""
+    return Generator(runner).generate(GenerateRequest.of(prompts, params, max_new_tokens, eos_ids))

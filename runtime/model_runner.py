@@ -1,0 +1,163 @@
+"""Compiled prefill and decode steps of one model at one layout, over device-resident weights.
+
+The compiler emits one module per program shape (batch, prompt length); the runner asks its
+``build`` callback for the module of each shape it is used at, lowers the entry to a traceable
+JAX function, and keeps one copy of the prepared weights on device for all of them. Callers
+(the generation loop, the serving engine) compose :meth:`ModelRunner.step` inside their own
+``jax.jit`` with sampling and stop checks, so one compiled program does a whole iteration.
+
+Position is data: every row carries its own positions, the causal mask is ``t > pos`` per row
+and the step writes the new keys and values at ``cache[:, b, pos[b, l]]`` before attending. Rows
+of different prompt lengths share one prefill through :func:`pack_prompts`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from ir.errors import EinshardError, SpecError
+from ir.module import Function, Module
+from runtime.generate import prepared_weights
+from runtime.lower_jax import JNP_DTYPES, JaxExecutor, entry_program, partition_spec
+
+#: build(phase, batch, length) -> the compiled module with that one entry ("prefill" with L =
+#: length, or "decode" with L = 1), its KV cache holding the runner's cache_len positions.
+BuildFn = Callable[[str, int, int], Module]
+Caches = tuple[jax.Array, ...]
+StepFn = Callable[[dict[str, jax.Array], jax.Array, jax.Array, Caches], tuple[jax.Array, Caches]]
+
+
+def bucket(n: int, least: int = 8) -> int:
+    """The compiled length for ``n`` tokens: the next power of two (at least ``least``), so a new
+    prompt length reuses a compiled program instead of compiling its own."""
+    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def pack_prompts(prompts: Sequence[Sequence[int]], length: int, start: Sequence[int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and positions [B, length] for rows of different lengths in one prefill.
+
+    Row b's n real tokens sit at the end (columns length-n..length-1, positions s..s+n-1 where s
+    is ``start[b]``, 0 by default) and the padding at the start, with positions s+n..s+length-1:
+    padding writes cache rows after the prompt, which no real query can see (the mask hides
+    t > pos) and which decode overwrites before any query reaches them. So column length-1 is
+    every row's last prompt token, and the step's last-column logits are its next-token logits.
+    """
+    B = len(prompts)
+    tokens = np.zeros((B, length), np.int32)
+    pos = np.zeros((B, length), np.int32)
+    for b, p in enumerate(prompts):
+        n, s = len(p), (start[b] if start is not None else 0)
+        if not 0 < n <= length:
+            raise SpecError(f"prompt {b} has {n} tokens; a prefill of {length} columns takes 1..{length}")
+        tokens[b, length - n:] = p
+        pos[b, length - n:] = np.arange(s, s + n)
+        pos[b, : length - n] = np.arange(s + n, s + length)
+    return tokens, pos
+
+
+@dataclass
+class _Compiled:
+    fn: Function
+    program: Any
+    weight_names: tuple[str, ...]
+    cache_types: tuple[Any, ...]
+
+
+@dataclass
+class ModelRunner:
+    """Steps of one model, compiled per shape on first use; weights prepared once, on device."""
+
+    build: BuildFn
+    weights: Mapping[str, np.ndarray]
+    cache_len: int
+    vocab: int
+    params: dict[str, jax.Array] = field(default_factory=dict)
+    _compiled: dict[tuple[str, int, int], _Compiled] = field(default_factory=dict)
+    _signature: tuple | None = None
+    mesh: Any = None
+
+    def valid_batch(self, batch: int) -> bool:
+        """Whether the layout can run this batch (batch-sharded caches need it to divide)."""
+        try:
+            self._get("decode", batch, 1)
+        except EinshardError:
+            return False
+        return True
+
+    # ---- compiled entries ----------------------------------------------------------------
+    def _get(self, phase: str, batch: int, length: int) -> _Compiled:
+        key = (phase, batch, length)
+        c = self._compiled.get(key)
+        if c is not None:
+            return c
+        if phase not in ("prefill", "decode") or (phase == "decode" and length != 1):
+            raise SpecError(f"no step {phase} of length {length}")
+        if not 1 <= length <= self.cache_len:
+            raise SpecError(f"a prefill of {length} tokens does not fit the KV cache of {self.cache_len} positions")
+        module = self.build(phase, batch, length)
+        fn = module.function(phase)
+        program, mesh = entry_program(module, phase)
+        self.mesh = mesh
+        weight_names = tuple(p.name for p in fn.params_with_role("weight"))
+        sig = tuple((p.name, str(p.type)) for p in fn.params_with_role("weight"))
+        if self._signature is None:
+            host = prepared_weights(JaxExecutor(module), self.weights)  # through @prepare, once
+            self.params = {p.name: _put(host[p.name], p.type, mesh) for p in fn.params_with_role("weight")}
+            self._signature = sig
+        elif sig != self._signature:
+            raise SpecError(f"the {phase} program at batch {batch}, length {length} takes other weights "
+                            "than the first compiled one; fix the layout (ffn/attn) instead of auto")
+        c = _Compiled(fn, (program, mesh), weight_names, tuple(p.type for p in fn.params_with_role("cache")))
+        self._compiled[key] = c
+        return c
+
+    def step(self, phase: str, batch: int, length: int) -> StepFn:
+        """A pure, traceable step: (params, tokens[B, L], pos[B, L], caches) -> (logits[B, V] f32
+        of each row's last column, new caches). Compose it inside your own ``jax.jit``."""
+        c = self._get(phase, batch, length)
+        program, _ = c.program
+        names = [p.name for p in c.fn.params]
+        V = self.vocab
+
+        def run(params: dict[str, jax.Array], tokens: jax.Array, pos: jax.Array, caches: Caches
+                ) -> tuple[jax.Array, Caches]:
+            env = {**params, "tokens": tokens.astype(jnp.int32), "pos": pos.astype(jnp.int32)}
+            for p, a in zip(c.fn.params_with_role("cache"), caches):
+                env[p.name] = a
+            outs = program(*[env[n] for n in names])
+            logits = outs[0][:, -1, :V].astype(jnp.float32)
+            return logits, tuple(outs[1:])
+
+        return run
+
+    def empty_cache(self, batch: int) -> Caches:
+        """Zero KV caches for ``batch`` rows, laid out as the decode entry's cache params."""
+        c = self._get("decode", batch, 1)
+        return tuple(_put(np.zeros(t.shape, _np_dtype(t.dtype)), t, self.mesh) for t in c.cache_types)
+
+    def cache_bytes(self, batch: int) -> int:
+        c = self._get("decode", batch, 1)
+        return sum(int(np.prod(t.shape)) * np.dtype(_np_dtype(t.dtype)).itemsize for t in c.cache_types)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the prepared weights (all devices): what one decode step reads."""
+        return sum(int(a.size) * a.dtype.itemsize for a in self.params.values())
+
+
+def _np_dtype(dtype: str) -> Any:
+    return jnp.dtype(JNP_DTYPES[dtype])
+
+
+def _put(a: Any, t: Any, mesh: Any) -> jax.Array:
+    x = jnp.asarray(a, dtype=JNP_DTYPES[t.dtype])
+    if mesh is not None:
+        x = jax.device_put(x, NamedSharding(mesh, partition_spec(t)))
+    return x
