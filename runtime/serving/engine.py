@@ -1,0 +1,319 @@
+"""The serving engine: one iteration at a time, Flover's temporal fusion over a slot buffer.
+
+An iteration (``step``) admits waiting requests into free slots (one batched, bucketed prefill
+whose rows are scattered into the slot buffer on device), continues chunked prompts, compacts
+the live slots into a smaller window when that shrinks it, and runs one compiled decode step
+over the window, every slot at its own position. A request leaves its slot the moment it
+stops. The engine never reads a clock except the one it is given, so tests drive it by
+iterations and get the same schedule every time; the HTTP server runs it on a thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from runtime.serving.errors import OverloadedError, RequestError, ServingError
+from runtime.serving.kernels import Kernels
+from runtime.serving.metrics import Metrics
+from runtime.serving.request import Event, Request
+from runtime.serving.scheduler import (SchedulerConfig, admitted_length, batch_bucket, choose_admissions,
+                                       chunk_rows, pow2_at_least, prompt_bucket)
+from runtime.serving.slots import Slot, SlotTable
+
+
+def batch_groups(cache: jax.Array) -> int:
+    """How many shards the layout splits the cache's batch dim (dim 1) into."""
+    return cache.shape[1] // cache.sharding.shard_shape(cache.shape)[1]
+
+
+def _widths(per: int, groups: int, valid: Callable[[int], bool]) -> tuple[int, ...]:
+    ws = {per, *(1 << i for i in range(per.bit_length()) if (1 << i) <= per)}
+    return tuple(w for w in sorted(ws) if valid(w * groups))
+
+
+class Engine:
+    """Fused decoding of many requests over ``config.slots`` preallocated KV slots.
+
+    ``submit`` queues a request (or raises ``RequestError`` / ``OverloadedError``), ``abort``
+    drops one, ``step`` runs one iteration and returns its events."""
+
+    def __init__(self, runner: Any, config: SchedulerConfig, *, clock: Callable[[], float] = time.monotonic,
+                 sample: Callable[..., jax.Array] | None = None, metrics: Metrics | None = None,
+                 pad_token: int = 0):
+        if sample is None:
+            from runtime.sampling import sample
+        self.runner, self.cfg, self.clock = runner, config, clock
+        self.metrics = metrics or Metrics()
+        self.pad_token = pad_token
+        self.T = runner.cache_len
+        S = config.slots
+        if not runner.valid_batch(S):
+            raise RequestError(f"{S} slots cannot be sharded by this layout", param="slots",
+                               hint="use a multiple of the devices the layout shards the batch over")
+        self.caches = tuple(runner.empty_cache(S))
+        groups = batch_groups(self.caches[0])
+        widths = _widths(S // groups, groups, runner.valid_batch)
+        self.table = SlotTable(S, groups, widths)
+        self.kernels = Kernels(runner, S, groups, sample)
+        self.waiting: deque[Request] = deque()
+        self.arrival: dict[str, float] = {}
+        self.last_emit: dict[str, float] = {}
+        self.pending: list[Event] = []
+        self.static_width = 0
+        self.metrics.set("einshard_slots", S)
+        self.metrics.set("einshard_kv_cache_bytes", sum(c.nbytes for c in self.caches))
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Raises ``RequestError`` for a request that can never run here."""
+        n = len(req.prompt)
+        if n == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        if req.max_new_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {req.max_new_tokens}", param="max_tokens")
+        if n + req.max_new_tokens > self.T:
+            raise RequestError(
+                f"this model's context is {self.T} tokens, but the prompt ({n} tokens) plus max_tokens "
+                f"({req.max_new_tokens}) needs {n + req.max_new_tokens}", param="max_tokens",
+                hint="shorten the prompt or lower max_tokens")
+        if any(not 0 <= t < self.runner.vocab for t in req.prompt):
+            raise RequestError(f"prompt token ids must be in [0, {self.runner.vocab})", param="prompt")
+
+    def submit(self, req: Request) -> None:
+        try:
+            self.check(req)
+            if len(self.waiting) >= self.cfg.max_queue:
+                raise OverloadedError(f"the queue is full ({self.cfg.max_queue} requests waiting)",
+                                      hint="retry later")
+        except ServingError:
+            self.metrics.inc("einshard_requests_rejected_total")
+            raise
+        self.waiting.append(req)
+        self.arrival[req.id] = self.clock()
+        self.metrics.inc("einshard_requests_total")
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a waiting or running request (its slot is free at once); an ``abort`` event
+        follows in the next ``step``. False when it is unknown or already finished."""
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                break
+        else:
+            p = self.table.find(request_id)
+            if p is None:
+                return False
+            self.table.slots[p] = None
+        self._forget(request_id)
+        self.metrics.inc("einshard_requests_aborted_total")
+        self.pending.append(Event(request_id, finish="abort"))
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.table.live() or self.pending)
+
+    def _forget(self, rid: str) -> None:
+        self.arrival.pop(rid, None)
+        self.last_emit.pop(rid, None)
+
+    # ---- one iteration ------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        events, self.pending = self.pending, []
+        self._admit(events)
+        self._chunks(events)
+        if self.cfg.compact and self.cfg.policy == "fused":
+            self._compact(events)
+        self._decode(events)
+        live = self.table.live()
+        if not live:
+            self.static_width = 0
+        m = self.metrics
+        m.inc("einshard_iterations_total")
+        m.set("einshard_queue_depth", len(self.waiting))
+        m.set("einshard_active_slots", len(live))
+        return events
+
+    def run(self, max_steps: int = 1_000_000) -> list[Event]:
+        """Steps until nothing is left (tests and offline use)."""
+        out: list[Event] = []
+        for _ in range(max_steps):
+            if not self.has_work():
+                return out
+            out += self.step()
+        raise RuntimeError(f"engine still busy after {max_steps} steps")
+
+    def _emit(self, p: int, token: int, events: list[Event]) -> None:
+        s = self.table.slots[p]
+        assert s is not None
+        rid, now = s.request.id, self.clock()
+        s.generated += 1
+        s.last_token = token
+        m = self.metrics
+        m.inc("einshard_generated_tokens_total")
+        if rid in self.last_emit:
+            m.itl.observe(now - self.last_emit[rid])
+        else:
+            m.ttft.observe(now - self.arrival.get(rid, now))
+        self.last_emit[rid] = now
+        finish = ("stop" if token in s.request.stop_ids else
+                  "length" if s.generated >= s.request.max_new_tokens else None)
+        events.append(Event(rid, token, finish))
+        if finish:
+            m.e2e.observe(now - self.arrival.get(rid, now))
+            self.table.slots[p] = None
+            self._forget(rid)
+
+    def _fail(self, slots: Sequence[int], err: BaseException, events: list[Event]) -> None:
+        """Fails the requests of a step that raised; if the step consumed the (donated) cache
+        the buffer is rebuilt and every live request fails with it."""
+        if any(c.is_deleted() for c in self.caches):
+            self.caches = tuple(self.runner.empty_cache(self.cfg.slots))
+            slots = self.table.live()
+        msg = f"{type(err).__name__}: {err}"
+        for p in slots:
+            s = self.table.slots[p]
+            if s is not None:
+                events.append(Event(s.request.id, finish="error", error=msg))
+                self.table.slots[p] = None
+                self._forget(s.request.id)
+                self.metrics.inc("einshard_requests_failed_total")
+
+    def _sampling_rows(self, reqs: Sequence[Request | None], size: int) -> list[np.ndarray]:
+        temp = np.zeros(size, np.float32)
+        top_k = np.zeros(size, np.int32)
+        top_p = np.ones(size, np.float32)
+        seeds = np.zeros(size, np.uint32)
+        for i, r in enumerate(reqs):
+            if r is not None:
+                sp = r.sampling
+                temp[i], top_k[i], top_p[i], seeds[i] = sp.temperature, sp.top_k, sp.top_p, sp.seed
+        return [temp, top_k, top_p, seeds]
+
+    def _admit(self, events: list[Event]) -> None:
+        from runtime.model_runner import pack_prompts
+
+        cfg, table = self.cfg, self.table
+        waited = self.clock() - self.arrival[self.waiting[0].id] if self.waiting else 0.0
+        k = choose_admissions(list(self.waiting), table.free_count(), len(table.live()), waited, cfg, self.T)
+        if not k:
+            return
+        reqs = [self.waiting.popleft() for _ in range(k)]
+        lens = [admitted_length(r, cfg) for r in reqs]
+        L = prompt_bucket(max(lens), self.T, cfg.min_bucket)
+        B = batch_bucket(k, self.runner.valid_batch, max(cfg.slots, pow2_at_least(k)))
+        prompts = [r.prompt[:n] for r, n in zip(reqs, lens)] + [(self.pad_token,)] * (B - k)
+        tokens, pos = pack_prompts(prompts, L)
+        dst = table.alloc(k)
+        for p, r, n in zip(dst, reqs, lens):
+            table.slots[p] = Slot(r, pos=n, prefilled=n)
+        if cfg.policy == "static":
+            self.static_width = table.width()
+        dst_arr = np.array(dst + [cfg.slots] * (B - k), np.int32)
+        sample_pos = np.array([len(r.prompt) for r in reqs] + [1] * (B - k), np.int32)
+        try:
+            fn = self.kernels.prefill(B, L)
+            first, self.caches = fn(self.runner.params, self.caches, tuple(self.runner.empty_cache(B)),
+                                    tokens, pos, dst_arr, *self._sampling_rows(reqs, B), sample_pos)
+            first = np.asarray(first)
+        except Exception as e:  # a failing step fails its requests, not the engine
+            self._fail(dst, e, events)
+            return
+        self.metrics.inc("einshard_prefills_total")
+        self.metrics.inc("einshard_prompt_tokens_total", sum(lens))
+        for i, p in enumerate(dst):
+            s = table.slots[p]
+            if s is not None and s.decoding:
+                self._emit(p, int(first[i]), events)
+
+    def _chunks(self, events: list[Event]) -> None:
+        cfg, table = self.cfg, self.table
+        live = table.live()
+        pre = sorted((p for p in live if not table.slots[p].decoding),
+                     key=lambda p: self.arrival[table.slots[p].request.id])
+        rows = chunk_rows(len(pre), len(live) - len(pre), cfg)
+        if not rows:
+            return
+        sel, C = pre[:rows], cfg.chunk
+        B = batch_bucket(rows, self.runner.valid_batch, max(cfg.slots, pow2_at_least(rows)))
+        tokens = np.full((B, C), self.pad_token, np.int32)
+        pos = np.tile(np.arange(C, dtype=np.int32), (B, 1))
+        ends, reqs = [], []
+        for i, p in enumerate(sel):
+            s = table.slots[p]
+            prompt = s.request.prompt
+            # the last chunk ends at the prompt's end: it re-reads a few cached tokens rather
+            # than padding, so every chunk is C real tokens at positions below the context
+            start = min(s.prefilled, len(prompt) - C)
+            tokens[i] = prompt[start:start + C]
+            pos[i] = np.arange(start, start + C)
+            ends.append(start + C)
+            reqs.append(s.request)
+        src = np.array(sel + [cfg.slots] * (B - rows), np.int32)
+        sample_pos = np.array([len(r.prompt) for r in reqs] + [1] * (B - rows), np.int32)
+        try:
+            nxt, self.caches = self.kernels.chunk(B, C)(self.runner.params, self.caches, src, tokens, pos,
+                                                        *self._sampling_rows(reqs, B), sample_pos)
+            nxt = np.asarray(nxt)
+        except Exception as e:
+            self._fail(sel, e, events)
+            return
+        self.metrics.inc("einshard_prefill_chunks_total", rows)
+        self.metrics.inc("einshard_prompt_tokens_total", sum(e - table.slots[p].prefilled for p, e in zip(sel, ends)))
+        for i, (p, end) in enumerate(zip(sel, ends)):
+            s = table.slots[p]
+            s.prefilled = s.pos = end
+            if s.decoding:
+                self._emit(p, int(nxt[i]), events)
+
+    def _compact(self, events: list[Event]) -> None:
+        perm = self.table.plan_compaction()
+        if perm is None:
+            return
+        moved = [p for p in range(len(perm)) if perm[p] != p and self.table.slots[p] is not None]
+        try:
+            self.caches = self.kernels.compact()(self.caches, perm)
+        except Exception as e:
+            self._fail(moved, e, events)
+            return
+        self.metrics.inc("einshard_compactions_total")
+
+    def _decode(self, events: list[Event]) -> None:
+        table = self.table
+        dec = [p for p in table.live() if table.slots[p].decoding]
+        if not dec:
+            return
+        w = max(self.static_width, table.width())
+        win = table.window(w)
+        W = len(win)
+        tokens = np.full(W, self.pad_token, np.int32)
+        pos = np.zeros(W, np.int32)
+        reqs: list[Request | None] = [None] * W
+        for r, p in enumerate(win):
+            s = table.slots[p]
+            if s is None:
+                continue
+            pos[r] = s.pos  # a prefilling slot's write here is rewritten by its next chunk
+            if s.decoding:
+                tokens[r], reqs[r] = s.last_token, s.request
+        try:
+            nxt, self.caches = self.kernels.decode(w)(self.runner.params, self.caches, tokens, pos,
+                                                      *self._sampling_rows(reqs, W))
+            nxt = np.asarray(nxt)
+        except Exception as e:
+            self._fail(dec, e, events)
+            return
+        self.metrics.inc("einshard_decode_rows_total", W)
+        self.metrics.inc("einshard_decode_useful_rows_total", len(dec))
+        self.metrics.set("einshard_window_slots", W)
+        for r, p in enumerate(win):
+            s = table.slots[p]
+            if s is not None and s.decoding and reqs[r] is not None:
+                s.pos += 1
+                self._emit(p, int(nxt[r]), events)

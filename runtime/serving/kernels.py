@@ -1,0 +1,112 @@
+"""The engine's compiled programs, built around the runner's traceable steps, one per shape.
+
+Each program takes the slot caches donated and returns them updated, so the KV buffer never
+leaves the device: decode runs on a window of the slot buffer (sliced inside the program),
+admission prefills a fresh cache and scatters its rows into chosen slots, a chunk continues
+prompts in place, compaction is one gather along the slot dim. Sampling is fused into the
+programs that produce logits, so only the sampled token ids come back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Caches = tuple[jax.Array, ...]
+
+
+def _grouped(c: jax.Array, groups: int) -> jax.Array:
+    return c.reshape(c.shape[0], groups, c.shape[1] // groups, *c.shape[2:])
+
+
+def take_window(c: jax.Array, groups: int, w: int) -> jax.Array:
+    """Rows ``j < w`` of every group, as a batch of ``groups * w`` (row g * w + j)."""
+    if w * groups == c.shape[1]:
+        return c
+    g = _grouped(c, groups)[:, :, :w]
+    return g.reshape(c.shape[0], groups * w, *c.shape[2:])
+
+
+def put_window(c: jax.Array, new: jax.Array, groups: int, w: int) -> jax.Array:
+    if w * groups == c.shape[1]:
+        return new
+    g = _grouped(c, groups).at[:, :, :w].set(_grouped(new, groups))
+    return g.reshape(c.shape)
+
+
+@dataclass
+class Kernels:
+    """Compiled programs of one runner for an S-slot buffer in ``groups`` groups, by shape."""
+
+    runner: Any
+    slots: int
+    groups: int
+    sample: Callable[..., jax.Array]
+    _cache: dict[tuple, Callable] = field(default_factory=dict)
+
+    def _get(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = self._cache[key] = build()
+        return fn
+
+    def decode(self, w: int) -> Callable:
+        """(params, caches, tokens[W], pos[W], temp, top_k, top_p, seeds) -> (next[W], caches):
+        one fused decode step over the window, every row at its own position."""
+        def build() -> Callable:
+            G = self.groups
+            step = self.runner.step("decode", G * w, 1)
+
+            def fn(params, caches, tokens, pos, temp, top_k, top_p, seeds):
+                win = tuple(take_window(c, G, w) for c in caches)
+                logits, new = step(params, tokens[:, None], pos[:, None], win)
+                out = tuple(put_window(c, n, G, w) for c, n in zip(caches, new))
+                return self.sample(logits, temp, top_k, top_p, seeds, pos + 1), out
+
+            return jax.jit(fn, donate_argnums=(1,))
+        return self._get(("decode", w), build)
+
+    def prefill(self, batch: int, length: int) -> Callable:
+        """(params, caches, fresh, tokens[B, L], pos[B, L], dst[B], temp, top_k, top_p, seeds,
+        sample_pos[B]) -> (first[B], caches): prefill on a fresh cache, sample each row's first
+        token, scatter the rows into slots ``dst`` (rows with dst = S are padding, dropped)."""
+        def build() -> Callable:
+            step = self.runner.step("prefill", batch, length)
+
+            def fn(params, caches, fresh, tokens, pos, dst, temp, top_k, top_p, seeds, sample_pos):
+                logits, rows = step(params, tokens, pos, fresh)
+                out = tuple(c.at[:, dst].set(r.astype(c.dtype), mode="drop") for c, r in zip(caches, rows))
+                return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
+
+            return jax.jit(fn, donate_argnums=(1,))
+        return self._get(("prefill", batch, length), build)
+
+    def chunk(self, batch: int, length: int) -> Callable:
+        """(params, caches, src[B], tokens[B, L], pos[B, L], temp, top_k, top_p, seeds,
+        sample_pos[B]) -> (next[B], caches): continues the prompts of slots ``src`` in place
+        (Dynamic SplitFuse); rows with src = S are padding (they read slot 0, write nothing)."""
+        def build() -> Callable:
+            step = self.runner.step("prefill", batch, length)
+            S = self.slots
+
+            def fn(params, caches, src, tokens, pos, temp, top_k, top_p, seeds, sample_pos):
+                rows = tuple(c[:, jnp.where(src < S, src, 0)] for c in caches)
+                logits, new = step(params, tokens, pos, rows)
+                out = tuple(c.at[:, src].set(n, mode="drop") for c, n in zip(caches, new))
+                return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
+
+            return jax.jit(fn, donate_argnums=(1,))
+        return self._get(("chunk", batch, length), build)
+
+    def compact(self) -> Callable:
+        """(caches, perm[S]) -> caches with slot p holding old slot perm[p]: Flover's move map
+        as one gather on device."""
+        def build() -> Callable:
+            def fn(caches, perm):
+                return tuple(jnp.take(c, perm, axis=1) for c in caches)
+
+            return jax.jit(fn, donate_argnums=(0,))
+        return self._get(("compact",), build)

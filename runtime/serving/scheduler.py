@@ -1,0 +1,94 @@
+"""Scheduling policy, free of JAX and of time: which waiting requests to admit, in which
+prefill shape, and how wide the decode window is. The engine executes what this decides.
+
+Shapes come from a few buckets (powers of two) so a new prompt length or arrival count
+reuses a compiled program instead of compiling a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from runtime.serving.request import Request
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``policy``: ``fused`` (temporal fusion: admit whenever a slot is free) or ``static``
+    (FasterTransformer-style dynamic batching: wait for ``slots`` requests or ``static_timeout``,
+    then run the batch until its longest member ends). ``compact``: Flover's compaction (else
+    finished rows are masked in place). ``chunk``: Dynamic SplitFuse chunk length (0 = off).
+    ``step_tokens``: the token budget of one iteration (decode rows + prompt chunks), and of one
+    admission prefill. ``max_queue``: waiting requests beyond it are refused (HTTP 503)."""
+
+    slots: int = 8
+    policy: str = "fused"
+    compact: bool = True
+    chunk: int = 0
+    step_tokens: int = 2048
+    max_queue: int = 256
+    static_timeout: float = 0.05
+    min_bucket: int = 8
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fused", "static"):
+            raise ValueError(f"unknown scheduler policy {self.policy!r} (fused | static)")
+        if self.chunk and self.chunk & (self.chunk - 1):
+            raise ValueError(f"chunk {self.chunk} must be a power of two")
+        if self.slots < 1 or self.max_queue < 0:
+            raise ValueError("slots must be >= 1 and max_queue >= 0")
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def prompt_bucket(n: int, cache_len: int, min_bucket: int) -> int:
+    """The prefill length for a prompt of ``n`` tokens: a power of two, at most the context."""
+    return min(cache_len, pow2_at_least(max(n, min_bucket)))
+
+
+def batch_bucket(n: int, valid: Callable[[int], bool], limit: int) -> int:
+    """The smallest power of two >= n that the layout can shard (rows beyond n are padding)."""
+    b = pow2_at_least(n)
+    while b <= limit:
+        if valid(b):
+            return b
+        b *= 2
+    raise ValueError(f"no batch size between {n} and {limit} is valid for this layout")
+
+
+def admitted_length(req: Request, cfg: SchedulerConfig) -> int:
+    """Prompt tokens the admission prefill covers (the first chunk when chunking)."""
+    n = len(req.prompt)
+    return min(n, cfg.chunk) if cfg.chunk and n > cfg.chunk else n
+
+
+def choose_admissions(waiting: Sequence[Request], free: int, live: int, waited: float,
+                      cfg: SchedulerConfig, cache_len: int) -> int:
+    """How many requests from the head of ``waiting`` (FIFO) to prefill now.
+
+    ``waited`` is how long the oldest has waited (for ``static``)."""
+    if not waiting or free == 0:
+        return 0
+    if cfg.policy == "static":
+        if live or (len(waiting) < cfg.slots and waited < cfg.static_timeout):
+            return 0
+        return min(cfg.slots, len(waiting), free)
+    n, longest = 0, 0
+    for req in waiting[:free]:
+        longest = max(longest, admitted_length(req, cfg))
+        cost = pow2_at_least(n + 1) * prompt_bucket(longest, cache_len, cfg.min_bucket)
+        if n and cost > cfg.step_tokens:
+            break
+        n += 1
+    return n
+
+
+def chunk_rows(prefilling: int, decoding: int, cfg: SchedulerConfig) -> int:
+    """Prompt chunks to run this iteration: what the token budget leaves after the decode rows
+    (at least one, so a long prompt always progresses)."""
+    if not prefilling or not cfg.chunk:
+        return 0
+    return min(prefilling, max(1, (cfg.step_tokens - decoding) // cfg.chunk))
