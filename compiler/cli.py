@@ -1,25 +1,65 @@
 """The ``einshard`` command line: compile, run, explain, spec-from-hf, passes.
 
-Documented errors (EinshardError) print as ``file:line:col: kind: message`` with a caret and
-exit 1; anything else is an internal bug and exits 2 with its traceback.
+Exit statuses (compiler/exit_codes.py): 0 ok; 1 a documented error (EinshardError, printed as
+``file:line:col: kind: message`` with a caret and no traceback) or a ``run --check`` mismatch;
+64 a usage error (argparse: unknown flag, missing argument, a value of the wrong type); 70 an
+internal error (a bug: the traceback is printed); 130 interrupted.
+
+Subcommands live in ``SUBCOMMANDS``: a name, a help line, a function that adds its arguments
+and a function that runs it. Another module adds one by appending a ``Subcommand``. Numeric
+flags are range-checked in one table (``VALUE_LIMITS``, keyed by the argparse ``dest``), so a
+new subcommand that reuses ``--steps`` or ``--seed`` gets the same checks; a value out of range
+is a SpecError pointing into the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from ir.errors import EinshardError, SpecError
+from compiler.exit_codes import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ir.errors import EinshardError, FileError, Location, SpecError
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2
+__all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SUBCOMMANDS",
+           "Subcommand", "VALUE_LIMITS", "add_overrides", "add_pipeline_flags", "main", "make_parser"]
+
+#: The most simulated CPU devices ``--devices`` asks XLA for (the largest mesh tested is 64).
+MAX_DEVICES = 1024
 
 
-def _add_overrides(p: argparse.ArgumentParser) -> None:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors on EXIT_USAGE (64) instead of 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---- arguments -----------------------------------------------------------------------------
+
+#: Flags that change the spec; an ``.ir`` input has no spec, so they are refused with it.
+OVERRIDE_FLAGS = {"mesh": "--mesh", "phase": "--phase", "batch": "--batch", "seq": "--seq", "ffn": "--ffn",
+                  "attn": "--attn", "weights": "--weights", "overlap": "--overlap", "hardware": "--hardware",
+                  "sets": "--set"}
+
+
+def add_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("spec overrides")
     g.add_argument("--mesh", help="mesh axes, e.g. x=2,y=2,z=2 ('1' for one device)")
     g.add_argument("--phase", help="prefill|decode")
@@ -36,7 +76,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="any spec field, e.g. model.layers=2 (repeatable)")
 
 
-def _add_pipeline(p: argparse.ArgumentParser) -> None:
+def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pass pipeline")
     g.add_argument("--passes", help="pipeline string replacing the default, e.g. 'cleanup'")
     g.add_argument("--print-ir-after-all", action="store_true", help="dump the IR after every pass (stderr)")
@@ -50,39 +90,39 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
                    help="do not verify the IR after every pass")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="einshard", description="A compiler for transformer inference.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    c = sub.add_parser("compile", help="build the IR of a spec (or read an .ir file) and run the pipeline")
+def _args_compile(c: argparse.ArgumentParser) -> None:
     c.add_argument("input", help="model spec file (.model) or textual IR (.ir)")
-    _add_overrides(c)
-    _add_pipeline(c)
+    add_overrides(c)
+    add_pipeline_flags(c)
     c.add_argument("-o", "--output", type=Path, help="write the final IR here instead of stdout")
     c.add_argument("--emit", choices=("ir", "none"), default="ir", help="what to print at the end")
 
-    r = sub.add_parser("run", help="compile, execute prefill + decode steps with JAX, optionally check")
+
+def _args_run(r: argparse.ArgumentParser) -> None:
     r.add_argument("input", help="model spec file")
-    _add_overrides(r)
-    _add_pipeline(r)
+    add_overrides(r)
+    add_pipeline_flags(r)
     r.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="Hugging Face checkpoint dir (*.safetensors); `--weights DIR` does the same")
     r.add_argument("--check", action="store_true", help="compare logits with the numpy float64 reference")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--steps", type=int, default=4, help="decode steps after the prompt (default 4)")
     r.add_argument("--prompt-len", type=int, help="prompt tokens (default: from serve.seq)")
-    r.add_argument("--seed", type=int, default=0, help="seed of random weights and tokens")
-    r.add_argument("--tolerance", type=float, help="max relative error allowed (default by weight format)")
-    r.add_argument("--devices", type=int, help="simulated CPU devices (default: the mesh size)")
+    r.add_argument("--seed", type=int, default=0, help="seed of random weights and tokens (0 .. 2^63-1)")
+    r.add_argument("--tolerance", type=float,
+                   help="max normwise relative error vs the float64 reference (default by weight format)")
+    r.add_argument("--devices", type=int, help=f"simulated CPU devices, 1..{MAX_DEVICES} (default: the mesh size)")
     r.add_argument("--spmd", action="store_true",
                    help="with --check, also run the numpy SPMD simulator (one thread per device)")
 
-    h = sub.add_parser("spec-from-hf", help="write a spec for a Hugging Face checkpoint dir")
+
+def _args_spec_from_hf(h: argparse.ArgumentParser) -> None:
     h.add_argument("dir", type=Path)
 
-    x = sub.add_parser("explain", help="price every candidate layout with the cost model (table, JSON, plot)")
+
+def _args_explain(x: argparse.ArgumentParser) -> None:
     x.add_argument("input", help="model spec file")
-    _add_overrides(x)
+    add_overrides(x)
     x.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     x.add_argument("--kv-fraction", type=float, default=0.5,
                    help="share of HBM reserved for the KV cache when computing the longest context (default 0.5)")
@@ -90,9 +130,71 @@ def make_parser() -> argparse.ArgumentParser:
                    help="draw latency vs cost per token over batch sizes and weight formats (matplotlib)")
     x.add_argument("--batches", help="batch sizes for --pareto, e.g. 1,4,16,64,256,1024")
 
-    sub.add_parser("passes", help="list the registered passes and their options")
+
+def _args_none(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = ArgumentParser(prog="einshard", description="A compiler for transformer inference.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in SUBCOMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.help)
+        c.arguments(p)
+        p.set_defaults(handler=c.run)
     return ap
 
+
+# ---- values out of range: located in the command line ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Limit:
+    flag: str
+    ok: Callable[[Any], bool]
+    requirement: str
+
+
+def _finite_in(lo: float, hi: float, lo_open: bool = True) -> Callable[[Any], bool]:
+    return lambda v: math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi
+
+
+#: Range checks by argparse ``dest``; a flag that is absent (None) is not checked.
+VALUE_LIMITS: dict[str, Limit] = {
+    "steps": Limit("--steps", lambda v: v >= 0, "a count >= 0"),
+    "prompt_len": Limit("--prompt-len", lambda v: v >= 1, "a token count >= 1"),
+    "seed": Limit("--seed", lambda v: 0 <= v < 2**63, "an integer in 0 .. 2^63-1"),
+    "tolerance": Limit("--tolerance", _finite_in(0.0, math.inf), "a finite number > 0"),
+    "devices": Limit("--devices", lambda v: 1 <= v <= MAX_DEVICES, f"a device count in 1 .. {MAX_DEVICES}"),
+    "kv_fraction": Limit("--kv-fraction", _finite_in(0.0, 1.0), "in (0, 1]"),
+}
+
+
+def argv_location(argv: Sequence[str], flag: str) -> Location | None:
+    """Where ``flag``'s value (``--flag V`` or ``--flag=V``, the last one given) sits in the
+    command line, as a Location in file ``<command line>`` whose source line is the argv."""
+    line = "einshard " + " ".join(argv)
+    col, found = len("einshard "), None
+    for i, tok in enumerate(argv):
+        if tok == flag and i + 1 < len(argv):
+            found = (col + len(tok) + 1, len(argv[i + 1]))
+        elif tok.startswith(flag + "="):
+            found = (col + len(flag) + 1, len(tok) - len(flag) - 1)
+        col += len(tok) + 1
+    if found is None:
+        return None
+    return Location("<command line>", 1, found[0] + 1, line, max(1, found[1]))
+
+
+def check_values(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Every numeric flag in VALUE_LIMITS is within its range, else a located SpecError."""
+    for dest, lim in VALUE_LIMITS.items():
+        v = getattr(args, dest, None)
+        if v is not None and not lim.ok(v):
+            raise SpecError(f"{lim.flag} must be {lim.requirement}, got {v!r}", argv_location(argv, lim.flag))
+
+
+# ---- shared steps of the commands ------------------------------------------------------------
 
 WEIGHT_FORMATS = ("f32", "bf16", "int8")
 
@@ -107,17 +209,22 @@ def _split_weights_flag(args: argparse.Namespace) -> tuple[str | None, Path | No
             raise SpecError("give the checkpoint once: --weights DIR or --checkpoint DIR, not both")
         return None, Path(w)
     what = "a weight format or a checkpoint directory" if args.command == "run" else "a weight format"
-    raise SpecError(f"--weights {w!r} is not {what}", hint=f"weight formats: {', '.join(WEIGHT_FORMATS)}")
+    raise SpecError(f"--weights {w!r} is not {what}", argv_location(args.argv, "--weights"),
+                    f"weight formats: {', '.join(WEIGHT_FORMATS)}")
 
 
 def _spec_with_overrides(args: argparse.Namespace):
     from compiler.driver import load_input
     from compiler.spec import apply_overrides
 
-    fmt, _ = _split_weights_flag(args)
     loaded = load_input(args.input)
     if not hasattr(loaded, "model"):
+        given = [flag for dest, flag in OVERRIDE_FLAGS.items() if getattr(args, dest, None) not in (None, [])]
+        if given:
+            raise SpecError(f"{', '.join(given)} change a model spec, but {args.input} is IR",
+                            argv_location(args.argv, given[0]), "compile the .model file with the overrides instead")
         return loaded
+    fmt, _ = _split_weights_flag(args)
     hw = getattr(args, "hardware", None)
     sets = [*args.sets, f"serve.hardware={hw}"] if hw is not None and not _is_chip_file(hw) else args.sets
     return apply_overrides(loaded, mesh=args.mesh, phase=args.phase, batch=args.batch, seq=args.seq,
@@ -149,8 +256,11 @@ def _resolve_auto(args: argparse.Namespace, spec):
 
 
 def _instrumentation(args: argparse.Namespace):
+    from ir.textfile import ensure_dir
     from passes.manager import Instrumentation
 
+    if args.dump_dir is not None:
+        ensure_dir(args.dump_dir, "--dump-dir")  # before the work, not after it
     return Instrumentation(
         verify_each=args.verify_each, print_ir_after_all=args.print_ir_after_all,
         print_ir_after=frozenset(args.print_ir_after), print_ir_before=frozenset(args.print_ir_before),
@@ -170,10 +280,22 @@ def _err_sink(text: str) -> None:
     sys.stderr.write(text if text.endswith("\n") else text + "\n")
 
 
+def _needs_spec(spec, args: argparse.Namespace):
+    if not hasattr(spec, "model"):
+        raise SpecError(f"einshard {args.command} needs a model spec, not IR: {args.input}")
+    return spec
+
+
+# ---- the commands ----------------------------------------------------------------------------
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.driver import build_for, compile_config, compile_module, default_pipeline
     from ir.printer import print_module
+    from ir.textfile import check_output_file, write_user_text
 
+    if args.output is not None:
+        check_output_file(args.output, "-o")
     spec_or_module = _resolve_auto(args, _spec_with_overrides(args))
     if hasattr(spec_or_module, "model"):
         module = build_for(spec_or_module, compile_config(spec_or_module))
@@ -184,24 +306,27 @@ def cmd_compile(args: argparse.Namespace) -> int:
     _report(args, res)
     text = print_module(res.module)
     if args.output:
-        args.output.write_text(text)
+        write_user_text(args.output, text, "-o")
     elif args.emit == "ir":
         sys.stdout.write(text)
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from compiler.driver import run_config
+    from compiler.limits import check_run_memory
     from compiler.run import RunOptions, execute, format_run
 
-    spec = _spec_with_overrides(args)
-    if not hasattr(spec, "model"):
-        raise SpecError(f"einshard run needs a model spec, not IR: {args.input}")
-    spec = _resolve_auto(args, spec)
-    _ensure_devices(args.devices or spec.mesh.n_devices)
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise FileError(f"--checkpoint '{args.checkpoint}' is not a folder", argv_location(args.argv, "--checkpoint"))
+    spec = _resolve_auto(args, _needs_spec(_spec_with_overrides(args), args))
+    check_run_memory(spec, run_config(spec, args.steps, args.prompt_len))
+    _ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)
+    instr = _instrumentation(args)
     opts = RunOptions(steps=args.steps, prompt_len=args.prompt_len, seed=args.seed, check=args.check,
                       tolerance=args.tolerance, weights_dir=_split_weights_flag(args)[1], pipeline=args.passes,
                       spmd=args.spmd)
-    report = execute(spec, opts, _instrumentation(args), _err_sink)
+    report = execute(spec, opts, instr, _err_sink)
     _report(args, report.compiled)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -221,11 +346,7 @@ def cmd_spec_from_hf(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from compiler.cost.explain import explain, format_explain, to_json
 
-    spec = _spec_with_overrides(args)
-    if not hasattr(spec, "model"):
-        raise SpecError(f"einshard explain needs a model spec, not IR: {args.input}")
-    if not 0 < args.kv_fraction <= 1:
-        raise SpecError(f"--kv-fraction must be in (0, 1], got {args.kv_fraction}")
+    spec = _needs_spec(_spec_with_overrides(args), args)
     chip = _chip(args, spec)
     phases = (spec.serve.phase,) if args.phase else ("prefill", "decode")
     if args.pareto:
@@ -268,28 +389,53 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _ensure_devices(n: int) -> None:
-    """Simulated CPU devices must be requested before JAX is first imported (a no-op after)."""
-    if n <= 1:
-        return
+_DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\S*)")
+
+
+def _ensure_devices(n: int, explicit: bool = False) -> None:
+    """Simulated CPU devices must be requested before JAX starts. An explicit ``--devices``
+    replaces a count already in XLA_FLAGS; once JAX has started, a different one is refused
+    rather than ignored."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    m = _DEVICE_FLAG.search(flags)
+    current = m.group(1) if m else None
+    if not explicit and (current is not None or n <= 1):
+        return
+    if current == str(n):
+        return
+    if "jax" in sys.modules:
+        if explicit:
+            raise SpecError(f"--devices {n} cannot take effect: JAX has already started "
+                            f"({'with ' + current + ' devices from XLA_FLAGS' if current else 'without it'})")
+        return
+    flag = f"--xla_force_host_platform_device_count={n}"
+    os.environ["XLA_FLAGS"] = _DEVICE_FLAG.sub(flag, flags) if m else f"{flags} {flag}".strip()
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "spec-from-hf": cmd_spec_from_hf, "explain": cmd_explain,
-            "passes": cmd_passes}
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("compile", "build the IR of a spec (or read an .ir file) and run the pipeline",
+               _args_compile, cmd_compile),
+    Subcommand("run", "compile, execute prefill + decode steps with JAX, optionally check", _args_run, cmd_run),
+    Subcommand("spec-from-hf", "write a spec for a Hugging Face checkpoint dir", _args_spec_from_hf,
+               cmd_spec_from_hf),
+    Subcommand("explain", "price every candidate layout with the cost model (table, JSON, plot)",
+               _args_explain, cmd_explain),
+    Subcommand("passes", "list the registered passes and their options", _args_none, cmd_passes),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = make_parser().parse_args(argv)  # usage errors exit EXIT_USAGE here
+    args.argv = argv
     try:
-        return COMMANDS[args.command](args)
+        check_values(args, argv)
+        return args.handler(args)
     except EinshardError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception:  # an internal bug: show everything
         traceback.print_exc()
         print("einshard: internal error (this is a bug; please report it with the command line)", file=sys.stderr)

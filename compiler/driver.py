@@ -51,11 +51,14 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
     s = spec.serve
     if steps < 0:
         raise SpecError(f"--steps must be >= 0, got {steps}")
+    explicit_prompt = prompt_len is not None
     if prompt_len is None:
         prompt_len = s.seq if s.phase == "prefill" else s.seq - steps
         cache = s.seq + steps if s.phase == "prefill" else s.seq
     else:
         cache = max(prompt_len + steps, s.seq if s.phase == "decode" else 0)
+    if prompt_len < 1 and explicit_prompt:
+        raise SpecError(f"--prompt-len must be a token count >= 1, got {prompt_len}")
     if prompt_len < 1:
         raise SpecError(f"a decode cache of {s.seq} positions leaves no room for a prompt before {steps} steps",
                         hint="raise serve.seq or lower --steps")

@@ -2,7 +2,7 @@
 
 Every user-facing failure in einshard is one of these classes. Each carries an optional
 ``Location`` so that the CLI can print ``file:line:col: message``, the offending source line
-and a caret, without a traceback. Anything else that escapes is an internal bug (exit 2).
+and a caret, without a traceback. Anything else that escapes is an internal bug (exit 70, compiler/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -114,6 +114,13 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     if close:
         return f"did you mean '{close[0]}'? valid choices: {listed}"
     return f"valid choices: {listed}"
+
+
+class FileError(EinshardError):
+    """A file or directory named by the user cannot be read or written (missing, a directory where
+    a file is needed, not UTF-8, no permission)."""
+
+    kind = "file error"
 
 
 class CostError(EinshardError):

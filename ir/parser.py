@@ -14,6 +14,7 @@ import lark
 from ir.errors import Location, ParseError, location_in
 from ir.module import Function, Module, Param
 from ir.ops import OPS, Op, Symbol
+from ir.textfile import read_user_text
 from ir.types import Dim, TensorType
 
 
@@ -240,9 +241,4 @@ def parse_module(text: str, file: str = "<ir>") -> Module:
 
 
 def parse_file(path: str | Path) -> Module:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ParseError(f"cannot read {p}: {e.strerror}") from None
-    return parse_module(text, str(p))
+    return parse_module(read_user_text(path, ParseError, "IR file"), str(path))

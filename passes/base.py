@@ -27,6 +27,9 @@ class Pass:
 
     name: ClassVar[str] = "pass"
     summary: ClassVar[str] = ""
+    #: Passes that, when a pipeline has them, must run before this one (the pass manager refuses
+    #: another order): e.g. shard after pad-heads, whose padded heads it partitions.
+    runs_after: ClassVar[tuple[str, ...]] = ()
 
     def run(self, module: Module) -> PassResult:
         raise TypeError(f"pass {self.name} does not define run()")

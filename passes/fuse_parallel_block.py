@@ -310,6 +310,7 @@ class FuseParallelBlock(Pass):
 
     name = "fuse-parallel-block"
     summary = "one packed einsum for the input projections and one for the output projections"
+    runs_after = ("pad-heads",)
 
     #: Interleave groups of the packed dims; 0 = the mesh's device count (any sharding divides it).
     groups: int = 0

@@ -150,6 +150,7 @@ class InsertCollectives(Pass):
 
     name = "insert-collectives"
     summary = "turn reshards into all-gather / reduce-scatter / all-reduce / all-to-all / local slices"
+    runs_after = ("shard",)
 
     def run(self, module: Module) -> PassResult:
         mesh = module.mesh_sizes

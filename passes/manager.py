@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ir.errors import PassError, VerifyError
+from ir.errors import PassError, VerifyError, did_you_mean
 from ir.module import Module
 from ir.printer import print_module
+from ir.textfile import ensure_dir, write_user_text
 from ir.verifier import verify
 from passes.base import Pass
-from passes.pipeline import Pipeline, format_pass
+from passes.pipeline import Pipeline, format_pass, format_pipeline
+from passes.registry import all_passes
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ def dump_header(when: str, p: Pass) -> str:
 class PassManager:
     def __init__(self, pipeline: Pipeline, instr: Instrumentation = Instrumentation(),
                  sink: Callable[[str], None] | None = None):
+        check_order(pipeline)
+        check_dump_names(pipeline, instr)
         self.pipeline, self.instr = pipeline, instr
         self.sink = sink or (lambda s: None)
 
@@ -66,8 +70,8 @@ class PassManager:
         d = self.instr.dump_dir
         if d is None:
             return
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{index:02d}-{label}.ir").write_text(print_module(module))
+        ensure_dir(d, "--dump-dir")
+        write_user_text(d / f"{index:02d}-{label}.ir", print_module(module), "IR dump")
 
     def run(self, module: Module) -> PipelineRun:
         run = PipelineRun(module)
@@ -99,6 +103,30 @@ class PassManager:
             self._dump_file(i, p.name, run.module)
         run.total_seconds = time.perf_counter() - start
         return run
+
+
+def check_order(pipeline: Pipeline) -> None:
+    """Refuses a pipeline in which a pass runs before one its class says must precede it."""
+    names = pipeline.names()
+    for i, p in enumerate(pipeline.passes):
+        late = [n for n in p.runs_after if n in names[i + 1:]]
+        if late:
+            raise PassError(f"pass '{late[0]}' must run before '{p.name}', but the pipeline runs it after: "
+                            f"{format_pipeline(pipeline)}",
+                            hint=f"'{p.name}' runs after {', '.join(p.runs_after)} when present; "
+                                 f"put '{p.name}' after {', '.join(dict.fromkeys(late))}")
+
+
+def check_dump_names(pipeline: Pipeline, instr: Instrumentation) -> None:
+    """``--print-ir-after/before=NAME`` must name a pass the pipeline runs (else nothing would print)."""
+    names = pipeline.names()
+    for flag, wanted in (("--print-ir-after", instr.print_ir_after), ("--print-ir-before", instr.print_ir_before)):
+        for name in sorted(wanted):
+            if name not in names:
+                why = f"the pipeline does not run '{name}'" if name in all_passes() else f"no pass is named '{name}'"
+                raise PassError(f"{flag}={name}: {why}",
+                                hint=did_you_mean(name, tuple(dict.fromkeys(names))) if names else
+                                "the pipeline is empty")
 
 
 def _verify(module: Module, what: str) -> None:

@@ -152,6 +152,7 @@ class QuantizeInt8(Pass):
 
     name = "quantize-int8"
     summary = "int8 weights + per-channel scales, quantized at load time, dequantized before each einsum"
+    runs_after = ("pad-heads", "fuse-parallel-block")
 
     def run(self, module: Module) -> PassResult:
         if any(op.kind == "collective_einsum" for f in module.functions for op in f.ops):

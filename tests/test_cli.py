@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import main
+from compiler.cli import EXIT_USAGE, main
 from compiler.driver import default_pipeline
 from compiler.spec import load_spec
 from ir.parser import parse_module
@@ -205,10 +205,10 @@ def test_run_rejects_ir_input(capsys, tmp_path: Path) -> None:
     assert err.startswith("spec error: einshard run needs a model spec, not IR")
 
 
-def test_usage_error_exits_2(capsys) -> None:
+def test_usage_error_exits_64(capsys) -> None:
     with pytest.raises(SystemExit) as ei:
         main(["compile"])
-    assert ei.value.code == 2
+    assert ei.value.code == EXIT_USAGE == 64
     assert "usage: einshard compile" in capsys.readouterr().err
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ir.errors import CostError, did_you_mean
+from ir.textfile import read_user_text
 
 GiB = 1 << 30
 TOPOLOGIES = ("torus", "switch", "shared-memory")
@@ -128,21 +129,33 @@ def chip_from_mapping(d: Mapping, where: str) -> Chip:
     missing = [k for k in ("name", "flops_bf16", "hbm_bytes", "hbm_bw", "ici_bw") if k not in d]
     if missing:
         raise CostError(f"{where}: chip file lacks {', '.join(missing)}")
-    flops = {k[6:]: float(d[k]) for k in ("flops_bf16", "flops_f32", "flops_int8") if k in d}
-    try:
-        return Chip(str(d["name"]), flops, int(d["hbm_bytes"]), float(d["hbm_bw"]), float(d["ici_bw"]),
-                    float(d.get("hop_latency_s", 0.0)), str(d.get("topology", "torus")),
-                    str(d.get("source", where)), float(d.get("op_overhead_s", 0.0)))
-    except (TypeError, ValueError) as e:
-        raise CostError(f"{where}: {e}") from None
+    flops = {k[6:]: _number(d, k, where) for k in ("flops_bf16", "flops_f32", "flops_int8") if k in d}
+    for k in ("name", "topology", "source"):
+        if k in d and not isinstance(d[k], str):
+            raise CostError(f"{where}: chip field {k!r} must be a string, got {d[k]!r}")
+    hbm = _number(d, "hbm_bytes", where)
+    if hbm != int(hbm):
+        raise CostError(f"{where}: chip field 'hbm_bytes' must be a whole number, got {d['hbm_bytes']!r}")
+    return Chip(d["name"], flops, int(hbm), _number(d, "hbm_bw", where), _number(d, "ici_bw", where),
+                _number(d, "hop_latency_s", where, 0.0), d.get("topology", "torus"), d.get("source", where),
+                _number(d, "op_overhead_s", where, 0.0))
+
+
+def _number(d: Mapping, key: str, where: str, default: float | None = None) -> float:
+    """A finite number from a chip table: TOML strings, lists, tables, booleans, inf and nan are
+    refused here, before any conversion can raise an untyped error."""
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise CostError(f"{where}: chip field {key!r} must be a finite number, got {v!r}")
+    if v < 0 or (default is None and v == 0):
+        raise CostError(f"{where}: chip field {key!r} must be {'>= 0' if default is not None else '> 0'}, got {v!r}")
+    return float(v)
 
 
 def load_chip_file(path: str | Path) -> Chip:
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CostError(f"cannot read chip file {p}: {e.strerror}") from None
+        data = tomllib.loads(read_user_text(p, CostError, "chip file"))
     except tomllib.TOMLDecodeError as e:
         raise CostError(f"chip file {p} is not valid TOML: {e}") from None
     return chip_from_mapping(data, str(p))
