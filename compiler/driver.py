@@ -7,7 +7,7 @@ pipeline for a spec is chosen. The CLI and the benchmarks call it; it does no pr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +16,7 @@ from compiler.spec import Spec, load_spec
 from ir.errors import SpecError
 from ir.module import Module
 from ir.parser import parse_file
-from passes.layouts import Layout
+from passes.layouts import Layout, padded_heads
 from passes.manager import Instrumentation, PassManager, PipelineRun
 from passes.pipeline import Pipeline, format_pass, parse_pipeline
 
@@ -68,30 +68,30 @@ def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildCo
 def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
     """The pipeline `einshard compile` and `run` use when --passes is not given.
 
-    For the spec's phase (the cost model resolves ``auto`` layouts per phase): pad the
-    (non-grouped) heads to a multiple of :func:`head_multiple`, the devices the layout shards
-    them over, when they do not divide it (PaLM 540B's 48 heads on 4x4x4: to 64 under ``attn =
-    heads`` or 1D-WS, as the paper does; not at all under 2D-WS with ``attn = batch``, whose 16
-    head devices 48 divides), fuse a parallel block's projections, quantize the weights for
-    ``weights = int8``, apply the layouts, expand the reshards into collectives, clean up, and
-    for ``overlap = looped | bidirectional`` turn collective + einsum pairs into ring loops.
-    One device: fusion, quantization and cleanup only. ``rewrites=False`` leaves out fusion,
-    int8 and loops: the paper's layouts alone (the layout tests and docs/layouts.md use it).
+    For the spec's phase (the cost model resolves ``auto`` layouts and ``kv = auto`` per phase):
+    pad what does not divide the devices that shard it (:func:`pad_options`: the heads to a
+    multiple of :func:`head_multiple`, grouped-query K x G as passes/layouts.py
+    ``padded_heads`` says under ``kv = pad``, the vocabulary to the device count), fuse a
+    parallel block's projections, quantize the weights for ``weights = int8``, apply the
+    layouts, expand the reshards into collectives, clean up, and for ``overlap = looped |
+    bidirectional`` turn collective + einsum pairs into ring loops. One device: fusion,
+    quantization and cleanup only. ``rewrites=False`` leaves out fusion, int8 and loops: the
+    paper's layouts alone (the layout tests and docs/layouts.md use it).
     """
     if spec is None:
         return "cleanup"
     spec = _resolved(spec)
     m, s, n = spec.model, spec.serve, spec.mesh.n_devices
     parts = []
-    mult = head_multiple(spec)
-    if m.attention != "grouped" and m.heads % mult:
-        parts.append(f"pad-heads{{multiple={mult}}}")
+    pad = pad_options(spec)
+    if pad:
+        parts.append("pad-heads{" + ",".join(f"{k}={v}" for k, v in pad.items()) + "}")
     if rewrites and m.block == "parallel":
         parts.append("fuse-parallel-block" if _fuse_attention(spec) else "fuse-parallel-block{attention=false}")
     if rewrites and s.weights == "int8":
         parts.append("quantize-int8")
     if n > 1:
-        kv = "" if s.kv == "shard" else f",kv={s.kv}"
+        kv = ",kv=replicate" if s.kv == "replicate" and m.attention == "grouped" else ""
         parts += [f"shard{{ffn={s.ffn},attn={s.attn}{kv}}}", "insert-collectives"]
     parts.append("cleanup")
     if rewrites and n > 1 and s.overlap != "none":
@@ -99,47 +99,85 @@ def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
     return ",".join(parts)
 
 
+def pad_options(spec: Spec) -> dict[str, int]:
+    """pad-heads options for a resolved spec (empty: nothing to pad). Heads (H) to a multiple of
+    :func:`head_multiple`; grouped-query heads only under ``kv = pad``, to the smallest K' x G'
+    that divides the head axes (passes/layouts.py ``padded_heads``); the vocabulary to a
+    multiple of the devices, so that the embedding and the output head stay vocab-parallel."""
+    m, n = spec.model, spec.mesh.n_devices
+    if n == 1:
+        return {}
+    out: dict[str, int] = {}
+    if m.attention != "grouped":
+        mult = head_multiple(spec)
+        if m.heads % mult:
+            out["multiple"] = mult
+    elif spec.serve.kv == "pad":
+        k, g = padded_heads(_layout(spec), m.kv_heads, m.heads // m.kv_heads)
+        if k != m.kv_heads:
+            out["kv_heads"] = k
+        if g != m.heads // m.kv_heads:
+            out["groups"] = g
+    if m.vocab % n:
+        out["vocab"] = n
+    return out
+
+
 def _resolved(spec: Spec) -> Spec:
-    """``spec`` with ``auto`` layouts replaced by the cost model's choice for its phase."""
+    """``spec`` with ``auto`` layouts replaced by the cost model's choice for its phase, then
+    ``kv = auto`` likewise (shard, replicate or pad the grouped-query heads)."""
     if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
         from compiler.cost.autolayout import resolve_auto
 
-        return resolve_auto(spec)[0]  # see compiler/cost/autolayout.py
+        spec = resolve_auto(spec)[0]  # see compiler/cost/autolayout.py
+    if spec.serve.kv == "auto":
+        if spec.mesh.n_devices == 1 or spec.model.attention != "grouped":
+            return replace(spec, serve=replace(spec.serve, kv="shard"))  # nothing to choose
+        from compiler.cost.autolayout import resolve_kv
+
+        spec = resolve_kv(spec)
     return spec
 
 
 def head_multiple(spec: Spec) -> int:
-    """The device count that the default pipeline pads the query heads to a multiple of.
+    """The device count that the default pipeline pads the query heads (H) to a multiple of.
 
-    Padding costs weight memory and bandwidth, so it goes only as far as the layout needs: all
-    devices under ``attn = heads`` (Q's partial sums are reduce-scattered onto H over every
-    axis, passes/shard.py ``settle``) or 1D-WS (its weights split the heads over every axis);
-    else the wide weight axes (all but the first, passes/layouts.py ``Layout.wide``), since
-    ``attn = batch`` moves Q to the cache's batch sharding anyway (heads dividing every device
-    would only shorten that path, by less than the padded weights cost on PaLM 540B).
+    Padding costs weight memory and bandwidth, so it goes only as far as the layout shards the
+    heads: the wide weight axes (passes/layouts.py ``Layout.wide``: all devices in 1D-WS, Z·Y
+    in 2D-WS and the weight-gathered layouts), under either attention layout. Under ``attn =
+    heads`` Q's partial sums over X then land on another dim (passes/shard.py ``settle``) and
+    the scores einsum gathers it: an all-reduce's worth of traffic, far less than padded
+    weights (PaLM 540B: 48 heads over 16 devices instead of 64 padded ones).
     ``auto`` layouts are resolved first.
     """
     spec = _resolved(spec)
-    if spec.mesh.n_devices == 1 or spec.serve.attn == "heads":
-        return spec.mesh.n_devices
+    if spec.mesh.n_devices == 1:
+        return 1
     return _wide_devices(spec)
+
+
+def _layout(spec: Spec) -> Layout:
+    return Layout(spec.serve.ffn, spec.serve.attn, spec.mesh.axes)
 
 
 def _wide_devices(spec: Spec) -> int:
     """Devices of the wide weight dims (F, heads), as the layout places them."""
-    layout = Layout(spec.serve.ffn, spec.serve.attn, spec.mesh.axes)
+    layout = _layout(spec)
     return math.prod(layout.sizes[a] for a in layout.wide())
 
 
 def _fuse_attention(spec: Spec) -> bool:
-    """Grouped-query projections join the packed weight only when their K/V heads are sharded
-    (else the query heads are sharded inside a group, which a packed dim cannot express)."""
+    """Grouped-query projections join the packed weight only when their K/V heads (padded under
+    ``kv = pad``) are sharded over all the head axes (else query heads are sharded inside a group,
+    which a packed dim cannot express)."""
+    spec = _resolved(spec)
     m, s = spec.model, spec.serve
     if m.attention != "grouped" or spec.mesh.n_devices == 1:
         return True
     if s.kv == "replicate":
         return False
-    return m.kv_heads % _wide_devices(spec) == 0
+    k = pad_options(spec).get("kv_heads", m.kv_heads)
+    return k % _wide_devices(spec) == 0
 
 
 def unsharded_pipeline(pipeline: str) -> str:

@@ -40,7 +40,7 @@ BLOCKS = ("model", "mesh", "serve")
 PHASES = ("prefill", "decode")
 FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz", "auto")
 ATTN_LAYOUTS = ("heads", "batch", "auto")
-KV_LAYOUTS = ("shard", "replicate")
+KV_LAYOUTS = ("auto", "shard", "replicate", "pad")
 LOGITS = ("last", "all")
 WEIGHT_FORMATS = ("f32", "bf16", "int8")
 OVERLAPS = ("none", "looped", "bidirectional")
@@ -124,7 +124,7 @@ class ServeSpec:
     weights: str = "f32"  # weight storage format
     overlap: str = "none"  # collective/einsum overlap: none | looped | bidirectional
     hardware: str = "cpu"  # target for the cost model
-    kv: str = "shard"  # grouped K/V heads with attn=heads: shard them (must divide) or replicate
+    kv: str = "auto"  # grouped-query heads: shard K (then G), replicate K/V, pad, or auto (cost model)
     logits: str = "last"  # prefill logits: the last prompt position (serving) or all (scoring)
 
     def __post_init__(self) -> None:

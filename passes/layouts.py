@@ -8,6 +8,9 @@ a 1-axis mesh only X). From them it derives
   (Y minor, so that XY-WG can gather it as a suffix);
 * the residual stream at rest: E over all axes (weight-stationary) or batch over X / XY / XYZ
   with E over the rest (weight-gathered);
+* grouped-query heads K x G jointly: K over the longest prefix of the head axes it divides, G
+  over the rest (``head_split``); ``padded_heads`` is the smallest zero-padding that makes
+  them divide (pad-heads applies it);
 * the KV cache: heads as the attention weights (``heads``) or batch over all axes (``batch``;
   a smaller batch over the longest prefix of them it divides, at least one full axis);
 * whether einsums keep weights still (WS) or gather them to the activations (WG).
@@ -110,7 +113,41 @@ def require_fit(what: str, t: TensorType, axes: dict[str, tuple[str, ...]], size
                 hint=options)
 
 
-def weight_axes(layout: Layout, name: str, t: TensorType, kv_heads_shardable: bool) -> dict[str, tuple[str, ...]]:
+@dataclass(frozen=True)
+class HeadSplit:
+    """Where grouped-query heads go: K/V heads over ``k`` (a prefix of the head axes), the query
+    heads of each group over ``g`` (the rest), so that K x G is sharded jointly over all of them."""
+
+    k: tuple[str, ...] = ()
+    g: tuple[str, ...] = ()
+
+
+def head_split(layout: Layout, kv_heads: int, kv: str = "shard") -> HeadSplit:
+    """K over the longest prefix of the head axes it divides (none with ``kv = replicate``), G
+    over the rest; a G that does not divide them is the caller's LayoutError (or pad-heads')."""
+    wide = layout.wide()
+    k = () if kv == "replicate" else dividing_prefix(kv_heads, wide, layout.sizes)
+    return HeadSplit(k, wide[len(k):])
+
+
+def padded_heads(layout: Layout, kv_heads: int, groups: int) -> tuple[int, int]:
+    """The smallest zero-padding (K', G') >= (K, G) of grouped-query heads that divides the head
+    axes as :func:`head_split` places them: for each cut of the head axes into a prefix (K) and the
+    rest (G), round each up to its devices; keep the fewest query + K/V heads (weights and cache
+    grow with them), ties to the cut that shards K further (smaller caches under attn=heads)."""
+    wide, sizes = layout.wide(), layout.sizes
+    best: tuple[tuple[int, int], tuple[int, int]] | None = None
+    for i in range(len(wide) + 1):
+        nk, ng = math.prod(sizes[a] for a in wide[:i]), math.prod(sizes[a] for a in wide[i:])
+        k, g = -(-kv_heads // nk) * nk, -(-groups // ng) * ng
+        key = (k * g + k, -i)
+        if best is None or key < best[0]:
+            best = (key, (k, g))
+    assert best is not None
+    return best[1]
+
+
+def weight_axes(layout: Layout, name: str, t: TensorType, heads: HeadSplit) -> dict[str, tuple[str, ...]]:
     """Sharding of one weight (dims without the stacked N)."""
     names = t.names.lstrip("N")
     wide, narrow = layout.wide(), layout.narrow()
@@ -125,10 +162,10 @@ def weight_axes(layout: Layout, name: str, t: TensorType, kv_heads_shardable: bo
         out["F"] = wide
     if "H" in names:
         out["H"] = wide
-    if "K" in names and "G" in names:  # grouped queries: shard kv groups if they divide, else queries
-        out["K" if kv_heads_shardable else "G"] = wide
-    elif "K" in names and kv_heads_shardable:
-        out["K"] = wide
+    if "K" in names:  # grouped queries: K x G jointly over the head axes
+        out["K"] = heads.k
+    if "G" in names:
+        out["G"] = heads.g
     return out
 
 
@@ -140,7 +177,7 @@ def dividing_prefix(size: int, axes: tuple[str, ...], sizes: dict[str, int]) -> 
     return keep
 
 
-def cache_axes(layout: Layout, t: TensorType, kv_heads_shardable: bool) -> dict[str, tuple[str, ...]]:
+def cache_axes(layout: Layout, t: TensorType, heads: HeadSplit) -> dict[str, tuple[str, ...]]:
     names = t.names.lstrip("N")
     if layout.attn == "batch":
         # WS: the axis order the query heads end up in, so the reshard is one all-to-all;
@@ -152,6 +189,6 @@ def cache_axes(layout: Layout, t: TensorType, kv_heads_shardable: bool) -> dict[
         return {"B": dividing_prefix(t.size("B"), order, layout.sizes) or order[:1]}
     if "H" in names:
         return {"H": layout.wide()}
-    if "K" in names and kv_heads_shardable:
-        return {"K": layout.wide()}
+    if "K" in names:
+        return {"K": heads.k}  # replicated over G's axes: each device's query groups need it
     return {}

@@ -22,8 +22,8 @@ from ir.module import Function, Module, ModuleContext, Param
 from ir.ops import Op, Scan
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
-from passes.layouts import (ATTN_LAYOUTS, FFN_LAYOUTS, Layout, cache_axes, dividing_prefix, require_fit, weight_axes,
-                            with_axes)
+from passes.layouts import (ATTN_LAYOUTS, FFN_LAYOUTS, HeadSplit, Layout, cache_axes, dividing_prefix, head_split,
+                            require_fit, weight_axes, with_axes)
 from passes.registry import register
 
 Axes = dict[str, tuple[str, ...]]
@@ -197,7 +197,7 @@ def _einsum(p: Propagation, op) -> list[str]:
     elif "weight" in (ra, rb):
         w, act = (a, b) if ra == "weight" else (b, a)
         wname = p.dequantized[w].operands[0] if w in p.dequantized else w  # name the int8 weight
-        if p.layout.weights_move:
+        if p.layout.weights_move and not _output_head(p.types[w], contracted):
             anchor = {d: ax for d, ax in axes_of(p.types[act]).items() if d not in contracted}
             why = f"einsum {op.spec}: weight-gathered, weight {wname} gathered to the activation's batch layout"
         else:
@@ -226,6 +226,13 @@ def _einsum(p: Propagation, op) -> list[str]:
                 tg[d] = new
         seen |= set(new)
     return [p.to(v, retype(t, tg), why) for v, t, tg in ((a, ta, tgt[0]), (b, tb, tgt[1]))]
+
+
+def _output_head(w: TensorType, contracted: set[str]) -> bool:
+    """The vocab-parallel output head stays still even in weight-gathered layouts: gathering the
+    whole [V, E] table to every chip would hold V x E per chip and repeat the logits einsum on
+    every replica of the batch; the [B, L, E] activation moves instead (far smaller)."""
+    return w.has("V") and "V" not in contracted and any(d.axes for d in w.dims)
 
 
 def _binary(p: Propagation, op) -> list[str]:
@@ -396,7 +403,12 @@ def _concat(p: Propagation, op) -> list[str]:
 
 def _split(p: Propagation, op) -> list[str]:
     k = len(op.sizes)
-    return [p.whole(op.operands[0], f"split {op.dim} into {k} segments: one collective for {k} fused projections")]
+    x = op.operands[0]
+    axes = p.types[x].dim(op.dim).axes
+    if op.groups % math.prod(p.mesh[a] for a in axes):  # e.g. padded logits sliced back to the true V
+        return [p.whole(x, f"split {op.dim}: {op.groups} interleave groups do not divide over "
+                           f"{{{','.join(axes)}}}, needs the dim whole", need_whole=op.dim)]
+    return [p.whole(x, f"split {op.dim} into {k} segments: one collective for {k} fused projections")]
 
 
 def _dequantize(p: Propagation, op) -> list[str]:
@@ -425,24 +437,22 @@ def layout_hint(layout: Layout, t: TensorType, ax: dict[str, tuple[str, ...]]) -
     d = bad[0] if bad else ""
     if d == "B":
         return "choose a batch divisible by the devices it is split over (--batch), or --attn heads"
-    if d == "K":
-        return "replicate the K/V heads (--set serve.kv=replicate) or shard attention over batch (--attn batch)"
-    if d == "G":
-        return ("the query heads per K/V group must divide over the head axes: use --ffn 2d-ws "
-                "(fewer head axes) or another --mesh")
+    if d in "KG":
+        return ("pad the grouped-query heads with zero heads (--set serve.kv=pad; the default kv=auto "
+                "pads when no sharding divides)")
     if d == "H":
         return ("pad the heads with pad-heads (the default pipeline does when they do not divide the devices the "
                 "layout shards them over)")
     return f"choose another layout (--ffn/--attn) or a mesh (--mesh) whose axes divide {d}"
 
 
-def param_type(layout: Layout, name: str, role: str, t: TensorType, kv_ok: bool) -> TensorType:
+def param_type(layout: Layout, name: str, role: str, t: TensorType, heads: HeadSplit) -> TensorType:
     core = t.drop("N") if t.has("N") else t
     if role == "weight":
-        ax = weight_axes(layout, name, core, kv_ok)
+        ax = weight_axes(layout, name, core, heads)
         what = f"weight %{name}"
     elif role == "cache":
-        ax = cache_axes(layout, core, kv_ok)
+        ax = cache_axes(layout, core, heads)
         what = f"KV cache %{name}"
     else:
         return t
@@ -488,8 +498,9 @@ class Shard(Pass):
     ffn: str = "1d-ws"
     #: Attention layout: heads (sharded over heads) or batch (multiquery K/V over batch).
     attn: str = "heads"
-    #: Grouped-query K/V heads under attn=heads: shard them (they must divide) or replicate them
-    #: (the query groups G are sharded instead).
+    #: Grouped-query heads K x G: ``shard`` puts K over the longest prefix of the head axes it
+    #: divides and G over the rest; ``replicate`` keeps the K/V heads whole and shards G over all
+    #: of them. (``pad`` and ``auto`` are spec settings: the driver pads with pad-heads first.)
     kv: str = "shard"
 
     def __post_init__(self) -> None:
@@ -507,17 +518,14 @@ class Shard(Pass):
             raise PassError("shard: the module is already sharded")
         layout = Layout(self.ffn, self.attn, module.mesh)
         ctx = ModuleContext(module)
-        kv_ok = self.kv == "shard"
-        if self.attn == "batch":  # K/V live batch-sharded in the cache: shard the projections if they divide
-            n = math.prod(layout.sizes[a] for a in layout.wide())
-            kv_ok = kv_ok and all(t.size("K") % n == 0 for f in module.functions
-                                  for t in f.value_types.values() if t.has("K"))
+        ks = {t.size("K") for f in module.functions for t in f.value_types.values() if t.has("K")}
+        heads = head_split(layout, ks.pop() if ks else 1, self.kv)
         fns: dict[str, Function] = {}
         total = 0
         prepared: list[TensorType] | None = None
         prep = module.prepare
         if prep is not None:  # load time: checkpoint weights in their layout, packed/quantized alike
-            p_params = [Param(q.name, param_type(layout, q.name, q.role, q.type, kv_ok), q.role) for q in prep.params]
+            p_params = [Param(q.name, param_type(layout, q.name, q.role, q.type, heads), q.role) for q in prep.params]
             new_prep, n = propagate(layout, ctx, prep, p_params, {q.name: q.role for q in prep.params}, {},
                                     [None] * len(prep.returns))
             fns[prep.name] = new_prep
@@ -527,7 +535,7 @@ class Shard(Pass):
             roles = {q.name: q.role for q in entry.params}
             w_types = iter(prepared or ())
             params = [Param(q.name, next(w_types) if prepared is not None and q.role == "weight" else
-                            param_type(layout, q.name, q.role, q.type, kv_ok), q.role) for q in entry.params]
+                            param_type(layout, q.name, q.role, q.type, heads), q.role) for q in entry.params]
             e_types = {q.name: q.type for q in params}
             scans = [op for op in entry.ops if isinstance(op, Scan)]
             body_sigs = {}
@@ -544,7 +552,7 @@ class Shard(Pass):
                     elif role == "weight" and prepared is not None:
                         t = e_types[v].drop("N")  # what @prepare hands the entry, one layer of it
                     else:
-                        t = param_type(layout, bp.name, role, bp.type, kv_ok)
+                        t = param_type(layout, bp.name, role, bp.type, heads)
                     b_params.append(Param(bp.name, t, bp.role))
                     b_roles[bp.name] = role
                 targets = [b_params[i].type for i in range(nc)] + [None] * (len(body.returns) - nc)

@@ -55,22 +55,26 @@ def round_to(weights: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndar
     return {k: np.asarray(v).astype(np_t).astype(np.float32) for k, v in weights.items()}
 
 
-def fit_to_params(weights: Mapping[str, np.ndarray], params) -> dict[str, np.ndarray]:
-    """Zero-pads host weights whose head dim H is smaller than the module declares (pad-heads).
+#: Dims pad-heads may grow with zeros (heads, grouped-query K and G, the vocabulary).
+PADDABLE_DIMS = frozenset("HKGV")
 
-    Only H may differ, and only upward: any other mismatch is left for the executor's shape
-    check to report."""
+
+def fit_to_params(weights: Mapping[str, np.ndarray], params) -> dict[str, np.ndarray]:
+    """Zero-pads host weights whose heads (H, or grouped K and G) or vocabulary V are smaller than
+    the module declares (pad-heads): zero rows are exact there (passes/pad_heads.py says why).
+
+    Only those dims may differ, and only upward: any other mismatch is left for the executor's
+    shape check to report."""
     out = dict(weights)
     for p in params:
-        if p.name not in out or not p.type.has("H"):
+        if p.name not in out:
             continue
         a = np.asarray(out[p.name])
         want = p.type.shape
         if a.shape == want or a.ndim != len(want):
             continue
-        ax = p.type.index("H")
-        if all(s == w for i, (s, w) in enumerate(zip(a.shape, want)) if i != ax) and a.shape[ax] < want[ax]:
-            widths = [(0, 0)] * a.ndim
-            widths[ax] = (0, want[ax] - a.shape[ax])
-            out[p.name] = np.pad(a, widths)
+        grow = [(0, w - s) if d.name in PADDABLE_DIMS and s < w else (0, 0)
+                for d, s, w in zip(p.type.dims, a.shape, want)]
+        if all(s + g[1] == w for s, g, w in zip(a.shape, grow, want)):
+            out[p.name] = np.pad(a, grow)
     return out

@@ -91,19 +91,46 @@ class Problem:
 
 
 def head_devices(mesh: Mesh, ffn: str, attn: str) -> int:
-    """Devices the default pipeline makes the heads divide: all of them under attn=heads (§6.1:
-    Q's partial sums are reduce-scattered onto the heads), else the wide weight axes (all of
-    them in 1D); attn=batch moves Q onto the batch and needs no more."""
-    if attn == "heads":
-        return n_devices(mesh)
+    """Devices the default pipeline makes the heads divide: the wide weight axes (all of them
+    in 1D), under either attention layout (under attn=heads Q's partial sums land elsewhere
+    when the heads do not divide every device, and the scores einsum gathers them)."""
     return math.prod(dict(mesh)[a] for a in layout_axes(mesh, ffn)["wide"])
 
 
-def padded_heads(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool) -> int:
-    """Query heads after the default pipeline's pad-heads: up to a multiple of
-    :func:`head_devices` (grouped-query heads are never padded)."""
+def grouped_split(mesh: Mesh, ffn: str, K: int, kv: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Grouped-query heads K x G jointly over the wide axes: K over the longest prefix of them
+    that K divides (none when the K/V heads are replicated), the query groups G over the rest."""
+    wide, sizes = layout_axes(mesh, ffn)["wide"], dict(mesh)
+    i = 0 if kv == "replicate" else max(j for j in range(len(wide) + 1)
+                                        if K % math.prod(sizes[a] for a in wide[:j]) == 0)
+    return wide[:i], wide[i:]
+
+
+def padded_grouped(mesh: Mesh, ffn: str, K: int, G: int) -> tuple[int, int]:
+    """kv=pad: the fewest query + K/V heads K' x G' + K' (K' >= K, G' >= G) such that some cut of
+    the wide axes into a prefix and the rest has K' over the prefix and G' over the rest
+    (ties: K over more axes)."""
+    wide, sizes = layout_axes(mesh, ffn)["wide"], dict(mesh)
+    options = []
+    for i in range(len(wide) + 1):
+        nk, ng = math.prod(sizes[a] for a in wide[:i]), math.prod(sizes[a] for a in wide[i:])
+        k, g = -(-K // nk) * nk, -(-G // ng) * ng
+        options.append((k * g + k, -i, k, g))
+    return min(options)[2:]
+
+
+def padded_heads(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool, kv: str = "shard") -> int:
+    """Query heads after the default pipeline's pad-heads: H up to a multiple of
+    :func:`head_devices`; grouped-query K x G as :func:`padded_grouped` says under kv=pad."""
+    if not pad and kv != "pad":
+        return model.heads
+    if model.attention == "grouped":
+        if kv != "pad" or n_devices(mesh) == 1:
+            return model.heads
+        k, g = padded_grouped(mesh, ffn, model.kv_heads, model.heads // model.kv_heads)
+        return k * g
     k = head_devices(mesh, ffn, attn)
-    if pad and model.attention != "grouped" and model.heads % k:
+    if model.heads % k and n_devices(mesh) > 1:
         return -(-model.heads // k) * k
     return model.heads
 
@@ -125,7 +152,7 @@ def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str,
         if axes and size % k(axes):
             out.append(Problem(dim, size, frozenset(axes), what))
 
-    heads = padded_heads(model, mesh, ffn, attn, pad)
+    heads = padded_heads(model, mesh, ffn, attn, pad, kv)
     E, F = model.d_model, model.d_ff
     # weights: E over narrow (every matrix has E), F over wide
     need("E", E, ax["narrow"], "weights")
@@ -133,12 +160,10 @@ def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str,
     # attention weights and the KV cache
     if model.attention == "grouped":
         K, G = model.kv_heads, model.heads // model.kv_heads
-        if attn == "heads" and kv == "shard":  # K/V heads sharded like the query heads: K must divide
-            need("K", K, ax["wide"], "weights")
-        elif kv == "replicate" or K % k(ax["wide"]):
-            # K/V replicated (asked for, or under attn=batch when K does not divide): the query
-            # groups G are sharded instead
-            need("G", G, ax["wide"], "weights")
+        if kv == "pad":
+            K, G = padded_grouped(mesh, ffn, K, G)
+        _, g_axes = grouped_split(mesh, ffn, K, kv)
+        need("G", G, g_axes, "weights")  # K divides its prefix by construction
     else:
         need("H", heads, ax["wide"], "weights")  # wq/wo (and wk/wv, the cache under attn=heads, for MHA)
     if attn == "batch":
@@ -180,12 +205,14 @@ def spec_for(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, batch: int, phas
 
 
 def shard_pass(ffn: str, attn: str, kv: str = "shard") -> str:
-    return f"shard{{ffn={ffn},attn={attn}" + ("" if kv == "shard" else f",kv={kv}") + "}"
+    """kv=pad shards the (padded) heads like kv=shard."""
+    return f"shard{{ffn={ffn},attn={attn}" + ("" if kv != "replicate" else f",kv={kv}") + "}"
 
 
 def pipeline_for(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool, kv: str = "shard") -> str:
-    """The default pipeline (which pads heads when they do not divide) or a bare shard pipeline."""
-    if pad:
+    """The default pipeline (which pads heads and the vocabulary when they do not divide; always
+    for kv=pad) or a bare shard pipeline."""
+    if pad or kv == "pad":
         return default_pipeline(spec_for(model, mesh, ffn, attn, 1, kv=kv), rewrites=False)
     return f"{shard_pass(ffn, attn, kv)},insert-collectives,cleanup"
 
@@ -289,8 +316,8 @@ def cases(draw, divisible: bool, attention: tuple[str, ...], meshes: tuple[Mesh,
     steps = 0 if phase == "prefill" else draw(st.integers(1, 3))
     # the default pipeline (pad-heads when needed) or a bare shard pipeline
     pad = draw(st.booleans()) if not divisible else model.heads % n != 0 or draw(st.booleans())
-    # grouped-query K/V heads: sharded (they must divide under attn=heads) or replicated
-    kv = draw(st.sampled_from(["shard", "replicate"])) if model.attention == "grouped" else "shard"
+    # grouped-query heads: K then G over the head axes, the K/V heads replicated, or padded
+    kv = draw(st.sampled_from(["shard", "replicate", "pad"])) if model.attention == "grouped" else "shard"
     return model, mesh, ffn, attn, phase, batch, prompt, steps, pad, kv
 
 
@@ -309,7 +336,7 @@ def check_partitioned(case, executor, tol: float, what: str) -> None:
         event(f"LayoutError on {p.dim} ({p.what})")
         return
     assert not problems, f"compiled although {problems} do not divide"
-    if padded_heads(model, mesh, ffn, attn, pad) != model.heads:
+    if padded_heads(model, mesh, ffn, attn, pad, kv) != model.heads:
         event("heads padded by the default pipeline")
     got, ref = run_pair(sharded, model, batch, prompt, steps, executor, seed=batch + 10 * prompt + steps)
     assert got.shape == ref.shape == (batch, prompt + steps, model.vocab)

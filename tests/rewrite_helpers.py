@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from compiler.driver import _fuse_attention, compile_module, head_multiple, unsharded_pipeline
+from compiler.driver import _fuse_attention, compile_module, pad_options, unsharded_pipeline
 from ir.errors import LayoutError
 from partition_helpers import (build, cases, check_layout_error, event, expected_layout_problems, mesh_str,
-                               note, padded_heads, rel_err, shard_pass, spec_for)
+                               note, rel_err, shard_pass, spec_for)
 
 QUANT = (None, "before", "after")
 LOOPS = (None, "one-way", "bidirectional")
@@ -32,8 +32,9 @@ def rewrite_pipeline(case, rw) -> str:
     fuse, quant, loops = rw
     spec = spec_for(model, mesh, ffn, attn, batch, kv=kv)
     parts = []
-    if padded_heads(model, mesh, ffn, attn, pad) != model.heads:
-        parts.append(f"pad-heads{{multiple={head_multiple(spec)}}}")
+    opts = pad_options(spec) if pad or kv == "pad" else {}  # as the default pipeline pads
+    if opts:
+        parts.append("pad-heads{" + ",".join(f"{k}={v}" for k, v in opts.items()) + "}")
     if fuse:
         parts.append("fuse-parallel-block" + ("" if _fuse_attention(spec) else "{attention=false}"))
     if quant == "before":

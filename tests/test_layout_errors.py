@@ -14,7 +14,7 @@ from compiler.driver import build_for, compile_config, compile_module, default_p
 from compiler.spec import ModelSpec, apply_overrides, load_spec
 from ir.errors import LayoutError
 from partition_helpers import (MESH_8, build, check_layout_error, compile_layout, expected_layout_problems,
-                               padded_heads, rel_err, run_pair, shard_pass, spec_for)
+                               padded_heads, rel_err, run_pair, spec_for)
 from runtime.generate import ReferenceExecutor, generate
 from runtime.spmd import SpmdExecutor
 from runtime.weights import random_tokens, random_weights
@@ -42,17 +42,31 @@ def names(err: LayoutError, dim: str, size: int, axes: str, devices: int) -> Non
 # ---- each kind of size ----------------------------------------------------------------------------
 
 
-def test_kv_heads_do_not_divide():
-    """GQA with 2 kv heads, attention over heads, K/V sharded (the default): K=2 over the 2D-WS
-    wide axes (z, y) = 4 devices."""
-    err = layout_error(GQA, MESH_8, "2d-ws", "heads")
-    names(err, "K", 2, "z,y", 4)
-    assert "%wq" in err.message or "%wk" in err.message or "cache" in err.message
-    check_layout_error(err, expected_layout_problems(GQA, 8, MESH_8, "2d-ws", "heads"), MESH_8)
+GQA62 = ModelSpec("e-gqa62", layers=1, d_model=32, heads=6, kv_heads=2, d_head=4, d_ff=64, vocab=64)
+MESH_4 = (("x", 2), ("y", 2))
+
+
+def test_grouped_heads_shard_jointly_k_then_g():
+    """K=2 kv heads x G=4 queries on the 2D-WS head axes (z, y): K over z (the prefix it
+    divides), G over y; the KV cache under attn=heads is K-sharded over z and replicated over y.
+    The program equals the float64 reference on the SPMD simulator."""
+    sharded = compile_layout(GQA, 8, 2, 4, MESH_8, "2d-ws", "heads")
+    fn = sharded.function("decode")
+    wq = fn.param("wq").type
+    assert (wq.dim("K").axes, wq.dim("G").axes, wq.dim("E").axes) == (("z",), ("y",), ("x",))
+    assert fn.param("wk").type.dim("K").axes == ("z",) and fn.param("k_cache").type.dim("K").axes == ("z",)
+    got, ref = run_pair(sharded, GQA, 8, 2, 2, SpmdExecutor, seed=1)
+    assert rel_err(got, ref) <= 1e-9
 
 
 def test_query_groups_do_not_divide():
-    """With the K/V heads replicated the query groups G=4 are sharded: over all 8 devices in 1D-WS."""
+    """K=2 takes x of the 1D-WS head axes (x, y); G=3 does not divide y: without padding
+    (kv=shard) that is refused, naming G and offering kv=pad."""
+    err = layout_error(GQA62, MESH_4, "1d-ws", "heads")
+    names(err, "G", 3, "y", 2)
+    assert "kv=pad" in err.hint
+    check_layout_error(err, expected_layout_problems(GQA62, 8, MESH_4, "1d-ws", "heads"), MESH_4)
+    # K/V replicated: G=4 over all 8 devices of 1D-WS
     err = layout_error(GQA, MESH_8, "1d-ws", "heads", kv="replicate")
     names(err, "G", 4, "x,y,z", 8)
 
@@ -103,20 +117,24 @@ def test_d_model_and_d_ff_do_not_divide():
     assert "%w_" in err.message
 
 
-def test_vocab_that_does_not_divide_is_replicated_not_refused():
-    """The vocabulary is not part of the paper's layouts: the embedding / output head is split over
-    all devices when V divides, and kept whole on every device otherwise (passes/layouts.py
-    weight_axes). That is a working program, not a LayoutError; check that it runs correctly."""
+def test_vocab_that_does_not_divide_is_padded_or_replicated():
+    """The default pipeline pads a vocabulary that does not divide the devices with zero rows
+    (61 -> 64: the embedding and output head stay vocab-parallel) and splits the padded logits
+    off before returning; a bare shard pipeline keeps the table whole on every device. Both
+    equal the reference, with the true V."""
     m = ModelSpec("e-vocab", layers=1, d_model=32, heads=8, kv_heads=1, d_head=4, d_ff=64, vocab=61,
                   block="parallel", tie_embeddings=False)
-    mod = compile_layout(m, 8, 2, 4, MESH_8, "2d-ws", "batch")
-    fn = mod.function("prefill")
+    padded = compile_layout(m, 8, 2, 4, MESH_8, "2d-ws", "batch", pad=True)
+    fn = padded.function("prefill")
+    assert fn.param("embed").type.dim("V").axes == ("x", "y", "z") and fn.param("embed").type.size("V") == 64
+    assert fn.param("lm_head").type.size("V") == 64 and fn.result_types[0].size("V") == 61
+    whole = compile_layout(m, 8, 2, 4, MESH_8, "2d-ws", "batch")
+    fn = whole.function("prefill")
     assert fn.param("embed").type.dim("V").axes == () and fn.param("lm_head").type.dim("V").axes == ()
-    m64 = ModelSpec("e-vocab", layers=1, d_model=32, heads=8, kv_heads=1, d_head=4, d_ff=64, vocab=64)
-    assert compile_layout(m64, 8, 2, 4, MESH_8, "2d-ws", "batch").function("prefill").param(
-        "embed").type.dim("V").axes == ("x", "y", "z")
-    got, ref = run_pair(mod, m, 8, 2, 2, SpmdExecutor)
-    assert rel_err(got, ref) <= 1e-9
+    for mod in (padded, whole):
+        got, ref = run_pair(mod, m, 8, 2, 2, SpmdExecutor)
+        assert got.shape == ref.shape == (8, 4, 61)
+        assert rel_err(got, ref) <= 1e-9
 
 
 # ---- the hint's options resolve the error -------------------------------------------------------------
@@ -128,13 +146,10 @@ HINT_CASES = {
     # not: wq/wo are split over the heads in every attention layout, so the hint must not offer it)
     "mqa-heads": (MQA4, MESH_8, "1d-ws", "heads", 8, False, "shard",
                   [("pad-heads", dict(pad=True))]),
-    # grouped-query K=2 on the 2D-WS wide axes (4 devices): both options work
-    "gqa-kv": (GQA, MESH_8, "2d-ws", "heads", 8, False, "shard",
-               [("kv=replicate", dict(kv="replicate")), ("--attn batch", dict(attn="batch"))]),
-    # grouped-query with the K/V heads replicated, G=4 over 8 devices (1D-WS): pad-heads does not
-    # pad grouped queries and --attn batch does not touch the weights; 2D-WS's head axes (4) do
-    "gqa-groups": (GQA, MESH_8, "1d-ws", "heads", 8, False, "replicate",
-                   [("--ffn 2d-ws", dict(ffn="2d-ws"))]),
+    # grouped-query G=3 over y after K=2 took x (1D-WS on 2x2): padding the heads works
+    "gqa-groups": (GQA62, MESH_4, "1d-ws", "heads", 8, False, "shard", [("kv=pad", dict(kv="pad"))]),
+    # grouped-query with the K/V heads replicated, G=4 over 8 devices (1D-WS): padding works
+    "gqa-replicated": (GQA, MESH_8, "1d-ws", "heads", 8, False, "replicate", [("kv=pad", dict(kv="pad"))]),
     "batch-cache": (MQA4, MESH_8, "2d-ws", "batch", 3, True, "shard",
                     [("--attn heads", dict(attn="heads")), ("--batch", dict(batch=8))]),
     "batch-residual": (MQA4, MESH_8, "wg-xyz", "heads", 4, True, "shard",
@@ -154,13 +169,7 @@ def test_hint_options_resolve_the_error(name):
         assert text in err.hint, f"the hint does not offer {text!r}: {err.hint}"
         s = dict(model=model, mesh=mesh, ffn=ffn, attn=attn, batch=batch, pad=pad, kv=kv) | change
         try:
-            if s["pad"] and s["model"].attention == "grouped":
-                # the default pipeline never pads grouped queries: ask for pad-heads explicitly
-                mod = build(s["model"], s["batch"], 2, 4, s["mesh"])
-                compile_module(mod, f"pad-heads{{multiple=8}},{shard_pass(s['ffn'], s['attn'], s['kv'])},"
-                                    "insert-collectives,cleanup")
-            else:
-                compile_layout(s["model"], s["batch"], 2, 4, s["mesh"], s["ffn"], s["attn"], pad=s["pad"], kv=s["kv"])
+            compile_layout(s["model"], s["batch"], 2, 4, s["mesh"], s["ffn"], s["attn"], pad=s["pad"], kv=s["kv"])
         except LayoutError as e2:
             if e2.message.split(" does not divide")[0] == first:
                 useless.append(f"{text!r} leaves the same error: {e2.message}")
@@ -171,7 +180,8 @@ def test_hint_options_resolve_the_error(name):
 
 
 CLI_CASES = {
-    "kv-heads": (["examples/tiny-gqa.model", "--mesh", "x=2,y=2,z=2", "--ffn", "2d-ws"], "K=2", "{z,y}"),
+    "query-groups": (["examples/tiny-gqa.model", "--mesh", "x=2,y=2", "--set", "model.heads=6", "--set",
+                      "serve.kv=shard"], "G=3", "{y}"),
     "heads": (["examples/tiny-mqa.model", "--passes", "shard{ffn=1d-ws,attn=heads},insert-collectives"],
               "H=4", "{x,y,z}"),
     "batch": (["examples/tiny-mqa.model", "--batch", "3"], "B=3", "{z}"),
@@ -236,8 +246,8 @@ def test_pad_heads_is_a_no_op_when_heads_divide():
 PALM_PADDING = {
     ("2d-ws", "batch"): None,  # heads over the wide axes z,y only: 48 % 16 == 0
     ("wg-xy", "batch"): None,  # the weight-gathered layouts share 2D-WS's weight storage
-    ("2d-ws", "heads"): 64,  # Q's partial sums over x are reduce-scattered onto H over all 64
-    ("wg-x", "heads"): 64,
+    ("2d-ws", "heads"): None,  # attention over heads too: only z,y shard the heads
+    ("wg-x", "heads"): None,
     ("1d-ws", "batch"): 64,  # 1D-WS splits the heads of the weights over all 64
     ("1d-ws", "heads"): 64,
 }
@@ -276,9 +286,10 @@ def test_palm_540b_2d_ws_batch_keeps_48_heads_on_4x4x4():
     assert weights == [p.type.nbytes() for p in raw.function("decode").params_with_role("weight")]
 
 
-def test_palm_540b_pads_48_to_64_heads_under_attn_heads():
-    """Attention over heads: the paper's padding, 48 -> 64 so that each chip holds one head."""
-    spec = apply_overrides(load_spec(EXAMPLES / "palm-540b.model"), attn="heads")
+def test_palm_540b_pads_48_to_64_heads_under_1d_ws():
+    """1D-WS splits the heads over all 64 chips: the paper's padding, 48 -> 64, one head per chip.
+    2D-WS with attention over heads shards them over z,y only (16 devices) and keeps 48."""
+    spec = apply_overrides(load_spec(EXAMPLES / "palm-540b.model"), ffn="1d-ws", attn="heads")
     pipeline = default_pipeline(spec, rewrites=False)
     raw = build_for(spec, compile_config(spec))
     res = compile_module(raw, pipeline)
@@ -286,8 +297,10 @@ def test_palm_540b_pads_48_to_64_heads_under_attn_heads():
     assert res.run.records[0].stats.get("heads padded 48 -> 64") == 1
     fn = res.module.function("decode")
     wq = fn.param("wq").type
-    assert wq.size("H") == 64 and wq.dim("H").axes == ("z", "y") and wq.dim("E").axes == ("x",)
-    assert wq.local_shape(res.module.mesh_sizes) == (118, 18432 // 4, 64 // 16, 256)
+    assert wq.size("H") == 64 and wq.dim("H").axes == ("x", "y", "z") and wq.dim("E").axes == ()
+    assert wq.local_shape(res.module.mesh_sizes) == (118, 18432, 64 // 64, 256)
+    two_d = apply_overrides(load_spec(EXAMPLES / "palm-540b.model"), attn="heads", sets=["model.kv_heads=48"])
+    assert "pad-heads" not in default_pipeline(two_d, rewrites=False)
     # §3 derived check: padding adds 118 * 2 * E * 16 * 256 parameters (about 17.8B)
     added = sum(p.type.nbytes() for p in fn.params_with_role("weight")) // 2 - sum(
         p.type.nbytes() for p in raw.function("decode").params_with_role("weight")) // 2
@@ -300,11 +313,12 @@ def test_palm_540b_pads_48_to_64_heads_under_attn_heads():
 def test_heads_dividing_the_wide_axes_are_not_padded_and_match_the_reference(model):
     """4 heads on x=2,y=2,z=2 under 2D-WS with attention over batch: the heads divide the 4
     devices of z,y that shard them but not the 8 of the mesh. The default pipeline leaves them
-    alone, and the program compiles and equals the float64 reference on the SPMD simulator;
-    under attn=heads the same model is padded to 8."""
+    alone (also under attn=heads), and the program compiles and equals the float64 reference on
+    the SPMD simulator; under 1D-WS the same model is padded to 8."""
     spec = spec_for(model, MESH_8, "2d-ws", "batch", 8, phase="decode")
     assert head_multiple(spec) == 4 and "pad-heads" not in default_pipeline(spec)
-    assert default_pipeline(spec_for(model, MESH_8, "2d-ws", "heads", 8)).startswith("pad-heads{multiple=8},")
+    assert "pad-heads" not in default_pipeline(spec_for(model, MESH_8, "2d-ws", "heads", 8))
+    assert default_pipeline(spec_for(model, MESH_8, "1d-ws", "heads", 8)).startswith("pad-heads{multiple=8},")
     assert padded_heads(model, MESH_8, "2d-ws", "batch", pad=True) == 4
     assert not expected_layout_problems(model, 8, MESH_8, "2d-ws", "batch", pad=True)
     sharded = compile_layout(model, 8, 2, 4, MESH_8, "2d-ws", "batch", pad=True)

@@ -126,6 +126,36 @@ def _resolve(spec: Spec, chip: Chip) -> tuple[Spec, Choice]:
     return replace(spec, serve=replace(spec.serve, ffn=c.ffn, attn=c.attn)), choice
 
 
+KV_CANDIDATES = ("shard", "replicate", "pad")
+
+
+@lru_cache(maxsize=64)
+def _resolve_kv(spec: Spec, chip: Chip) -> Spec:
+    priced, first_error = [], None
+    for i, kv in enumerate(KV_CANDIDATES):
+        cs = replace(spec, serve=replace(spec.serve, kv=kv))
+        try:
+            m, n = _compile(cs)
+        except LayoutError as e:
+            first_error = first_error or e
+            continue
+        e = price(m, chip, n)
+        priced.append(((not e.fits, e.step_time_s, e.memory.total, i), cs))
+    if not priced:
+        assert first_error is not None
+        raise first_error
+    return min(priced, key=lambda c: c[0])[1]
+
+
+def resolve_kv(spec: Spec, chip: Chip | None = None) -> Spec:
+    """``kv = auto``: the grouped-query heads sharded (K over a prefix of the head axes, G over
+    the rest), replicated (G over all of them) or padded, whichever legal candidate the cost
+    model prices fastest among those that fit (ties: that order)."""
+    if spec.serve.kv != "auto":
+        return spec
+    return _resolve_kv(spec, chip or get_chip(spec.serve.hardware))
+
+
 def resolve_auto(spec: Spec, chip: Chip | None = None) -> tuple[Spec, Choice | None]:
     """The spec with ``auto`` layouts replaced by the cost model's choice, and the evaluation
     (None when nothing was auto). CostError when no candidate fits."""
