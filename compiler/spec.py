@@ -347,9 +347,7 @@ def _syntax_error(e: lark.UnexpectedInput, text: str, src: _Source) -> SpecError
     elif tok is not None:
         found = f"'{tok}'" if tok.type == "WORD" else _TOKEN_WORDS.get(tok.type, f"'{tok}'")
         length = len(tok) if tok.type == "WORD" else 1
-        if tok.type == "WORD" and exp == {"_NL", "RBRACE"}:
-            hint = "put each 'field = value' on its own line"
-        elif tok.type == "LBRACE" and "EQUAL" in exp:
+        if tok.type == "LBRACE" and "EQUAL" in exp:
             hint = "blocks cannot be nested; close the enclosing block with '}' first"
         elif tok.type == "_NL" and exp == {"WORD"}:
             hint = "give a value after '='"

@@ -391,12 +391,23 @@ def test_no_model_block() -> None:
     assert err.message == "no model block" and err.loc is not None and err.loc.source_line is None
 
 
-def test_two_fields_on_one_line() -> None:
+def test_several_fields_on_one_line() -> None:
+    s = parse_spec(BASE.replace("layers = 2", "layers = 3 norm = rmsnorm") + "mesh { x = 2  y = 2  z = 2 }\n"
+                   "serve { phase = decode  batch = 8\n  seq = 32 }\n", "t.model")
+    assert (s.model.layers, s.model.norm, s.model.d_ff) == (3, "rmsnorm", 256)
+    assert s.mesh.axes == (("x", 2), ("y", 2), ("z", 2))
+    assert (s.serve.phase, s.serve.batch, s.serve.seq) == ("decode", 8, 32)
     expect(BASE.replace("layers = 2", "layers = 2 d_ff = 3"), """
-        t.model:2:14: spec error: unexpected 'd_ff'; expected end of line or '}'
-            layers = 2 d_ff = 3
-                       ^~~~
-          hint: put each 'field = value' on its own line
+        t.model:7:3: spec error: duplicate field 'd_ff' in model block
+            d_ff = 256
+            ^~~~
+          hint: it was already set at line 2; keep one
+        """)
+    expect(BASE.replace("layers = 2", "layers = 2 heads"), """
+        t.model:2:19: spec error: unexpected end of line; expected '='
+            layers = 2 heads
+                            ^
+          hint: fields are written 'name = value'
         """)
 
 
@@ -468,7 +479,7 @@ def test_stray_brace_and_nesting() -> None:
 
 def test_control_characters_keep_the_caret_aligned() -> None:
     err = error(BASE.replace("  layers = 2", "\tlayers = 2\x00"))
-    assert err.message == "unexpected character U+0000; expected end of line or '}'"
+    assert err.message == "unexpected character U+0000; expected a field name or '}'"  # several fields may share a line
     assert (err.loc.line, err.loc.col) == (2, 12)
     assert err.loc.source_line == " layers = 2?"
     assert str(err).splitlines()[2] == "  " + " " * 11 + "^"
