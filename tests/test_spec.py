@@ -194,7 +194,7 @@ def test_format_is_canonical() -> None:
           weights  = f32
           overlap  = none
           hardware = cpu
-          kv       = shard
+          kv       = auto
           logits   = last
         }
         """)
