@@ -168,7 +168,7 @@ class _Source:
 
 def _convert(name: str, f: _Field, text: str, loc: Location) -> Any:
     """Parses one written value of field ``name``; errors point at ``loc``."""
-    if f.kind == "int":
+    if f.kind in ("int", "count"):
         if not _INT_RE.match(text):
             raise SpecError(f"{name} must be an integer, got '{text}'", loc, "write a whole number such as 2 or 4096")
         if len(text.lstrip("+-0")) > 19 or int(text) > _MAX_INT:
@@ -545,10 +545,15 @@ def _fmt_block(head: str, items: list[tuple[str, Any]]) -> list[str]:
     return [f"{head} {{", *(f"  {k.ljust(width)} = {_fmt(v)}" for k, v in items), "}"]
 
 
+#: Model fields left out of the canonical text while off (they parse back to the same default).
+_OFF = {"sliding_window": 0}
+
+
 def format_spec(spec: Spec) -> str:
     """Canonical text with every field spelled out; ``parse_spec`` gives the same Spec back."""
     m = spec.model
-    out = _fmt_block(f"model {m.name}", [(k, getattr(m, k)) for k in _MODEL_FIELDS])
+    out = _fmt_block(f"model {m.name}", [(k, getattr(m, k)) for k in _MODEL_FIELDS
+                                         if not (k in _OFF and getattr(m, k) == _OFF[k])])
     if spec.mesh.axes:
         out += ["", *_fmt_block("mesh", list(spec.mesh.axes))]
     out += ["", *_fmt_block("serve", [(k, getattr(spec.serve, k)) for k in _SERVE_FIELDS])]
