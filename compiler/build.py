@@ -98,15 +98,18 @@ def layer_weights(model: ModelSpec) -> dict[str, str]:
         if model.norm == "layernorm":
             w["ln2_bias"] = "E"
     w.update(wq="E" + f.heads + "D", wk="E" + f.kvheads + "D", wv="E" + f.kvheads + "D", wo=f.heads + "DE")
+    if model.bias in ("all", "qkv"):
+        w.update(bq=f.heads + "D", bk=f.kvheads + "D", bv=f.kvheads + "D")
     if model.bias == "all":
-        w.update(bq=f.heads + "D", bk=f.kvheads + "D", bv=f.kvheads + "D", bo="E")
+        w.update(bo="E")
+    mlp_bias = model.bias in ("mlp", "all")
     if model.mlp == "swiglu":
         w.update(w_gate="EF", w_up="EF", w_down="FE")
-        if model.bias != "none":
+        if mlp_bias:
             w.update(b_gate="F", b_up="F", b_down="E")
     else:
         w.update(w_in="EF", w_out="FE")
-        if model.bias != "none":
+        if mlp_bias:
             w.update(b_in="F", b_out="E")
     return w
 
@@ -118,7 +121,7 @@ def global_weights(model: ModelSpec) -> dict[str, str]:
         w["final_bias"] = "E"
     if not model.tie_embeddings:
         w["lm_head"] = "VE"
-    if model.bias != "none":
+    if model.bias in ("mlp", "all"):
         w["lm_head_bias"] = "V"
     return w
 
@@ -157,7 +160,8 @@ class _LayerEmitter:
         vc = self.b.emit(CacheUpdate, [v_cache, v, pos], "v_cache")
         s = self.b.emit(Einsum, [q, kc], "scores", spec=f"{f.q},{f.cache()}->{f.score}")
         s = self.b.emit(Scale, [s], "scores", factor=1.0 / math.sqrt(self.m.d_head))
-        s = self.b.emit(CausalMask, [s, pos], "scores")
+        window = {"window": self.m.sliding_window} if self.m.sliding_window else {}
+        s = self.b.emit(CausalMask, [s, pos], "scores", **window)
         p = self.b.emit(Softmax, [s], "probs", dim="T")
         o = self.b.emit(Einsum, [p, vc], "attn", spec=f"{f.score},{f.cache()}->{f.q}")
         a = self.proj(o, "wo", f"{f.q},{f.heads}DE->BLE", "attn_out", "bo")

@@ -24,7 +24,7 @@ BLOCK_KINDS = ("parallel", "serial")
 MLP_KINDS = ("swiglu", "gelu", "gelu-tanh")
 NORM_KINDS = ("layernorm", "rmsnorm")
 ROTARY_STYLES = ("half", "interleaved")
-BIAS_KINDS = ("none", "mlp", "all")
+BIAS_KINDS = ("none", "mlp", "all", "qkv")
 
 MAX_INT = 2**62  # far beyond any real size; keeps later arithmetic in machine integers
 WORD_RE = re.compile(r"[A-Za-z0-9_.+\-]+\Z")
@@ -56,6 +56,7 @@ MODEL_FIELDS: dict[str, Field] = {
     "rotary_style": Field("enum", ROTARY_STYLES),
     "bias": Field("enum", BIAS_KINDS),
     "tie_embeddings": Field("bool"),
+    "sliding_window": Field("count"),
 }
 NAME_FIELD = Field("name")
 
@@ -125,8 +126,9 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rotary_dim: int = 0  # dims of each head that RoPE rotates; 0 means d_head, resolved on construction
     rotary_style: str = "half"  # half: rotate_half pairs (i, i + r/2) | interleaved: pairs (2i, 2i + 1)
-    bias: str = "none"  # none | mlp (MLP linears only) | all (every linear layer)
+    bias: str = "none"  # none | mlp (MLP linears and lm_head) | all (every linear layer) | qkv (q/k/v only, Qwen2)
     tie_embeddings: bool = False  # output projection reuses the input embedding
+    sliding_window: int = 0  # attend to the last sliding_window positions only (Mistral); 0: no window
 
     def __post_init__(self) -> None:
         problem = value_problem("name", NAME_FIELD, self.name)

@@ -393,13 +393,17 @@ class Embed(Op):
 @op_kind("causal_mask")
 @dataclass(frozen=True, kw_only=True)
 class CausalMask(Op):
-    """Sets scores[..., L, T] to -inf where key position T is after the query position pos[B, L]."""
+    """Sets scores[..., L, T] to -inf where key position T is after the query position pos[B, L],
+    and with a ``window`` > 0 (sliding-window attention) also where T <= pos - window."""
 
+    window: int = field(default=0, metadata={"omit_default": True})  # 0: no window; printed only when set
     arity = (2, 2)
 
     def infer(self, ins, ctx):
         s, pos = ins
         require_positional("causal_mask", s, pos, "T")
+        if self.window < 0:
+            raise fail(f"causal_mask window must be >= 0 (0: no window), got {self.window}")
         return (s,)
 
 

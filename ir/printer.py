@@ -53,7 +53,8 @@ def format_attr(v: Any) -> str:
 def format_op(op: Op) -> str:
     lhs = ", ".join("%" + r for r in op.results)
     args = ", ".join("%" + o for o in op.operands)
-    attrs = op.attrs()
+    defaults = {f.name: f.default for f in op.attr_fields() if f.metadata.get("omit_default")}
+    attrs = {k: v for k, v in op.attrs().items() if not (k in defaults and v == defaults[k])}
     attr_s = (" {" + ", ".join(f"{k} = {format_attr(v)}" for k, v in attrs.items()) + "}") if attrs else ""
     types = ", ".join(format_type(t) for t in op.types)
     return f"{lhs} = {op.kind}({args}){attr_s} : {types}"

@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` → einshard ``ModelSpec`` for the Llama, Falcon and GPT-J families.
+"""Hugging Face ``config.json`` → einshard ``ModelSpec`` for the Llama, Mistral, Qwen2, Falcon and GPT-J families.
 
 It lives in the runtime (the checkpoint loader needs it, and runtime must not import the
 compiler); ``compiler.hf`` re-exports it and adds ``spec_from_hf``.
@@ -16,6 +16,10 @@ field names suggest):
   ``num_key_value_heads`` gives multihead, multiquery (1) or grouped attention. ``attention_bias``
   and ``mlp_bias`` both true → bias ``all``, ``mlp_bias`` alone → ``mlp``; ``attention_bias`` alone
   has no einshard equivalent.
+- Mistral: Llama's layer without biases, plus ``sliding_window`` (keys older than the window are
+  masked; MistralConfig's default is 4096 when the key is absent, null means none).
+- Qwen2: Llama's layer with biases on q, k and v only (bias ``qkv``); sliding windows on only some
+  layers (``use_sliding_window`` with ``max_window_layers`` below the depth) are refused.
 - Falcon: LayerNorm, exact GELU, rotate-half rotary. The old architecture with ``multi_query``
   uses ONE K/V head whatever ``num_kv_heads`` says; ``multi_query=false`` gives multihead;
   ``new_decoder_architecture`` with ``num_ln_in_parallel_attn=1`` gives grouped attention with
@@ -45,8 +49,8 @@ from ir.model import ModelSpec
 
 __all__ = ["FAMILIES", "HFConfig", "falcon_qkv_layout", "hf_family", "model_from_config", "read_hf_config"]
 
-FAMILIES: dict[str, str] = {"llama": "llama", "falcon": "falcon", "gptj": "gptj"}
-"""HF ``model_type`` → einshard family name."""
+FAMILIES: dict[str, str] = {"llama": "llama", "falcon": "falcon", "gptj": "gptj", "mistral": "llama", "qwen2": "llama"}
+"""HF ``model_type`` → the einshard family whose tensor names it uses (``runtime.recipes``)."""
 
 _EXACT_GELU = ("gelu", "gelu_python")
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast")
@@ -242,6 +246,30 @@ def _llama(cfg: HFConfig) -> dict[str, Any]:
                 tie_embeddings=cfg.get_bool("tie_word_embeddings", False))
 
 
+def _mistral(cfg: HFConfig) -> dict[str, Any]:
+    """Llama's layer without biases, plus sliding-window attention (MistralConfig's default window
+    is 4096 when the key is absent; null means no window)."""
+    fields = _llama(cfg)
+    if "sliding_window" not in cfg.data:
+        window = 4096
+    elif cfg.data["sliding_window"] is None:
+        window = 0
+    else:
+        window = cfg.get_int("sliding_window")
+    return {**fields, "sliding_window": window}
+
+
+def _qwen2(cfg: HFConfig) -> dict[str, Any]:
+    """Llama's layer with biases on q, k and v only (Qwen2Attention: o_proj and the MLP have none)."""
+    fields = _llama(cfg)
+    if cfg.get_bool("use_sliding_window", False) and cfg.data.get("sliding_window") is not None:
+        layers = fields["layers"]
+        if cfg.get_int("max_window_layers", default=28) < layers:
+            raise cfg.error("use_sliding_window", "Qwen2 sliding-window attention on only some layers cannot be "
+                            "represented", "einshard applies one attention window to every layer")
+    return {**fields, "bias": "qkv"}
+
+
 def _falcon(cfg: HFConfig) -> dict[str, Any]:
     cfg.require(("num_hidden_layers", "n_layer"), ("hidden_size", "n_embed"), ("num_attention_heads", "n_head"),
                 ("vocab_size",))
@@ -295,7 +323,8 @@ def _gptj(cfg: HFConfig) -> dict[str, Any]:
                 rotary_style="interleaved", bias="mlp", tie_embeddings=cfg.get_bool("tie_word_embeddings", False))
 
 
-_READERS = {"llama": _llama, "falcon": _falcon, "gptj": _gptj}
+_READERS = {"llama": _llama, "falcon": _falcon, "gptj": _gptj, "mistral": _mistral, "qwen2": _qwen2}
+"""HF ``model_type`` → its config reader."""
 
 
 def _model_name(cfg: HFConfig) -> str:
@@ -310,7 +339,8 @@ def _model_name(cfg: HFConfig) -> str:
 
 def model_from_config(cfg: HFConfig) -> ModelSpec:
     """The ModelSpec a parsed config describes (SpecError when einshard cannot represent it)."""
-    fields = _READERS[hf_family(cfg)](cfg)
+    hf_family(cfg)  # an unsupported model_type is a SpecError pointing at it
+    fields = _READERS[cfg.data["model_type"]](cfg)
     try:
         return ModelSpec(name=_model_name(cfg), **fields)
     except SpecError as e:

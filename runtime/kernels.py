@@ -209,6 +209,8 @@ def _causal_mask(op, xs, ts, be, interp):
     names = ts[0].names
     t = xp.arange(s.shape[names.index("T")])
     masked = t[None, None, :] > pos[:, :, None]  # [B, L, T]
+    if op.window:
+        masked = masked | (t[None, None, :] <= pos[:, :, None] - op.window)
     m = align(masked, "BLT", names)
     return (xp.where(m, xp.asarray(-xp.inf, s.dtype), s),)
 

@@ -51,6 +51,18 @@ def _llama(**kw: Any) -> tuple[Any, Any]:
     return transformers.LlamaConfig(**{**base, **kw}), transformers.LlamaForCausalLM
 
 
+def _mistral(**kw: Any) -> tuple[Any, Any]:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-5)
+    return transformers.MistralConfig(**{**base, **kw}), transformers.MistralForCausalLM
+
+
+def _qwen2(**kw: Any) -> tuple[Any, Any]:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-5)
+    return transformers.Qwen2Config(**{**base, **kw}), transformers.Qwen2ForCausalLM
+
+
 def _falcon(**kw: Any) -> tuple[Any, Any]:
     base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
                 initializer_range=0.2, multi_query=True, parallel_attn=True, new_decoder_architecture=False,
@@ -70,6 +82,10 @@ CASES: dict[str, Callable[[], tuple[Any, Any]]] = {
     "llama-mha-tied-bias": lambda: _llama(num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True,
                                           mlp_bias=True),
     "llama-mlp-bias-headdim": lambda: _llama(num_key_value_heads=2, mlp_bias=True, head_dim=12),
+    # window 3 < P = 5 prompt tokens: the prefill and every decode step mask old positions
+    "mistral-window": lambda: _mistral(sliding_window=3),
+    "mistral-no-window-tied": lambda: _mistral(sliding_window=None, tie_word_embeddings=True),
+    "qwen2": lambda: _qwen2(rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
     "falcon-mqa": lambda: _falcon(),
     "falcon-mha-serial-bias": lambda: _falcon(multi_query=False, parallel_attn=False, bias=True,
                                               tie_word_embeddings=False),
@@ -110,12 +126,12 @@ def _hf_logits(model: Any, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids = torch.tensor(tokens, dtype=torch.long)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits.double().numpy()
-        out = model(ids[:, :P], use_cache=True)
-        steps, pkv = [out.logits], out.past_key_values
+        cache = transformers.DynamicCache(config=model.config)
+        out = model(ids[:, :P], cache=cache, use_cache=True)
+        steps = [out.logits]
         for t in range(P, tokens.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=pkv, use_cache=True)
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
             steps.append(out.logits)
-            pkv = out.past_key_values
     return full, torch.cat(steps, dim=1).double().numpy()
 
 
@@ -158,6 +174,9 @@ EXPECTED_FIELDS = {
     "llama-gqa": dict(kv_heads=2, rope_theta=500.0),
     "llama-mha-tied-bias": dict(kv_heads=4, bias="all", tie_embeddings=True),
     "llama-mlp-bias-headdim": dict(d_head=12, rotary_dim=12, bias="mlp"),
+    "mistral-window": dict(kv_heads=2, bias="none", sliding_window=3, mlp="swiglu", norm="rmsnorm"),
+    "mistral-no-window-tied": dict(sliding_window=0, tie_embeddings=True),
+    "qwen2": dict(kv_heads=2, bias="qkv", sliding_window=0, rope_theta=1000.0, tie_embeddings=False),
     "falcon-mqa": dict(layers=2, d_model=32, heads=4, kv_heads=1, d_head=8, d_ff=128, vocab=97, block="parallel",
                        mlp="gelu", norm="layernorm", norm_eps=1e-5, rotary_dim=8, rotary_style="half", bias="none",
                        tie_embeddings=True),
@@ -400,3 +419,50 @@ def test_weights_for_another_family(saved: Callable[[str], tuple[Path, Any]]) ->
     with pytest.raises(WeightsError, match="does not describe the checkpoint") as e:
         load_hf_weights(d, llama, types)
     assert "norm: the spec says 'rmsnorm', config.json says 'layernorm'" in e.value.message
+
+
+def test_sliding_window_is_discriminating(saved: Callable[[str], tuple[Path, Any]]) -> None:
+    """The Mistral case tests the window: without it the same weights give clearly other logits."""
+    import dataclasses
+
+    d, model = saved("mistral-window")
+    spec, module, weights = _einshard(d, np.zeros((1, 1)))
+    assert any(getattr(op, "window", 0) == 3 for op in module.function("prefill_layer").ops)
+    tokens = np.random.default_rng(7).integers(0, spec.model.vocab, (B, P + S)).astype(np.int32)
+    full, _ = _hf_logits(model, tokens)
+    no_window = dataclasses.replace(spec.model, sliding_window=0)
+    plain = build_module(no_window, BuildConfig(batch=B, prompt_len=P, cache_len=P + S, logits="all"))
+    got = generate(ReferenceExecutor(plain), weights, tokens, P).logits
+    assert _rel_err(got, full) > 100 * RTOL_OF_MAX
+
+
+def test_qwen2_relabelled_llama_fails_naming_the_biases(saved: Callable[[str], tuple[Path, Any]],
+                                                         tmp_path: Path) -> None:
+    """A Qwen2 checkpoint whose config says llama must not load with its q/k/v biases dropped."""
+    d = _copy(saved("qwen2")[0], tmp_path / "relabelled")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    spec, types = _types(d)
+    assert spec.model.bias == "none" and "bq" not in types
+    with pytest.raises(WeightsError) as e:
+        load_hf_weights(d, spec.model, types)
+    msg = e.value.message
+    for i in range(2):
+        for p in "qkv":
+            assert f"unused: model.layers.{i}.self_attn.{p}_proj.bias" in msg
+    assert "6 unused" in msg and "missing" not in msg
+
+
+def test_unused_tensor_is_named(saved: Callable[[str], tuple[Path, Any]], tmp_path: Path) -> None:
+    d = _copy(saved("gptj")[0], tmp_path / "extra")
+    w = load_file(d / "model.safetensors")
+    w["transformer.h.0.attn.q_proj.bias"] = np.zeros(32, np.float32)
+    w["something.else"] = np.zeros(3, np.float32)
+    w["transformer.h.0.attn.masked_bias"] = np.zeros(1, np.float32)  # a buffer, never a weight
+    save_file(w, d / "model.safetensors")
+    spec, types = _types(d)
+    with pytest.raises(WeightsError) as e:
+        load_hf_weights(d, spec.model, types)
+    assert "unused: transformer.h.0.attn.q_proj.bias" in e.value.message
+    assert "unused: something.else" in e.value.message
+    assert "masked_bias" not in e.value.message

@@ -210,7 +210,7 @@ def test_unknown_field() -> None:
         t.model:4:3: spec error: unknown field 'hedas' in model block
             hedas = 4
             ^~~~~
-          hint: did you mean 'heads'? valid choices: layers, d_model, heads, kv_heads, d_head, d_ff, vocab, block, mlp, norm, norm_eps, rope_theta, rotary_dim, rotary_style, bias, tie_embeddings
+          hint: did you mean 'heads'? valid choices: layers, d_model, heads, kv_heads, d_head, d_ff, vocab, block, mlp, norm, norm_eps, rope_theta, rotary_dim, rotary_style, bias, tie_embeddings, sliding_window
         """)
 
 
