@@ -174,8 +174,8 @@ def _convert(name: str, f: _Field, text: str, loc: Location) -> Any:
         if len(text.lstrip("+-0")) > 19 or int(text) > _MAX_INT:
             raise SpecError(f"{name} is too large: {text}", loc, f"the largest accepted value is {_MAX_INT}")
         value = int(text)
-        if value <= 0:
-            raise SpecError(f"{name} must be positive, got {text}", loc)
+        if value < (1 if f.kind == "int" else 0):
+            raise SpecError(f"{name} must be {'positive' if f.kind == 'int' else 'zero or positive'}, got {text}", loc)
         return value
     if f.kind == "float":
         if not _FLOAT_RE.match(text):
