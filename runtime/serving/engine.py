@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from runtime.serving.errors import OverloadedError, RequestError, ServingError
-from runtime.serving.kernels import Kernels
+from runtime.serving.kernels import Caches, Kernels, cache_leaves
 from runtime.serving.metrics import Metrics
 from runtime.serving.request import Event, Request
 from runtime.serving.scheduler import (SchedulerConfig, admitted_length, batch_bucket, choose_admissions,
@@ -26,9 +26,10 @@ from runtime.serving.scheduler import (SchedulerConfig, admitted_length, batch_b
 from runtime.serving.slots import Slot, SlotTable
 
 
-def batch_groups(cache: jax.Array) -> int:
-    """How many shards the layout splits the cache's batch dim (dim 1) into."""
-    return cache.shape[1] // cache.sharding.shard_shape(cache.shape)[1]
+def batch_groups(caches: Caches) -> int:
+    """How many shards the layout splits the caches' batch dim into."""
+    c, axis = cache_leaves(caches)[0]
+    return c.shape[axis] // c.sharding.shard_shape(c.shape)[axis]
 
 
 def _widths(per: int, groups: int, valid: Callable[[int], bool]) -> tuple[int, ...]:
@@ -56,7 +57,7 @@ class Engine:
             raise RequestError(f"{S} slots cannot be sharded by this layout", param="slots",
                                hint="use a multiple of the devices the layout shards the batch over")
         self.caches = tuple(runner.empty_cache(S))
-        groups = batch_groups(self.caches[0])
+        groups = batch_groups(self.caches)
         widths = _widths(S // groups, groups, runner.valid_batch)
         self.table = SlotTable(S, groups, widths)
         self.kernels = Kernels(runner, S, groups, sample)
@@ -66,7 +67,7 @@ class Engine:
         self.pending: list[Event] = []
         self.static_width = 0
         self.metrics.set("einshard_slots", S)
-        self.metrics.set("einshard_kv_cache_bytes", sum(c.nbytes for c in self.caches))
+        self.metrics.set("einshard_kv_cache_bytes", sum(c.nbytes for c, _ in cache_leaves(self.caches)))
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class Engine:
     def _fail(self, slots: Sequence[int], err: BaseException, events: list[Event]) -> None:
         """Fails the requests of a step that raised; if the step consumed the (donated) cache
         the buffer is rebuilt and every live request fails with it."""
-        if any(c.is_deleted() for c in self.caches):
+        if any(c.is_deleted() for c, _ in cache_leaves(self.caches)):
             self.caches = tuple(self.runner.empty_cache(self.cfg.slots))
             slots = self.table.live()
         msg = f"{type(err).__name__}: {err}"

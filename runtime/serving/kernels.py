@@ -15,25 +15,52 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-Caches = tuple[jax.Array, ...]
+#: One entry per cache param (k, v): an array [N, B, T, ...] (batch on dim 1) or a list of N
+#: per-layer arrays [B, T, ...] (batch on dim 0); both forms are handled, the runner picks one.
+Caches = tuple[Any, ...]
 
 
-def _grouped(c: jax.Array, groups: int) -> jax.Array:
-    return c.reshape(c.shape[0], groups, c.shape[1] // groups, *c.shape[2:])
+def cache_map(fn: Callable[..., jax.Array], caches: Caches, *others: Caches) -> Caches:
+    """``fn(leaf, *other_leaves, axis=batch_axis)`` over every cache array, keeping the form."""
+    out = []
+    for i, c in enumerate(caches):
+        rest = [o[i] for o in others]
+        if isinstance(c, (list, tuple)):
+            out.append([fn(x, *(r[j] for r in rest), axis=0) for j, x in enumerate(c)])
+        else:
+            out.append(fn(c, *rest, axis=1))
+    return tuple(out)
 
 
-def take_window(c: jax.Array, groups: int, w: int) -> jax.Array:
+def cache_leaves(caches: Caches) -> list[tuple[jax.Array, int]]:
+    """Every cache array with its batch axis."""
+    out: list[tuple[jax.Array, int]] = []
+    for c in caches:
+        out += [(x, 0) for x in c] if isinstance(c, (list, tuple)) else [(c, 1)]
+    return out
+
+
+def _at(axis: int, index: Any) -> tuple:
+    return (slice(None),) * axis + (index,)
+
+
+def _grouped(c: jax.Array, groups: int, axis: int) -> jax.Array:
+    s = c.shape
+    return c.reshape(*s[:axis], groups, s[axis] // groups, *s[axis + 1:])
+
+
+def take_window(c: jax.Array, groups: int, w: int, axis: int) -> jax.Array:
     """Rows ``j < w`` of every group, as a batch of ``groups * w`` (row g * w + j)."""
-    if w * groups == c.shape[1]:
+    if w * groups == c.shape[axis]:
         return c
-    g = _grouped(c, groups)[:, :, :w]
-    return g.reshape(c.shape[0], groups * w, *c.shape[2:])
+    g = _grouped(c, groups, axis)[_at(axis + 1, slice(0, w))]
+    return g.reshape(*c.shape[:axis], groups * w, *c.shape[axis + 1:])
 
 
-def put_window(c: jax.Array, new: jax.Array, groups: int, w: int) -> jax.Array:
-    if w * groups == c.shape[1]:
-        return new
-    g = _grouped(c, groups).at[:, :, :w].set(_grouped(new, groups))
+def put_window(c: jax.Array, new: jax.Array, groups: int, w: int, axis: int) -> jax.Array:
+    if w * groups == c.shape[axis]:
+        return new.astype(c.dtype)
+    g = _grouped(c, groups, axis).at[_at(axis + 1, slice(0, w))].set(_grouped(new, groups, axis).astype(c.dtype))
     return g.reshape(c.shape)
 
 
@@ -61,9 +88,9 @@ class Kernels:
             step = self.runner.step("decode", G * w, 1)
 
             def fn(params, caches, tokens, pos, temp, top_k, top_p, seeds):
-                win = tuple(take_window(c, G, w) for c in caches)
+                win = cache_map(lambda c, axis: take_window(c, G, w, axis), caches)
                 logits, new = step(params, tokens[:, None], pos[:, None], win)
-                out = tuple(put_window(c, n, G, w) for c, n in zip(caches, new))
+                out = cache_map(lambda c, n, axis: put_window(c, n, G, w, axis), caches, new)
                 return self.sample(logits, temp, top_k, top_p, seeds, pos + 1), out
 
             return jax.jit(fn, donate_argnums=(1,))
@@ -78,7 +105,8 @@ class Kernels:
 
             def fn(params, caches, fresh, tokens, pos, dst, temp, top_k, top_p, seeds, sample_pos):
                 logits, rows = step(params, tokens, pos, fresh)
-                out = tuple(c.at[:, dst].set(r.astype(c.dtype), mode="drop") for c, r in zip(caches, rows))
+                out = cache_map(lambda c, r, axis: c.at[_at(axis, dst)].set(r.astype(c.dtype), mode="drop"),
+                                caches, rows)
                 return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
 
             return jax.jit(fn, donate_argnums=(1,))
@@ -93,9 +121,11 @@ class Kernels:
             S = self.slots
 
             def fn(params, caches, src, tokens, pos, temp, top_k, top_p, seeds, sample_pos):
-                rows = tuple(c[:, jnp.where(src < S, src, 0)] for c in caches)
+                safe = jnp.where(src < S, src, 0)
+                rows = cache_map(lambda c, axis: jnp.take(c, safe, axis=axis), caches)
                 logits, new = step(params, tokens, pos, rows)
-                out = tuple(c.at[:, src].set(n, mode="drop") for c, n in zip(caches, new))
+                out = cache_map(lambda c, n, axis: c.at[_at(axis, src)].set(n.astype(c.dtype), mode="drop"),
+                                caches, new)
                 return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
 
             return jax.jit(fn, donate_argnums=(1,))
@@ -106,7 +136,7 @@ class Kernels:
         as one gather on device."""
         def build() -> Callable:
             def fn(caches, perm):
-                return tuple(jnp.take(c, perm, axis=1) for c in caches)
+                return cache_map(lambda c, axis: jnp.take(c, perm, axis=axis), caches)
 
             return jax.jit(fn, donate_argnums=(0,))
         return self._get(("compact",), build)
