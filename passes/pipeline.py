@@ -1,7 +1,8 @@
 """Pipeline strings: ``pad-heads,shard{ffn=2d-ws,attn=batch},cleanup``.
 
-Parsing checks every pass name and option at once and reports all problems in one PassError
-(with a caret under the first). Printing gives the canonical form (non-default options only),
+The grammar is passes/pipeline.lark (lark, like specs and IR); parsing then checks every pass
+name and option at once and reports all problems in one PassError (with a caret under the
+first). Printing gives the canonical form (non-default options only),
 and ``parse(print(p)) == p``.
 """
 
@@ -10,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+import lark
 
 from ir.errors import Location, PassError, did_you_mean
 from passes.base import Pass
@@ -45,23 +50,47 @@ def format_pipeline(p: Pipeline) -> str:
     return ",".join(format_pass(x) for x in p.passes)
 
 
-def _split_top(text: str) -> list[tuple[int, str]]:
-    """Splits on commas outside braces; returns (offset, piece) pairs."""
-    out, depth, start = [], 0, 0
-    for i, c in enumerate(text):
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth < 0:
-                raise PassError("unbalanced '}' in pipeline", Location("<pipeline>", 1, i + 1, text))
-        elif c == "," and depth == 0:
-            out.append((start, text[start:i]))
-            start = i + 1
-    if depth:
-        raise PassError("unclosed '{' in pipeline", Location("<pipeline>", 1, len(text), text))
-    out.append((start, text[start:]))
-    return out
+@lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    grammar = Path(__file__).with_name("pipeline.lark").read_text(encoding="utf-8")
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+_TOKEN_WORDS = {"COMMA": "','", "LBRACE": "'{'", "RBRACE": "'}'", "EQUAL": "'='", "$END": "end of pipeline"}
+
+
+def _syntax_error(e: lark.UnexpectedInput, text: str) -> PassError:
+    """A PassError for lark's syntax error, in the words of pipelines rather than of the grammar."""
+    exp = set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
+    tok = getattr(e, "token", None)
+    pos = getattr(e, "pos_in_stream", None)
+    if tok is not None and tok.type != "$END":
+        pos, found, length = tok.start_pos, tok.type, len(str(tok))
+    elif isinstance(e, lark.UnexpectedCharacters) and pos is not None and pos < len(text):
+        found, length = {",": "COMMA", "{": "LBRACE", "}": "RBRACE", "=": "EQUAL"}.get(text[pos], "CHAR"), 1
+    else:
+        pos, found, length = len(text.rstrip()), "$END", 1
+    pos = min(pos or 0, max(len(text) - 1, 0))
+    depth = text[:pos].count("{") - text[:pos].count("}")
+    if found == "RBRACE" and depth <= 0:
+        msg = "unbalanced '}' in pipeline"
+    elif found == "$END" and "RBRACE" in exp:
+        msg = "unclosed '{' in pipeline"
+    elif found in ("COMMA", "$END", "RBRACE") and exp <= {"WORD", "RBRACE"}:
+        msg = "empty option" if depth > 0 else "empty pass name"
+    elif found == "WORD":
+        msg = f"unexpected '{tok}'; expected {' or '.join(_TOKEN_WORDS.get(t, t) for t in sorted(exp))}"
+    else:
+        what = _TOKEN_WORDS.get(found, f"character '{text[pos]}'" if pos < len(text) else "input")
+        msg = f"unexpected {what}; expected {' or '.join(_TOKEN_WORDS.get(t, 'a name or value') for t in sorted(exp))}"
+    return PassError(msg, Location("<pipeline>", 1, pos + 1, text, max(1, length)))
+
+
+def _tree(text: str) -> lark.Tree[lark.Token]:
+    try:
+        return _parser().parse(text)
+    except lark.UnexpectedInput as e:
+        raise _syntax_error(e, text) from None
 
 
 def _convert(cls: type[Pass], key: str, raw: str) -> Any:
@@ -85,46 +114,18 @@ def parse_pipeline(text: str) -> Pipeline:
     registry = all_passes()
     problems: list[tuple[int, int, str, str | None]] = []  # (col, length, message, hint)
     passes: list[Pass] = []
-    text = text.strip()
-    if not text:
-        return Pipeline(())
-    for off, piece in _split_top(text):
-        lead = len(piece) - len(piece.lstrip())
-        piece_s = piece.strip()
-        col = off + lead + 1
-        if not piece_s:
-            problems.append((col, 1, "empty pass name", None))
+    for node in _tree(text).children:
+        if node is None:
             continue
-        name, _, rest = piece_s.partition("{")
-        name = name.strip()
+        name_tok, opts = node.children
+        name, col = str(name_tok), name_tok.column or 1
         cls = registry.get(name)
         if cls is None:
             problems.append((col, len(name), f"unknown pass '{name}'", did_you_mean(name, sorted(registry))))
             continue
-        kwargs: dict[str, Any] = {}
-        if rest:
-            if not rest.endswith("}"):
-                problems.append((col, len(piece_s), f"options of '{name}' must end with '}}'", None))
-                continue
-            fields = {f.name: f for f in dataclasses.fields(cls)}
-            for item in filter(None, (s.strip() for s in rest[:-1].split(","))):
-                key, eq, raw = item.partition("=")
-                key, raw = key.strip(), raw.strip()
-                kcol = col + piece_s.find(item)
-                if key in kwargs:
-                    problems.append((kcol, len(key), f"option '{key}' of '{name}' given twice", None))
-                    continue
-                if key not in fields:
-                    hint = did_you_mean(key, sorted(fields)) if fields else f"'{name}' takes no options"
-                    problems.append((kcol, len(key), f"pass '{name}' has no option '{key}'", hint))
-                    continue
-                if not eq:
-                    problems.append((kcol, len(item), f"option '{key}' of '{name}' needs a value (key=value)", None))
-                    continue
-                try:
-                    kwargs[key] = _convert(cls, key, raw)
-                except ValueError as e:
-                    problems.append((kcol, len(item), f"bad value for {name}.{key}: {raw!r} ({e})", None))
+        kwargs, bad = _options(cls, name, opts.children if opts is not None else [], problems)
+        if bad:
+            continue
         try:
             passes.append(cls(**kwargs))
         except (PassError, ValueError) as e:
@@ -135,3 +136,33 @@ def parse_pipeline(text: str) -> Pipeline:
         message = msg + ("".join(f"; {m}" for m in more) if more else "")
         raise PassError(message, Location("<pipeline>", 1, col, text, length), hint)
     return Pipeline(tuple(passes))
+
+
+def _options(cls: type[Pass], name: str, nodes: list, problems: list) -> tuple[dict[str, Any], bool]:
+    """The typed keyword arguments of one pass; problems are appended, and flagged by the bool."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    bad = False
+    for node in nodes:
+        if node is None:
+            continue
+        key_tok, raw_tok = node.children
+        key, kcol = str(key_tok), key_tok.column or 1
+        span = (raw_tok.end_pos if raw_tok is not None else key_tok.end_pos) - key_tok.start_pos
+        problem: tuple[int, int, str, str | None] | None = None
+        if key in kwargs:
+            problem = (kcol, len(key), f"option '{key}' of '{name}' given twice", None)
+        elif key not in fields:
+            hint = did_you_mean(key, sorted(fields)) if fields else f"'{name}' takes no options"
+            problem = (kcol, len(key), f"pass '{name}' has no option '{key}'", hint)
+        elif raw_tok is None:
+            problem = (kcol, len(key), f"option '{key}' of '{name}' needs a value (key=value)", None)
+        else:
+            try:
+                kwargs[key] = _convert(cls, key, str(raw_tok))
+            except ValueError as e:
+                problem = (kcol, span, f"bad value for {name}.{key}: {str(raw_tok)!r} ({e})", None)
+        if problem is not None:
+            problems.append(problem)
+            bad = True
+    return kwargs, bad

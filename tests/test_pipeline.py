@@ -243,7 +243,11 @@ def test_unknown_option_far_from_any() -> None:
     ("cleanup,,cleanup", "<pipeline>:1:9: pass error: empty pass name"),
     ("cleanup}", "<pipeline>:1:8: pass error: unbalanced '}' in pipeline"),
     ("cleanup{max_rounds=2", "<pipeline>:1:20: pass error: unclosed '{' in pipeline"),
-    ("cleanup{max_rounds=2}x", "<pipeline>:1:1: pass error: options of 'cleanup' must end with '}'"),
+    ("cleanup{max_rounds=2}x", "<pipeline>:1:22: pass error: unexpected 'x'; expected ','"),
+    ("cleanup,", "<pipeline>:1:8: pass error: empty pass name"),
+    ("cleanup{,}", "<pipeline>:1:9: pass error: empty option"),
+    ("cleanup{max_rounds=2=3}", "<pipeline>:1:21: pass error: unexpected '='; expected ',' or '}'"),
+    ("cleanup{a{b}}", "<pipeline>:1:10: pass error: unexpected '{'; expected ',' or '=' or '}'"),
 ])
 def test_bad_values_and_syntax(text: str, first_line: str) -> None:
     with registered(Knobs):
