@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, get_chip
 from compiler.cost.model import Estimate, nominal_params, price
 from compiler.spec import Spec
@@ -88,8 +89,10 @@ def _compile(spec: Spec) -> tuple[Module, int]:
 
 
 def evaluate(spec: Spec, chip: Chip, ffns: tuple[str, ...] | None = None,
-             attns: tuple[str, ...] | None = None, keep_modules: bool = False) -> Choice:
-    """Compiles and prices every (ffn, attn) candidate of ``spec`` (all of them by default)."""
+             attns: tuple[str, ...] | None = None, keep_modules: bool = False, model: str = "calibrated") -> Choice:
+    """Compiles and prices every (ffn, attn) candidate of ``spec`` (all of them by default) with
+    the ``calibrated`` or ``bound`` cost model (compiler/cost/efficiency.py)."""
+    eff = efficiency_for(chip.name, model)
     f0, a0 = open_fields(spec)
     ffns, attns = ffns or f0, attns or a0
     legal, illegal = [], []
@@ -101,15 +104,16 @@ def evaluate(spec: Spec, chip: Chip, ffns: tuple[str, ...] | None = None,
             except LayoutError as e:
                 illegal.append(Candidate(ffn, attn, cs, None, e.message))
                 continue
-            legal.append(Candidate(ffn, attn, cs, price(m, chip, n), module=m if keep_modules else None))
+            legal.append(Candidate(ffn, attn, cs, price(m, chip, n, eff, spec.serve.overlap),
+                                   module=m if keep_modules else None))
     legal.sort(key=Candidate.key)
     fitting = [c for c in legal if c.fits]
     return Choice(chip, tuple(legal + illegal), fitting[0] if fitting else None)
 
 
 @lru_cache(maxsize=64)
-def _resolve(spec: Spec, chip: Chip) -> tuple[Spec, Choice]:
-    choice = evaluate(spec, chip)
+def _resolve(spec: Spec, chip: Chip, model: str = "calibrated") -> tuple[Spec, Choice]:
+    choice = evaluate(spec, chip, model=model)
     if choice.chosen is None:
         legal = [c for c in choice.candidates if c.legal]
         if not legal:
@@ -156,9 +160,9 @@ def resolve_kv(spec: Spec, chip: Chip | None = None) -> Spec:
     return _resolve_kv(spec, chip or get_chip(spec.serve.hardware))
 
 
-def resolve_auto(spec: Spec, chip: Chip | None = None) -> tuple[Spec, Choice | None]:
+def resolve_auto(spec: Spec, chip: Chip | None = None, model: str = "calibrated") -> tuple[Spec, Choice | None]:
     """The spec with ``auto`` layouts replaced by the cost model's choice, and the evaluation
     (None when nothing was auto). CostError when no candidate fits."""
     if spec.serve.ffn != "auto" and spec.serve.attn != "auto":
         return spec, None
-    return _resolve(spec, chip or get_chip(spec.serve.hardware))
+    return _resolve(spec, chip or get_chip(spec.serve.hardware), model)

@@ -5,16 +5,21 @@ layout is compiled and priced (compiler/cost/autolayout.py); the table shows the
 components of a step (sums over ops: matmul compute, weight load, KV load, activation traffic,
 exposed communication), the combined step time (see compiler/cost/model.py for the rule), MFU,
 cost, memory per chip and whether it fits. ``*`` marks the layout ``auto`` chooses (the fastest
-that fits), ``s`` the spec's own layout when it names one and it differs. ``max context`` is the
-longest KV cache that fits in ``kv_fraction`` of HBM for the chosen layout (the cache grows
-linearly with its length T, which no layout shards).
+that fits), ``s`` the spec's own layout when it names one and it differs. The footer and ``max
+context`` describe the spec's layout when it names one (``--ffn``/``--attn``; a field left at
+``auto`` is the fastest fitting candidate with the other field as given), else auto's choice.
+``max context`` is the longest KV cache that fits in ``kv_fraction`` of HBM (the cache grows
+linearly with its length T, which no layout shards). Times come from the ``calibrated`` model
+(predictions) or the ``bound`` (lower bounds): compiler/cost/efficiency.py.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from compiler.cost.autolayout import Candidate, Choice, evaluate
+from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
 from compiler.spec import Spec
@@ -27,6 +32,28 @@ class PhaseReport:
     spec: Spec
     choice: Choice
     kv_fraction: float
+    model: str = "calibrated"
+
+    @property
+    def shown(self) -> Candidate | None:
+        """The layout the footer describes: the spec's (its non-auto fields), else auto's choice."""
+        s = self.spec.serve
+        if s.ffn == "auto" and s.attn == "auto":
+            return self.choice.chosen
+        match = [c for c in self.choice.candidates if c.legal and s.ffn in ("auto", c.ffn) and s.attn in ("auto", c.attn)]
+        fitting = [c for c in match if c.fits]
+        return (fitting or match or [None])[0]
+
+    def no_fit_reason(self) -> str:
+        """Why nothing fits: the smallest candidate's memory against HBM."""
+        legal = [c for c in self.choice.candidates if c.legal]
+        if not legal:
+            return "no candidate layout is legal"
+        best = min(legal, key=lambda c: c.estimate.memory.total)
+        m = best.estimate.memory
+        return (f"no layout fits in HBM ({best.estimate.hbm_bytes / GiB:.3g} GiB per chip): the smallest, "
+                f"{best.ffn}/{best.attn}, needs {m.total / GiB:.3g} GiB (weights {m.weights / GiB:.3g}, KV "
+                f"{m.kv / GiB:.3g}, activations {m.activations / GiB:.3g}, prefetch {m.prefetch / GiB:.3g})")
 
     def max_context(self, c: Candidate | None) -> int | None:
         if c is None or c.estimate is None:
@@ -38,11 +65,12 @@ class PhaseReport:
         return int(self.kv_fraction * e.hbm_bytes // per_position)
 
 
-def explain(spec: Spec, chip: Chip, phases: tuple[str, ...], kv_fraction: float = 0.5) -> list[PhaseReport]:
+def explain(spec: Spec, chip: Chip, phases: tuple[str, ...], kv_fraction: float = 0.5,
+            model: str = "calibrated") -> list[PhaseReport]:
     out = []
     for ph in phases:
         s = replace(spec, serve=replace(spec.serve, phase=ph))
-        out.append(PhaseReport(ph, s, evaluate(s, chip, FFN_LAYOUTS, ATTN_LAYOUTS), kv_fraction))
+        out.append(PhaseReport(ph, s, evaluate(s, chip, FFN_LAYOUTS, ATTN_LAYOUTS, model=model), kv_fraction, model))
     return out
 
 
@@ -67,7 +95,7 @@ def candidate_json(r: PhaseReport, c: Candidate) -> dict:
     d.update(step_time_s=e.step_time_s, layer_time_s=e.per_layer.time, mfu=e.mfu,
              cost_chip_ms_per_token=e.cost_chip_ms_per_token, memory_per_chip_bytes=e.memory.total,
              memory={"weights": e.memory.weights, "kv_cache": e.memory.kv, "activations": e.memory.activations,
-                     "activations_at": e.memory.activations_at},
+                     "prefetch": e.memory.prefetch, "activations_at": e.memory.activations_at},
              fits=e.fits, per_step=_components(e.per_step), per_layer=_components(e.per_layer),
              max_context=r.max_context(c))
     return d
@@ -75,12 +103,17 @@ def candidate_json(r: PhaseReport, c: Candidate) -> dict:
 
 def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
     first = next((c.estimate for r in reports for c in r.choice.candidates if c.estimate), None)
-    by_phase = {r.phase: r.max_context(r.choice.chosen) for r in reports}
+    by_phase = {r.phase: r.max_context(r.shown) for r in reports}
     main = by_phase.get("decode", next(iter(by_phase.values()), None))
+    model = reports[0].model if reports else "calibrated"
+    eff = efficiency_for(chip.name, model)
     return {
         "model": spec.model.name,
+        "cost_model": model,
         "hardware": {"name": chip.name, "flops_bf16": chip.peak("bf16"), "hbm_bytes": chip.hbm_bytes,
-                     "hbm_bw": chip.hbm_bw, "ici_bw": chip.ici_bw, "source": chip.source},
+                     "hbm_bw": chip.hbm_bw, "ici_bw": chip.ici_bw, "source": chip.source,
+                     "efficiency": {k: getattr(eff, k) for k in ("flops", "matmul_half", "hbm", "link",
+                                                                 "step_latency_s", "layer_overhead_s", "source")}},
         "mesh": dict(spec.mesh.axes),
         "n_devices": spec.mesh.n_devices,
         "n_params": first.n_params if first else None,
@@ -90,6 +123,8 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
         "kv_fraction": reports[0].kv_fraction if reports else None,
         "chosen": {r.phase: ({"ffn": r.choice.chosen.ffn, "attn": r.choice.chosen.attn} if r.choice.chosen else None)
                    for r in reports},
+        "shown": {r.phase: ({"ffn": r.shown.ffn, "attn": r.shown.attn} if r.shown else None) for r in reports},
+        "no_fit": {r.phase: r.no_fit_reason() for r in reports if r.choice.chosen is None},
         "max_context": main,
         "max_context_by_phase": by_phase,
         "candidates": [candidate_json(r, c) for r in reports for c in r.choice.candidates],
@@ -100,8 +135,17 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else str(n)
 
 
+def _sig(v: float, digits: int = 4) -> str:
+    """``v`` in fixed notation with ``digits`` significant digits (whole numbers keep all of theirs),
+    so that a column never mixes styles."""
+    if v == 0 or not math.isfinite(v):
+        return f"{v:.{digits - 1}f}" if v == 0 else str(v)
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(v))))
+    return f"{v:.{decimals}f}"
+
+
 def _ms(s: float) -> str:
-    return f"{s * 1e3:.3f}" if s < 10 else f"{s * 1e3:.0f}"
+    return _sig(s * 1e3)
 
 
 def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
@@ -112,9 +156,11 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
              f"(nominal: MFU counts 2 x this per token), weights {s.weights}" if est else spec.model.name,
              f"hardware   {spec.mesh.n_devices} x {chip.describe()}",
              f"mesh       {mesh}",
-             "rule       per op max(compute, HBM traffic); activation collectives exposed (looped ones overlap "
-             "their einsum), weight collectives prefetched beside the other ops; comm = exposed; components are "
-             "sums over ops"]
+             f"cost model {reports[0].model if reports else 'calibrated'}: "
+             f"{efficiency_for(chip.name, reports[0].model if reports else 'calibrated').source}",
+             "rule       per op max(compute, HBM traffic); collectives exposed, except looped ones (each chunk's "
+             "transfer beside the previous chunk's einsum) and, with overlap on, weight gathers fetched ahead "
+             "beside the compute; comm = exposed; components are sums over ops"]
     for r in reports:
         ss = r.spec.serve
         tokens = ss.batch * (ss.seq if r.phase == "prefill" else 1)
@@ -132,18 +178,21 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
             p = e.per_step
             lines.append(f"  {mark} {c.ffn:7}{c.attn:6}{_ms(p.compute):>10}{_ms(p.weights):>10}{_ms(p.kv):>9}"
                          f"{_ms(p.activations):>9}{_ms(p.comm_exposed):>9}{_ms(e.step_time_s):>11}"
-                         f"{100 * e.mfu:6.1f}%{e.cost_chip_ms_per_token:12.4g}{e.memory.total / GiB:9.2f}  "
+                         f"{100 * e.mfu:6.1f}%{_sig(e.cost_chip_ms_per_token):>12}{_sig(e.memory.total / GiB):>9}  "
                          f"{'yes' if e.fits else 'no'}")
-        ch = r.choice.chosen
+        if r.choice.chosen is None:
+            lines.append(f"  {r.no_fit_reason()}")
+        ch = r.shown
         if ch is None:
-            lines.append("  no layout fits in HBM")
             continue
         e = ch.estimate
         lay = e.per_layer
-        lines.append(f"  chosen {ch.ffn}/{ch.attn}: per layer {_ms(lay.time)} ms (compute {_ms(lay.compute)}, "
+        which = "chosen" if ch is r.choice.chosen else ("requested" if ch.fits else "requested (does not fit)")
+        lines.append(f"  {which} {ch.ffn}/{ch.attn}: per layer {_ms(lay.time)} ms (compute {_ms(lay.compute)}, "
                      f"weights {_ms(lay.weights)}, kv {_ms(lay.kv)}, comm exposed {_ms(lay.comm_exposed)}); "
-                     f"memory per chip {e.memory.weights / GiB:.2f} GiB weights + {e.memory.kv / GiB:.2f} KV + "
-                     f"{e.memory.activations / GiB:.2f} activations of {e.hbm_bytes / GiB:g}")
+                     f"memory per chip {_sig(e.memory.weights / GiB)} GiB weights + {_sig(e.memory.kv / GiB)} KV + "
+                     f"{_sig(e.memory.activations / GiB)} activations + {_sig(e.memory.prefetch / GiB)} prefetch of "
+                     f"{e.hbm_bytes / GiB:g}")
         mc = r.max_context(ch)
         if mc is not None:
             lines.append(f"  max context at batch {ss.batch} with {100 * r.kv_fraction:g}% of HBM for the KV cache: "

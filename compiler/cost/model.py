@@ -43,6 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
+from compiler.cost.efficiency import BOUND, Efficiency
 from compiler.cost.hardware import Chip
 from ir.module import Function, Module
 from ir.ops import Op, parse_einsum
@@ -54,6 +55,10 @@ CLASSES = ("weight", "kv", "act")
 PASS_THROUGH = frozenset({"all_gather", "reduce_scatter", "all_reduce", "all_to_all", "ppermute", "local_slice",
                           "reshard", "cast", "dequantize", "concat", "split", "flatten", "unflatten",
                           "cache_update"})
+#: Activation collectives priced as their producing einsum's loop when overlap is on, and the
+#: free ops (views, sums of partial sums) they may reach it through.
+PAIRED = frozenset({"reduce_scatter"})
+PAIR_THROUGH = frozenset({"split", "binary", "flatten", "unflatten", "concat", "cast"})
 #: Ops fused into their consumers: no HBM traffic of their own; consumers read their sources.
 FUSED = frozenset({"dequantize", "local_slice"})
 
@@ -66,6 +71,7 @@ class Cost:
     reads: Mapping[str, float] = field(default_factory=dict)
     writes: float = 0.0
     dtype: str = "bf16"
+    smallest: float = math.inf  # smallest local matmul dim (rows, cols, contraction): sets its efficiency
 
 
 @dataclass
@@ -104,6 +110,17 @@ def einsum_flops(spec: str, sizes: Mapping[str, int]) -> float:
     return float(2 * n if len(terms) > 1 else n)
 
 
+def matmul_smallest_dim(spec: str, sizes: Mapping[str, int]) -> float:
+    """The smallest of an einsum's rows (first operand only), columns (second only) and
+    contraction (both, not in the output); batch letters (everywhere) count for none."""
+    terms, out = parse_einsum(spec)
+    if len(terms) < 2:
+        return math.inf
+    a, b = set(terms[0]), set(terms[1])
+    groups = (a - b, b - a, (a & b) - set(out))
+    return float(min(math.prod(sizes[c] for c in g) for g in groups))
+
+
 def _elementwise(v: View) -> Cost:
     return Cost(0.0, v.reads(), v.writes())
 
@@ -116,7 +133,8 @@ def _einsum(v: View) -> Cost:
     sizes: dict[str, int] = {}
     for t in (*v.ins, *v.op.types):
         sizes.update(v.local(t))
-    return Cost(einsum_flops(v.op.spec, sizes), v.reads(), v.writes(), v.op.type.dtype)
+    return Cost(einsum_flops(v.op.spec, sizes), v.reads(), v.writes(), v.op.type.dtype,
+                matmul_smallest_dim(v.op.spec, sizes))
 
 
 def _collective_einsum(v: View) -> Cost:
@@ -133,11 +151,12 @@ def _collective_einsum(v: View) -> Cost:
         pairs = [(g, w) for w in ins[1:]]
     else:
         pairs = [tuple(ins[:2])]
-    flops = 0.0
+    flops, smallest = 0.0, math.inf
     for spec, (a, b) in zip(specs, pairs):
         sizes = {**v.local(a), **v.local(b)}
         flops += einsum_flops(spec, sizes)
-    return Cost(flops, v.reads(), v.writes(), op.type.dtype)
+        smallest = min(smallest, matmul_smallest_dim(spec, sizes))
+    return Cost(flops, v.reads(), v.writes(), op.type.dtype, smallest)
 
 
 def _embed(v: View) -> Cost:
@@ -226,10 +245,11 @@ class Memory:
     kv: int
     activations: int
     activations_at: str = ""  # the op with the largest working set
+    prefetch: int = 0  # the next layer's gathered weights, fetched ahead (overlap != none)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.activations
+        return self.weights + self.kv + self.activations + self.prefetch
 
 
 @dataclass(frozen=True)
@@ -245,6 +265,7 @@ class Estimate:
     hbm_bytes: int
     peak_flops: float
     ops: tuple[OpPrice, ...]
+    efficiency: Efficiency = BOUND  # calibrated efficiencies, or the bound's peaks
 
     @property
     def step_time_s(self) -> float:
@@ -332,17 +353,37 @@ def _looped(e: LedgerEntry) -> bool:
     return bool(getattr(e, "looped", False)) or e.kind == "collective_einsum"
 
 
+def collective_seconds(chip: Chip, eff: Efficiency, e: LedgerEntry, mesh: Mapping[str, int]) -> float:
+    """One ledger entry on the links: the paper's volume (its accounting, passes/ledger.py: an
+    all-gather's output, a reduce-scatter's input, ...) at the achieved link bandwidth, or the
+    chip's hop latency if longer, plus the calibrated latency of its K - 1 ring steps.
+
+    App. A.1's (K-1)/K is dropped, as the paper's analysis does: with it, the one-constant
+    bandwidth convention (hardware.py) makes 1- and 2-axis collectives cheaper than the links of
+    those axes can carry, and Fig. 3's crossovers move (WG-XY to WG-XYZ from 786,432 tokens to
+    1,048,576)."""
+    if e.bytes_per_device <= 0 or e.participants <= 1:
+        return 0.0
+    t = max(e.bytes_per_device / (chip.ici_bw * eff.link), chip.hops(e.axes, mesh) * chip.hop_latency_s)
+    return t + (e.participants - 1) * eff.step_latency_s
+
+
 def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[str, str],
-                   entries: list[LedgerEntry]) -> tuple[Components, list[OpPrice]]:
+                   entries: list[LedgerEntry], eff: Efficiency = BOUND,
+                   prefetch: bool = True) -> tuple[Components, list[OpPrice]]:
+    """The ops of one function priced by the module docstring's rule; ``prefetch`` says whether
+    weight collectives run ahead beside the compute (any ``overlap`` but ``none``)."""
     mesh = module.mesh_sizes
     cls = value_classes(fn, classes, module)
     rb = read_bytes_of(fn, mesh)
     comm: dict[str, list[LedgerEntry]] = {}
     for e in entries:
         comm.setdefault(e.value, []).append(e)
-    total = Components()
-    prices = []
-    prefetch = 0.0  # seconds of weight collectives, run beside the other ops
+    prices: list[OpPrice] = []
+    parts: list[Components] = []
+    producer: dict[str, int] = {}  # value -> the einsum (index into prices) it was computed by
+    prefetched = 0.0  # seconds of weight collectives run ahead, beside the compute
+    hideable = 0.0  # compute time during which the links are free to carry them
     for op in fn.ops:
         rule = OP_RULES.get(op.kind, _elementwise)
         try:
@@ -352,33 +393,60 @@ def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[st
         reads = dict(c.reads)  # HBM traffic by class: what it reads, plus what it writes
         wc = cls.get(op.result, "act")
         reads[wc] = reads.get(wc, 0.0) + c.writes
-        compute = c.flops / chip.peak(c.dtype)
-        memory = sum(reads.values()) / chip.hbm_bw
+        compute = c.flops / (chip.peak(c.dtype) * eff.flops_fraction(c.smallest)) if c.flops else 0.0
+        memory = sum(reads.values()) / (chip.hbm_bw * eff.hbm)
         es = comm.get(op.result, [])
-        comm_s = sum(chip.collective_seconds(e.bytes_per_device, e.axes, mesh) for e in es)
+        comm_s = sum(collective_seconds(chip, eff, e, mesh) for e in es)
         looped = any(_looped(e) for e in es)
         work = max(compute, memory)
         overhead = chip.op_overhead_s if (c.flops or sum(reads.values()) or comm_s) else 0.0
+        source = next((producer[o] for o in op.operands if o in producer), None)
         if looped:
+            # K steps: each overlaps one chunk's transfer with the previous chunk's einsum; the
+            # first einsum chunk (all-gather) or the last (reduce-scatter) has nothing beside it
             k = max(max(e.participants for e in es), 1)
-            t = max(work, comm_s) + min(work, comm_s) / k
-            exposed = max(0.0, t - work)
-        elif comm_s and wc == "weight":
-            # a weight's collective depends on no activation: it is prefetched during other ops
-            prefetch += comm_s
+            t = max(work, comm_s + work / k)
+            exposed = t - work
+            hideable += max(0.0, compute - comm_s)
+        elif comm_s and wc == "weight" and prefetch:
+            # a weight's collective depends on no activation: fetched ahead, beside the compute
+            prefetched += comm_s
             t, exposed = work, 0.0
+        elif comm_s and prefetch and op.kind in PAIRED and source is not None:
+            # the paper pairs every reduce-scatter with the einsum that produces its partial sums
+            # (§3.5); where the loop pass could not fuse it (a split or sum of fused projections
+            # in between) it is priced as that einsum's loop: the einsum's time absorbs it
+            k = max(e.participants for e in es)
+            p = prices[source]
+            pw = max(p.compute_s, p.memory_s)
+            both = p.comm_s + comm_s
+            pt = max(pw, both + pw / k)
+            prices[source] = replace(p, time_s=pt + parts[source].overhead, exposed_comm_s=pt - pw, looped=True)
+            parts[source] = replace(parts[source], time=pt + parts[source].overhead, comm_exposed=pt - pw)
+            t, exposed = 0.0, 0.0
         else:
             t = work + comm_s
             exposed = comm_s
+            hideable += compute
+        if op.kind in ("einsum", "collective_einsum"):
+            producer[op.result] = len(prices)
+        elif op.kind in PAIR_THROUGH and source is not None:
+            producer[op.result] = source
         t += overhead
         prices.append(OpPrice(fn.name, op.result, op.kind, c.flops, reads, compute, memory, comm_s, exposed, t,
                               looped))
-        total = total + Components(compute, reads.get("weight", 0.0) / chip.hbm_bw, reads.get("kv", 0.0) / chip.hbm_bw,
-                                   reads.get("act", 0.0) / chip.hbm_bw, comm_s, exposed, overhead, t, c.flops)
-    # the links carry the prefetched weights and the activation collectives one after another
-    late = max(0.0, prefetch + total.comm_exposed - total.time)
-    if late:
-        total = replace(total, comm_exposed=total.comm_exposed + late, time=total.time + late)
+        parts.append(Components(compute, reads.get("weight", 0.0) / (chip.hbm_bw * eff.hbm),
+                                reads.get("kv", 0.0) / (chip.hbm_bw * eff.hbm),
+                                reads.get("act", 0.0) / (chip.hbm_bw * eff.hbm), comm_s, exposed, overhead, t,
+                                c.flops))
+    total = Components()
+    for part in parts:
+        total = total + part
+    # prefetched weights hide only behind compute that leaves the links free; the rest is exposed
+    late = max(0.0, prefetched - hideable)
+    fixed = eff.layer_overhead_s if total.time or late else 0.0
+    total = replace(total, comm_exposed=total.comm_exposed + late, overhead=total.overhead + fixed,
+                    time=total.time + late + fixed)
     return total, prices
 
 
@@ -410,7 +478,25 @@ def working_set_bytes(fn: Function, mesh: Mapping[str, int], cls: Mapping[str, s
     return peak, where
 
 
-def memory_per_chip(module: Module) -> Memory:
+def prefetch_buffer_bytes(module: Module, book: list[LedgerEntry] | None = None) -> int:
+    """Bytes per chip that fetching weights ahead needs: the next call's gathered weights (the
+    weight collectives that are not looped) are held while the current call still uses its own."""
+    classes = param_classes(module)
+    book = ledger(module) if book is None else book
+    out = 0
+    for f in module.functions:
+        if f.name not in classes:
+            continue
+        cls = value_classes(f, classes[f.name], module)
+        n = sum(e.bytes_per_device for e in book if e.function == f.name and not _looped(e)
+                and cls.get(e.value, "act") == "weight")
+        out = max(out, n)
+    return out
+
+
+def memory_per_chip(module: Module, prefetch: bool = False) -> Memory:
+    """Weights, KV cache and the largest working set; with ``prefetch``, the buffer that weights
+    fetched ahead occupy (:func:`prefetch_buffer_bytes`)."""
     mesh = module.mesh_sizes
     weights, kv = 0, 0
     for f in module.entries:
@@ -424,7 +510,7 @@ def memory_per_chip(module: Module) -> Memory:
             n, w = working_set_bytes(f, mesh, value_classes(f, classes.get(f.name, {}), module))
             if n > act:
                 act, where = n, w
-    return Memory(weights, kv, act, where)
+    return Memory(weights, kv, act, where, prefetch_buffer_bytes(module) if prefetch else 0)
 
 
 def nominal_params(module: Module) -> int:
@@ -455,11 +541,18 @@ def _bodies(module: Module, fn: Function) -> list[str]:
     return out
 
 
-def price(module: Module, chip: Chip, n_params: int | None = None) -> Estimate:
-    """Prices one step of ``module``'s entry (the first entry when there are several)."""
+def price(module: Module, chip: Chip, n_params: int | None = None, eff: Efficiency = BOUND,
+          overlap: str | None = None) -> Estimate:
+    """Prices one step of ``module``'s entry (the first entry when there are several) with the
+    efficiencies ``eff`` (the bound by default). ``overlap`` is the spec's setting; None reads it
+    off the module (looped collectives present or not). Under ``none`` nothing overlaps: weight
+    collectives are exposed like the others, so layouts rank by the paper's analytical volumes."""
     reps = repeats_of(module)
     classes = param_classes(module)
     book = ledger(module)
+    if overlap is None:
+        overlap = "looped" if any(_looped(e) for e in book) else "none"
+    prefetch = overlap != "none"
     entry = module.entries[0]
     run = [entry.name] + [b for b in _bodies(module, entry) if b in reps]
     step, layer, ops = Components(), Components(), []
@@ -467,7 +560,8 @@ def price(module: Module, chip: Chip, n_params: int | None = None) -> Estimate:
     dtypes: Counter[str] = Counter()
     for name in run:
         f = module.function(name)
-        comps, prices = price_function(module, f, chip, classes.get(name, {}), [e for e in book if e.function == name])
+        comps, prices = price_function(module, f, chip, classes.get(name, {}), [e for e in book if e.function == name],
+                                       eff, prefetch)
         ops += prices
         step = step + comps * reps[name]
         if not f.entry:
@@ -478,4 +572,4 @@ def price(module: Module, chip: Chip, n_params: int | None = None) -> Estimate:
     dtype = dtypes.most_common(1)[0][0] if dtypes else "bf16"
     params = n_params if n_params is not None else nominal_params(module)
     return Estimate(chip.name, module.n_devices, tokens_per_step(module), layers, params, layer, step,
-                    memory_per_chip(module), chip.hbm_bytes, chip.peak(dtype), tuple(ops))
+                    memory_per_chip(module, prefetch), chip.hbm_bytes, chip.peak(dtype), tuple(ops), eff)
