@@ -129,6 +129,8 @@ def _args_explain(x: argparse.ArgumentParser) -> None:
     x.add_argument("--pareto", type=Path, metavar="FILE",
                    help="draw latency vs cost per token over batch sizes and weight formats (matplotlib)")
     x.add_argument("--batches", help="batch sizes for --pareto, e.g. 1,4,16,64,256,1024")
+    x.add_argument("--model", dest="cost_model", choices=("calibrated", "bound"), default="calibrated",
+                   help="calibrated: predictions with the chip's fitted efficiencies (default); bound: lower bounds")
 
 
 def _args_none(p: argparse.ArgumentParser) -> None:
@@ -359,7 +361,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for line in skipped:
             print(f"pareto: skipped {line}", file=sys.stderr)
         print(f"pareto: {len(points)} points written to {args.pareto}", file=sys.stderr)
-    reports = explain(spec, chip, phases, args.kv_fraction)
+    reports = explain(spec, chip, phases, args.kv_fraction, args.cost_model)
     if args.json:
         print(json.dumps(to_json(spec, chip, reports), indent=2))
     else:

@@ -97,3 +97,38 @@ def test_explain_errors(capsys):
     assert code == 1 and "--kv-fraction must be in (0, 1]" in err
     code, _, err = run(capsys, "explain", PALM, "--hardware", "tpu-v9")
     assert code == 1 and "invalid value 'tpu-v9' for hardware" in err
+
+
+def test_explain_model_bound_is_below_calibrated(capsys):
+    """--model bound keeps the lower bound; the default (calibrated) predicts, slower than it, with
+    the chip's fitted efficiencies and their provenance in the JSON."""
+    _, out, _ = run(capsys, "explain", *ARGS, "--json")
+    cal = json.loads(out)
+    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--model", "bound")
+    bound = json.loads(out)
+    assert (cal["cost_model"], bound["cost_model"]) == ("calibrated", "bound")
+    assert "paper-calibration.csv" in cal["hardware"]["efficiency"]["source"]
+    assert bound["hardware"]["efficiency"]["flops"] == 1.0 > cal["hardware"]["efficiency"]["flops"]
+    pairs = [(c, b) for c, b in zip(cal["candidates"], bound["candidates"]) if c["legal"]]
+    assert pairs and all(b["step_time_s"] < c["step_time_s"] for c, b in pairs)
+
+
+def test_explain_requested_layout_drives_footer_and_max_context(capsys):
+    """With --ffn/--attn given, the footer and max_context describe the requested layout (head-
+    sharded multiquery replicates the cache: a far shorter context than auto's batch-sharded one)."""
+    _, out, _ = run(capsys, "explain", *ARGS, "--ffn", "2d-ws", "--attn", "heads", "--kv-fraction", "0.3", "--json")
+    d = json.loads(out)
+    (req,) = [c for c in d["candidates"] if (c["ffn"], c["attn"]) == ("2d-ws", "heads")]
+    (auto,) = [c for c in d["candidates"] if c["chosen"]]
+    assert d["shown"]["decode"] == {"ffn": "2d-ws", "attn": "heads"} != d["chosen"]["decode"]
+    assert d["max_context"] == req["max_context"] < auto["max_context"] / 10
+    _, out, _ = run(capsys, "explain", *ARGS, "--ffn", "2d-ws", "--attn", "heads", "--kv-fraction", "0.3")
+    assert "requested 2d-ws/heads" in out and f"{req['max_context']} tokens" in out
+
+
+def test_explain_no_fit_says_why(capsys):
+    code, out, _ = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--mesh", "x=2,y=2,z=2", "--phase", "decode",
+                       "--json")
+    d = json.loads(out)
+    assert code == 0 and d["chosen"]["decode"] is None
+    assert "no layout fits in HBM (32 GiB per chip): the smallest" in d["no_fit"]["decode"]
