@@ -344,3 +344,84 @@ def check_partitioned(case, executor, tol: float, what: str) -> None:
     note(f"normwise error {err:.3e}")
     assert err <= tol, f"{what} logits differ from the reference: {err:.3e} > {tol:g}"
     event(f"ran {ffn}/{attn}/{phase}" + (f"/kv={kv}" if model.attention == "grouped" else ""))
+
+
+# ---- every grouped-query (and multihead / multiquery) model on every mesh -----------------------
+
+
+@st.composite
+def any_meshes(draw) -> Mesh:
+    """1-3 axes of any sizes (1 included) with at most 8 devices in all."""
+    sizes: list[int] = []
+    for _ in range(draw(st.integers(1, 3))):
+        room = 8 // math.prod(sizes or [1])
+        sizes.append(draw(st.integers(1, max(1, room))))
+    return tuple(zip("xyz", sizes))
+
+
+def refusals(batch: int, mesh: Mesh, ffn: str, attn: str) -> list[Problem]:
+    """The rule table of the configurations the compiler may refuse although it pads heads,
+    grouped-query K x G and the vocabulary: only a batch that does not divide — the residual
+    stream's batch axes of a weight-gathered layout, or the first axis of a batch-sharded KV
+    cache (the paper: at least one full axis). Padding the batch is issue 16's job; heads
+    (H, K, G), d_model and d_ff (multiples of the devices here) and V never refuse."""
+    ax, sizes = layout_axes(mesh, ffn), dict(mesh)
+    if n_devices(mesh) == 1:
+        return []
+    out = []
+    if ax["batch"] and batch % math.prod(sizes[a] for a in ax["batch"]):
+        out.append(Problem("B", batch, frozenset(ax["batch"]), "residual"))
+    if attn == "batch":
+        order = ax["batch"] + tuple(a for a in ax["all"] if a not in ax["batch"]) if ax["batch"] else (
+            ax["wide"] + ax["narrow"])
+        if batch % sizes[order[0]]:
+            out.append(Problem("B", batch, frozenset(order[:1]), "cache"))
+    return out
+
+
+@st.composite
+def any_head_cases(draw):
+    """(model, mesh, ffn, attn, phase, batch, prompt, steps, kv): heads 1-16 with any kv_heads
+    dividing them, tiny sizes (1 layer, d_head 2, d_model and d_ff multiples of the devices, any
+    vocabulary), every layout, both phases, batch 1-16, kv = auto or pad."""
+    mesh = draw(any_meshes())
+    n = n_devices(mesh)
+    heads = draw(st.integers(1, 16))
+    kv_heads = draw(st.sampled_from([k for k in range(1, heads + 1) if heads % k == 0]))
+    model = ModelSpec(
+        "h", layers=1, d_model=2 * n * draw(st.integers(1, 2)), heads=heads, kv_heads=kv_heads, d_head=2,
+        d_ff=2 * n, vocab=draw(st.integers(5, 40)), block=draw(st.sampled_from(["serial", "parallel"])),
+        mlp=draw(st.sampled_from(["gelu", "swiglu"])), norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        bias=draw(st.sampled_from(["none", "all"])), tie_embeddings=draw(st.booleans()))
+    phase = draw(st.sampled_from(["prefill", "decode"]))
+    prompt = draw(st.integers(1, 3))
+    steps = 0 if phase == "prefill" else draw(st.integers(1, 2))
+    return (model, mesh, draw(st.sampled_from(FFN_LAYOUTS)), draw(st.sampled_from(ATTN_LAYOUTS)), phase,
+            draw(st.integers(1, 16)), prompt, steps, draw(st.sampled_from(["auto", "pad"])))
+
+
+def check_any_heads(case, executor, tol: float, what: str) -> None:
+    """The default pipeline (hardware tpu-v4 for kv = auto's cost model) either refuses exactly
+    as :func:`refusals` says, or runs and equals the float64 reference within ``tol``."""
+    model, mesh, ffn, attn, phase, batch, prompt, steps, kv = case
+    note(f"model={model}\nmesh={mesh_str(mesh)} ffn={ffn} attn={attn} kv={kv} phase={phase} batch={batch} "
+         f"prompt={prompt} steps={steps}")
+    spec = Spec(model, MeshSpec(mesh), ServeSpec(phase=phase, batch=batch, seq=8, ffn=ffn, attn=attn, kv=kv,
+                                                 hardware="tpu-v4"))
+    allowed = refusals(batch, mesh, ffn, attn)
+    try:
+        pipeline = default_pipeline(spec, rewrites=True)
+        sharded = compile_module(build(model, batch, prompt, prompt + steps, mesh), pipeline).module
+    except LayoutError as e:
+        assert allowed, f"LayoutError outside the rule table: {e.message}"
+        p = check_layout_error(e, allowed, mesh)
+        event(f"refused: B ({p.what})")
+        return
+    assert not allowed, f"compiled although the rule table refuses {allowed}"
+    note(f"pipeline {pipeline}")
+    got, ref = run_pair(sharded, model, batch, prompt, steps, executor, seed=batch + 10 * prompt + steps)
+    assert got.shape == ref.shape == (batch, prompt + steps, model.vocab)
+    err = rel_err(got, ref)
+    note(f"normwise error {err:.3e}")
+    assert err <= tol, f"{what} logits differ from the reference: {err:.3e} > {tol:g}"
+    event(f"ran {model.attention} {ffn}/{attn}" + (" padded" if "pad-heads" in pipeline else ""))

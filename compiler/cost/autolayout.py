@@ -135,19 +135,19 @@ KV_CANDIDATES = ("shard", "replicate", "pad")
 
 @lru_cache(maxsize=64)
 def _resolve_kv(spec: Spec, chip: Chip) -> Spec:
-    priced, first_error = [], None
+    priced, error = [], None
     for i, kv in enumerate(KV_CANDIDATES):
         cs = replace(spec, serve=replace(spec.serve, kv=kv))
         try:
             m, n = _compile(cs)
         except LayoutError as e:
-            first_error = first_error or e
+            error = e  # the last is pad's: a dim that no head padding resolves
             continue
         e = price(m, chip, n)
         priced.append(((not e.fits, e.step_time_s, e.memory.total, i), cs))
     if not priced:
-        assert first_error is not None
-        raise first_error
+        assert error is not None
+        raise error
     return min(priced, key=lambda c: c[0])[1]
 
 
