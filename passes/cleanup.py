@@ -304,7 +304,7 @@ class Cleanup(Pass):
     name = "cleanup"
     summary = "fold identities and collective algebra, CSE, dead code and dead functions"
 
-    #: Most rounds of the rule table before giving up on a fixed point.
+    #: Most rounds of the rule table; still matching after them is a PassError.
     max_rounds: int = 16
 
     def __post_init__(self) -> None:
@@ -312,7 +312,7 @@ class Cleanup(Pass):
             raise PassError(f"cleanup: max_rounds must be >= 1, got {self.max_rounds}")
 
     def run(self, module: Module) -> PassResult:
-        out, counts, rounds = drive(module, RULES, self.max_rounds)
+        out, counts, rounds = drive(module, RULES, self.max_rounds, "cleanup")
         stats = {f"{k} matches": v for k, v in counts.items()}
         stats["rounds"] = rounds
         return PassResult(out, stats)

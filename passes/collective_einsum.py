@@ -173,7 +173,7 @@ class CollectiveEinsumPass(Pass):
 
     name = "collective-einsum"
     summary = "all-gather/reduce-scatter + einsum -> ppermute ring loops (one-way or bidirectional)"
-    runs_after = ("shard", "insert-collectives")
+    runs_after = ("shard", "insert-collectives", "quantize-int8")
 
     #: Send half of every chunk each way around the ring (both links of a torus axis busy).
     bidirectional: bool = False

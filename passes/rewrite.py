@@ -1,8 +1,8 @@
 """Small rewrite rules in ordered tables, driven to a fixed point with a cap (tinygrad style).
 
 A rule takes a module and returns the rewritten module and how many times it matched. The
-driver applies the rules in order until none matches (or the cap is hit) and reports a match
-count per rule, which passes turn into their statistics.
+driver applies the rules in order until none matches and reports a match count per rule,
+which passes turn into their statistics; hitting the cap is a PassError.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from ir.errors import PassError
 from ir.module import Function, Module
 from ir.ops import Op
 
@@ -23,18 +24,29 @@ class Rule:
     doc: str = ""
 
 
-def drive(module: Module, rules: tuple[Rule, ...], cap: int = 16) -> tuple[Module, dict[str, int], int]:
-    """Applies ``rules`` to a fixed point; returns the module, match counts and rounds run."""
+def drive(module: Module, rules: tuple[Rule, ...], cap: int = 16,
+          owner: str = "rewrite") -> tuple[Module, dict[str, int], int]:
+    """Applies ``rules`` to a fixed point; returns the module, match counts and rounds run.
+
+    At most ``cap`` rounds may rewrite; a round in which no rule matches confirms the fixed point
+    and ends it. If the round after the ``cap``-th still matches, the rules are not converging
+    (or need more rounds): a PassError naming that round's rules, never a silently
+    half-rewritten module.
+    """
     counts = {r.name: 0 for r in rules}
-    for rounds in range(1, cap + 1):
-        fired = 0
+    last: dict[str, int] = {}
+    for rounds in range(1, cap + 2):
+        last = {}
         for r in rules:
             module, n = r.apply(module)
             counts[r.name] += n
-            fired += n
-        if not fired:
+            if n:
+                last[r.name] = n
+        if not last:
             return module, counts, rounds
-    return module, counts, cap
+    fired = ", ".join(f"{k} ({v})" for k, v in last.items())
+    raise PassError(f"{owner}: the rewrite rules still match after {cap} rounds (round {cap + 1}: {fired})",
+                    hint="raise max_rounds if the rules converge slowly; two rules that undo each other never do")
 
 
 def rename_uses(fn: Function, mapping: Mapping[str, str]) -> Function:

@@ -492,7 +492,7 @@ class Shard(Pass):
 
     name = "shard"
     summary = "assign a layout's shardings and propagate them (inserts reshard ops)"
-    runs_after = ("pad-heads", "fuse-parallel-block", "quantize-int8")
+    runs_after = ("pad-heads", "fuse-parallel-block")
 
     #: Feed-forward layout: 1d-ws, 2d-ws, wg-x, wg-xy, wg-xyz.
     ffn: str = "1d-ws"

@@ -179,7 +179,7 @@ def test_pass_order_prerequisites(capsys) -> None:
     assert rc == EXIT_ERROR and out == ""
     assert err.startswith("pass error: pass 'pad-heads' must run before 'quantize-int8'")
     for bad in ("insert-collectives,shard", "collective-einsum,insert-collectives", "shard,fuse-parallel-block",
-                "shard,quantize-int8", "fuse-parallel-block,pad-heads"):
+                "collective-einsum,quantize-int8", "fuse-parallel-block,pad-heads"):
         rc, _, err = cli(capsys, "compile", MQA, "--passes", bad)
         first, second = bad.split(",")
         assert rc == EXIT_ERROR and f"pass '{second}' must run before '{first}'" in err, (bad, err)
