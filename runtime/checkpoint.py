@@ -190,7 +190,9 @@ class HFCheckpoint(Checkpoint):
     def tokenizer(self) -> "Tokenizer":
         from runtime.tokenizer import Tokenizer
 
-        return Tokenizer.from_directory(self.path)
+        tok = Tokenizer.from_directory(self.path)
+        tok.check_vocab(self.model_spec().vocab)
+        return tok
 
 
 def load_hf_weights(directory: str | Path, model: ModelSpec,

@@ -206,4 +206,6 @@ class GGUFCheckpoint(Checkpoint):
     def tokenizer(self) -> "Tokenizer":
         from runtime.tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf(self)
+        tok = Tokenizer.from_gguf(self)
+        tok.check_vocab(self.model_spec().vocab)
+        return tok
