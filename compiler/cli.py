@@ -62,7 +62,7 @@ OVERRIDE_FLAGS = {"mesh": "--mesh", "phase": "--phase", "batch": "--batch", "seq
 def add_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("spec overrides")
     g.add_argument("--mesh", help="mesh axes, e.g. x=2,y=2,z=2 ('1' for one device)")
-    g.add_argument("--phase", help="prefill|decode")
+    g.add_argument("--phase", help="prefill|decode (explain also: generate, a whole request)")
     g.add_argument("--batch", help="sequences per step")
     g.add_argument("--seq", help="prefill: tokens per sequence; decode: KV cache length")
     g.add_argument("--ffn", help="1d-ws|2d-ws|wg-x|wg-xy|wg-xyz|auto")
@@ -131,6 +131,8 @@ def _args_explain(x: argparse.ArgumentParser) -> None:
     x.add_argument("--batches", help="batch sizes for --pareto, e.g. 1,4,16,64,256,1024")
     x.add_argument("--model", dest="cost_model", choices=("calibrated", "bound"), default="calibrated",
                    help="calibrated: predictions with the chip's fitted efficiencies (default); bound: lower bounds")
+    x.add_argument("--prompt-len", type=int, help="--phase generate: prompt tokens (default: serve.seq)")
+    x.add_argument("--new-tokens", type=int, default=64, help="--phase generate: tokens generated (default 64)")
 
 
 def _args_none(p: argparse.ArgumentParser) -> None:
@@ -348,24 +350,56 @@ def cmd_spec_from_hf(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from compiler.cost.explain import explain, format_explain, to_json
 
+    if args.phase == "generate":  # a whole request: each phase gets its own layout (auto unless given)
+        args.phase = None
+        args.ffn, args.attn = args.ffn or "auto", args.attn or "auto"
+        return _explain_generation(args, _needs_spec(_spec_with_overrides(args), args))
     spec = _needs_spec(_spec_with_overrides(args), args)
     chip = _chip(args, spec)
     phases = (spec.serve.phase,) if args.phase else ("prefill", "decode")
     if args.pareto:
-        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep
+        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep, warnings
 
         check_path(args.pareto)
         batches = DEFAULT_BATCHES if not args.batches else tuple(_positive_ints(args.batches, "--batches"))
-        points, skipped = sweep(spec, chip, phases, batches)
+        points, skipped = sweep(spec, chip, phases, batches, model=args.cost_model)
         plot(points, args.pareto, f"{spec.model.name} on {spec.mesh.n_devices} x {chip.name}")
         for line in skipped:
             print(f"pareto: skipped {line}", file=sys.stderr)
+        for line in warnings(points):
+            print(f"pareto: warning: {line}", file=sys.stderr)
         print(f"pareto: {len(points)} points written to {args.pareto}", file=sys.stderr)
     reports = explain(spec, chip, phases, args.kv_fraction, args.cost_model)
     if args.json:
         print(json.dumps(to_json(spec, chip, reports), indent=2))
     else:
         sys.stdout.write(format_explain(spec, chip, reports))
+    return EXIT_OK
+
+
+def _explain_generation(args: argparse.Namespace, spec) -> int:
+    from compiler.cost.generation import estimate_generation, format_generation
+
+    chip = _chip(args, spec)
+    prompt = args.prompt_len if args.prompt_len is not None else spec.serve.seq
+    if args.pareto:
+        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep_generation, warnings
+
+        check_path(args.pareto)
+        batches = DEFAULT_BATCHES if not args.batches else tuple(_positive_ints(args.batches, "--batches"))
+        points, skipped = sweep_generation(spec, chip, batches, prompt, args.new_tokens, args.cost_model)
+        plot(points, args.pareto, f"{spec.model.name} on {spec.mesh.n_devices} x {chip.name}: prompt {prompt}, "
+                                  f"{args.new_tokens} new tokens")
+        for line in skipped:
+            print(f"pareto: skipped {line}", file=sys.stderr)
+        for line in warnings(points):
+            print(f"pareto: warning: {line}", file=sys.stderr)
+        print(f"pareto: {len(points)} points written to {args.pareto}", file=sys.stderr)
+    g = estimate_generation(spec, chip, prompt, args.new_tokens, args.cost_model)
+    if args.json:
+        print(json.dumps(g.to_json(), indent=2))
+    else:
+        sys.stdout.write(format_generation(spec, chip, g))
     return EXIT_OK
 
 

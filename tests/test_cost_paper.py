@@ -104,6 +104,7 @@ def test_nothing_fits_is_a_cost_error():
 
 # ---- Fig. 3: the FFN layouts' crossovers in tokens per batch ------------------------------------
 
+
 def _fig3_best(tokens: int) -> str:
     """explain's choice of FFN layout (attention batch-sharded, overlap = none, the bound) for the
     Fig. 3 configuration: X = Y = Z = 4, E = 16384, F = 65536, a 2-matrix gelu FFN, bf16. The

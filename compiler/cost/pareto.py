@@ -33,8 +33,19 @@ class Point:
     mfu: float
 
 
+#: A predicted MFU above this is flagged: the paper's best measured prefill reaches 76%.
+MFU_WARNING = 0.9
+
+
+def warnings(points: list[Point]) -> list[str]:
+    """Points whose predicted MFU is implausibly high for a real machine."""
+    return [f"{p.phase} {p.weights} batch {p.batch} ({p.ffn}/{p.attn}): predicted MFU {100 * p.mfu:.0f}% is above "
+            f"{100 * MFU_WARNING:.0f}%; the paper's best measured is 76% (a bound, or a calibration off its data)"
+            for p in points if p.mfu > MFU_WARNING]
+
+
 def sweep(spec: Spec, chip: Chip, phases: tuple[str, ...], batches: tuple[int, ...] = DEFAULT_BATCHES,
-          formats: tuple[str, ...] = ("bf16", "int8")) -> tuple[list[Point], list[str]]:
+          formats: tuple[str, ...] = ("bf16", "int8"), model: str = "calibrated") -> tuple[list[Point], list[str]]:
     """Points of every (phase, batch, format) that compiles and fits; and why the others are missing."""
     points, skipped = [], []
     for ph in phases:
@@ -42,7 +53,7 @@ def sweep(spec: Spec, chip: Chip, phases: tuple[str, ...], batches: tuple[int, .
             for b in batches:
                 s = replace(spec, serve=replace(spec.serve, phase=ph, batch=b, weights=w, ffn="auto", attn="auto"))
                 try:
-                    ch = evaluate(s, chip).chosen
+                    ch = evaluate(s, chip, model=model).chosen
                 except EinshardError as e:  # e.g. a weight format this build refuses
                     skipped.append(f"{ph} {w} batch {b}: {e.message}")
                     continue
@@ -51,6 +62,30 @@ def sweep(spec: Spec, chip: Chip, phases: tuple[str, ...], batches: tuple[int, .
                     continue
                 e = ch.estimate
                 points.append(Point(ph, b, w, ch.ffn, ch.attn, e.step_time_s, e.cost_chip_ms_per_token, e.mfu))
+    return points, skipped
+
+
+def sweep_generation(spec: Spec, chip: Chip, batches: tuple[int, ...], prompt_len: int, new_tokens: int,
+                     model: str = "calibrated", formats: tuple[str, ...] = ("bf16", "int8")
+                     ) -> tuple[list[Point], list[str]]:
+    """Whole requests (compiler/cost/generation.py): latency = the request's total time, cost =
+    chip-ms per generated token with the prefill charged; the decode layout labels the point."""
+    from compiler.cost.generation import estimate_generation
+
+    points, skipped = [], []
+    for w in formats:
+        for b in batches:
+            s = replace(spec, serve=replace(spec.serve, batch=b, weights=w, ffn="auto", attn="auto"))
+            try:
+                g = estimate_generation(s, chip, prompt_len, new_tokens, model)
+            except EinshardError as e:
+                skipped.append(f"generate {w} batch {b}: {e.message}")
+                continue
+            lay = g.decode or g.prefill
+            if not (g.prefill.fits and lay.fits):
+                skipped.append(f"generate {w} batch {b}: no layout fits")
+                continue
+            points.append(Point("generate", b, w, lay.ffn, lay.attn, g.total_s, g.cost_chip_ms_per_token, g.mfu_total))
     return points, skipped
 
 
@@ -81,13 +116,24 @@ def check_path(path: str | Path) -> None:
         raise SpecError(f"--pareto {path}: folder {p.parent} does not exist")
 
 
+def _one_label_per_decade(ax) -> None:
+    """Log axes spanning less than a decade get minor tick labels that crowd the major ones
+    (two labels on the prefill x axis): keep major labels only, and add the ends when a decade
+    has none."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())
+        axis.set_major_locator(LogLocator(base=10, numticks=12))
+
+
 def plot(points: list[Point], path: str | Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = [ph for ph in ("prefill", "decode") if any(p.phase == ph for p in points)]
+    phases = [ph for ph in ("prefill", "decode", "generate") if any(p.phase == ph for p in points)]
     fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(6 * max(1, len(phases)), 4.5), squeeze=False)
     for ax, ph in zip(axes[0], phases):
         pts = [p for p in points if p.phase == ph]
@@ -97,16 +143,19 @@ def plot(points: list[Point], path: str | Path, title: str) -> None:
                 continue
             ax.scatter([p.cost_chip_ms_per_token for p in sel], [p.latency_s * 1e3 for p in sel], marker=marker,
                        label=f"{w} weights", alpha=0.8)
-            for p in sel:
+            for i, p in enumerate(sorted(sel, key=lambda p: p.cost_chip_ms_per_token)):
+                # alternate above / below so that neighbours on a flat stretch do not overprint
                 ax.annotate(f"B={p.batch}\n{p.ffn}/{p.attn}", (p.cost_chip_ms_per_token, p.latency_s * 1e3),
-                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+                            fontsize=6, xytext=(3, 4 if i % 2 == 0 else -14), textcoords="offset points")
         fr = frontier(pts)
         ax.plot([p.cost_chip_ms_per_token for p in fr], [p.latency_s * 1e3 for p in fr], "k--", lw=1,
                 label="Pareto frontier")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("cost (chip-ms per token)")
-        ax.set_ylabel("latency per generated token (ms)" if ph == "decode" else "prefill time (ms)")
+        ax.set_ylabel({"decode": "latency per generated token (ms)", "prefill": "prefill time (ms)",
+                       "generate": "latency per request (ms)"}[ph])
+        _one_label_per_decade(ax)
         ax.set_title(f"{ph}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
