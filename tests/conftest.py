@@ -20,6 +20,9 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=20, deadline=None)
 settings.register_profile("thorough", max_examples=500, deadline=None)
+# `make fuzz`: every fuzzer (tests marked `fuzz`) at 10,000 examples, randomized.
+settings.register_profile("fuzz", max_examples=10_000, deadline=None, print_blob=True,
+                          suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = _ROOT

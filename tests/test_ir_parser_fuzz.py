@@ -26,6 +26,8 @@ from ir.parser import parse_module
 from ir.printer import print_module
 from ir.verifier import verify
 
+pytestmark = pytest.mark.fuzz  # `make fuzz` runs this file with 10,000 examples per property
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 SMALL = """\
@@ -125,7 +127,7 @@ def mutants(draw) -> str:
     return text
 
 
-@settings(max_examples=300)
+@settings(max_examples=max(300, settings.default.max_examples))  # the fuzz profile's 10,000 when larger
 @given(mutants())
 @example(SMALL.replace("partial{y}", "partial{q}", 1))  # unknown mesh axis
 @example(SMALL.replace("mesh<x=2, y=2>", "mesh<x=2, x=2>"))

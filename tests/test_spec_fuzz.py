@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler import spec as S
 from compiler.spec import MeshSpec, ModelSpec, ServeSpec, Spec, apply_overrides, format_spec, parse_spec
 from ir.errors import SpecError
+
+pytestmark = pytest.mark.fuzz  # `make fuzz` runs this file with 10,000 examples per property
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.model"))
 EXAMPLE_TEXTS = [p.read_text() for p in EXAMPLES]
