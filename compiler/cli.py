@@ -459,6 +459,10 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("passes", "list the registered passes and their options", _args_none, cmd_passes),
 ]
 
+from compiler.serve_cmd import subcommand as _serve  # noqa: E402  (it needs Subcommand, defined above)
+
+SUBCOMMANDS.append(_serve())
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)

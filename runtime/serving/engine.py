@@ -44,12 +44,11 @@ class Engine:
     drops one, ``step`` runs one iteration and returns its events."""
 
     def __init__(self, runner: Any, config: SchedulerConfig, *, clock: Callable[[], float] = time.monotonic,
-                 sample: Callable[..., jax.Array] | None = None, metrics: Metrics | None = None,
+                 sample: Callable[..., jax.Array] | None = None,
                  pad_token: int = 0):
         if sample is None:
             from runtime.sampling import sample
         self.runner, self.cfg, self.clock = runner, config, clock
-        self.metrics = metrics or Metrics()
         self.pad_token = pad_token
         self.T = runner.cache_len
         S = config.slots
@@ -66,7 +65,12 @@ class Engine:
         self.last_emit: dict[str, float] = {}
         self.pending: list[Event] = []
         self.static_width = 0
-        self.metrics.set("einshard_slots", S)
+        self.reset_metrics()
+
+    def reset_metrics(self) -> None:
+        """Fresh counters (after a warm-up run, say), the buffer's gauges set."""
+        self.metrics = Metrics()
+        self.metrics.set("einshard_slots", self.cfg.slots)
         self.metrics.set("einshard_kv_cache_bytes", sum(c.nbytes for c, _ in cache_leaves(self.caches)))
 
     # ---- requests in and out -------------------------------------------------------------
@@ -86,7 +90,8 @@ class Engine:
         if any(not 0 <= t < self.runner.vocab for t in req.prompt):
             raise RequestError(f"prompt token ids must be in [0, {self.runner.vocab})", param="prompt")
 
-    def submit(self, req: Request) -> None:
+    def submit(self, req: Request, arrival: float | None = None) -> None:
+        """Queues ``req`` (FIFO); ``arrival`` (clock time) defaults to now, for latency metrics."""
         try:
             self.check(req)
             if len(self.waiting) >= self.cfg.max_queue:
@@ -96,7 +101,7 @@ class Engine:
             self.metrics.inc("einshard_requests_rejected_total")
             raise
         self.waiting.append(req)
-        self.arrival[req.id] = self.clock()
+        self.arrival[req.id] = self.clock() if arrival is None else arrival
         self.metrics.inc("einshard_requests_total")
 
     def abort(self, request_id: str) -> bool:

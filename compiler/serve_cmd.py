@@ -1,0 +1,123 @@
+"""``einshard serve``: an OpenAI-compatible server for a checkpoint (a Hugging Face directory or
+a .gguf file), on the engine of runtime/serving.
+
+The flags pick the checkpoint, the layout (the usual spec overrides: ``--mesh``, ``--ffn``,
+``--attn``, ``--weights``, ``--set``), the slot buffer (``--slots``, ``--context``) and the
+scheduler (``--policy``, ``--no-compact``, ``--chunk``, ``--max-queue``). The model is compiled
+and warmed up (one short request) before the port opens, so the first client does not pay for
+compiling the common shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ir.errors import FileError, SpecError
+
+#: KV memory the default slot count may take (bytes); ``--slots`` overrides.
+DEFAULT_KV_BUDGET = 2 << 30
+MAX_DEFAULT_SLOTS = 64
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="a Hugging Face checkpoint directory or a .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", help="the model id clients give (default: the checkpoint's name)")
+    g = p.add_argument_group("layout")
+    g.add_argument("--mesh", help="mesh axes, e.g. x=2,y=2 ('1' for one device)")
+    g.add_argument("--ffn", help="1d-ws|2d-ws|wg-x|wg-xy|wg-xyz|auto")
+    g.add_argument("--attn", help="heads|batch|auto")
+    g.add_argument("--weights", help="f32|bf16|int8 (the format weights are served in)")
+    g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any spec field (repeatable)")
+    g.add_argument("--devices", type=int, help="simulated CPU devices (default: the mesh size)")
+    s = p.add_argument_group("engine")
+    s.add_argument("--slots", type=int, help="KV slots = requests decoded together "
+                   f"(default: what {DEFAULT_KV_BUDGET >> 30} GiB of KV cache holds, at most {MAX_DEFAULT_SLOTS})")
+    s.add_argument("--context", type=int, default=1024, help="KV positions per slot: prompt + max_tokens (default 1024)")
+    s.add_argument("--policy", choices=("fused", "static"), default="fused",
+                   help="fused: temporal fusion (default); static: FasterTransformer-style batches")
+    s.add_argument("--no-compact", dest="compact", action="store_false",
+                   help="mask finished slots in place instead of compacting the live ones")
+    s.add_argument("--chunk", type=int, default=0, help="chunked prefill: prompt chunk length, a power of two (0: off)")
+    s.add_argument("--step-tokens", type=int, default=2048, help="token budget of one iteration / one admission prefill")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get HTTP 503")
+    s.add_argument("--no-warmup", dest="warmup", action="store_false", help="open the port before compiling")
+
+
+def load_model(checkpoint: Path, *, mesh: str | None = None, ffn: str | None = None, attn: str | None = None,
+               weights: str | None = None, sets: tuple[str, ...] = (), context: int = 1024,
+               slots: int | None = None, devices: int | None = None) -> tuple[Any, Any, Any, int]:
+    """(spec, runner, tokenizer, slots) for a checkpoint: its model, the layout the overrides
+    give, weights on device, and the slot count (given, or what the KV budget holds)."""
+    from compiler.cli import _ensure_devices
+    from compiler.spec import Spec, apply_overrides
+    from runtime.checkpoint import open_checkpoint
+
+    if not checkpoint.exists():
+        raise FileError(f"no checkpoint at '{checkpoint}'", hint="give a Hugging Face directory or a .gguf file")
+    ck = open_checkpoint(checkpoint)
+    spec = apply_overrides(Spec(ck.model_spec(), path=str(checkpoint)), mesh=mesh, ffn=ffn, attn=attn,
+                           weights=weights, sets=list(sets))
+    _ensure_devices(devices or spec.mesh.n_devices, explicit=devices is not None)
+    from compiler.generation import make_runner, weight_types
+
+    m = spec.model
+    if slots is None:
+        per_slot = 2 * m.layers * context * m.kv_heads * m.d_head * 4
+        slots = 1
+        while slots * 2 <= MAX_DEFAULT_SLOTS and slots * 2 * per_slot <= DEFAULT_KV_BUDGET:
+            slots *= 2
+    tok = ck.tokenizer()
+    runner = make_runner(spec, ck.load_weights(m, weight_types(spec)), context, batch=slots)
+    return spec, runner, tok, slots
+
+
+def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
+    """(ASGI app, served model name, slots) from parsed ``serve`` arguments."""
+    from runtime.sampling import SamplingParams
+    from runtime.serving.async_engine import AsyncEngine
+    from runtime.serving.engine import Engine
+    from runtime.serving.http import make_app
+    from runtime.serving.request import Request
+    from runtime.serving.scheduler import SchedulerConfig
+
+    if args.context < 2:
+        raise SpecError(f"--context must be at least 2, got {args.context}")
+    spec, runner, tok, slots = load_model(args.checkpoint, mesh=args.mesh, ffn=args.ffn, attn=args.attn,
+                                          weights=args.weights, sets=tuple(args.sets), context=args.context,
+                                          slots=args.slots, devices=args.devices)
+    try:
+        cfg = SchedulerConfig(slots=slots, policy=args.policy, compact=args.compact, chunk=args.chunk,
+                              step_tokens=args.step_tokens, max_queue=args.max_queue)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    engine = Engine(runner, cfg, pad_token=tok.eos_token_ids[0] if tok.eos_token_ids else 0)
+    if args.warmup:
+        engine.submit(Request("warmup", (tok.bos_token_id or 0,), SamplingParams(), 2))
+        engine.run()
+        engine.reset_metrics()
+    name = args.served_model_name or args.checkpoint.name
+    return make_app(AsyncEngine(engine), tok, name, runner.cache_len), name, slots
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, name, slots = build_server(args)
+    print(f"einshard: serving '{name}' on http://{args.host}:{args.port} ({slots} slots, context {args.context}, "
+          f"{args.policy}{'' if args.compact else ', masking'}{f', chunk {args.chunk}' if args.chunk else ''})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
+def subcommand() -> Any:
+    from compiler.cli import Subcommand
+
+    return Subcommand("serve", "an OpenAI-compatible HTTP server for a checkpoint (temporal fusion engine)",
+                      add_arguments, run)
