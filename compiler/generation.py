@@ -42,14 +42,15 @@ def module_for(spec: Spec, phase: str, batch: int, length: int, cache_len: int, 
     return compile_module(module, default_pipeline(sp)).module
 
 
-def make_runner(spec: Spec, weights: Mapping[str, np.ndarray], cache_len: int, batch: int = 1) -> ModelRunner:
+def make_runner(spec: Spec, weights: Mapping[str, np.ndarray], cache_len: int, batch: int = 1,
+                split_layers: bool = True) -> ModelRunner:
     """A runner for ``spec``'s model and layout (``auto`` resolved at decode x ``batch``)."""
     fixed = fixed_layout(spec, batch)
 
     def build(phase: str, b: int, length: int) -> Module:
         return module_for(fixed, phase, b, length, cache_len)
 
-    return ModelRunner(build, weights, cache_len, spec.model.vocab)
+    return ModelRunner(build, weights, cache_len, spec.model.vocab, split_layers=split_layers)
 
 
 def weight_types(spec: Spec) -> dict:

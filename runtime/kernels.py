@@ -259,7 +259,10 @@ class Interpreter:
             rule_fn = self.rules.get(op.kind)
             if rule_fn is None:
                 raise LoweringError(f"op '{op.kind}' has no {type(self.be).__name__} rule")
-            outs = rule_fn(op, [env[o] for o in op.operands], [types[o] for o in op.operands], self.be, self)
+            args = [env[o] for o in op.operands]
+            if op.kind != "scan":  # per-layer lists (JaxBackend split_layers) feed only the layer loop
+                args = [self.be.xp.stack(a) if isinstance(a, list) else a for a in args]
+            outs = rule_fn(op, args, [types[o] for o in op.operands], self.be, self)
             env.update(zip(op.results, outs))
         return tuple(env[r] for r in fn.returns)
 

@@ -45,10 +45,22 @@ class JaxBackend:
         return jnp.einsum(spec, *xs, precision=self.precision)
 
     def scan(self, body, carry, consts, xs):
-        def step(c, x):
-            return body(c, consts, x)
+        """``lax.scan`` over stacked layers; over per-layer lists (split_layers), a loop in the
+        program that hands each layer its own buffers. XLA on CPU does not fuse the scan's
+        dynamic-slice of a stacked weight into the dot that reads it: the slice is copied
+        first, so every weight byte moves three times per step. Decode is memory-bound, so
+        the runner keeps layers apart (see entry_program)."""
+        lists = [x for x in xs if isinstance(x, list)]
+        if not lists:
+            def step(c, x):
+                return body(c, consts, x)
 
-        return lax.scan(step, carry, xs)
+            return lax.scan(step, carry, xs)
+        ys_all = []
+        for i in range(len(lists[0])):
+            carry, ys = body(carry, consts, tuple(x[i] for x in xs))
+            ys_all.append(ys)
+        return carry, tuple(list(col) for col in zip(*ys_all))
 
     def float_dtype(self, dtype):
         return JNP_DTYPES[dtype]
@@ -152,11 +164,27 @@ class JaxEntry:
         return self.jitted.lower(*[args[p.name] for p in self.fn.params])
 
 
-def entry_program(module: Module, entry: str, backend: JaxBackend | None = None) -> tuple[Any, Mesh | None]:
+def layer_split(t: TensorType) -> bool:
+    """Whether a param or result is per layer (stacked along a leading N): split_layers passes
+    such values as a list of N arrays, one per layer."""
+    return bool(t.dims) and t.dims[0].name == "N"
+
+
+def _spec(t: TensorType, split: bool) -> PartitionSpec:
+    s = partition_spec(t)
+    return PartitionSpec(*tuple(s)[1:]) if split and layer_split(t) else s
+
+
+def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
+                  split_layers: bool = False) -> tuple[Any, Mesh | None]:
     """The traceable (not jitted) program of one entry, positional in its params, and its mesh.
     On a mesh of more than one device the function runs inside ``jax.shard_map`` on per-device
     blocks, with the in/out specs read off the param and result types (``check_vma`` on).
-    Callers compose it inside their own ``jax.jit`` (the generation loop, the serving step)."""
+    Callers compose it inside their own ``jax.jit`` (the generation loop, the serving step).
+
+    ``split_layers``: per-layer params (weights, KV caches; see :func:`layer_split`) are taken,
+    and per-layer results returned, as lists of N arrays, and the layer loop is unrolled over
+    them, so no layer's weights or cache are sliced out of (and copied from) a stacked array."""
     fn = module.function(entry)
     be = backend or JaxBackend(mesh=module.mesh_sizes)
     interp = Interpreter(module, be)
@@ -174,8 +202,9 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None)
         # see through a ppermute ring (and has no varying->invariant cast without a collective):
         # modules with such loops run with check_vma off.
         looped = any(op.kind == "collective_einsum" for f in module.functions for op in f.ops)
-        program = jax.shard_map(program, mesh=mesh, in_specs=tuple(partition_spec(p.type) for p in fn.params),
-                                out_specs=tuple(partition_spec(t) for t in fn.result_types), check_vma=not looped)
+        program = jax.shard_map(program, mesh=mesh, in_specs=tuple(_spec(p.type, split_layers) for p in fn.params),
+                                out_specs=tuple(_spec(t, split_layers) for t in fn.result_types),
+                                check_vma=not looped)
     return program, mesh
 
 

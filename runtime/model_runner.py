@@ -25,12 +25,13 @@ from jax.sharding import NamedSharding
 from ir.errors import EinshardError, SpecError
 from ir.module import Function, Module
 from runtime.generate import prepared_weights
-from runtime.lower_jax import JNP_DTYPES, JaxExecutor, entry_program, partition_spec
+from runtime.lower_jax import JNP_DTYPES, JaxExecutor, _spec, entry_program, layer_split
 
 #: build(phase, batch, length) -> the compiled module with that one entry ("prefill" with L =
 #: length, or "decode" with L = 1), its KV cache holding the runner's cache_len positions.
 BuildFn = Callable[[str, int, int], Module]
-Caches = tuple[jax.Array, ...]
+#: One entry per cache param (k, v); each a list of N per-layer arrays [B, T, ...].
+Caches = tuple[list[jax.Array], ...]
 StepFn = Callable[[dict[str, jax.Array], jax.Array, jax.Array, Caches], tuple[jax.Array, Caches]]
 
 
@@ -83,6 +84,8 @@ class ModelRunner:
     _compiled: dict[tuple[str, int, int], _Compiled] = field(default_factory=dict)
     _signature: tuple | None = None
     mesh: Any = None
+    #: per-layer buffers instead of stacked ones (see runtime.lower_jax.entry_program)
+    split_layers: bool = True
 
     def valid_batch(self, batch: int) -> bool:
         """Whether the layout can run this batch (batch-sharded caches need it to divide)."""
@@ -104,13 +107,13 @@ class ModelRunner:
             raise SpecError(f"a prefill of {length} tokens does not fit the KV cache of {self.cache_len} positions")
         module = self.build(phase, batch, length)
         fn = module.function(phase)
-        program, mesh = entry_program(module, phase)
+        program, mesh = entry_program(module, phase, split_layers=self.split_layers)
         self.mesh = mesh
         weight_names = tuple(p.name for p in fn.params_with_role("weight"))
         sig = tuple((p.name, str(p.type)) for p in fn.params_with_role("weight"))
         if self._signature is None:
             host = prepared_weights(JaxExecutor(module), self.weights)  # through @prepare, once
-            self.params = {p.name: _put(host[p.name], p.type, mesh) for p in fn.params_with_role("weight")}
+            self.params = {p.name: _put(host[p.name], p.type, mesh, self.split_layers) for p in fn.params_with_role("weight")}
             self._signature = sig
         elif sig != self._signature:
             raise SpecError(f"the {phase} program at batch {batch}, length {length} takes other weights "
@@ -141,23 +144,33 @@ class ModelRunner:
     def empty_cache(self, batch: int) -> Caches:
         """Zero KV caches for ``batch`` rows, laid out as the decode entry's cache params."""
         c = self._get("decode", batch, 1)
-        return tuple(_put(np.zeros(t.shape, _np_dtype(t.dtype)), t, self.mesh) for t in c.cache_types)
+        return tuple(_put(np.zeros(t.shape, _np_dtype(t.dtype)), t, self.mesh, self.split_layers) for t in c.cache_types)
 
     def cache_bytes(self, batch: int) -> int:
+        """Bytes of the KV caches of ``batch`` rows (all layers, all devices)."""
         c = self._get("decode", batch, 1)
         return sum(int(np.prod(t.shape)) * np.dtype(_np_dtype(t.dtype)).itemsize for t in c.cache_types)
 
     def weight_bytes(self) -> int:
         """Bytes of the prepared weights (all devices): what one decode step reads."""
-        return sum(int(a.size) * a.dtype.itemsize for a in self.params.values())
+        return sum(int(a.size) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self.params))
 
 
 def _np_dtype(dtype: str) -> Any:
     return jnp.dtype(JNP_DTYPES[dtype])
 
 
-def _put(a: Any, t: Any, mesh: Any) -> jax.Array:
-    x = jnp.asarray(a, dtype=JNP_DTYPES[t.dtype])
+def _put(a: Any, t: Any, mesh: Any, split: bool = True) -> Any:
+    """A host array onto the device(s), as the param type lays it out; a per-layer (N-stacked)
+    value becomes a list of N arrays (see runtime.lower_jax.entry_program's split_layers)."""
+    x = np.asarray(a)
+    if layer_split(t) and split:
+        return [_put_one(x[i], t, mesh) for i in range(x.shape[0])]
+    return _put_one(x, t, mesh)
+
+
+def _put_one(x: np.ndarray, t: Any, mesh: Any) -> jax.Array:
+    y = jnp.asarray(x, dtype=JNP_DTYPES[t.dtype])
     if mesh is not None:
-        x = jax.device_put(x, NamedSharding(mesh, partition_spec(t)))
-    return x
+        y = jax.device_put(y, NamedSharding(mesh, _spec(t, layer_split(t) and y.ndim < len(t.dims))))
+    return y
