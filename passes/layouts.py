@@ -12,7 +12,8 @@ a 1-axis mesh only X). From them it derives
   over the rest (``head_split``); ``padded_heads`` is the smallest zero-padding that makes
   them divide (pad-heads applies it);
 * the KV cache: heads as the attention weights (``heads``) or batch over all axes (``batch``;
-  a smaller batch over the longest prefix of them it divides, at least one full axis);
+  a smaller batch over the longest prefix of them it divides, at least part of the first:
+  ``split_for_batch`` divides that axis into sub-axes when the batch does not fill it);
 * whether einsums keep weights still (WS) or gather them to the activations (WG).
 
 Everything else is derived by propagation (passes/shard.py).
@@ -35,6 +36,9 @@ class Layout:
     ffn: str
     attn: str
     mesh: tuple[tuple[str, int], ...]
+    #: The mesh axes of each role X, Y, Z; empty: one axis each, in mesh order. A role holds two
+    #: axes after :func:`split_for_batch` divided one (x=8 -> x=4 x x_1=2).
+    roles: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.ffn not in FFN_LAYOUTS:
@@ -42,7 +46,7 @@ class Layout:
                               "(auto is resolved by the cost model before sharding)")
         if self.attn not in ATTN_LAYOUTS:
             raise LayoutError(f"unknown attention layout {self.attn!r}; valid: {', '.join(ATTN_LAYOUTS)}")
-        if len(self.mesh) > 3:
+        if len(self.roles or self.mesh) > 3:
             raise LayoutError(f"the paper's layouts use at most 3 mesh axes (x, y, z); this mesh has "
                               f"{len(self.mesh)}: {', '.join(a for a, _ in self.mesh)}")
 
@@ -52,9 +56,9 @@ class Layout:
         return dict(self.mesh)
 
     def role(self, r: str) -> tuple[str, ...]:
-        names = [a for a, _ in self.mesh]
+        groups = self.roles or tuple((a,) for a, _ in self.mesh)
         i = "XYZ".index(r)
-        return (names[i],) if i < len(names) else ()
+        return groups[i] if i < len(groups) else ()
 
     @property
     def all_axes(self) -> tuple[str, ...]:
@@ -93,6 +97,30 @@ class Layout:
         """Residual stream [B, L, E] between layers."""
         b = self.batch_axes()
         return {"B": b, "E": tuple(a for a in self.all_axes if a not in b)}
+
+
+def split_for_batch(layout: Layout, batch: int) -> Layout:
+    """``attn = batch`` with a batch that does not divide the first axis of the KV cache's batch
+    order: that axis becomes two sub-axes, a reshape of the device mesh (x=8 -> x=4 major, x_1=2
+    minor, for batch 4), so the cache's batch shards over the major one (gcd(batch, size)
+    devices) and replicates over the minor; every other sharding spans both, as it spanned the
+    axis. Unchanged when the batch divides the axis or shares no factor with it, and in the
+    weight-gathered layouts."""
+    if layout.attn != "batch" or layout.roles or layout.weights_move:
+        return layout  # weight-gathered: the residual stream needs the batch over all of X anyway
+    order = layout.prefer()["B"]
+    if not order:
+        return layout
+    a = order[0]
+    size = layout.sizes[a]
+    g = math.gcd(batch, size)
+    if g in (1, size):
+        return layout
+    names = {n for n, _ in layout.mesh}
+    sub = next(f"{a}_{i}" for i in range(1, len(names) + 2) if f"{a}_{i}" not in names)
+    mesh = tuple(m for n, s in layout.mesh for m in (((n, g), (sub, size // g)) if n == a else ((n, s),)))
+    roles = tuple((n, sub) if n == a else (n,) for n, _ in layout.mesh)
+    return Layout(layout.ffn, layout.attn, mesh, roles)
 
 
 def _fits(size: int, axes: tuple[str, ...], sizes: dict[str, int]) -> bool:

@@ -12,7 +12,7 @@ inserted with the reason; ``insert-collectives`` turns those into collectives.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ir.builder import Namer
@@ -23,7 +23,7 @@ from ir.ops import Op, Scan
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
 from passes.layouts import (ATTN_LAYOUTS, FFN_LAYOUTS, HeadSplit, Layout, cache_axes, dividing_prefix, head_split,
-                            require_fit, weight_axes, with_axes)
+                            require_fit, split_for_batch, weight_axes, with_axes)
 from passes.registry import register
 
 Axes = dict[str, tuple[str, ...]]
@@ -517,6 +517,15 @@ class Shard(Pass):
         if any(d.axes or t.partial for f in module.functions for t in f.value_types.values() for d in t.dims):
             raise PassError("shard: the module is already sharded")
         layout = Layout(self.ffn, self.attn, module.mesh)
+        stats: dict[str, int] = {}
+        batches = {p.type.size("B") for f in module.entries for p in f.params_with_role("cache") if p.type.has("B")}
+        if len(batches) == 1:
+            split = split_for_batch(layout, batches.pop())
+            if split.mesh != layout.mesh:
+                (a, sub), = (r for r in split.roles if len(r) == 2)
+                stats[f"mesh axis {a}={layout.sizes[a]} split into {a}={split.sizes[a]} x {sub}={split.sizes[sub]} "
+                      "for the batch"] = 1
+                layout, module = split, replace(module, mesh=split.mesh)
         ctx = ModuleContext(module)
         ks = {t.size("K") for f in module.functions for t in f.value_types.values() if t.has("K")}
         heads = head_split(layout, ks.pop() if ks else 1, self.kv)
@@ -566,4 +575,4 @@ class Shard(Pass):
             fns[entry.name] = new_entry
             total += n
         out = module.with_functions([fns.get(f.name, f) for f in module.functions])
-        return PassResult(out, {"reshards inserted": total})
+        return PassResult(out, {**stats, "reshards inserted": total})

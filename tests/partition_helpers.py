@@ -170,10 +170,13 @@ def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str,
         # the KV cache's batch goes over the axes the query heads end up on (weight-stationary:
         # wide then narrow) or the activations' batch axes then the rest (weight-gathered); a
         # batch that does not divide all of them takes the longest prefix it divides, but at
-        # least the first axis (the paper: one full axis at least)
+        # least the first axis (the paper: one full axis at least) — in weight-stationary
+        # layouts a part of it: the axis is split into sub-axes when it shares a factor with the
+        # batch (x=8 -> 4 x 2 for batch 4)
         order = ax["batch"] + tuple(a for a in ax["all"] if a not in ax["batch"]) if ax["batch"] else (
             ax["wide"] + ax["narrow"])
-        need("B", batch, order[:1], "cache")
+        if ax["batch"] or math.gcd(batch, sizes[order[0]]) == 1:
+            need("B", batch, order[:1], "cache")
     # the residual stream [B, L, E] at rest
     need("B", batch, ax["batch"], "residual")
     need("E", E, ax["rest_e"], "residual")
@@ -363,7 +366,8 @@ def refusals(batch: int, mesh: Mesh, ffn: str, attn: str) -> list[Problem]:
     """The rule table of the configurations the compiler may refuse although it pads heads,
     grouped-query K x G and the vocabulary: only a batch that does not divide — the residual
     stream's batch axes of a weight-gathered layout, or the first axis of a batch-sharded KV
-    cache (the paper: at least one full axis). Padding the batch is issue 16's job; heads
+    cache (weight-gathered; weight-stationary layouts split that axis into sub-axes unless the
+    batch shares no factor with it). Padding the batch is issue 16's job; heads
     (H, K, G), d_model and d_ff (multiples of the devices here) and V never refuse."""
     ax, sizes = layout_axes(mesh, ffn), dict(mesh)
     if n_devices(mesh) == 1:
@@ -374,7 +378,7 @@ def refusals(batch: int, mesh: Mesh, ffn: str, attn: str) -> list[Problem]:
     if attn == "batch":
         order = ax["batch"] + tuple(a for a in ax["all"] if a not in ax["batch"]) if ax["batch"] else (
             ax["wide"] + ax["narrow"])
-        if batch % sizes[order[0]]:
+        if batch % sizes[order[0]] and (ax["batch"] or math.gcd(batch, sizes[order[0]]) == 1):
             out.append(Problem("B", batch, frozenset(order[:1]), "cache"))
     return out
 

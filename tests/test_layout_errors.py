@@ -100,6 +100,29 @@ def test_batch_sharded_attention_over_some_axes(ffn, batch, axes):
     assert rel_err(got, ref) <= 1e-9
 
 
+@pytest.mark.parametrize("mesh,ffn,batch,split,axes", [
+    ((("x", 8),), "1d-ws", 4, (("x", 4), ("x_1", 2)), ("x",)),
+    ((("x", 8),), "1d-ws", 6, (("x", 2), ("x_1", 4)), ("x",)),
+    ((("x", 2), ("y", 4)), "2d-ws", 2, (("x", 2), ("y", 2), ("y_1", 2)), ("y",)),
+    ((("x", 4), ("y", 1), ("z", 2)), "1d-ws", 2, (("x", 2), ("x_1", 2), ("y", 1), ("z", 2)), ("x",)),
+], ids=["x8-b4", "x8-b6", "2d-y4-b2", "x4y1z2-b2"])
+def test_batch_smaller_than_the_first_cache_axis_splits_it(mesh, ffn, batch, split, axes):
+    """attn=batch with a batch that does not fill the first axis of the cache's batch order:
+    the axis becomes two sub-axes (a reshape of the device mesh), the cache's batch shards over
+    the major one (gcd(batch, size) devices) and replicates over the minor; shard's statistics
+    say so, and the program equals the reference. A batch sharing no factor with the axis is
+    still refused (test_batch_does_not_divide_for_batch_sharded_attention)."""
+    raw = build(MQA4, batch, 2, 4, mesh)
+    res = compile_module(raw, f"pad-heads,shard{{ffn={ffn},attn=batch}},insert-collectives,cleanup")
+    assert res.module.mesh == split
+    assert res.module.function("decode").param("k_cache").type.dim("B").axes == axes
+    (a, s), = [(a, s) for a, s in mesh if dict(split).get(a) != s]
+    assert any(k.startswith(f"mesh axis {a}={s} split into") for k in res.run.records[1].stats)
+    assert not expected_layout_problems(MQA4, batch, mesh, ffn, "batch", pad=True)
+    got, ref = run_pair(res.module, MQA4, batch, 2, 2, SpmdExecutor, seed=batch)
+    assert rel_err(got, ref) <= 1e-9
+
+
 @pytest.mark.parametrize("ffn,axes,n", [("wg-x", "x", 2), ("wg-xy", "x,y", 4), ("wg-xyz", "x,y,z", 8)])
 def test_batch_does_not_divide_for_weight_gathered(ffn, axes, n):
     err = layout_error(MQA4, MESH_8, ffn, "heads", batch=3, pad=True)

@@ -94,3 +94,48 @@ OTHER_MESHES = ((("x", 8),), (("x", 2), ("y", 4)), (("x", 4), ("y", 2)), (("x", 
 @given(cases(divisible=True, attention=("mha", "mqa", "gqa"), meshes=OTHER_MESHES))
 def test_jax_random_models_and_meshes(case):
     check_case(*case)
+
+
+# ---- issue 11 §1: grouped-query models that were refused, and every head count on every mesh ----
+
+from hypothesis import HealthCheck  # noqa: E402
+
+from partition_helpers import (any_head_cases, check_any_heads, compile_layout, refusals, rel_err,  # noqa: E402
+                               run_pair)
+
+#: (heads, kv_heads, mesh, ffn, attn): refused before K x G were sharded jointly and padded.
+ISSUE_CASES = {
+    "6h-2kv-x2y2-default": (6, 2, (("x", 2), ("y", 2)), "1d-ws", "heads"),  # G=3 padded to 4
+    "8h-2kv-1d-ws-batch": (8, 2, MESH_8, "1d-ws", "batch"),  # K over x, G over y,z
+    "6h-3kv-2d-ws-heads": (6, 3, MESH_8, "2d-ws", "heads"),  # K=3 padded to 4 over z,y
+}
+
+
+@pytest.mark.slow  # 12-20 s each on the CPU machine; the SPMD twins run in the quick suite
+@pytest.mark.parametrize("name", sorted(ISSUE_CASES))
+def test_jax_grouped_query_cases_from_the_issue(name):
+    """Llama-like GQA (SwiGLU, RMSNorm, serial block) with kv = auto, prefill + 2 decode steps."""
+    heads, kv, mesh, ffn, attn = ISSUE_CASES[name]
+    model = ModelSpec("j-gqa-issue", layers=2, d_model=16, heads=heads, kv_heads=kv, d_head=4, d_ff=32, vocab=30,
+                      block="serial", mlp="swiglu", norm="rmsnorm")
+    check_any_heads((model, mesh, ffn, attn, "decode", 4, 3, 2, "auto"), jax_executor, TOL, "JAX")
+
+
+@pytest.mark.slow  # about 5 s per example on the 2-core CPU machine
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(any_head_cases().filter(lambda c: not refusals(c[5], c[1], c[2], c[3])))
+def test_jax_any_heads_any_mesh(case):
+    """60 configurations of the SPMD property test (tests/test_partition_spmd.py) under JAX, all
+    of them outside the refusal table: every one runs."""
+    check_any_heads(case, jax_executor, TOL, "JAX")
+
+
+def test_jax_batch_smaller_than_the_mesh_axis():
+    """attn=batch, 1D-WS, batch 4 on x=8: the axis is split into x=4 x x_1=2 (a reshape of the
+    device mesh); the cache's batch shards over x and replicates over x_1."""
+    model = MODELS["mqa-parallel-swiglu"]
+    sharded = compile_layout(model, 4, 2, 4, (("x", 8),), "1d-ws", "batch")
+    assert sharded.mesh == (("x", 4), ("x_1", 2))
+    assert sharded.function("decode").param("k_cache").type.dim("B").axes == ("x",)
+    got, ref = run_pair(sharded, model, 4, 2, 2, jax_executor, seed=2)
+    assert rel_err(got, ref) <= TOL

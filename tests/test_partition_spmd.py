@@ -128,3 +128,14 @@ def test_spmd_any_heads_any_mesh_grouped(case):
 @given(any_head_cases().filter(lambda c: c[3] == "batch"))
 def test_spmd_any_heads_any_mesh_attn_batch(case):
     check_any_heads(case, SpmdExecutor, TOL, "SPMD")
+
+
+@pytest.mark.parametrize("name", ["6h-2kv-x2y2-default", "8h-2kv-1d-ws-batch", "6h-3kv-2d-ws-heads"])
+def test_spmd_grouped_query_cases_from_the_issue(name):
+    """The three refusals of issue 11 (tests/test_partition_jax.py ISSUE_CASES runs them under JAX)."""
+    from test_partition_jax import ISSUE_CASES
+
+    heads, kv, mesh, ffn, attn = ISSUE_CASES[name]
+    model = ModelSpec("s-gqa-issue", layers=2, d_model=16, heads=heads, kv_heads=kv, d_head=4, d_ff=32, vocab=30,
+                      block="serial", mlp="swiglu", norm="rmsnorm")
+    check_any_heads((model, mesh, ffn, attn, "decode", 4, 3, 2, "auto"), SpmdExecutor, TOL, "SPMD")
