@@ -131,3 +131,19 @@ def test_fig3_crossovers_from_explains_ranking(before, after, tokens):
     attention's own gathers, T x 128 elements, are what is left); asserted at +-2%."""
     lo, hi = (int(tokens * f) // 64 * 64 for f in (0.98, 1.02))
     assert (_fig3_best(lo), _fig3_best(hi)) == (before, after)
+
+
+@pytest.mark.parametrize("tokens_factor,want", [(0.9, "2d-ws"), (1.1, "wg-xyz")])
+def test_palm_540b_prefill_switches_from_2d_to_wg_xyz_near_the_papers_147456_tokens(tokens_factor, want):
+    """§3.2.3's analysis for PaLM 540B on 4x4x4: 2D-WS moves 2BL(E/X + F/YZ) per chip per layer,
+    XYZ weight-gathered 2EF; they cross at BL = EF / (E/X + F/YZ) = 147,456 tokens. With nothing
+    overlapped the model's ranking of the two crosses at 158k (batch 64, the prompt varied):
+    asserted at -10% and +10% of 147,456. (WG-X and WG-XY, outside that analysis, cross 2D-WS
+    much earlier by the same volumes: at BL = E = 18,432, as in Fig. 3.)"""
+    seq = round(147456 * tokens_factor / 64)
+    spec = apply_overrides(load_spec(EXAMPLES / "palm-540b.model"), phase="prefill", batch=64, seq=seq, ffn="auto",
+                           attn="auto", weights="bf16", overlap="none")
+    from dataclasses import replace as _replace
+
+    ch = evaluate(spec, _replace(V4, hbm_bytes=1 << 50), ("2d-ws", "wg-xyz"), model="bound")
+    assert min((c for c in ch.candidates if c.legal), key=lambda c: c.estimate.step_time_s).ffn == want

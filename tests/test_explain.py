@@ -132,3 +132,22 @@ def test_explain_no_fit_says_why(capsys):
     d = json.loads(out)
     assert code == 0 and d["chosen"]["decode"] is None
     assert "no layout fits in HBM (32 GiB per chip): the smallest" in d["no_fit"]["decode"]
+
+
+def test_explain_says_why_the_choice_is_not_monotonic_in_batch(capsys):
+    """PaLM 540B prefill picks WG-XY at batches 64 and 80 but WG-X at 72: 72 does not divide over
+    WG-XY's batch axes x,y (16 devices). explain says so, and notes partially replicated batches."""
+    picks = {}
+    for b in (64, 72, 80):
+        code, out, _ = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--phase", "prefill", "--batch", str(b),
+                           "--ffn", "auto", "--attn", "auto", "--overlap", "none", "--json")
+        d = json.loads(out)
+        picks[b] = d["chosen"]["prefill"]["ffn"]
+        if b == 72:
+            notes = {(c["ffn"], c["attn"]): c.get("note", "") for c in d["candidates"] if c["legal"]}
+            assert "batch 72 does not divide over z,y,x (64 devices): sharded 4 ways over z" in notes["2d-ws", "batch"]
+    assert picks == {64: "wg-xy", 72: "wg-x", 80: "wg-xy"}
+    _, out, _ = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--phase", "prefill", "--batch", "72",
+                    "--ffn", "auto", "--attn", "auto", "--overlap", "none")
+    assert "wg-xy, wg-xyz need the batch to divide over their batch axes, so they are illegal at batch 72" in out
+    assert "the choice is not monotonic in batch" in out

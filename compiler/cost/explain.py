@@ -23,7 +23,8 @@ from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
 from compiler.spec import Spec
-from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS
+from ir.errors import LayoutError
+from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, Layout, dividing_prefix
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,26 @@ def explain(spec: Spec, chip: Chip, phases: tuple[str, ...], kv_fraction: float 
     return out
 
 
+def batch_note(spec: Spec, ffn: str, attn: str) -> str:
+    """Why a layout may rank worse at this batch than at its neighbours: its batch sharding (the
+    weight-gathered residual stream's, or the batch-sharded cache's) does not divide the batch,
+    so part of it is replicated and each chip does more than its share. This is what makes the
+    automatic choice non-monotonic in batch (PaLM 540B prefill: WG-XY at 64 and 80, WG-X at 72)."""
+    try:
+        lay = Layout(ffn, attn, spec.mesh.axes)
+    except LayoutError:
+        return ""
+    axes = lay.batch_axes() if lay.weights_move else (lay.prefer().get("B", ()) if attn == "batch" else ())
+    n = math.prod(lay.sizes[a] for a in axes)
+    b = spec.serve.batch
+    if not axes or b % n == 0:
+        return ""
+    keep = dividing_prefix(b, axes, lay.sizes)
+    k = math.prod(lay.sizes[a] for a in keep)
+    return (f"batch {b} does not divide over {','.join(axes)} ({n} devices): sharded {k} ways"
+            f"{' over ' + ','.join(keep) if keep else ''}, the rest replicated")
+
+
 def _spec_layout(spec: Spec) -> tuple[str, str]:
     return spec.serve.ffn, spec.serve.attn
 
@@ -91,6 +112,9 @@ def candidate_json(r: PhaseReport, c: Candidate) -> dict:
     if not c.legal:
         d["illegal"] = c.illegal
         return d
+    note = batch_note(r.spec, c.ffn, c.attn)
+    if note:
+        d["note"] = note
     e: Estimate = c.estimate
     d.update(step_time_s=e.step_time_s, layer_time_s=e.per_layer.time, mfu=e.mfu,
              cost_chip_ms_per_token=e.cost_chip_ms_per_token, memory_per_chip_bytes=e.memory.total,
@@ -180,6 +204,19 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
                          f"{_ms(p.activations):>9}{_ms(p.comm_exposed):>9}{_ms(e.step_time_s):>11}"
                          f"{100 * e.mfu:6.1f}%{_sig(e.cost_chip_ms_per_token):>12}{_sig(e.memory.total / GiB):>9}  "
                          f"{'yes' if e.fits else 'no'}")
+        notes = [(c, batch_note(r.spec, c.ffn, c.attn)) for c in r.choice.candidates if c.legal]
+        for c, note in notes:
+            if note:
+                lines.append(f"  note {c.ffn}/{c.attn}: {note}")
+        blocked = sorted({c.ffn for c in r.choice.candidates if not c.legal and "dim B=" in c.illegal},
+                         key=FFN_LAYOUTS.index)
+        if blocked:
+            lines.append(f"  {', '.join(blocked)} need the batch to divide over their batch axes, so they are "
+                         f"illegal at batch {ss.batch} and may win at nearby batches that divide: the choice is not "
+                         "monotonic in batch")
+        if any(n for _, n in notes):
+            lines.append("  a layout that replicates part of the batch does more per chip than at a batch that "
+                         "divides, and can rank lower here than at nearby batches")
         if r.choice.chosen is None:
             lines.append(f"  {r.no_fit_reason()}")
         ch = r.shown
