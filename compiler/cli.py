@@ -117,7 +117,7 @@ def _args_run(r: argparse.ArgumentParser) -> None:
 
 
 def _args_spec_from_hf(h: argparse.ArgumentParser) -> None:
-    h.add_argument("dir", type=Path)
+    h.add_argument("dir", type=Path, help="a Hugging Face checkpoint directory or a .gguf file")
 
 
 def _args_explain(x: argparse.ArgumentParser) -> None:
@@ -452,8 +452,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("compile", "build the IR of a spec (or read an .ir file) and run the pipeline",
                _args_compile, cmd_compile),
     Subcommand("run", "compile, execute prefill + decode steps with JAX, optionally check", _args_run, cmd_run),
-    Subcommand("spec-from-hf", "write a spec for a Hugging Face checkpoint dir", _args_spec_from_hf,
-               cmd_spec_from_hf),
+    Subcommand("spec-from-hf", "write a spec for a Hugging Face checkpoint dir or a .gguf file",
+               _args_spec_from_hf, cmd_spec_from_hf),
     Subcommand("explain", "price every candidate layout with the cost model (table, JSON, plot)",
                _args_explain, cmd_explain),
     Subcommand("passes", "list the registered passes and their options", _args_none, cmd_passes),

@@ -17,10 +17,17 @@ __all__ = ["FAMILIES", "HFConfig", "falcon_qkv_layout", "hf_family", "model_from
 
 
 def spec_from_hf(path: str | Path) -> Spec:
-    """The einshard Spec (default mesh and serve blocks) of a Hugging Face checkpoint directory.
+    """The einshard Spec (default mesh and serve blocks) of a Hugging Face checkpoint directory
+    or a ``.gguf`` file (its metadata, ``runtime.gguf``).
 
-    Every failure — no or malformed config.json, an unsupported model_type, a field whose value
-    einshard cannot represent exactly — is a SpecError naming the field.
+    Every failure — no or malformed config.json, an unsupported model_type or GGUF architecture, a
+    field whose value einshard cannot represent exactly — is a SpecError naming the field.
     """
+    p = Path(path)
+    if p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and len(list(p.glob("*.gguf"))) == 1):
+        from runtime.checkpoint import open_checkpoint
+
+        ck = open_checkpoint(p)
+        return Spec(ck.model_spec(), MeshSpec(), ServeSpec(), str(ck.path))
     cfg = read_hf_config(path)
     return Spec(model_from_config(cfg), MeshSpec(), ServeSpec(), str(cfg.path))

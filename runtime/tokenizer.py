@@ -165,10 +165,10 @@ class Tokenizer:
         for i, t in enumerate(tokens):
             spelled = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
             vocab.setdefault(spelled, i)
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        bad = [m for m, p in zip(merges, pairs) if len(p) != 2]
+        bad = [m for m in merges if len(m.split(" ")) != 2]
         if bad:
             raise WeightsError(f"{ck.path}: malformed tokenizer.ggml.merges entry {bad[0]!r}")
+        pairs = [(a, b) for a, b in (m.split(" ") for m in merges)]
         backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
         split = _GGUF_SPLITS.get(str(ck.field("tokenizer.ggml.pre", "")))
         if split is None:
@@ -191,9 +191,9 @@ class Tokenizer:
             i = ck.field(f"tokenizer.ggml.{key}")
             return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-        special = {k: t for k, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                                        ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
-                   if (t := tok(key)) is not None}
+        named = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                 ("pad_token", "padding_token_id"))
+        special = {k: text for k, key in named if (text := tok(key)) is not None}
         _set_template(backend, special.get("bos_token") if ck.field("tokenizer.ggml.add_bos_token", False) else None,
                       special.get("eos_token") if ck.field("tokenizer.ggml.add_eos_token", False) else None)
         eos = special.get("eos_token")

@@ -256,3 +256,16 @@ def test_smollm2_prefill_matches_transformers() -> None:
     ours, theirs = _einshard_logits(SMOLLM2, tokens), _hf_logits(SMOLLM2, tokens)
     rel = float(np.linalg.norm(np.asarray(ours, np.float64) - theirs) / np.linalg.norm(theirs))
     assert rel < 1e-4, rel
+
+
+def test_cli_spec_from_hf_reads_gguf(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from compiler.cli import main
+    from compiler.spec import parse_spec
+
+    assert main(["spec-from-hf", str(tiny)]) == 0
+    spec = parse_spec(capsys.readouterr().out)
+    assert spec.model == GGUFCheckpoint(tiny).model_spec()
+    bad = _rewrite(tiny, tmp_path / "gpt2.gguf", arch="gpt2")
+    assert main(["spec-from-hf", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "unsupported GGUF architecture 'gpt2'" in err and "Traceback" not in err
