@@ -258,6 +258,31 @@ def test_pad_heads_keeps_outputs_identical(model):
     assert rel_err(g, r) <= 1e-9
 
 
+@pytest.mark.parametrize("opts,k,g,v", [("kv_heads=4", 4, 2, 30), ("groups=3", 3, 3, 30),
+                                         ("kv_heads=6,groups=4,vocab=8", 6, 4, 32), ("vocab=7", 3, 2, 35)])
+def test_pad_heads_grouped_and_vocab_keep_outputs_identical(opts, k, g, v):
+    """Grouped-query K=3 x G=2 with a vocabulary of 30 (Llama-like: serial, SwiGLU, RMSNorm,
+    biases on the projections): zero K/V heads, zero query heads inside every group and zero
+    vocabulary rows leave prefill + decode logits equal to the unpadded module's (reference
+    interpreter, checkpoint weights zero-padded at load by runtime/weights.py fit_to_params)."""
+    model = ModelSpec("pad-gqa", layers=2, d_model=16, heads=6, kv_heads=3, d_head=4, d_ff=32, vocab=30,
+                      block="serial", mlp="swiglu", norm="rmsnorm", bias="all")
+    batch, prompt, steps = 2, 3, 2
+    mod = build(model, batch, prompt, prompt + steps)
+    padded = compile_module(mod, f"pad-heads{{{opts}}}").module
+    fn = padded.function("prefill")
+    wq = fn.param("wq").type
+    assert (wq.size("E"), wq.size("K"), wq.size("G"), wq.size("D")) == (16, k, g, 4)
+    assert fn.param("k_cache").type.size("K") == k and fn.param("embed").type.size("V") == v
+    assert fn.result_types[0].size("V") == 30
+    weights = random_weights(mod.function("prefill"), seed=4)
+    tokens = random_tokens(batch, prompt + steps, model.vocab, seed=4)
+    ref = generate(ReferenceExecutor(mod), weights, tokens, prompt)
+    got = generate(ReferenceExecutor(padded), weights, tokens, prompt)
+    assert got.logits.shape == ref.logits.shape
+    assert rel_err(got.logits, ref.logits) <= 1e-12
+
+
 def test_pad_heads_is_a_no_op_when_heads_divide():
     mod = build(MHA, 2, 2, 4, MESH_8)
     run = compile_module(mod, "pad-heads").run
@@ -290,6 +315,22 @@ def test_palm_540b_pads_heads_only_as_far_as_the_layout_shards_them(ffn, attn):
         assert pipeline.startswith(f"pad-heads{{multiple={want}}},shard{{ffn={ffn},attn={attn}}},"), pipeline
     # the rewrites do not change the padding
     assert ("pad-heads" in default_pipeline(spec)) == (want is not None)
+
+
+@pytest.mark.parametrize("ffn", ["wg-x", "wg-xy", "wg-xyz"])
+def test_weight_gathered_layouts_keep_the_output_head_vocab_parallel(ffn):
+    """PaLM 540B decode on 4x4x4: the weight-gathered layouts used to all-gather the whole
+    [V, E] table (8.79 GiB in bf16) onto every chip and repeat the logits einsum on every
+    replica of the batch; now the table stays V-sharded and the [B, 1, E] activation moves."""
+    spec = apply_overrides(load_spec(EXAMPLES / "palm-540b.model"), ffn=ffn, attn="batch")
+    res = compile_module(build_for(spec, compile_config(spec)), default_pipeline(spec, rewrites=False))
+    fn = res.module.function("decode")
+    assert fn.param("embed").type.dim("V").axes == ("x", "y", "z")
+    gathered = [op for op in fn.ops if op.kind == "all_gather" and op.operands[0] == "embed"]
+    assert not gathered, gathered
+    (logits,) = [op for op in fn.ops if op.kind == "einsum" and op.spec == "BLE,VE->BLV"]
+    assert logits.operands[1] == "embed" and logits.type.dim("V").axes == ("x", "y", "z")
+    assert logits.type.local_nbytes(res.module.mesh_sizes) * 64 == logits.type.nbytes()
 
 
 def test_palm_540b_2d_ws_batch_keeps_48_heads_on_4x4x4():
