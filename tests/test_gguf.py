@@ -59,20 +59,23 @@ def _k_blocks(rows: int, kind: Q, rng: np.random.Generator) -> np.ndarray:
     return raw
 
 
-def _write_tiny_gguf(path: Path, tied: bool) -> None:
-    """A 2-layer Llama from transformers' random init (perturbed), written as llama.cpp would."""
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+def _write_tiny_gguf(path: Path, tied: bool, arch: str = "llama") -> None:
+    """A 2-layer Llama (or Qwen2) from transformers' random init (perturbed), written as llama.cpp would:
+    q/k rows permuted for llama only, Qwen2's q/k/v biases as F32 tensors."""
+    config_cls, model_cls = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if arch == "llama"
+                             else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
+    cfg = config_cls(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
                                    tie_word_embeddings=tied, initializer_range=0.2)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():
         for _, p in model.named_parameters():
             p.add_(0.1 * torch.randn_like(p))
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
     w.add_embedding_length(64)
     w.add_block_count(2)
@@ -105,8 +108,12 @@ def _write_tiny_gguf(path: Path, tied: bool) -> None:
         L = f"model.layers.{i}."
         put(f"blk.{i}.attn_norm.weight", sd[L + "input_layernorm.weight"], Q.F32)
         put(f"blk.{i}.ffn_norm.weight", sd[L + "post_attention_layernorm.weight"], Q.F32)
-        put(f"blk.{i}.attn_q.weight", _permute(sd[L + "self_attn.q_proj.weight"], 4), kinds["attn_q"])
-        put(f"blk.{i}.attn_k.weight", _permute(sd[L + "self_attn.k_proj.weight"], 2), kinds["attn_k"])
+        perm = _permute if arch == "llama" else (lambda w, heads: w)
+        put(f"blk.{i}.attn_q.weight", perm(sd[L + "self_attn.q_proj.weight"], 4), kinds["attn_q"])
+        put(f"blk.{i}.attn_k.weight", perm(sd[L + "self_attn.k_proj.weight"], 2), kinds["attn_k"])
+        if arch == "qwen2":
+            for p in "qkv":
+                put(f"blk.{i}.attn_{p}.bias", sd[L + f"self_attn.{p}_proj.bias"], Q.F32)
         put(f"blk.{i}.attn_v.weight", sd[L + "self_attn.v_proj.weight"], kinds["attn_v"])
         put(f"blk.{i}.attn_output.weight", sd[L + "self_attn.o_proj.weight"], kinds["attn_output"])
         put(f"blk.{i}.ffn_gate.weight", sd[L + "mlp.gate_proj.weight"], kinds["ffn_gate"])
@@ -150,6 +157,16 @@ def test_tiny_gguf_matches_transformers(tiny: Path) -> None:
     tokens = np.random.default_rng(1).integers(0, 96, (2, 7)).astype(np.int32)
     ours, theirs = _einshard_logits(tiny, tokens), _hf_logits(tiny, tokens)
     assert np.abs(theirs).max() > 1.0
+    assert _rel(ours, theirs) < RTOL_OF_MAX, _rel(ours, theirs)
+
+
+def test_tiny_qwen2_gguf_matches_transformers(tmp_path: Path) -> None:
+    path = tmp_path / "qwen2.gguf"
+    _write_tiny_gguf(path, tied=False, arch="qwen2")
+    m = GGUFCheckpoint(path).model_spec()
+    assert (m.bias, m.tie_embeddings, m.kv_heads) == ("qkv", False, 2)
+    tokens = np.random.default_rng(2).integers(0, 96, (2, 7)).astype(np.int32)
+    ours, theirs = _einshard_logits(path, tokens), _hf_logits(path, tokens)
     assert _rel(ours, theirs) < RTOL_OF_MAX, _rel(ours, theirs)
 
 

@@ -466,3 +466,39 @@ def test_unused_tensor_is_named(saved: Callable[[str], tuple[Path, Any]], tmp_pa
     assert "unused: transformer.h.0.attn.q_proj.bias" in e.value.message
     assert "unused: something.else" in e.value.message
     assert "masked_bias" not in e.value.message
+
+
+def test_open_checkpoint_and_bf16_weights(saved: Callable[[str], tuple[Path, Any]], tmp_path: Path) -> None:
+    import dataclasses
+
+    import ml_dtypes
+
+    from runtime.checkpoint import HFCheckpoint, open_checkpoint
+
+    d, _ = saved("qwen2")
+    ck = open_checkpoint(d)
+    assert isinstance(ck, HFCheckpoint) and ck.model_spec() == spec_from_hf(d).model
+    spec, types = _types(d)
+    f32 = ck.load_weights(spec.model, types)
+    bf_types = {n: dataclasses.replace(t, dtype="bf16") for n, t in types.items()}
+    bf = ck.load_weights(spec.model, bf_types)
+    for n, v in f32.items():
+        assert bf[n].dtype == ml_dtypes.bfloat16 and v.dtype == np.float32
+        np.testing.assert_array_equal(bf[n], v.astype(ml_dtypes.bfloat16), err_msg=n)
+    with pytest.raises(WeightsError, match="no checkpoint at"):
+        open_checkpoint(tmp_path / "nothing")
+
+
+def test_sharded_index_naming_a_missing_shard(saved: Callable[[str], tuple[Path, Any]], tmp_path: Path) -> None:
+    import copy
+
+    d, model = saved("llama-gqa")
+    copy.deepcopy(model).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    (tmp_path / "sharded" / "stray.safetensors").write_bytes(b"not listed in the index, so never read")
+    spec, types = _types(tmp_path / "sharded")
+    np.testing.assert_array_equal(load_hf_weights(tmp_path / "sharded", spec.model, types)["wq"],
+                                  load_hf_weights(d, spec.model, types)["wq"])
+    shards[-1].unlink()
+    with pytest.raises(WeightsError, match=f"names shard.* not in .*{shards[-1].name}"):
+        load_hf_weights(tmp_path / "sharded", spec.model, types)
