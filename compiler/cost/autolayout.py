@@ -143,8 +143,8 @@ def _resolve_kv(spec: Spec, chip: Chip) -> Spec:
         except LayoutError as e:
             error = e  # the last is pad's: a dim that no head padding resolves
             continue
-        e = price(m, chip, n)
-        priced.append(((not e.fits, e.step_time_s, e.memory.total, i), cs))
+        est = price(m, chip, n)
+        priced.append(((not est.fits, est.step_time_s, est.memory.total, i), cs))
     if not priced:
         assert error is not None
         raise error
