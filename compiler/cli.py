@@ -221,8 +221,10 @@ def _spec_with_overrides(args: argparse.Namespace):
     from compiler.driver import load_input
     from compiler.spec import apply_overrides
 
+    from ir.module import Module
+
     loaded = load_input(args.input)
-    if not hasattr(loaded, "model"):
+    if isinstance(loaded, Module):
         given = [flag for dest, flag in OVERRIDE_FLAGS.items() if getattr(args, dest, None) not in (None, [])]
         if given:
             raise SpecError(f"{', '.join(given)} change a model spec, but {args.input} is IR",
@@ -462,6 +464,10 @@ SUBCOMMANDS: list[Subcommand] = [
 from compiler.serve_cmd import subcommand as _serve  # noqa: E402  (it needs Subcommand, defined above)
 
 SUBCOMMANDS.append(_serve())
+
+from compiler.generate_cmd import subcommands as _generation  # noqa: E402  (likewise)
+
+SUBCOMMANDS.extend(_generation())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

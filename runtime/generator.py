@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Sequence
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ir.errors import SpecError
-from runtime.model_runner import Caches, ModelRunner, bucket, pack_prompts
+from runtime.model_runner import ModelRunner, bucket, pack_prompts
 from runtime.sampling import SamplingArrays, SamplingParams, sample
 
 
@@ -84,6 +83,7 @@ class Generator:
         self._prefill: dict[tuple[int, int], Callable] = {}
         self._iterate: dict[int, Callable] = {}
         self._loop: dict[tuple[int, int], Callable] = {}
+        self._compiled: dict[tuple, Callable] = {}  # ahead-of-time compiled, by shape
 
     # ---- compiled pieces -----------------------------------------------------------------
     def prefill_fn(self, batch: int, length: int) -> Callable:
@@ -149,16 +149,51 @@ class Generator:
         return self._loop[key]
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, req: GenerateRequest, stream: Callable[[int, int], None] | None = None,
-                 batch: int | None = None) -> GenerateResult:
-        """Generates for every prompt; ``stream(row, token)`` is called for each token as it is
-        made when given (then one host call per step). ``batch`` pads the rows to a compiled
-        batch size (extra rows repeat the first prompt and are dropped)."""
+    def _shapes(self, req: GenerateRequest, batch: int | None) -> tuple[int, int, int]:
+        """(batch, prompt bucket, longest budget) of a request, after checking it."""
         r = self.runner
         n = len(req.prompts)
         if n == 0:
             raise SpecError("no prompts to generate from")
         B = max(batch or n, n)
+        L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
+        return B, L, max(req.max_new_tokens)
+
+    def compile(self, req: GenerateRequest, batch: int | None = None, stream: bool = False) -> float:
+        """Compiles (ahead of time) the programs ``generate`` will run for ``req``; the seconds
+        it took (0 when they were compiled already; the persistent cache makes a rerun cheap)."""
+        B, L, max_new = self._shapes(req, batch)
+        r = self.runner
+        t0 = time.perf_counter()
+        samp = tuple(jnp.asarray(a) for a in SamplingArrays.of([SamplingParams()] * B).as_tuple())
+        z = jnp.zeros((B,), jnp.int32)
+        state = (z, z, jnp.zeros((B,), bool), z)
+        eos = jnp.asarray(np.array(req.eos_ids or (-1,), np.int32))
+        caches = r.empty_cache(B)
+        tok = jnp.zeros((B, L), jnp.int32)
+        self._aot(("prefill", B, L), self.prefill_fn(B, L), r.params, caches, tok, tok, samp, z)
+        if stream:
+            self._aot(("iterate", B), self.iterate_fn(B), r.params, caches, state, samp, eos, z)
+        elif max_new > 1:
+            self._aot(("loop", B, max_new), self.loop_fn(B, max_new), r.params, caches, state, samp, eos, z)
+        return time.perf_counter() - t0
+
+    def _aot(self, key: tuple, fn: Callable, *args: object) -> None:
+        if key not in self._compiled:
+            self._compiled[key] = fn.lower(*args).compile()
+
+    def _call(self, key: tuple, fn: Callable) -> Callable:
+        return self._compiled.get(key, fn)
+
+    def generate(self, req: GenerateRequest, stream: Callable[[int, int], bool | None] | None = None,
+                 batch: int | None = None) -> GenerateResult:
+        """Generates for every prompt; ``stream(row, token)`` is called for each token as it is
+        made when given (then one host call per step), and a true return stops that row.
+        ``batch`` pads the rows to a compiled batch size (extra rows repeat the first prompt
+        and are dropped)."""
+        r = self.runner
+        n = len(req.prompts)
+        B, L, max_new = self._shapes(req, batch)
         for i, p in enumerate(req.prompts):
             if not p:
                 raise SpecError(f"prompt {i} is empty", hint="give at least one token (most tokenizers add BOS)")
@@ -173,16 +208,15 @@ class Generator:
         rows = list(req.prompts) + [req.prompts[0]] * (B - n)
         params = list(req.params) + [req.params[0]] * (B - n)
         limit = np.array(list(req.max_new_tokens) + [1] * (B - n), np.int32)
-        L = min(bucket(max(len(p) for p in rows)), r.cache_len)
         tokens, pos = pack_prompts(rows, L)
         lens = np.array([len(p) for p in rows], np.int32)
         samp = tuple(jnp.asarray(a) for a in SamplingArrays.of(params).as_tuple())
         eos = jnp.asarray(np.array(req.eos_ids or (-1,), np.int32))
-        max_new = int(limit.max())
 
         t0 = time.perf_counter()
         caches = r.empty_cache(B)
-        first, caches = self.prefill_fn(B, L)(r.params, caches, tokens, pos, samp, jnp.asarray(lens))
+        prefill = self._call(("prefill", B, L), self.prefill_fn(B, L))
+        first, caches = prefill(r.params, caches, jnp.asarray(tokens), jnp.asarray(pos), samp, jnp.asarray(lens))
         first_h = np.asarray(first)
         ttft = time.perf_counter() - t0
         count = np.ones(B, np.int32)
@@ -191,12 +225,15 @@ class Generator:
         out = [[int(first_h[b])] for b in range(B)]
         if stream is not None:
             for b in range(n):
-                stream(b, out[b][0])
+                if stream(b, out[b][0]):
+                    done[b] = True
+            state = (state[0], state[1], jnp.asarray(done), state[3])
         steps: list[float] = []
         t1 = time.perf_counter()
         if stream is None:
             if not done.all():
-                caches, state, buf = self.loop_fn(B, max_new)(r.params, caches, state, samp, eos, jnp.asarray(limit))
+                loop = self._call(("loop", B, max_new), self.loop_fn(B, max_new))
+                caches, state, buf = loop(r.params, caches, state, samp, eos, jnp.asarray(limit))
                 counts = np.asarray(state[3])
                 buf_h = np.asarray(buf)
                 out = [buf_h[b, : counts[b]].tolist() for b in range(B)]
@@ -204,19 +241,22 @@ class Generator:
                 dt = time.perf_counter() - t1
                 steps = [dt / made * 1e3] if made else []
         else:
-            iterate = self.iterate_fn(B)
+            iterate = self._call(("iterate", B), self.iterate_fn(B))
             lim = jnp.asarray(limit)
             while not done.all():
                 ts = time.perf_counter()
                 caches, state = iterate(r.params, caches, state, samp, eos, lim)
                 tok_h, done_prev = np.asarray(state[0]), done
-                done = np.asarray(state[2])
+                done = np.array(state[2])
                 steps.append((time.perf_counter() - ts) * 1e3)
+                stopped = False
                 for b in range(B):
                     if not done_prev[b]:
                         out[b].append(int(tok_h[b]))
-                        if b < n:
-                            stream(b, int(tok_h[b]))
+                        if b < n and stream(b, int(tok_h[b])):
+                            done[b] = stopped = True
+                if stopped:
+                    state = (state[0], state[1], jnp.asarray(done), state[3])
         decode_s = time.perf_counter() - t1
         eos_set = set(req.eos_ids)
         reasons = ["eos" if o and o[-1] in eos_set else "length" for o in out[:n]]

@@ -35,6 +35,19 @@ Caches = tuple[list[jax.Array], ...]
 StepFn = Callable[[dict[str, jax.Array], jax.Array, jax.Array, Caches], tuple[jax.Array, Caches]]
 
 
+def enable_compile_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache (``$JAX_COMPILATION_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/einshard/jax``, else ``~/.cache/einshard/jax``), so a second run of the
+    same model and shapes loads its programs instead of compiling them. Returns the folder."""
+    import os
+
+    folder = path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "einshard", "jax")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return folder
+
+
 def take_rows(caches: Caches, rows: jax.Array) -> Caches:
     """The cache rows (sequences) ``rows`` of every layer: caches[..][layer][rows]. Traceable.
     NOTE for callers: a runner's caches are per-layer lists of [B, T, ...] arrays (batch is dim
