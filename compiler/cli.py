@@ -323,8 +323,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compiler.limits import check_run_memory
     from compiler.run import RunOptions, execute, format_run
 
-    if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise FileError(f"--checkpoint '{args.checkpoint}' is not a folder", argv_location(args.argv, "--checkpoint"))
+    ck = args.checkpoint
+    if ck is not None and not (ck.is_dir() or (ck.is_file() and ck.suffix == ".gguf")):
+        raise FileError(f"--checkpoint '{ck}' is neither a folder nor a .gguf file",
+                        argv_location(args.argv, "--checkpoint"))
     spec = _resolve_auto(args, _needs_spec(_spec_with_overrides(args), args))
     check_run_memory(spec, run_config(spec, args.steps, args.prompt_len))
     _ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)

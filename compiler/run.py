@@ -93,10 +93,10 @@ def load_weights(spec: Spec, module, opts: RunOptions) -> dict[str, np.ndarray]:
     fn = module.function("prefill")
     if opts.weights_dir is None:
         return random_weights(fn, opts.seed)
-    from runtime.checkpoint import load_hf_weights
+    from runtime.checkpoint import open_checkpoint
 
     types = {p.name: p.type for p in fn.params_with_role("weight")}
-    return load_hf_weights(opts.weights_dir, spec.model, types)
+    return open_checkpoint(opts.weights_dir).load_weights(spec.model, types)
 
 
 def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentation(),

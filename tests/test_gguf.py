@@ -286,3 +286,17 @@ def test_cli_spec_from_hf_reads_gguf(tiny: Path, tmp_path: Path, capsys: pytest.
     assert main(["spec-from-hf", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "unsupported GGUF architecture 'gpt2'" in err and "Traceback" not in err
+
+
+def test_cli_run_checks_a_gguf_checkpoint(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json as _json
+
+    from compiler.cli import main
+
+    assert main(["spec-from-hf", str(tiny)]) == 0
+    spec = tmp_path / "tiny.model"
+    spec.write_text(capsys.readouterr().out)
+    assert main(["run", str(spec), "--checkpoint", str(tiny), "--check", "--json", "--steps", "1",
+                 "--set", "serve.seq=4"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["checked"] and out["config"]["weights"] == str(tiny)
