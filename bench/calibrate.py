@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                     help="hold an efficiency at a value instead of fitting it, e.g. link=1")
     ap.add_argument("--max-evals", type=int, help="stop the fit after this many evaluations (smoke runs)")
+    ap.add_argument("--leave-one-out", action="store_true",
+                    help="also fit on every 7 rows and predict the 8th (an estimate of generalisation)")
     args = ap.parse_args()
     for item in args.fix:
         name, _, value = item.partition("=")
@@ -112,6 +114,16 @@ def main() -> None:
         print(f"  {r.label:58} {r.measured_s:11.4g} {q * r.measured_s:11.4g} {q:7.3f} {b:12.3f}")
     rms = math.sqrt(sum(math.log(q) ** 2 for q in ratios) / len(ratios))
     print(f"  rms log residual {rms:.3f}; worst ratio {max(ratios, key=lambda q: abs(math.log(q))):.3f}")
+    if args.leave_one_out:
+        print("leave one out: fitted on the other rows, this row predicted")
+        held = []
+        for i, r in enumerate(rows):
+            e, _ = fit(rows[:i] + rows[i + 1:], args.max_evals)
+            q = predicted(r, e) / r.measured_s
+            held.append(q)
+            print(f"  {r.label:58} {r.measured_s:11.4g} {q * r.measured_s:11.4g} {q:7.3f}")
+        print(f"  held-out ratios {min(held):.3f}-{max(held):.3f}; "
+              f"{sum(abs(q - 1) <= 0.25 for q in held)} of {len(held)} within +-25%")
     fields = ", ".join(f"{name}={getattr(eff, name):.4g}" for name, *_ in PARAMS)
     if FIXED:
         print(f"  held: {', '.join(f'{k}={v:g}' for k, v in FIXED.items())}")

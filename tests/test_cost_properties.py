@@ -102,3 +102,31 @@ def test_step_time_between_its_bounds(cfg):
     hi = c.compute + c.memory + c.comm_exposed + c.overhead
     assert lo * (1 - 1e-12) <= e.step_time_s <= hi * (1 + 1e-12)
     assert 0 < e.mfu < 1
+
+
+def compiled_overlap(model, mesh, ffn, attn, phase, overlap):
+    spec = Spec(model, MeshSpec(mesh), ServeSpec(phase=phase, batch=64, seq=32, ffn=ffn, attn=attn, weights="bf16",
+                                                 overlap=overlap, hardware="tpu-v4"))
+    m0 = build_for(spec, compile_config(spec))
+    return compile_module(m0, default_pipeline(spec)).module
+
+
+@given(configs(), st.sampled_from(["none", "looped", "bidirectional"]))
+def test_calibrated_is_never_below_the_bound_and_both_stay_between_their_sums(cfg, overlap):
+    """Efficiencies are at most 1 and latencies at least 0, so the calibrated step is never faster
+    than the bound; under every overlap each stays between max(compute, memory) + exposed comm
+    and the plain sum of its components; more overlap is never slower."""
+    from compiler.cost.efficiency import efficiency_for
+
+    model, mesh, _, ffn, attn, phase = cfg
+    m = compiled_overlap(model, mesh, ffn, attn, phase, overlap)
+    bound = price(m, V4, overlap=overlap)
+    cal = price(m, V4, eff=efficiency_for("tpu-v4"), overlap=overlap)
+    assert cal.step_time_s >= bound.step_time_s * (1 - 1e-12)
+    for e in (bound, cal):
+        c = e.per_step
+        assert (max(c.compute, c.memory) + c.comm_exposed) * (1 - 1e-12) <= e.step_time_s
+        assert e.step_time_s <= (c.compute + c.memory + c.comm_exposed + c.overhead) * (1 + 1e-12)
+    if overlap != "none":
+        plain = price(m, V4, overlap="none")  # the same program with nothing run ahead
+        assert bound.step_time_s <= plain.step_time_s * (1 + 1e-12)

@@ -420,7 +420,8 @@ def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[st
             p = prices[source]
             pw = max(p.compute_s, p.memory_s)
             both = p.comm_s + comm_s
-            pt = max(pw, both + pw / k)
+            # (never slower than leaving it exposed: a scheduler would not pair it then)
+            pt = min(max(pw, both + pw / k), p.time_s - parts[source].overhead + comm_s)
             prices[source] = replace(p, time_s=pt + parts[source].overhead, exposed_comm_s=pt - pw, looped=True)
             parts[source] = replace(parts[source], time=pt + parts[source].overhead, comm_exposed=pt - pw)
             t, exposed = 0.0, 0.0
