@@ -36,7 +36,8 @@ CORPUS = [
     "Numbers 0123456789 and more 42 3.14", "日本語 中文 café naïve", "emoji 😀 🇫🇷",
 ]
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ bos_token }}{% endif %}"
-            "<|{{ m['role'] }}|>{{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+            "<|{{ m['role'] }}|>{% generation %}{{ m['content'] | trim }}{% endgeneration %}{{ eos_token }}\n"
+            "{{ m | tojson }}{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}"
             "{% if messages | length > 3 %}{{ raise_exception('too long') }}{% endif %}")
 
@@ -92,7 +93,7 @@ def _same_as_transformers(ours: Tokenizer, theirs: Any, texts: list[str] = TEXTS
         assert ours.encode(s, add_special_tokens=False) == theirs(s, add_special_tokens=False).input_ids, s
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), s
         assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False), s
-    msgs = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "What is 2+2?"}]
+    msgs = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "What is 2+2? café <b>"}]
     for gen in (True, False):
         assert ours.apply_chat_template(msgs, gen) == theirs.apply_chat_template(
             msgs, tokenize=False, add_generation_prompt=gen)
