@@ -6,12 +6,13 @@ where the layout shards them over all 64, none where it shards them over 16).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
 from compiler.cli import main
 from compiler.driver import build_for, compile_config, compile_module, default_pipeline, head_multiple
-from compiler.spec import ModelSpec, apply_overrides, load_spec
+from compiler.spec import MeshSpec, ModelSpec, ServeSpec, Spec, apply_overrides, load_spec
 from ir.errors import LayoutError
 from partition_helpers import (MESH_8, build, check_layout_error, compile_layout, expected_layout_problems,
                                padded_heads, rel_err, run_pair, spec_for)
@@ -224,6 +225,58 @@ def test_cli_layout_error_exit_1_no_traceback(name, capsys, monkeypatch):
     assert err.startswith("layout error: "), err
     assert f"dim {dim} does not divide over {axes}" in err
     assert "\n  hint: " in err
+
+
+#: The refusals issue 11 reported, as command lines on examples/tiny-gqa.model (8 heads, 2 KV heads).
+ISSUE_CLI = {
+    "6h-2kv-x2y2-default": ["--mesh", "x=2,y=2", "--set", "model.heads=6"],
+    "8h-2kv-1d-ws-batch": ["--mesh", "x=2,y=2,z=2", "--ffn", "1d-ws", "--attn", "batch"],
+    "6h-3kv-2d-ws-heads": ["--mesh", "x=2,y=2,z=2", "--ffn", "2d-ws", "--attn", "heads", "--set", "model.heads=6",
+                           "--set", "model.kv_heads=3"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_CLI))
+def test_cli_compiles_the_grouped_query_cases_of_the_issue(name, capsys, monkeypatch):
+    """`einshard compile` with the default kv = auto: exit 0 (the programs equal the reference in
+    tests/test_partition_spmd.py and, under JAX, tests/test_partition_jax.py)."""
+    monkeypatch.chdir(EXAMPLES.parent)
+    rc = main(["compile", "examples/tiny-gqa.model", *ISSUE_CLI[name], "--emit", "none"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("heads,kv,mesh,ffn,attn", [
+    (6, 3, MESH_8, "2d-ws", "heads"),  # only pad is legal
+    (8, 2, MESH_4, "1d-ws", "heads"),  # all three are legal
+    (8, 4, MESH_8, "2d-ws", "batch"),
+])
+def test_kv_auto_takes_the_fastest_legal_candidate(heads, kv, mesh, ffn, attn):
+    """kv = auto compiles shard, replicate and pad through the default pipeline and keeps the one
+    the cost model prices fastest (fitting; ties in that order); LayoutErrors are skipped."""
+    from compiler.cost.autolayout import resolve_kv
+    from compiler.cost.hardware import get_chip
+    from compiler.cost.model import nominal_params, price
+
+    model = ModelSpec("auto-gqa", layers=2, d_model=32, heads=heads, kv_heads=kv, d_head=4, d_ff=64, vocab=64)
+    base = Spec(model, MeshSpec(mesh), ServeSpec(phase="decode", batch=8, seq=16, ffn=ffn, attn=attn, kv="auto",
+                                                 hardware="tpu-v4"))
+    chip = get_chip("tpu-v4")
+    keys = {}
+    for i, choice in enumerate(("shard", "replicate", "pad")):
+        s = replace(base, serve=replace(base.serve, kv=choice))
+        try:
+            raw = build_for(s, compile_config(s))
+            m = compile_module(raw, default_pipeline(s)).module
+        except LayoutError:
+            continue
+        e = price(m, chip, nominal_params(raw))
+        keys[choice] = (not e.fits, e.step_time_s, e.memory.total, i)
+    assert keys
+    assert resolve_kv(base, chip).serve.kv == min(keys, key=keys.__getitem__)
+    assert "pad" in keys  # padding always compiles
+    if (heads, kv) == (6, 3):  # K=3 divides none of z, y; G=2 not z,y: shard and replicate refuse
+        assert set(keys) == {"pad"}
 
 
 # ---- pad-heads -------------------------------------------------------------------------------------------------
