@@ -18,6 +18,8 @@ SMALL = {
     "sharded_vs_gspmd.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16"],
     "rewrites.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16"],
     "cost_model_vs_measured.py": ["--repeats", "1"],
+    "serving.py": ["--small", "--schedulers", "static", "fused-compact", "--traces", "poisson",
+                   "--loads", "near-saturation"],
     "calibrate.py": ["--max-evals", "2", "--fix", "link=1"],
 }
 
