@@ -81,14 +81,15 @@ def test_one_sharded_einsum_by_hand():
 
 
 def test_collective_time_by_hand():
-    """App. A.1: ledger bytes x (K-1)/K / bandwidth; at least hops x latency where a chip has one."""
+    """The ledger's volume / bandwidth (App. A.1 with (K-1)/K dropped, as the paper's analysis does);
+    at least hops x latency where a chip has one."""
     mesh = {"x": 4, "y": 4, "z": 4}
-    assert V4.collective_seconds(2.7e9, ("x",), mesh) == pytest.approx(2.7e9 * 3 / 4 / 270e9)
-    assert V4.collective_seconds(2.7e9, ("x", "y", "z"), mesh) == pytest.approx(2.7e9 * 63 / 64 / 270e9)
+    assert V4.collective_seconds(2.7e9, ("x",), mesh) == pytest.approx(2.7e9 / 270e9)  # the volume, no (K-1)/K
+    assert V4.collective_seconds(2.7e9, ("x", "y", "z"), mesh) == pytest.approx(2.7e9 / 270e9)
     slow = replace(V4, hop_latency_s=1e-6)
     # latency-bound: 2 KiB over x, y, z: hops = 2 + 2 + 2, 1 us each
     assert slow.collective_seconds(2048, ("x", "y", "z"), mesh) == pytest.approx(6e-6)
-    assert V4.collective_seconds(2048, ("x", "y", "z"), mesh) == pytest.approx(2048 * 63 / 64 / 270e9)
+    assert V4.collective_seconds(2048, ("x", "y", "z"), mesh) == pytest.approx(2048 / 270e9)
     assert V4.collective_seconds(0, ("x",), mesh) == 0.0
     assert V4.collective_seconds(1e6, ("x",), {"x": 1}) == 0.0  # one participant: nothing moves
     assert CHIPS["h100"].hops(("x", "y"), {"x": 4, "y": 2}) == 1  # NVSwitch: one hop

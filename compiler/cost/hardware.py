@@ -7,11 +7,14 @@ Bandwidth convention (used everywhere in the cost model, stated once here):
   270 GB/s, the figure the paper quotes (reference/partitioning.md §2). Every collective moves
   the bytes the collective ledger charges it (the paper's accounting, §4.3: an all-gather its
   per-device output, a reduce-scatter its per-device input, an all-reduce twice its input, an
-  all-to-all its input) times (K-1)/K for K participants (App. A.1: each chip sends all but its
-  own share) at ``ici_bw``, whatever mesh axes it spans.
+  all-to-all its input) at ``ici_bw``, whatever mesh axes it spans, with App. A.1's (K-1)/K
+  dropped as the paper's analysis drops it (kept, it makes 1- and 2-axis collectives cheaper
+  than those axes' links carry under this one constant, and moves Fig. 3's crossovers: WG-XY
+  to WG-XYZ from 786,432 tokens to 1,048,576).
   This is the convention under which the paper derived its layouts (X = 0.5 sqrt(n) for 2D
   weight-stationary, 2D beats 1D past 16 chips, §5.2); the scaling-book's per-axis convention
-  (k axes give k x W_ici) would move those optima (§5.3).
+  (k axes give k x W_ici) would move those optima (§5.3). Achieved fractions of these peaks
+  are not here: compiler/cost/efficiency.py holds them per chip, fitted to measurements.
 * **Latency.** A collective takes at least ``hops x hop_latency_s``: on a torus, hops =
   sum over its axes of floor(size / 2) (a bidirectional ring per axis, scaling-book §12.3); on a
   switch (NVLink) or in shared memory (simulated CPU devices), one hop. The TPU entries set it
@@ -87,11 +90,12 @@ class Chip:
         return max(1, sum(mesh[a] // 2 for a in axes))
 
     def collective_seconds(self, nbytes: float, axes: tuple[str, ...], mesh: Mapping[str, int]) -> float:
-        """Time of one collective that the ledger charges ``nbytes`` per device."""
+        """Time of one collective that the ledger charges ``nbytes`` per device (the paper's
+        volume, (K-1)/K dropped), or its hops' latency if longer."""
         k = math.prod(mesh[a] for a in axes)
         if nbytes <= 0 or k <= 1:
             return 0.0
-        return max(nbytes * (k - 1) / k / self.ici_bw, self.hops(axes, mesh) * self.hop_latency_s)
+        return max(nbytes / self.ici_bw, self.hops(axes, mesh) * self.hop_latency_s)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.peak('bf16') / 1e12:g} TFLOP/s bf16, HBM {self.hbm_bytes / GiB:g} GiB at "

@@ -13,24 +13,32 @@ Everything is read off the compiled IR and its collective ledger, so whatever th
   own, the tensors they pass on are priced where einsums read and write them. ``dequantize``
   and ``local_slice`` are fused into their consumers (who read the int8 weights / the slice),
   and ``embed`` reads only the rows it gathers. int8 weights are i8 params, so they cost 1 byte per element.
-* **Communication** comes from the ledger (passes/ledger.py): each entry's bytes per device,
-  axes and participants, at the chip's interconnect bandwidth (hardware.py states the
-  convention).
+* **Communication** comes from the ledger (passes/ledger.py): each entry's volume per device
+  (the paper's accounting, App. A.1's (K-1)/K dropped as the paper's analysis drops it) at the
+  chip's interconnect bandwidth (hardware.py states the one-constant convention), so that with
+  nothing overlapped the layouts rank by the paper's volumes (Fig. 3's crossovers).
+* **Efficiencies** (compiler/cost/efficiency.py): the ``bound`` prices at the peaks with no
+  latencies; ``calibrated`` divides FLOP/s (by matmul shape), HBM and link bandwidth by their
+  achieved fractions and adds a latency per ring step and a fixed cost per layer call.
 
-Combination rule, per op: ``t = max(flops / peak, hbm_bytes / hbm_bw) + op_overhead`` (its
-roofline); a collective of activations is exposed, ``t = comm``, never overlapped with other
-ops; a looped collective einsum (the ledger marks it looped) overlaps its K-step transfer with
-its einsum, ``t = max(E, C) + min(E, C) / K`` (the first and last steps cannot overlap), and
-only ``t - E`` counts as exposed communication. A collective of a *weight* (the gathers of the
-weight-gathered layouts, a resharded table) depends on no activation, so it is prefetched while
-the other ops run (XLA schedules it early; layer i+1's gathers run under layer i's matmuls):
-a function takes ``max(T, W + A)``, where ``T`` is the sum of its op times, ``W`` the weight
-collectives and ``A`` its exposed activation communication (the links carry both), and only
-the excess over ``T`` is exposed. A function's time is otherwise the sum over its ops; a step
-is the sum over the functions an entry runs, layer bodies counted once per layer
-(``repeats_of``); a ``prepare`` function (load time) is not part of a step. The components reported beside the
-time are the plain sums of each term over the ops, so ``max(compute, memory) + comm_exposed <=
-time <= compute + memory + comm_exposed + overhead``.
+Combination rule (the physical overlap), per op: ``t = max(flops / peak, hbm_bytes / hbm_bw) +
+op_overhead`` (its roofline). A collective of activations is exposed, ``t = work + comm``. A
+looped collective einsum (the ledger marks it looped) runs K steps, each overlapping one chunk's
+transfer with the previous chunk's einsum, and the first (all-gather) or last (reduce-scatter)
+chunk's einsum has nothing beside it: ``t = max(E, C + E / K)``; only ``t - E`` is exposed.
+With ``overlap`` on (looped or bidirectional), a reduce-scatter the loop pass could not fuse
+(a split or a sum of fused projections in between) is priced as its producing einsum's loop,
+as the paper pairs every collective with its einsum (never slower than leaving it exposed), and
+a collective of a *weight* (depends on no activation) is fetched ahead, beside the compute:
+it hides only behind compute time that leaves the links free (ops that are not exposed
+collectives; for a looped op, its compute beyond its own transfer), the excess is exposed, and
+the next call's gathered weights occupy a prefetch buffer (``Memory.prefetch``). With
+``overlap = none`` every collective but a looped one is exposed. A function's time is the sum
+over its ops plus the excess and the per-call overhead; a step is the sum over the functions
+an entry runs, layer bodies counted once per layer (``repeats_of``); a ``prepare`` function
+(load time) is not part of a step. The components reported beside the time are the plain sums
+of each term over the ops, so ``max(compute, memory) + comm_exposed <= time <= compute +
+memory + comm_exposed + overhead``.
 
 Op kinds are priced through ``OP_RULES`` (add a row for a new kind); an unknown kind is priced
 as elementwise memory traffic of its operands and results.
@@ -362,10 +370,8 @@ def collective_seconds(chip: Chip, eff: Efficiency, e: LedgerEntry, mesh: Mappin
     bandwidth convention (hardware.py) makes 1- and 2-axis collectives cheaper than the links of
     those axes can carry, and Fig. 3's crossovers move (WG-XY to WG-XYZ from 786,432 tokens to
     1,048,576)."""
-    if e.bytes_per_device <= 0 or e.participants <= 1:
-        return 0.0
-    t = max(e.bytes_per_device / (chip.ici_bw * eff.link), chip.hops(e.axes, mesh) * chip.hop_latency_s)
-    return t + (e.participants - 1) * eff.step_latency_s
+    t = chip.collective_seconds(e.bytes_per_device / eff.link, e.axes, mesh)
+    return t + (e.participants - 1) * eff.step_latency_s if t > 0 else 0.0
 
 
 def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[str, str],
