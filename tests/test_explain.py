@@ -149,5 +149,5 @@ def test_explain_says_why_the_choice_is_not_monotonic_in_batch(capsys):
     assert picks == {64: "wg-xy", 72: "wg-x", 80: "wg-xy"}
     _, out, _ = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--phase", "prefill", "--batch", "72",
                     "--ffn", "auto", "--attn", "auto", "--overlap", "none")
-    assert "wg-xy, wg-xyz need the batch to divide over their batch axes, so they are illegal at batch 72" in out
+    assert "wg-xy/heads, wg-xy/batch, wg-xyz/heads, wg-xyz/batch: illegal at batch 72, which does not divide" in out
     assert "the choice is not monotonic in batch" in out

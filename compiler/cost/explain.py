@@ -208,12 +208,10 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
         for c, note in notes:
             if note:
                 lines.append(f"  note {c.ffn}/{c.attn}: {note}")
-        blocked = sorted({c.ffn for c in r.choice.candidates if not c.legal and "dim B=" in c.illegal},
-                         key=FFN_LAYOUTS.index)
+        blocked = [f"{c.ffn}/{c.attn}" for c in r.choice.candidates if not c.legal and "dim B=" in c.illegal]
         if blocked:
-            lines.append(f"  {', '.join(blocked)} need the batch to divide over their batch axes, so they are "
-                         f"illegal at batch {ss.batch} and may win at nearby batches that divide: the choice is not "
-                         "monotonic in batch")
+            lines.append(f"  {', '.join(blocked)}: illegal at batch {ss.batch}, which does not divide their batch "
+                         "axes; they may win at nearby batches that do, so the choice is not monotonic in batch")
         if any(n for _, n in notes):
             lines.append("  a layout that replicates part of the batch does more per chip than at a batch that "
                          "divides, and can rank lower here than at nearby batches")
