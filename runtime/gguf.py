@@ -74,7 +74,8 @@ def _dequantize(t: "ReaderTensor", where: Path, permute_heads: int = 0) -> np.nd
     try:
         arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
     except Exception as e:  # NotImplementedError, or a corrupt block
-        raise WeightsError(f"cannot dequantize GGUF tensor '{t.name}' ({t.tensor_type.name}) in '{where}': {e}") from None
+        raise WeightsError(f"cannot dequantize GGUF tensor '{t.name}' ({t.tensor_type.name}) in '{where}': {e}") \
+            from None
     arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))
     return unpermute_rows(arr, permute_heads) if permute_heads else arr
 

@@ -223,7 +223,8 @@ def _check_tensors(where: str, model: ModelSpec, family: str, wanted: list[tuple
             problems.append(f"mis-shaped: {hf}: expected {_fmt(shape)}, got {_fmt(info.shape)}")
         elif info.dtype not in accepted:
             problems.append(f"unsupported dtype: {hf}: {info.dtype} ({', '.join(accepted)} expected)")
-    extra = sorted({int(mt.group(1)) for n in index if (mt := fam.layer_re.match(n)) and int(mt.group(1)) >= model.layers})
+    extra = sorted({int(mt.group(1)) for n in index
+                    if (mt := fam.layer_re.match(n)) and int(mt.group(1)) >= model.layers})
     if extra:
         problems.append(f"extra layers: the checkpoint has layer(s) {', '.join(map(str, extra))} "
                         f"but the model has {model.layers}")

@@ -46,7 +46,7 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte → printable character table (the alphabet byte-level BPE vocabularies are spelled in)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = list(keep), 0
     for b in range(256):
         if b not in keep:
@@ -148,38 +148,52 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, ck: "GGUFCheckpoint") -> "Tokenizer":
-        """From a GGUF file's ``tokenizer.*`` metadata (byte-level BPE, ``tokenizer.ggml.model = gpt2``)."""
+        """From a GGUF file's ``tokenizer.*`` metadata: byte-level BPE (``tokenizer.ggml.model`` gpt2)
+        or a sentencepiece BPE vocabulary (``llama``), built as transformers' GGUF converter builds them."""
         kind = ck.field("tokenizer.ggml.model")
         if kind is None:
             raise WeightsError(f"the GGUF file '{ck.path}' has no tokenizer metadata (tokenizer.ggml.model)",
                                hint="pass token ids instead of text")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise SpecError(f"{ck.path}: GGUF tokenizer model {kind!r} is not supported",
-                            hint="supported: gpt2 (byte-level BPE); use the Hugging Face checkpoint's tokenizer.json")
+                            hint="supported: gpt2 (byte-level BPE), llama (sentencepiece BPE); "
+                                 "use the Hugging Face checkpoint's tokenizer.json")
         tokens = [str(t) for t in ck.field("tokenizer.ggml.tokens", [])]
         types = [int(t) for t in ck.field("tokenizer.ggml.token_type", [])] or [1] * len(tokens)
         merges = [str(m) for m in ck.field("tokenizer.ggml.merges", [])]
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab: dict[str, int] = {}
-        for i, t in enumerate(tokens):
-            spelled = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-            vocab.setdefault(spelled, i)
         bad = [m for m in merges if len(m.split(" ")) != 2]
         if bad:
             raise WeightsError(f"{ck.path}: malformed tokenizer.ggml.merges entry {bad[0]!r}")
         pairs = [(a, b) for a, b in (m.split(" ") for m in merges)]
-        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-        split = _GGUF_SPLITS.get(str(ck.field("tokenizer.ggml.pre", "")))
-        if split is None:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        alphabet: set[str] | None = None
+        if kind == "gpt2":
+            spelling = _bytes_to_unicode()
+            alphabet = set(spelling.values())
+            vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+                     for i, t in enumerate(tokens)}
+            backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+            split = _GGUF_SPLITS.get(str(ck.field("tokenizer.ggml.pre", "")))
+            if split is None:
+                backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            else:
+                backend.pre_tokenizer = pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            backend.decoder = decoders.ByteLevel()
         else:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
+            vocab = {t: i for i, t in enumerate(tokens)}
+            if not pairs:
+                scores = [float(x) for x in ck.field("tokenizer.ggml.scores", [])]
+                if len(scores) != len(tokens):
+                    raise WeightsError(f"{ck.path}: a sentencepiece vocabulary without merges needs "
+                                       "tokenizer.ggml.scores for every token")
+                pairs = _merges_from_scores(vocab, dict(zip(tokens, scores)))
+            backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True))
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+            backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                                 decoders.Fuse(), decoders.Strip(content=" ", left=1)])
         control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
-                   if k == _CONTROL and set(t) <= alphabet]
+                   if k == _CONTROL and (alphabet is None or set(t) <= alphabet)]
         if control:
             backend.add_special_tokens(control)
         user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
@@ -194,7 +208,8 @@ class Tokenizer:
         named = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
                  ("pad_token", "padding_token_id"))
         special = {k: text for k, key in named if (text := tok(key)) is not None}
-        _set_template(backend, special.get("bos_token") if ck.field("tokenizer.ggml.add_bos_token", False) else None,
+        add_bos = ck.field("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default for sentencepiece
+        _set_template(backend, special.get("bos_token") if add_bos else None,
                       special.get("eos_token") if ck.field("tokenizer.ggml.add_eos_token", False) else None)
         eos = special.get("eos_token")
         template = ck.field("tokenizer.chat_template")
@@ -249,6 +264,20 @@ class Tokenizer:
                 **self.special_tokens)
         except jinja2.TemplateError as e:
             raise SpecError(f"the chat template of '{self.source}' failed: {e}") from None
+
+
+def _merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every split of a piece into two pieces of the
+    vocabulary, best piece score first; ties by longer left, then longer right part, then vocabulary
+    order (the order transformers' ``generate_merges`` gives)."""
+    found: list[tuple[float, int, int, int, int, int, str, str]] = []
+    for n, (piece, score) in enumerate(scores.items()):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                found.append((-score, -len(left), -len(right), n, vocab[left], vocab[right], left, right))
+    found.sort(key=lambda f: f[:6])
+    return [(f[6], f[7]) for f in found]
 
 
 def _read_json(p: Path) -> dict[str, Any]:

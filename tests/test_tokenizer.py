@@ -185,3 +185,48 @@ def test_smollm2_gguf_tokenizer_matches_transformers() -> None:
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     assert ours.apply_chat_template(msgs) == theirs.apply_chat_template(msgs, tokenize=False,
                                                                         add_generation_prompt=True)
+
+
+def _sentencepiece_gguf(path: Path, with_merges: bool) -> Path:
+    """A sentencepiece-style vocabulary (``tokenizer.ggml.model = llama``): <unk>, <s>, </s>, the 256
+    byte pieces, then BPE pieces with decreasing scores; merges written or left to the scores."""
+    from tokenizers.implementations import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(CORPUS, vocab_size=200, show_progress=False)
+    spec = json.loads(sp.to_str())
+    learned = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [t for t in learned if t not in tokens]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    if with_merges:
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("dummy", np.zeros(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("with_merges", [False, True], ids=["merges-from-scores", "merges-in-file"])
+def test_sentencepiece_gguf_matches_transformers(tmp_path: Path, with_merges: bool) -> None:
+    path = _sentencepiece_gguf(tmp_path / "sp.gguf", with_merges)
+    ours = Tokenizer.from_gguf(GGUFCheckpoint(path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert ours.encode("hi")[0] == 1, "sentencepiece GGUFs add BOS by default"
+    for s in TEXTS:
+        ids = ours.encode(s)
+        assert ids == theirs(s).input_ids, s
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), s
+        stream = ours.stream()
+        assert "".join(stream.push(i) for i in ids) + stream.flush() == ours.decode(ids), s
