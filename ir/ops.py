@@ -92,6 +92,12 @@ class Op:
     def with_(self, **changes: Any) -> "Op":
         return dataclasses.replace(self, **changes)
 
+    if TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            """For the type checker only: ops are a union tagged by ``kind``, and code that matched
+            a kind reads that kind's attributes (``op.axes`` of an all_gather) without an
+            isinstance the checker could follow."""
+
 
 # ---- shared rule helpers --------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ class _Builder:
     def err(self, node: Any, msg: str, hint: str | None = None) -> ParseError:
         return ParseError(msg, self.loc(node), hint)
 
-    def int_(self, tok: lark.Token, what: str) -> int:
+    def int_(self, tok: Any, what: str) -> int:
         if len(str(tok)) > 18:
             raise self.err(tok, f"{what} is too large: {str(tok)[:20]}...")
         return int(tok)
@@ -95,7 +95,7 @@ class _Builder:
         return tuple(self.value(c) for c in v.children if c is not None)
 
     def op(self, node: lark.Tree) -> Op:
-        ch = node.children
+        ch: list[Any] = node.children  # tokens, subtrees and None placeholders
         i = 0
         results = []
         while isinstance(ch[i], lark.Token) and ch[i].type == "VALUE":
@@ -136,7 +136,7 @@ class _Builder:
             raise ParseError(f"{len(results)} results but {len(types)} result types", loc)
         return cls(results=tuple(results), operands=tuple(operands), types=tuple(types), loc=loc, **kwargs)
 
-    def convert_attrs(self, cls: type[Op], attrs: dict[str, Any], kind_tok: lark.Token) -> dict[str, Any]:
+    def convert_attrs(self, cls: type[Op], attrs: dict[str, Any], kind_tok: Any) -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
         want = {f.name for f in cls.attr_fields()}
         out = {}
@@ -223,7 +223,7 @@ def parse_module(text: str, file: str = "<ir>") -> Module:
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedCharacters as e:
-        raise ParseError(f"unexpected character {text[e.pos_in_stream]!r}",
+        raise ParseError(f"unexpected character {text[e.pos_in_stream or 0]!r}",
                          location_in(text, file, e.line, e.column)) from None
     except lark.UnexpectedToken as e:
         tok = e.token
@@ -237,7 +237,8 @@ def parse_module(text: str, file: str = "<ir>") -> Module:
                          location_in(text, file, line, max(1, col), len(str(tok)) if tok.type != "$END" else 1)) from None
     except lark.UnexpectedInput as e:
         raise ParseError(f"malformed input: {e.__class__.__name__}", location_in(text, file, e.line or 1, e.column or 1)) from None
-    return _Builder(text, file).module(tree.children[0])
+    root: Any = tree.children[0]
+    return _Builder(text, file).module(root)
 
 
 def parse_file(path: str | Path) -> Module:

@@ -109,9 +109,9 @@ def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[S
                 rtypes.append(e.type)
             chunk = types[op.operands[0]].local_shape(ctx.mesh)[types[op.operands[0]].index(op.dim)]
             two, how = bidi(chunk)
-            new = CollectiveEinsum(results=tuple(results), operands=(op.operands[0], *others), types=(),
-                                   collective="all_gather", axes=op.axes, dim=op.dim, specs=tuple(specs),
-                                   bidirectional=two, reason=op.reason)
+            new: Op = CollectiveEinsum(results=tuple(results), operands=(op.operands[0], *others), types=(),
+                                       collective="all_gather", axes=op.axes, dim=op.dim, specs=tuple(specs),
+                                       bidirectional=two, reason=op.reason)
             new = new.with_(types=new.infer(tuple(types[o] for o in new.operands), ctx))
             if new.types != tuple(rtypes):
                 raise PassError(f"collective-einsum: the loop at %{v} changes result types: {new.types} vs {rtypes}")
@@ -126,41 +126,44 @@ def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[S
         elif op.kind == "reduce_scatter":
             v = op.result
             src = op.operands[0]
-            j = fn.producers.get(src)
-            e = ops[j] if j is not None else None
+            pj = fn.producers.get(src)
+            prod = ops[pj] if pj is not None else None
             why = ""
-            if e is None or not isinstance(e, Einsum) or len(e.operands) != 2:
-                why = f"its operand is {'a parameter' if e is None else 'produced by ' + e.kind}, not an einsum"
+            if prod is None or not isinstance(prod, Einsum) or len(prod.operands) != 2:
+                why = f"its operand is {'a parameter' if prod is None else 'produced by ' + prod.kind}, not an einsum"
             elif uses.get(src, []) != [i] or src in fn.returns:
                 why = "the einsum's result has other uses"
-            elif j in taken:
+            elif pj in taken:
                 why = "the einsum is already in a loop (with its input all-gather)"
             if why:
                 sites.append(Site(fn.name, v, "reduce_scatter", False, why))
                 continue
+            assert isinstance(prod, Einsum)  # else ``why`` was set
             t = types[src]
             n = 1
             for a in op.axes:
                 n *= ctx.mesh[a]
             blk = t.local_shape(ctx.mesh)[t.index(op.dim)] // n
             two, how = bidi(blk)
-            new = CollectiveEinsum(results=(v,), operands=e.operands, types=(), collective="reduce_scatter",
-                                   axes=op.axes, dim=op.dim, specs=(e.spec,), bidirectional=two, reason=op.reason)
+            new = CollectiveEinsum(results=(v,), operands=prod.operands, types=(), collective="reduce_scatter",
+                               axes=op.axes, dim=op.dim, specs=(prod.spec,), bidirectional=two, reason=op.reason)
             new = new.with_(types=new.infer(tuple(types[o] for o in new.operands), ctx))
             if new.types != op.types:
                 raise PassError(f"collective-einsum: the loop at %{v} changes its type: {new.types} vs {op.types}")
-            replace[j] = None
+            assert pj is not None
+            replace[pj] = None
             replace[i] = new
-            taken.add(j)
+            taken.add(pj)
             sites.append(Site(fn.name, v, "reduce_scatter", True,
                               f"{how} over {{{','.join(op.axes)}}} from einsum %{src}"))
     if not replace:
         return fn
-    out = []
+    out: list[Op] = []
     for i, op in enumerate(ops):
         if i in replace:
-            if replace[i] is not None:
-                out.append(replace[i])
+            kept = replace[i]
+            if kept is not None:
+                out.append(kept)
         else:
             out.append(op)
     return fn.with_ops(out)

@@ -108,7 +108,7 @@ def _segment(op: Op, types: dict[str, TensorType]) -> Segment:
 
 def _bias_chain(v: str, producers: dict[str, Op], uses: dict[str, list[Op]], weights: set[str]):
     """``v`` = einsum (+ bias adds of weights): (the einsum, [bias ops]) or None."""
-    biases = []
+    biases: list[Op] = []
     while True:
         op = producers.get(v)
         if op is None:
@@ -264,6 +264,7 @@ def rewrite_body(fn: Function, plan: _Plan, weight_of: dict[str, str], ctx, grou
             continue
         if out_match is not None and op.results == out_match[0].results:
             add, (ea, ba), (em_, bm) = out_match
+            assert out_g is not None  # out_match is only found for the output group
             g = out_g
             em.ops = []
             acts = []
@@ -290,17 +291,17 @@ def rewrite_body(fn: Function, plan: _Plan, weight_of: dict[str, str], ctx, grou
             and not (isinstance(op, Einsum) and set(op.operands) & removed_w)]
     params: list[Param] = []
     placed = set()
-    for p in fn.params:
-        if p.name in removed_w:
-            g = member.get(p.name) or (out_g.name if out_g else "")
-            if g and g not in placed:
-                placed.add(g)
-                params.append(Param(fused_param[g], em.types[fused_param[g]], p.role))
+    for prm in fn.params:
+        if prm.name in removed_w:
+            fused = member.get(prm.name) or (out_g.name if out_g else "")
+            if fused and fused not in placed:
+                placed.add(fused)
+                params.append(Param(fused_param[fused], em.types[fused_param[fused]], prm.role))
             continue
-        params.append(p)
+        params.append(prm)
     out = rename_uses(fn.with_ops(kept), mapping)
     return Function(fn.name, tuple(params), out.ops, out.returns,
-                    tuple(em.types.get(r, fn.value_types.get(r)) for r in out.returns), fn.entry)
+                    tuple(em.types.get(r) or fn.value_types[r] for r in out.returns), fn.entry)
 
 
 @register
@@ -357,7 +358,8 @@ class FuseParallelBlock(Pass):
                 # entry: stacked fused params replace their segments, in the same places
                 e_types = entry.value_types
                 removed = {s.weight: g for g in plan.groups for s in g.segments}
-                params, operands, placed = [], list(sc.operands[:start]), set()
+                params: list[Param] = []
+                operands, placed = list(sc.operands[:start]), set()
                 b_types = {p.name: p.type for p in new_body.params}
                 for v in sc.operands[start:]:
                     if v in removed:

@@ -65,32 +65,32 @@ def plan(src: TensorType, dst: TensorType, mesh: dict[str, int]) -> list[tuple[t
     for _ in range(2 * len(dst.dims) + 2):
         ax, want = _axes(cur), _axes(dst)
         moved = False
-        for d, c in ax.items():
-            keep = common_prefix(c, want[d])
+        for dname, c in ax.items():
+            keep = common_prefix(c, want[dname])
             drop = c[len(keep):]
             if not drop:
                 continue
             for d2, c2 in ax.items():
-                ext2 = want[d2][len(c2):] if d2 != d and want[d2][: len(c2)] == c2 else ()
+                ext2 = want[d2][len(c2):] if d2 != dname and want[d2][: len(c2)] == c2 else ()
                 if ext2 and drop[: len(ext2)] == ext2 and len(drop) > len(ext2):
                     # the target takes only the leading axes: move them all when the dim can hold
                     # them (then gather the rest there, on a smaller block), else gather first
                     n = math.prod(mesh[a] for a in c2 + drop)
                     if cur.size(d2) % n == 0:
-                        apply(AllToAll, axes=drop, split_dim=d2, concat_dim=d)
+                        apply(AllToAll, axes=drop, split_dim=d2, concat_dim=dname)
                         apply(AllGather, axes=drop[len(ext2):], dim=d2)
                     else:
-                        apply(AllGather, axes=drop[len(ext2):], dim=d)
-                        apply(AllToAll, axes=ext2, split_dim=d2, concat_dim=d)
+                        apply(AllGather, axes=drop[len(ext2):], dim=dname)
+                        apply(AllToAll, axes=ext2, split_dim=d2, concat_dim=dname)
                     moved = True
                     break
                 if ext2 and ext2[: len(drop)] == drop:
-                    apply(AllToAll, axes=drop, split_dim=d2, concat_dim=d)
+                    apply(AllToAll, axes=drop, split_dim=d2, concat_dim=dname)
                     moved = True
                     break
             if moved:
                 break
-            apply(AllGather, axes=drop, dim=d)
+            apply(AllGather, axes=drop, dim=dname)
             moved = True
             break
         if not moved:
@@ -132,7 +132,7 @@ def expand(fn: Function, mesh: dict[str, int]) -> tuple[Function, dict[str, int]
             continue
         cur = v
         for i, (cls, attrs) in enumerate(steps):
-            probe = cls(results=(), operands=(cur,), types=(), reason=op.reason, **attrs)
+            probe = cls(results=(), operands=(cur,), types=(), reason=op.reason, **attrs)  # type: ignore[call-arg]
             t = probe.infer((types[cur],), _Ctx(mesh))[0]
             name = op.result if i == len(steps) - 1 else namer.fresh(cur)
             ops.append(probe.with_(results=(name,), types=(t,)))
@@ -154,7 +154,7 @@ class InsertCollectives(Pass):
 
     def run(self, module: Module) -> PassResult:
         mesh = module.mesh_sizes
-        fns, stats = [], {}
+        fns, stats = [], dict[str, int]()
         for fn in module.functions:
             new, counts = expand(fn, mesh)
             fns.append(new)

@@ -75,11 +75,11 @@ class PadHeads(Pass):
             if getattr(self, f) < 0:
                 raise PassError(f"pad-heads: {f} must be >= 0, got {getattr(self, f)}")
 
-    def _targets(self, module: Module) -> tuple[dict[str, int], dict[str, int | str]]:
+    def _targets(self, module: Module) -> tuple[dict[str, int], dict[str, int]]:
         """The padded size of each dim that grows, and the statistics that say so."""
         mult = self.multiple or module.n_devices
         new: dict[str, int] = {}
-        stats: dict[str, int | str] = {}
+        stats: dict[str, int] = {}
         hs, ks, gs = _sizes(module, "H"), _sizes(module, "K"), _sizes(module, "G")
         if hs:
             h = hs.pop()
@@ -142,9 +142,9 @@ def _true_vocab(fn: Function, before: Function, ctx: ModuleContext) -> Function:
     for r, t, t0 in zip(fn.returns, fn.result_types, before.result_types):
         if t.has("V") and t.size("V") != t0.size("V"):
             v, extra = t0.size("V"), t.size("V") - t0.size("V")
-            op = Split(results=(namer.fresh(r), namer.fresh(r + "_pad")), operands=(r,), types=(),
-                       dim="V", names="VV", sizes=(v, extra), groups=1)
-            op = op.with_(types=op.infer((t,), ctx))
+            split = Split(results=(namer.fresh(r), namer.fresh(r + "_pad")), operands=(r,), types=(),
+                          dim="V", names="VV", sizes=(v, extra), groups=1)
+            op = split.with_(types=split.infer((t,), ctx))
             ops.append(op)
             r, t = op.results[0], op.types[0]
         rets.append(r)

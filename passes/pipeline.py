@@ -114,7 +114,8 @@ def parse_pipeline(text: str) -> Pipeline:
     registry = all_passes()
     problems: list[tuple[int, int, str, str | None]] = []  # (col, length, message, hint)
     passes: list[Pass] = []
-    for node in _tree(text).children:
+    nodes: list[Any] = _tree(text).children  # pass_ subtrees (lark types children loosely)
+    for node in nodes:
         if node is None:
             continue
         name_tok, opts = node.children
@@ -138,7 +139,7 @@ def parse_pipeline(text: str) -> Pipeline:
     return Pipeline(tuple(passes))
 
 
-def _options(cls: type[Pass], name: str, nodes: list, problems: list) -> tuple[dict[str, Any], bool]:
+def _options(cls: type[Pass], name: str, nodes: list[Any], problems: list) -> tuple[dict[str, Any], bool]:
     """The typed keyword arguments of one pass; problems are appended, and flagged by the bool."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

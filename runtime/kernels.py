@@ -20,7 +20,9 @@ Array = Any
 class Backend(Protocol):
     """What a rule needs beyond array methods."""
 
-    xp: Any  # numpy or jax.numpy
+    @property
+    def xp(self) -> Any:
+        """numpy or jax.numpy."""
 
     def erf(self, x: Array) -> Array: ...
 

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ir.errors import LoweringError
 from ir.module import Function, Module
 from ir.types import TensorType
 from runtime.kernels import Interpreter
@@ -82,6 +83,13 @@ class NumpyBackend:
         for i in range(lo, hi):
             state = body(i, state)
         return state
+
+    # No mesh, so no collectives: a partitioned module belongs to runtime/spmd.py or JAX.
+    def _no_mesh(self, *args: object) -> np.ndarray:
+        raise LoweringError("the reference runs unpartitioned modules only; this one has collectives",
+                            hint="run it with the SPMD simulator (runtime/spmd.py) or JAX")
+
+    psum = psum_scatter = all_gather = all_to_all = axis_index = _no_mesh
 
 
 def to_backend_array(x: np.ndarray, t: TensorType, float_type: type = np.float64) -> np.ndarray:

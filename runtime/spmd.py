@@ -177,10 +177,10 @@ def run_spmd(module: Module, entry: str, args: Mapping[str, np.ndarray],
             rv.barrier.abort()
 
     threads = [threading.Thread(target=work, args=(d,)) for d in range(mesh.n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     if errors:
         raise errors[0]
     # A looped collective einsum adds its partial products in a ring order that starts at each
