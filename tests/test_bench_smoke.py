@@ -21,6 +21,7 @@ SMALL = {
     "serving.py": ["--small", "--schedulers", "static", "fused-compact", "--traces", "poisson",
                    "--loads", "near-saturation"],
     "calibrate.py": ["--max-evals", "2", "--fix", "link=1"],
+    "generate.py": ["--tiny", "--repeats", "1", "--steps", "4", "--prompt", "8", "--prefill", "16", "--batches", "1,2"],
 }
 
 

