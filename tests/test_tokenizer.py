@@ -230,3 +230,18 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path: Path, with_merges: bo
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), s
         stream = ours.stream()
         assert "".join(stream.push(i) for i in ids) + stream.flush() == ours.decode(ids), s
+
+
+def test_checkpoint_tokenizer_eos_from_generation_config(hf_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).write_text((hf_dir / f).read_text())
+    (d / "config.json").write_text(json.dumps(dict(model_type="llama", num_hidden_layers=1, hidden_size=8,
+                                                   num_attention_heads=2, intermediate_size=8, vocab_size=384,
+                                                   eos_token_id=2)))
+    assert open_checkpoint(d).tokenizer().eos_token_ids == (2,)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    tok = open_checkpoint(d).tokenizer()
+    assert tok.eos_token_ids == (2, 0), "the tokenizer's EOS, then generation_config.json's"
+    assert tok.vocab_size == 330
