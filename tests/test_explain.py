@@ -82,6 +82,15 @@ def test_pareto_frontier():
     assert [p.batch for p in frontier(pts)] == [64, 4, 1]
 
 
+def test_pareto_warns_about_implausible_mfu():
+    from compiler.cost.pareto import Point, warnings
+
+    pts = [Point("prefill", 512, "bf16", "wg-xyz", "batch", 1.0, 1.0, 0.97),
+           Point("prefill", 64, "bf16", "wg-xy", "batch", 1.0, 1.0, 0.85)]
+    (w,) = warnings(pts)
+    assert "prefill bf16 batch 512 (wg-xyz/batch): predicted MFU 97% is above 90%" in w
+
+
 def test_compile_auto_pass_stats(capsys):
     code, out, err = run(capsys, "compile", PALM, "--ffn", "auto", "--attn", "auto", "--pass-stats", "--emit", "none")
     assert code == 0, err

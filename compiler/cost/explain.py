@@ -184,7 +184,10 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
              f"{efficiency_for(chip.name, reports[0].model if reports else 'calibrated').source}",
              "rule       per op max(compute, HBM traffic); collectives exposed, except looped ones (each chunk's "
              "transfer beside the previous chunk's einsum) and, with overlap on, weight gathers fetched ahead "
-             "beside the compute; comm = exposed; components are sums over ops"]
+             "beside the compute; comm = exposed; components are sums over ops",
+             f"overlap    {s.overlap}" + (" (nothing overlaps: the paper's analytical ranking; its measurements "
+                                         "used looped collective einsums: --overlap looped)" if s.overlap == "none"
+                                         else "")]
     for r in reports:
         ss = r.spec.serve
         tokens = ss.batch * (ss.seq if r.phase == "prefill" else 1)
