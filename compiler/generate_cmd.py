@@ -230,6 +230,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "step_ms_p50": res.step_ms_p50, "compile_s": compile_s, "load_s": load_s, "total_s": total_s,
         "batch": B, "context": context, "layout": layout,
     }
+    report["weight_bytes"] = runner.weight_bytes()
+    report["roofline_fraction"] = _roofline(runner, res.step_ms_p50, B)
     if args.json:
         print(json.dumps(report, indent=2))
     elif not (args.stream and len(prompts) == 1):
@@ -238,10 +240,25 @@ def run_generate(args: argparse.Namespace) -> int:
                 print(f"--- prompt {i}: {texts[i]!r}")
             print(t)
     if not args.json:
+        roof = report["roofline_fraction"]
         print(f"[{sum(len(t) for t in out_tokens)} tokens; ttft {res.ttft_s * 1e3:.0f} ms; decode "
-              f"{res.decode_tokens_per_s:.1f} tok/s (step p50 {res.step_ms_p50:.1f} ms); compile {compile_s:.1f} s; "
+              f"{res.decode_tokens_per_s:.1f} tok/s (step p50 {res.step_ms_p50:.1f} ms"
+              + (f", {roof:.0%} of the memory roofline" if roof else "") + f"); compile {compile_s:.1f} s; "
               f"{', '.join(reasons)}]", file=sys.stderr)
     return 0
+
+
+def _roofline(runner: Any, step_ms: float, batch: int) -> float | None:
+    """Fraction of the decode roofline reached: (weight + KV cache bytes) / the memory bandwidth
+    runtime/probe.py measured on this CPU, over the measured step. None off CPU or untimed."""
+    import jax
+
+    if step_ms <= 0 or jax.devices()[0].platform != "cpu" or runner.mesh is not None:
+        return None
+    from runtime.probe import measure_cpu
+
+    bound_s = (runner.weight_bytes() + runner.cache_bytes(batch)) / float(measure_cpu()["hbm_bw"])
+    return bound_s / (step_ms / 1e3)
 
 
 def run_score(args: argparse.Namespace) -> int:
