@@ -211,6 +211,8 @@ LLAMA_CFG = dict(model_type="llama", num_hidden_layers=2, hidden_size=64, num_at
                  vocab_size=100)
 FALCON_CFG = dict(model_type="falcon", num_hidden_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=100)
 GPTJ_CFG = dict(model_type="gptj", n_layer=2, n_embd=64, n_head=8, vocab_size=100, rotary_dim=4)
+MISTRAL_CFG = {**LLAMA_CFG, "model_type": "mistral"}
+QWEN2_CFG = {**LLAMA_CFG, "model_type": "qwen2"}
 
 
 def test_defaults_follow_transformers_config_classes(tmp_path: Path) -> None:
@@ -220,6 +222,18 @@ def test_defaults_follow_transformers_config_classes(tmp_path: Path) -> None:
     assert (m.kv_heads, m.block, m.d_ff, m.mlp, m.bias, m.tie_embeddings) == (1, "parallel", 256, "gelu", "none", True)
     m = spec_from_hf(_write_config(tmp_path, {**GPTJ_CFG, "n_inner": 100}, "g")).model
     assert (m.d_ff, m.mlp, m.rotary_dim, m.bias) == (100, "gelu-tanh", 4, "mlp")
+
+
+def test_mistral_and_qwen2_defaults(tmp_path: Path) -> None:
+    """As MistralConfig / Qwen2Config read them: an absent window is 4096, null none; Qwen2's window
+    applies only with use_sliding_window, and only from max_window_layers on."""
+    assert spec_from_hf(_write_config(tmp_path, MISTRAL_CFG, "m1")).model.sliding_window == 4096
+    assert spec_from_hf(_write_config(tmp_path, {**MISTRAL_CFG, "sliding_window": None}, "m2")).model.sliding_window == 0
+    m = spec_from_hf(_write_config(tmp_path, {**QWEN2_CFG, "sliding_window": 8}, "q1")).model
+    assert (m.sliding_window, m.bias) == (0, "qkv")
+    m = spec_from_hf(_write_config(tmp_path, {**QWEN2_CFG, "use_sliding_window": True, "sliding_window": 8,
+                                              "max_window_layers": 2}, "q2")).model
+    assert m.sliding_window == 0, "every layer is below max_window_layers: full attention everywhere"
 
 
 @pytest.mark.parametrize("extra, theta", [
@@ -262,6 +276,9 @@ def test_name_from_name_or_path(tmp_path: Path) -> None:
     ({**FALCON_CFG, "activation": "relu"}, "activation", "relu"),
     ({**GPTJ_CFG, "rotary_dim": 12}, None, "rotary_dim (12) exceeds d_head (8)"),
     ({**GPTJ_CFG, "rotary_dim": None}, "rotary_dim", "n_head 1"),
+    ({**QWEN2_CFG, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "use_sliding_window",
+     "only some layers"),
+    ({**MISTRAL_CFG, "sliding_window": 0}, "sliding_window", "positive integer"),
 ])
 def test_unrepresentable_configs(tmp_path: Path, cfg: dict[str, Any], field: str | None, words: str) -> None:
     with pytest.raises(SpecError) as e:
