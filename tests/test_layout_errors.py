@@ -255,6 +255,7 @@ def test_kv_auto_takes_the_fastest_legal_candidate(heads, kv, mesh, ffn, attn):
     """kv = auto compiles shard, replicate and pad through the default pipeline and keeps the one
     the cost model prices fastest (fitting; ties in that order); LayoutErrors are skipped."""
     from compiler.cost.autolayout import resolve_kv
+    from compiler.cost.efficiency import efficiency_for
     from compiler.cost.hardware import get_chip
     from compiler.cost.model import nominal_params, price
 
@@ -270,7 +271,7 @@ def test_kv_auto_takes_the_fastest_legal_candidate(heads, kv, mesh, ffn, attn):
             m = compile_module(raw, default_pipeline(s)).module
         except LayoutError:
             continue
-        e = price(m, chip, nominal_params(raw))
+        e = price(m, chip, nominal_params(raw), efficiency_for(chip.name), s.serve.overlap)
         keys[choice] = (not e.fits, e.step_time_s, e.memory.total, i)
     assert keys
     assert resolve_kv(base, chip).serve.kv == min(keys, key=keys.__getitem__)

@@ -143,7 +143,7 @@ def _resolve_kv(spec: Spec, chip: Chip) -> Spec:
         except LayoutError as e:
             error = e  # the last is pad's: a dim that no head padding resolves
             continue
-        est = price(m, chip, n)
+        est = price(m, chip, n, efficiency_for(chip.name), spec.serve.overlap)  # as evaluate prices
         priced.append(((not est.fits, est.step_time_s, est.memory.total, i), cs))
     if not priced:
         assert error is not None
