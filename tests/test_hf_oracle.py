@@ -228,7 +228,8 @@ def test_mistral_and_qwen2_defaults(tmp_path: Path) -> None:
     """As MistralConfig / Qwen2Config read them: an absent window is 4096, null none; Qwen2's window
     applies only with use_sliding_window, and only from max_window_layers on."""
     assert spec_from_hf(_write_config(tmp_path, MISTRAL_CFG, "m1")).model.sliding_window == 4096
-    assert spec_from_hf(_write_config(tmp_path, {**MISTRAL_CFG, "sliding_window": None}, "m2")).model.sliding_window == 0
+    no_window = spec_from_hf(_write_config(tmp_path, {**MISTRAL_CFG, "sliding_window": None}, "m2")).model
+    assert no_window.sliding_window == 0
     m = spec_from_hf(_write_config(tmp_path, {**QWEN2_CFG, "sliding_window": 8}, "q1")).model
     assert (m.sliding_window, m.bias) == (0, "qkv")
     m = spec_from_hf(_write_config(tmp_path, {**QWEN2_CFG, "use_sliding_window": True, "sliding_window": 8,
