@@ -5,6 +5,9 @@ Read with the ``gguf`` package (llama.cpp's own reader, memory-mapped) and dequa
 Face names with HF (out, in) shapes, so ``runtime.recipes.assemble`` applies the same checks as
 to a safetensors checkpoint (missing, mis-shaped, unused tensors; the model must be the file's).
 
+Neither architecture has sliding-window attention in llama.cpp (nor in transformers' reading of
+these files), so a GGUF model has none.
+
 Llama-family files: llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` per head from
 HF's rotate-half order into interleaved pairs (its rope kernel rotates adjacent pairs). einshard
 (like transformers) rotates halves, so the permutation is undone on load: a head's rows
@@ -164,7 +167,6 @@ class GGUFCheckpoint(Checkpoint):
             raise self._error(f"{arch}.rope.dimension_count ({rotary}) is not the head size ({d_head})",
                               "partial rotary embeddings are not supported for this family")
         names = {t.name for t in self.reader.tensors}
-        window = self.field(f"{arch}.attention.sliding_window")
         try:
             return ModelSpec(
                 name=self._name(), layers=self._int(f"{arch}.block_count"), d_model=E, heads=H,
@@ -172,8 +174,7 @@ class GGUFCheckpoint(Checkpoint):
                 d_ff=self._int(f"{arch}.feed_forward_length"), vocab=self._vocab(arch), block="serial", mlp="swiglu",
                 norm="rmsnorm", norm_eps=self._float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
                 rope_theta=self._float(f"{arch}.rope.freq_base", 10000.0), rotary_dim=d_head, rotary_style="half",
-                bias="qkv" if arch == "qwen2" else "none", tie_embeddings="output.weight" not in names,
-                sliding_window=int(window) if window else 0)
+                bias="qkv" if arch == "qwen2" else "none", tie_embeddings="output.weight" not in names)
         except SpecError as e:
             raise self._error(e.message, e.hint) from None
 
