@@ -12,6 +12,7 @@ bytes / bandwidth exactly, as in the paper's formulas.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -317,3 +318,42 @@ def test_kv_cache_bytes_per_chip(attention, ffn, attn, divide):
     assert e.memory.kv == (total // 64 if divide else total)
     # KV memory time per decode step = per-chip KV bytes / HBM bandwidth (the attention reads it once)
     assert e.per_step.kv >= e.memory.kv / 1.2e12
+
+
+def test_chip_file_efficiency_table(tmp_path):
+    """A chip file's [efficiency] table drives the calibrated model; the bound ignores it; its
+    fields and values are checked with the file named."""
+    from compiler.cost.efficiency import BOUND, efficiency_for
+
+    base = 'name = "toy"\nflops_bf16 = 1e14\nhbm_bytes = 1073741824\nhbm_bw = 1e12\nici_bw = 1e11\n'
+    p = tmp_path / "chip.toml"
+    p.write_text(base + '[efficiency]\nflops = 0.5\nhbm = 0.25\nlayer_overhead_s = 1e-5\nsource = "my fit"\n')
+    chip = load_chip_file(p)
+    eff = efficiency_for(chip)
+    assert (eff.flops, eff.hbm, eff.link, eff.layer_overhead_s, eff.source) == (0.5, 0.25, 1.0, 1e-5, "my fit")
+    assert efficiency_for(chip, "bound") is BOUND and efficiency_for(load_chip_file(_plain(tmp_path, base))) is BOUND
+    B, E, F = 64, 512, 2048
+
+    def build(b):
+        x = b.param("x", TensorType("bf16", (Dim("B", B), Dim("E", E))), "input")
+        w = b.param("w", TensorType("bf16", (Dim("E", E), Dim("F", F, ("x",)))), "weight")
+        return [b.emit(Einsum, [x, w], "y", spec="BE,EF->BF")]
+
+    m = _module(build)
+    bound, cal = price(m, chip), price(m, chip, eff=eff)
+    (b_op,), (c_op,) = bound.ops, cal.ops
+    assert c_op.compute_s == pytest.approx(b_op.compute_s / 0.5)
+    assert c_op.memory_s == pytest.approx(b_op.memory_s / 0.25)
+    assert cal.step_time_s == pytest.approx(max(c_op.compute_s, c_op.memory_s) + 1e-5)
+    for table, message in (("flops = 2\n", "efficiency flops must be in (0, 1]"),
+                           ("hbmm = 0.5\n", "unknown efficiency field 'hbmm'"),
+                           ("link = \"fast\"\n", "must be a finite number")):
+        p.write_text(base + "[efficiency]\n" + table)
+        with pytest.raises(CostError, match=re.escape(message)):
+            load_chip_file(p)
+
+
+def _plain(tmp_path, text):
+    q = tmp_path / "plain.toml"
+    q.write_text(text)
+    return q

@@ -92,7 +92,7 @@ def evaluate(spec: Spec, chip: Chip, ffns: tuple[str, ...] | None = None,
              attns: tuple[str, ...] | None = None, keep_modules: bool = False, model: str = "calibrated") -> Choice:
     """Compiles and prices every (ffn, attn) candidate of ``spec`` (all of them by default) with
     the ``calibrated`` or ``bound`` cost model (compiler/cost/efficiency.py)."""
-    eff = efficiency_for(chip.name, model)
+    eff = efficiency_for(chip, model)
     f0, a0 = open_fields(spec)
     ffns, attns = ffns or f0, attns or a0
     legal, illegal = [], []

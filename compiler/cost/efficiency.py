@@ -73,11 +73,17 @@ CALIBRATED: dict[str, Efficiency] = {
 }
 
 
-def efficiency_for(chip_name: str, model: str = "calibrated") -> Efficiency:
-    """The efficiencies ``model`` prices ``chip_name`` with (the bound when it has no calibration)."""
+def efficiency_for(chip: object, model: str = "calibrated") -> Efficiency:
+    """The efficiencies ``model`` prices ``chip`` (a hardware.Chip or a chip name) with: the chip
+    file's ``[efficiency]`` table, else the table's calibration, else the bound."""
     if model not in MODELS:
         raise CostError(f"unknown cost model {model!r}", hint="use calibrated or bound")
-    return CALIBRATED.get(chip_name, BOUND) if model == "calibrated" else BOUND
+    if model == "bound":
+        return BOUND
+    own = getattr(chip, "efficiency", None)
+    if own is not None:
+        return own
+    return CALIBRATED.get(getattr(chip, "name", chip), BOUND)
 
 
 __all__ = ["BOUND", "CALIBRATED", "Efficiency", "MODELS", "efficiency_for"]

@@ -130,7 +130,7 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
     by_phase = {r.phase: r.max_context(r.shown) for r in reports}
     main = by_phase.get("decode", next(iter(by_phase.values()), None))
     model = reports[0].model if reports else "calibrated"
-    eff = efficiency_for(chip.name, model)
+    eff = efficiency_for(chip, model)
     return {
         "model": spec.model.name,
         "cost_model": model,
@@ -181,7 +181,7 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
              f"hardware   {spec.mesh.n_devices} x {chip.describe()}",
              f"mesh       {mesh}",
              f"cost model {reports[0].model if reports else 'calibrated'}: "
-             f"{efficiency_for(chip.name, reports[0].model if reports else 'calibrated').source}",
+             f"{efficiency_for(chip, reports[0].model if reports else 'calibrated').source}",
              "rule       per op max(compute, HBM traffic); collectives exposed, except looped ones (each chunk's "
              "transfer beside the previous chunk's einsum) and, with overlap on, weight gathers fetched ahead "
              "beside the compute; comm = exposed; components are sums over ops",

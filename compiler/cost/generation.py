@@ -117,7 +117,7 @@ def reshard_seconds(chip: Chip, model: str, pre: Candidate, dec: Candidate) -> f
         moved += pre.estimate.memory.weights
     if pre.attn != dec.attn or (pre.attn == "batch" and pre.ffn != dec.ffn):
         moved += pre.estimate.memory.kv
-    return moved / (chip.ici_bw * efficiency_for(chip.name, model).link) if moved else 0.0
+    return moved / (chip.ici_bw * efficiency_for(chip, model).link) if moved else 0.0
 
 
 def estimate_generation(spec: Spec, chip: Chip, prompt_len: int, new_tokens: int,
@@ -155,7 +155,7 @@ def format_generation(spec: Spec, chip: Chip, g: GenerationEstimate) -> str:
 
     lines = [f"model      {spec.model.name}: {spec.model.layers} layers, weights {spec.serve.weights}",
              f"hardware   {g.n_devices} x {chip.describe()}",
-             f"cost model {g.cost_model}: {efficiency_for(chip.name, g.cost_model).source}",
+             f"cost model {g.cost_model}: {efficiency_for(chip, g.cost_model).source}",
              f"generate   batch {g.batch}: prompt {g.prompt_len} tokens, then {g.new_tokens} new tokens "
              f"(context {g.prompt_len} -> {g.prompt_len + g.new_tokens})", ""]
     lines.append(f"  {'phase':8}{'layout':14}{'time ms':>10}{'MFU':>8}{'GiB/chip':>10}  fits")

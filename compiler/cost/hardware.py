@@ -37,6 +37,15 @@ Sources are given per chip. Users add a chip with a small TOML file (``--hardwar
     hop_latency_s = 1e-6     # optional
     topology = "torus"       # torus | switch | shared-memory
 
+    [efficiency]             # optional: the calibrated model's fit (compiler/cost/efficiency.py)
+    flops = 0.7              # achieved fraction of peak FLOP/s on large matmuls
+    matmul_half = 256        # smallest local matmul dim at which that fraction halves
+    hbm = 0.8                # achieved fraction of hbm_bw
+    link = 1.0               # achieved fraction of ici_bw
+    step_latency_s = 1e-6    # per ring step of a collective
+    layer_overhead_s = 0     # per layer call
+    source = "my fit"
+
 ``cpu`` is measured on the spot by ``runtime/probe.py`` (JAX, imported only then) and cached.
 """
 
@@ -48,6 +57,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
+from compiler.cost.efficiency import Efficiency
 from ir.errors import CostError, did_you_mean
 from ir.textfile import read_user_text
 
@@ -67,13 +77,16 @@ class Chip:
     source: str = ""
     #: Fixed cost of launching one op (s); measured for ``cpu``, 0 for accelerators (lower bound).
     op_overhead_s: float = 0.0
+    #: Achieved efficiencies for the ``calibrated`` model, when the chip file gives them
+    #: (compiler/cost/efficiency.py; table chips keep theirs there, in ``CALIBRATED``).
+    efficiency: Efficiency | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "flops", tuple(sorted(dict(self.flops).items())))  # hashable
         if "bf16" not in dict(self.flops):
             raise CostError(f"chip {self.name!r}: flops needs a bf16 entry")
         for what, v in (("hbm_bytes", self.hbm_bytes), ("hbm_bw", self.hbm_bw), ("ici_bw", self.ici_bw),
-                        *((f"flops_{k}", v) for k, v in self.flops)):
+                        *((f"flops_{k}", v) for k, v in dict(self.flops).items())):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise CostError(f"chip {self.name!r}: {what} must be a positive number, got {v!r}")
         if self.topology not in TOPOLOGIES:
@@ -81,7 +94,7 @@ class Chip:
                             hint=did_you_mean(self.topology, TOPOLOGIES))
 
     def peak(self, dtype: str) -> float:
-        table = dict(self.flops)
+        table: dict[str, float] = dict(self.flops)
         return table.get(dtype, table["bf16"])
 
     def hops(self, axes: tuple[str, ...], mesh: Mapping[str, int]) -> int:
@@ -126,7 +139,7 @@ CHIP_NAMES = (*CHIPS, "cpu")
 
 def chip_from_mapping(d: Mapping, where: str) -> Chip:
     known = {"name", "source", "flops_bf16", "flops_f32", "flops_int8", "hbm_bytes", "hbm_bw", "ici_bw",
-             "hop_latency_s", "topology", "op_overhead_s"}
+             "hop_latency_s", "topology", "op_overhead_s", "efficiency"}
     for k in d:
         if k not in known:
             raise CostError(f"{where}: unknown chip field {k!r}", hint=did_you_mean(k, sorted(known)))
@@ -142,7 +155,26 @@ def chip_from_mapping(d: Mapping, where: str) -> Chip:
         raise CostError(f"{where}: chip field 'hbm_bytes' must be a whole number, got {d['hbm_bytes']!r}")
     return Chip(d["name"], flops, int(hbm), _number(d, "hbm_bw", where), _number(d, "ici_bw", where),
                 _number(d, "hop_latency_s", where, 0.0), d.get("topology", "torus"), d.get("source", where),
-                _number(d, "op_overhead_s", where, 0.0))
+                _number(d, "op_overhead_s", where, 0.0), _efficiency(d.get("efficiency"), where))
+
+
+def _efficiency(table: object, where: str) -> Efficiency | None:
+    """A chip file's ``[efficiency]`` table: the calibrated model's fitted fractions and costs."""
+    if table is None:
+        return None
+    if not isinstance(table, Mapping):
+        raise CostError(f"{where}: chip field 'efficiency' must be a table ([efficiency]), got {table!r}")
+    names = ("flops", "matmul_half", "hbm", "link", "step_latency_s", "layer_overhead_s")
+    for k in table:
+        if k not in (*names, "source"):
+            raise CostError(f"{where}: unknown efficiency field {k!r}", hint=did_you_mean(k, names))
+    if "source" in table and not isinstance(table["source"], str):
+        raise CostError(f"{where}: efficiency field 'source' must be a string")
+    vals = {k: _number(table, k, f"{where} [efficiency]", 0.0) for k in names if k in table}
+    try:
+        return Efficiency(**vals, source=table.get("source", where))
+    except CostError as e:
+        raise CostError(f"{where}: {e.message}") from None
 
 
 def _number(d: Mapping, key: str, where: str, default: float | None = None) -> float:
