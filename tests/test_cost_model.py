@@ -357,3 +357,24 @@ def _plain(tmp_path, text):
     q = tmp_path / "plain.toml"
     q.write_text(text)
     return q
+
+
+def test_cpu_fit_is_stored_with_its_probe_and_goes_stale_with_it(tmp_path):
+    """bench/cost_model_vs_measured.py --fit stores the cpu chip's efficiencies beside the probe's
+    cache; get_chip('cpu') attaches them while the probe's figures are the ones fitted against."""
+    import json as _json
+
+    from compiler.cost.efficiency import CPU_FIT_FILE, Efficiency, efficiency_for, load_cpu_fit, save_cpu_fit
+
+    probe = {"name": "cpu", "flops_f32": 1e11, "flops_bf16": 5e10, "hbm_bw": 2e10, "ici_bw": 1e10,
+             "hbm_bytes": 1 << 34, "op_overhead_s": 2e-6, "topology": "shared-memory", "source": "test"}
+    eff = Efficiency(flops=0.4, matmul_half=32.0, hbm=0.6, layer_overhead_s=1e-5, source="fit")
+    save_cpu_fit(tmp_path / CPU_FIT_FILE, probe, eff)
+    assert load_cpu_fit(tmp_path / CPU_FIT_FILE, probe) == eff
+    assert load_cpu_fit(tmp_path / CPU_FIT_FILE, {**probe, "hbm_bw": 3e10}) is None  # re-measured: stale
+    assert load_cpu_fit(tmp_path / "absent.json", probe) is None
+    from runtime.probe import PROBE_VERSION
+
+    (tmp_path / "cpu-probe.json").write_text(_json.dumps({**probe, "version": PROBE_VERSION}))
+    chip = get_chip("cpu", tmp_path)
+    assert chip.efficiency == eff and efficiency_for(chip) == eff and efficiency_for(chip, "bound").is_bound

@@ -12,13 +12,18 @@ The cost model has two modes (``explain --model``):
 The constants are fitted by ``bench/calibrate.py`` to the eight rows of
 ``../shared/reference/paper-calibration.csv`` and nothing else (the paper's other tables and
 figures are kept for checking how well they generalise); the fit's provenance is stored with
-them. A chip without a calibration is priced at its bound in both modes.
+them. ``cpu`` is measured per machine, so its fit is too: ``bench/cost_model_vs_measured.py
+--fit`` stores it beside the probe's cache, valid while the probe's figures stand. A chip
+without a calibration is priced at its bound in both modes.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
 
 from ir.errors import CostError
 
@@ -73,6 +78,30 @@ CALIBRATED: dict[str, Efficiency] = {
 }
 
 
+#: The ``cpu`` chip's fit (bench/cost_model_vs_measured.py --fit), next to runtime/probe.py's cache.
+CPU_FIT_FILE = "cpu-efficiency.json"
+#: The probe's figures a CPU fit depends on: a re-measured probe makes the fit stale.
+PROBE_KEYS = ("flops_f32", "flops_bf16", "hbm_bw", "op_overhead_s")
+
+
+def save_cpu_fit(path: Path, probe: Mapping, eff: Efficiency) -> None:
+    """Stores a CPU fit with the probe figures it was fitted against."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"probe": {k: probe[k] for k in PROBE_KEYS if k in probe}, "efficiency": asdict(eff)},
+                               indent=1))
+
+
+def load_cpu_fit(path: Path, probe: Mapping) -> Efficiency | None:
+    """The stored CPU fit, if it was fitted against these probe figures (else None: stale or absent)."""
+    try:
+        data = json.loads(path.read_text())
+        if data["probe"] != {k: probe[k] for k in PROBE_KEYS if k in probe}:
+            return None
+        return Efficiency(**data["efficiency"])
+    except (OSError, ValueError, KeyError, TypeError, CostError):
+        return None
+
+
 def efficiency_for(chip: object, model: str = "calibrated") -> Efficiency:
     """The efficiencies ``model`` prices ``chip`` (a hardware.Chip or a chip name) with: the chip
     file's ``[efficiency]`` table, else the table's calibration, else the bound."""
@@ -86,4 +115,5 @@ def efficiency_for(chip: object, model: str = "calibrated") -> Efficiency:
     return CALIBRATED.get(getattr(chip, "name", chip), BOUND)
 
 
-__all__ = ["BOUND", "CALIBRATED", "Efficiency", "MODELS", "efficiency_for"]
+__all__ = ["BOUND", "CALIBRATED", "CPU_FIT_FILE", "Efficiency", "MODELS", "efficiency_for", "load_cpu_fit",
+           "save_cpu_fit"]

@@ -202,9 +202,12 @@ def get_chip(name_or_file: str, cache_dir: Path | None = None) -> Chip:
     if name_or_file in CHIPS:
         return CHIPS[name_or_file]
     if name_or_file == "cpu":
-        from runtime.probe import measure_cpu  # JAX lives in runtime/ only
+        from compiler.cost.efficiency import CPU_FIT_FILE, load_cpu_fit
+        from runtime.probe import default_cache_dir, measure_cpu  # JAX lives in runtime/ only
 
-        return chip_from_mapping(measure_cpu(cache_dir), "cpu probe")
+        probe = measure_cpu(cache_dir)
+        chip = chip_from_mapping(probe, "cpu probe")
+        return replace(chip, efficiency=load_cpu_fit((cache_dir or default_cache_dir()) / CPU_FIT_FILE, probe))
     p = Path(name_or_file)
     if p.suffix == ".toml" or p.is_file():
         return load_chip_file(p)
