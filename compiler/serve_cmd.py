@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ir.errors import FileError, SpecError
+from ir.errors import SpecError
 
 #: KV memory the default slot count may take (bytes); ``--slots`` overrides.
 DEFAULT_KV_BUDGET = 2 << 30
@@ -23,6 +23,8 @@ MAX_DEFAULT_SLOTS = 64
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="model spec file (optional: the checkpoint describes its model; "
+                   "a spec given is checked against it and its mesh and serve blocks are used)")
     p.add_argument("--checkpoint", type=Path, required=True, help="a Hugging Face checkpoint directory or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -49,32 +51,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-warmup", dest="warmup", action="store_false", help="open the port before compiling")
 
 
-def load_model(checkpoint: Path, *, mesh: str | None = None, ffn: str | None = None, attn: str | None = None,
-               weights: str | None = None, sets: tuple[str, ...] = (), context: int = 1024,
+def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = None, ffn: str | None = None,
+               attn: str | None = None, weights: str | None = None, sets: tuple[str, ...] = (), context: int = 1024,
                slots: int | None = None, devices: int | None = None) -> tuple[Any, Any, Any, int]:
-    """(spec, runner, tokenizer, slots) for a checkpoint: its model, the layout the overrides
-    give, weights on device, and the slot count (given, or what the KV budget holds)."""
-    from compiler.cli import _ensure_devices
-    from compiler.spec import Spec, apply_overrides
-    from runtime.checkpoint import open_checkpoint
+    """(spec, runner, tokenizer, slots) for a checkpoint: its model (checked against ``spec``
+    when given), the layout the overrides give, weights on device, and the slot count (given,
+    or what the KV budget holds). Loading is ``einshard generate``'s (compiler.generate_cmd)."""
+    from compiler.generate_cmd import load
+    from compiler.generation import make_runner
 
-    if not checkpoint.exists():
-        raise FileError(f"no checkpoint at '{checkpoint}'", hint="give a Hugging Face directory or a .gguf file")
-    ck = open_checkpoint(checkpoint)
-    spec = apply_overrides(Spec(ck.model_spec(), path=str(checkpoint)), mesh=mesh, ffn=ffn, attn=attn,
-                           weights=weights, sets=list(sets))
-    _ensure_devices(devices or spec.mesh.n_devices, explicit=devices is not None)
-    from compiler.generation import make_runner, weight_types
-
-    m = spec.model
+    ld = load(argparse.Namespace(checkpoint=checkpoint, spec=spec, mesh=mesh, ffn=ffn, attn=attn, weights=weights,
+                                 sets=list(sets), devices=devices))
+    m = ld.spec.model
     if slots is None:
         per_slot = 2 * m.layers * context * m.kv_heads * m.d_head * 4
         slots = 1
         while slots * 2 <= MAX_DEFAULT_SLOTS and slots * 2 * per_slot <= DEFAULT_KV_BUDGET:
             slots *= 2
-    tok = ck.tokenizer()
-    runner = make_runner(spec, ck.load_weights(m, weight_types(spec)), context, batch=slots)
-    return spec, runner, tok, slots
+    runner = make_runner(ld.spec, ld.weights, context, batch=slots)
+    return ld.spec, runner, ld.tokenizer, slots
 
 
 def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
@@ -88,7 +83,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
 
     if args.context < 2:
         raise SpecError(f"--context must be at least 2, got {args.context}")
-    spec, runner, tok, slots = load_model(args.checkpoint, mesh=args.mesh, ffn=args.ffn, attn=args.attn,
+    spec, runner, tok, slots = load_model(args.checkpoint, spec=args.spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn,
                                           weights=args.weights, sets=tuple(args.sets), context=args.context,
                                           slots=args.slots, devices=args.devices)
     try:

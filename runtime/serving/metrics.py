@@ -69,7 +69,7 @@ class Metrics:
     }
 
     def __init__(self) -> None:
-        self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self.counters: dict[str, float] = dict.fromkeys(self.COUNTERS, 0)
         self.gauges = dict.fromkeys(self.GAUGES, 0.0)
         self.ttft = Histogram("einshard_time_to_first_token_seconds", "arrival to first token")
         self.itl = Histogram("einshard_inter_token_latency_seconds", "time between a request's tokens")
