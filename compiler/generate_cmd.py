@@ -134,9 +134,8 @@ def _prompts(args: argparse.Namespace, tok: Any) -> tuple[list[list[int]], list[
     return out, texts
 
 
-def _check_sampling(args: argparse.Namespace) -> Any:
-    from runtime.sampling import SamplingParams
-
+def _check_flags(args: argparse.Namespace) -> None:
+    """Sampling flags, checked before anything is loaded."""
     if args.max_new_tokens < 1:
         raise SpecError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.top_k is not None and args.top_k < 1:
@@ -145,7 +144,8 @@ def _check_sampling(args: argparse.Namespace) -> Any:
         raise SpecError(f"--top-p must be in (0, 1], got {args.top_p}", hint="1 keeps every token")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise SpecError(f"--temperature must be >= 0, got {args.temperature}", hint="0 is greedy")
-    return SamplingParams(args.temperature, args.top_k or 0, args.top_p, args.seed)
+    if not 0 <= args.seed < 2**32:
+        raise SpecError(f"--seed must be in [0, 2^32), got {args.seed}")
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -155,14 +155,17 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from runtime.generator import GenerateRequest, Generator
-    from runtime.model_runner import bucket
-
-    params = _check_sampling(args)
+    _check_flags(args)
     if args.batch is not None and args.batch < 1:
         raise SpecError(f"--batch must be >= 1, got {args.batch}")
     t0 = time.perf_counter()
+    # JAX is imported only after load() has set up the simulated devices the mesh needs
     ld = load(args, need_tokenizer=args.prompt_ids is None or bool(args.stop) or not args.json or args.stream)
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.model_runner import bucket
+    from runtime.sampling import SamplingParams
+
+    params = SamplingParams(args.temperature, args.top_k or 0, args.top_p, args.seed)
     prompts, texts = _prompts(args, ld.tokenizer)
     tok = ld.tokenizer
     eos = () if args.ignore_eos or tok is None else tok.eos_token_ids
