@@ -2,7 +2,7 @@
 #
 #   make venv    .venv with the package (editable) and the test extras
 #   make demo    generate text from SmolLM2-135M (installs the package and the model), run a checked example
-#   make test    the whole test suite, 2 workers, deterministic hypothesis profile `ci`
+#   make test    mypy, then the whole test suite, 2 workers, deterministic hypothesis profile `ci`
 #   make fuzz    the spec, IR-parser, pipeline and CLI fuzzers at 10,000 examples each (not in CI)
 #   make bench   every benchmark under bench/
 #   make clean   caches and build outputs (keeps .venv); `make distclean` also drops .venv
@@ -51,8 +51,12 @@ demo: | $(VENV)/bin/einshard
 	$(VENV)/bin/einshard run examples/tiny-mqa.model --check
 
 # tests/conftest.py reads HYPOTHESIS_PROFILE and points JAX's persistent cache at .jax_cache.
+# mypy first (config in pyproject.toml), then the suite; the elapsed time at the end.
 test: $(VENV)/.stamp-test
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	start=$$(date +%s); \
+	$(PY) -m mypy; \
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS); \
+	echo "make test: $$(( $$(date +%s) - start )) s"
 
 # Tests marked `fuzz` under the hypothesis profile `fuzz` (tests/conftest.py): 10,000 randomized
 # examples per property, statistics per test, the elapsed time at the end. A failure prints the
