@@ -158,7 +158,7 @@ def _collective_einsum(v: View) -> Cost:
         g = x.with_axes(op.dim, keep)
         pairs = [(g, w) for w in ins[1:]]
     else:
-        pairs = [tuple(ins[:2])]
+        pairs = [(ins[0], ins[1])]
     flops, smallest = 0.0, math.inf
     for spec, (a, b) in zip(specs, pairs):
         sizes = {**v.local(a), **v.local(b)}
