@@ -113,3 +113,36 @@ def tiny(family: str, directory: Path, seed: int | None = None, **overrides: str
     m.save_pretrained(directory)
     spec, weights = load_spec_and_weights(directory, **overrides)
     return Tiny(family, directory, m, spec, weights, Generator(make_runner(spec, weights, CONTEXT)))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_tokenizer(directory: Path, vocab: int, corpus: Sequence[str]) -> None:
+    """A byte-level BPE trained on ``corpus`` (at most ``vocab`` ids; EOS ``</s>`` = id 2) with a
+    chat template, as ``tokenizer.json`` + ``tokenizer_config.json`` in ``directory``."""
+    import json
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    tk.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}))
+
+
+def checkpoint_with_tokenizer(directory: Path, family: str = "llama", vocab: int = 320,
+                              corpus: Sequence[str] = ("The quick brown fox jumps over the lazy dog. " * 3,)) -> transformers.PreTrainedModel:
+    """A tiny ``family`` checkpoint of ``vocab`` ids plus a trained tokenizer, saved in ``directory``."""
+    m = hf_model(family, vocab_size=vocab)
+    m.save_pretrained(directory)
+    write_tokenizer(directory, vocab, corpus)
+    return m
