@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         import httpx
 
         info = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]
-        vocab, model = 1000, args.model or info["id"]
+        vocab, model = 256, args.model or info["id"]  # ids below 256: byte tokens every BPE vocabulary has
         if not args.rates:
             raise SystemExit("--url needs --rates (the capacity of a remote server is not measured here)")
     else:

@@ -284,3 +284,16 @@ def test_overload_is_503_and_accepted_requests_complete(server):
         else:
             assert r.json()["usage"]["completion_tokens"] == 60
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_bench_replays_a_trace_over_http(server, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serving.py"), "--url", server.url, "--requests", "6",
+                        "--rates", "3", "6", "12", "--traces", "poisson", "--loads", "light", "--prompt-len", "2", "8",
+                        "--output-len", "2", "6", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["scheduler"] == "http" and run["requests"] == 6
+    assert run["failed"] == 0, run
+    assert 6 * 2 <= run["generated"] <= 6 * 6 and run["ttft_p50_s"] > 0
