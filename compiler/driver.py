@@ -1,28 +1,24 @@
-"""The compile driver: spec (or IR file) -> module -> default or given pipeline -> result.
+"""The compile driver: spec (or IR file) -> resolved spec -> module -> pipeline -> result.
 
-This is where serve settings turn into program shapes (BuildConfig) and where the default
-pipeline for a spec is chosen. The CLI and the benchmarks call it; it does no printing itself.
+It decides ``auto`` settings with the cost model (compiler/cost/autolayout.py) and then asks
+compiler/pipelines.py for shapes and the default pipeline, whose functions it re-exports. The
+CLI and the benchmarks call it; it does no printing itself.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
-from compiler.build import BuildConfig, build_module
+from compiler import pipelines
+from compiler.cost.autolayout import resolve_auto, resolve_kv
+from compiler.pipelines import (WEIGHT_DTYPES, CompileResult, build_for, compile_config, compile_module,
+                                pad_options, run_config, settle_kv, unsharded_pipeline)
 from compiler.spec import Spec, load_spec
-from ir.errors import SpecError
 from ir.module import Module
 from ir.parser import parse_file
-from passes.layouts import Layout, padded_heads
-from passes.manager import Instrumentation, PassManager, PipelineRun
-from passes.pipeline import Pipeline, format_pass, parse_pipeline
 
-#: The float type of the program per weight format; int8 weights are quantized from bf16 by
-#: quantize-int8 and dequantized to bf16 before each matmul.
-WEIGHT_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "bf16"}
+__all__ = ["WEIGHT_DTYPES", "CompileResult", "build_for", "compile_config", "compile_module", "default_pipeline",
+           "head_multiple", "load_input", "pad_options", "resolved", "run_config", "unsharded_pipeline"]
 
 
 def load_input(path: str | Path) -> Spec | Module:
@@ -33,177 +29,23 @@ def load_input(path: str | Path) -> Spec | Module:
     return load_spec(p)
 
 
-def compile_config(spec: Spec) -> BuildConfig:
-    """Shapes of the program `einshard compile` emits: the serve phase's entry only."""
-    s = spec.serve
-    dtype = WEIGHT_DTYPES[s.weights]
-    if s.phase == "prefill":
-        return BuildConfig(s.batch, s.seq, s.seq, ("prefill",), dtype, s.logits)
-    return BuildConfig(s.batch, 1, s.seq, ("decode",), dtype, s.logits)
-
-
-def run_config(spec: Spec, steps: int, prompt_len: int | None = None) -> BuildConfig:
-    """Shapes for `einshard run`: prefill a prompt, then ``steps`` decode steps.
-
-    For a prefill spec the prompt is ``seq`` tokens and the cache holds ``seq + steps``; for a
-    decode spec the cache holds ``seq`` positions and the prompt fills all but ``steps`` of them.
-    """
-    s = spec.serve
-    if steps < 0:
-        raise SpecError(f"--steps must be >= 0, got {steps}")
-    explicit_prompt = prompt_len is not None
-    if prompt_len is None:
-        prompt_len = s.seq if s.phase == "prefill" else s.seq - steps
-        cache = s.seq + steps if s.phase == "prefill" else s.seq
-    else:
-        cache = max(prompt_len + steps, s.seq if s.phase == "decode" else 0)
-    if prompt_len < 1 and explicit_prompt:
-        raise SpecError(f"--prompt-len must be a token count >= 1, got {prompt_len}")
-    if prompt_len < 1:
-        raise SpecError(f"a decode cache of {s.seq} positions leaves no room for a prompt before {steps} steps",
-                        hint="raise serve.seq or lower --steps")
-    return BuildConfig(s.batch, prompt_len, cache, ("prefill", "decode"), WEIGHT_DTYPES[s.weights], s.logits)
-
-
-def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
-    """The pipeline `einshard compile` and `run` use when --passes is not given.
-
-    For the spec's phase (the cost model resolves ``auto`` layouts and ``kv = auto`` per phase):
-    pad what does not divide the devices that shard it (:func:`pad_options`: the heads to a
-    multiple of :func:`head_multiple`, grouped-query K x G as passes/layouts.py
-    ``padded_heads`` says under ``kv = pad``, the vocabulary to the device count), fuse a
-    parallel block's projections, quantize the weights for ``weights = int8``, apply the
-    layouts, expand the reshards into collectives, clean up, and for ``overlap = looped |
-    bidirectional`` turn collective + einsum pairs into ring loops. One device: fusion,
-    quantization and cleanup only. ``rewrites=False`` leaves out fusion, int8 and loops: the
-    paper's layouts alone (the layout tests and docs/layouts.md use it).
-    """
-    if spec is None:
-        return "cleanup"
-    spec = _resolved(spec)
-    m, s, n = spec.model, spec.serve, spec.mesh.n_devices
-    parts = []
-    pad = pad_options(spec)
-    if pad:
-        parts.append("pad-heads{" + ",".join(f"{k}={v}" for k, v in pad.items()) + "}")
-    if rewrites and m.block == "parallel":
-        parts.append("fuse-parallel-block" if _fuse_attention(spec) else "fuse-parallel-block{attention=false}")
-    if rewrites and s.weights == "int8":
-        parts.append("quantize-int8")
-    if n > 1:
-        kv = ",kv=replicate" if s.kv == "replicate" and m.attention == "grouped" else ""
-        parts += [f"shard{{ffn={s.ffn},attn={s.attn}{kv}}}", "insert-collectives"]
-    parts.append("cleanup")
-    if rewrites and n > 1 and s.overlap != "none":
-        parts.append("collective-einsum" + ("{bidirectional=true}" if s.overlap == "bidirectional" else ""))
-    return ",".join(parts)
-
-
-def pad_options(spec: Spec) -> dict[str, int]:
-    """pad-heads options for a resolved spec (empty: nothing to pad). Heads (H) to a multiple of
-    :func:`head_multiple`; grouped-query heads only under ``kv = pad``, to the smallest K' x G'
-    that divides the head axes (passes/layouts.py ``padded_heads``); the vocabulary to a
-    multiple of the devices, so that the embedding and the output head stay vocab-parallel."""
-    m, n = spec.model, spec.mesh.n_devices
-    if n == 1:
-        return {}
-    out: dict[str, int] = {}
-    if m.attention != "grouped":
-        mult = head_multiple(spec)
-        if m.heads % mult:
-            out["multiple"] = mult
-    elif spec.serve.kv == "pad":
-        k, g = padded_heads(_layout(spec), m.kv_heads, m.heads // m.kv_heads)
-        if k != m.kv_heads:
-            out["kv_heads"] = k
-        if g != m.heads // m.kv_heads:
-            out["groups"] = g
-    if m.vocab % n:
-        out["vocab"] = n
-    return out
-
-
-def _resolved(spec: Spec) -> Spec:
+def resolved(spec: Spec) -> Spec:
     """``spec`` with ``auto`` layouts replaced by the cost model's choice for its phase, then
     ``kv = auto`` likewise (shard, replicate or pad the grouped-query heads)."""
     if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
-        from compiler.cost.autolayout import resolve_auto
+        spec = resolve_auto(spec)[0]
+    return resolve_kv(settle_kv(spec))
 
-        spec = resolve_auto(spec)[0]  # see compiler/cost/autolayout.py
-    if spec.serve.kv == "auto":
-        if spec.mesh.n_devices == 1 or spec.model.attention != "grouped":
-            return replace(spec, serve=replace(spec.serve, kv="shard"))  # nothing to choose
-        from compiler.cost.autolayout import resolve_kv
 
-        spec = resolve_kv(spec)
-    return spec
+def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
+    """compiler/pipelines.py ``default_pipeline`` for ``spec`` with its ``auto`` settings resolved."""
+    return pipelines.default_pipeline(None if spec is None else resolved(spec), rewrites)
 
 
 def head_multiple(spec: Spec) -> int:
-    """The device count that the default pipeline pads the query heads (H) to a multiple of.
-
-    Padding costs weight memory and bandwidth, so it goes only as far as the layout shards the
-    heads: the wide weight axes (passes/layouts.py ``Layout.wide``: all devices in 1D-WS, Z·Y
-    in 2D-WS and the weight-gathered layouts), under either attention layout. Under ``attn =
-    heads`` Q's partial sums over X then land on another dim (passes/shard.py ``settle``) and
-    the scores einsum gathers it: an all-reduce's worth of traffic, far less than padded
-    weights (PaLM 540B: 48 heads over 16 devices instead of 64 padded ones).
-    ``auto`` layouts are resolved first.
-    """
-    spec = _resolved(spec)
-    if spec.mesh.n_devices == 1:
-        return 1
-    return _wide_devices(spec)
-
-
-def _layout(spec: Spec) -> Layout:
-    return Layout(spec.serve.ffn, spec.serve.attn, spec.mesh.axes)
-
-
-def _wide_devices(spec: Spec) -> int:
-    """Devices of the wide weight dims (F, heads), as the layout places them."""
-    layout = _layout(spec)
-    return math.prod(layout.sizes[a] for a in layout.wide())
+    """compiler/pipelines.py ``head_multiple`` for ``spec`` with its ``auto`` settings resolved."""
+    return pipelines.head_multiple(resolved(spec))
 
 
 def _fuse_attention(spec: Spec) -> bool:
-    """Grouped-query projections join the packed weight only when their K/V heads (padded under
-    ``kv = pad``) are sharded over all the head axes (else query heads are sharded inside a group,
-    which a packed dim cannot express)."""
-    spec = _resolved(spec)
-    m, s = spec.model, spec.serve
-    if m.attention != "grouped" or spec.mesh.n_devices == 1:
-        return True
-    if s.kv == "replicate":
-        return False
-    k = pad_options(spec).get("kv_heads", m.kv_heads)
-    return k % _wide_devices(spec) == 0
-
-
-def unsharded_pipeline(pipeline: str) -> str:
-    """The passes of ``pipeline`` that change numerics or program shape but not the layout, as a
-    pipeline for the unsharded module: the exact reference for a sharded, int8 program."""
-    keep = ("fuse-parallel-block", "quantize-int8")
-    parts = [format_pass(p) for p in parse_pipeline(pipeline).passes if p.name in keep]
-    return ",".join(parts + ["cleanup"])
-
-
-@dataclass
-class CompileResult:
-    input: Module
-    run: PipelineRun
-    pipeline: Pipeline
-
-    @property
-    def module(self) -> Module:
-        return self.run.module
-
-
-def compile_module(module: Module, pipeline: str, instr: Instrumentation = Instrumentation(),
-                   sink: Callable[[str], None] | None = None) -> CompileResult:
-    pipe = parse_pipeline(pipeline)
-    return CompileResult(module, PassManager(pipe, instr, sink).run(module), pipe)
-
-
-def build_for(spec: Spec, cfg: BuildConfig) -> Module:
-    return build_module(spec.model, cfg, spec.mesh.axes)
+    return pipelines.fuse_attention(resolved(spec))

@@ -2,7 +2,7 @@
 that fits.
 
 Candidates are the FFN layouts x attention layouts the spec leaves open (a concrete field is
-kept). Each is compiled by the real pipeline (compiler.driver: build, default pipeline), so
+kept). Each is compiled by the real pipeline (compiler.pipelines: build, default pipeline), so
 padding, fusion, int8 and overlap are priced as they are emitted. A candidate whose layout
 raises LayoutError is illegal and listed with the reason. Among the candidates that fit in HBM
 the fastest step wins; ties (equal step times) go to the smaller memory per chip, then to the
@@ -18,6 +18,7 @@ from functools import lru_cache
 from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, get_chip
 from compiler.cost.model import Estimate, nominal_params, price
+from compiler.pipelines import build_for, compile_config, compile_module, default_pipeline, settle_kv
 from compiler.spec import Spec
 from ir.errors import CostError, LayoutError
 from ir.module import Module
@@ -82,8 +83,8 @@ def open_fields(spec: Spec) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _compile(spec: Spec) -> tuple[Module, int]:
-    from compiler.driver import build_for, compile_config, compile_module, default_pipeline
-
+    """A candidate's program (``kv = auto`` decided first) and its nominal parameter count."""
+    spec = resolve_kv(settle_kv(spec))
     m0 = build_for(spec, compile_config(spec))
     return compile_module(m0, default_pipeline(spec)).module, nominal_params(m0)
 
