@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +178,8 @@ class Generator:
             self._aot(("loop", B, max_new), self.loop_fn(B, max_new), r.params, caches, state, samp, eos, z)
         return time.perf_counter() - t0
 
-    def _aot(self, key: tuple, fn: Callable, *args: object) -> None:
+    def _aot(self, key: tuple, fn: Any, *args: object) -> None:
+        """``fn`` is a ``jax.jit`` function; its compiled form is kept for calls of this shape."""
         if key not in self._compiled:
             self._compiled[key] = fn.lower(*args).compile()
 

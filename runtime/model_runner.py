@@ -158,7 +158,7 @@ class ModelRunner:
 
         def run(params: dict[str, jax.Array], tokens: jax.Array, pos: jax.Array, caches: Caches
                 ) -> tuple[jax.Array, Caches]:
-            env = {**params, "tokens": tokens.astype(jnp.int32), "pos": pos.astype(jnp.int32)}
+            env: dict[str, Any] = {**params, "tokens": tokens.astype(jnp.int32), "pos": pos.astype(jnp.int32)}
             for p, a in zip(c.fn.params_with_role("cache"), caches):
                 env[p.name] = a
             outs = program(*[env[n] for n in names])
