@@ -6,7 +6,8 @@ Exit statuses (compiler/exit_codes.py): 0 ok; 1 a documented error (EinshardErro
 internal error (a bug: the traceback is printed); 130 interrupted.
 
 Subcommands live in ``SUBCOMMANDS``: a name, a help line, a function that adds its arguments
-and a function that runs it. Another module adds one by appending a ``Subcommand``. Numeric
+and a function that runs it (``Subcommand``, from compiler/subcommand.py, which such modules
+import instead of this one). Another module adds one by appending a ``Subcommand``. Numeric
 flags are range-checked in one table (``VALUE_LIMITS``, keyed by the argparse ``dest``), so a
 new subcommand that reuses ``--steps`` or ``--seed`` gets the same checks; a value out of range
 is a SpecError pointing into the command line.
@@ -17,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from compiler.exit_codes import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from compiler.subcommand import Subcommand, ensure_devices
 from ir.errors import EinshardError, FileError, Location, SpecError
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SUBCOMMANDS",
@@ -41,14 +41,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-@dataclass(frozen=True)
-class Subcommand:
-    name: str
-    help: str
-    arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
 
 
 # ---- arguments -----------------------------------------------------------------------------
@@ -329,7 +321,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         argv_location(args.argv, "--checkpoint"))
     spec = _resolve_auto(args, _needs_spec(_spec_with_overrides(args), args))
     check_run_memory(spec, run_config(spec, args.steps, args.prompt_len))
-    _ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)
+    ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)
     instr = _instrumentation(args)
     opts = RunOptions(steps=args.steps, prompt_len=args.prompt_len, seed=args.seed, check=args.check,
                       tolerance=args.tolerance, weights_dir=_split_weights_flag(args)[1], pipeline=args.passes,
@@ -429,27 +421,6 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\S*)")
-
-
-def _ensure_devices(n: int, explicit: bool = False) -> None:
-    """Simulated CPU devices must be requested before JAX starts. An explicit ``--devices``
-    replaces a count already in XLA_FLAGS; once JAX has started, a different one is refused
-    rather than ignored."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    m = _DEVICE_FLAG.search(flags)
-    current = m.group(1) if m else None
-    if not explicit and (current is not None or n <= 1):
-        return
-    if current == str(n):
-        return
-    if "jax" in sys.modules:
-        if explicit:
-            raise SpecError(f"--devices {n} cannot take effect: JAX has already started "
-                            f"({'with ' + current + ' devices from XLA_FLAGS' if current else 'without it'})")
-        return
-    flag = f"--xla_force_host_platform_device_count={n}"
-    os.environ["XLA_FLAGS"] = _DEVICE_FLAG.sub(flag, flags) if m else f"{flags} {flag}".strip()
 
 
 SUBCOMMANDS: list[Subcommand] = [
@@ -463,11 +434,11 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("passes", "list the registered passes and their options", _args_none, cmd_passes),
 ]
 
-from compiler.serve_cmd import subcommand as _serve  # noqa: E402  (it needs Subcommand, defined above)
+from compiler.serve_cmd import subcommand as _serve  # noqa: E402
 
 SUBCOMMANDS.append(_serve())
 
-from compiler.generate_cmd import subcommands as _generation  # noqa: E402  (likewise)
+from compiler.generate_cmd import subcommands as _generation  # noqa: E402
 
 SUBCOMMANDS.extend(_generation())
 

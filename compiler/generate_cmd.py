@@ -72,7 +72,7 @@ class Loaded:
 
 def load(args: argparse.Namespace, need_tokenizer: bool = True) -> Loaded:
     """The checkpoint, its spec (checked against a given spec file), overrides, devices, weights."""
-    from compiler.cli import _ensure_devices
+    from compiler.subcommand import ensure_devices
     from compiler.spec import Spec, apply_overrides, load_spec
     from runtime.checkpoint import check_same_model, open_checkpoint
 
@@ -87,7 +87,7 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True) -> Loaded:
         spec = Spec(model, path=str(args.checkpoint))
     spec = apply_overrides(spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn, weights=args.weights,
                            sets=list(args.sets))
-    _ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)
+    ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)
     from runtime.model_runner import enable_compile_cache
 
     enable_compile_cache()
@@ -297,7 +297,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def subcommands() -> list[Any]:
-    from compiler.cli import Subcommand
+    from compiler.subcommand import Subcommand
 
     return [
         Subcommand("generate", "generate text from a checkpoint (greedy or sampled; batched; streamed)",

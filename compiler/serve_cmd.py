@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def subcommand() -> Any:
-    from compiler.cli import Subcommand
+    from compiler.subcommand import Subcommand
 
     return Subcommand("serve", "an OpenAI-compatible HTTP server for a checkpoint (temporal fusion engine)",
                       add_arguments, run)

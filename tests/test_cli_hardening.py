@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import EXIT_ERROR, EXIT_USAGE, _ensure_devices, argv_location, main
+from compiler.cli import EXIT_ERROR, EXIT_USAGE, argv_location, main
 from compiler.exit_codes import EXIT_INTERNAL
 from compiler.limits import check_run_memory, run_memory_bytes
+from compiler.subcommand import ensure_devices as _ensure_devices
 from ir.errors import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent

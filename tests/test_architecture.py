@@ -1,0 +1,49 @@
+"""The import arrows point one way: ``ir <- passes <- compiler``, ``runtime <- ir``, compiler may
+import runtime, and no module imports another that (directly or not) imports it back, counting
+the imports inside functions too (a lazy import is still an arrow)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("ir", "passes", "compiler", "runtime")
+#: Which top-level packages each package may import.
+ALLOWED = {"ir": {"ir"}, "passes": {"ir", "passes"}, "runtime": {"ir", "runtime"},
+           "compiler": {"ir", "passes", "compiler", "runtime"}}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> nx.DiGraph:
+    mods = {_module(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    g = nx.DiGraph()
+    g.add_nodes_from(mods)
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in mods and t != name:
+                    g.add_edge(name, t)
+    return g
+
+
+def test_packages_import_only_downward() -> None:
+    bad = [(a, b) for a, b in import_graph().edges if b.split(".")[0] not in ALLOWED[a.split(".")[0]]]
+    assert not bad, bad
+
+
+def test_compiler_has_no_import_cycles() -> None:
+    g = import_graph()
+    cycles = [c for c in nx.simple_cycles(g.subgraph(n for n in g if n.startswith("compiler")))]
+    assert not cycles, cycles
