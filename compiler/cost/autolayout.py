@@ -39,12 +39,18 @@ class Candidate:
         return self.estimate is not None
 
     @property
+    def est(self) -> Estimate:
+        """The estimate of a legal candidate (an illegal one has none: check ``legal`` first)."""
+        if self.estimate is None:
+            raise CostError(f"{self.ffn}/{self.attn} is illegal and has no estimate: {self.illegal}")
+        return self.estimate
+
+    @property
     def fits(self) -> bool:
         return self.estimate is not None and self.estimate.fits
 
     def key(self) -> tuple:
-        e = self.estimate
-        assert e is not None
+        e = self.est
         return (e.step_time_s, e.memory.total, FFN_LAYOUTS.index(self.ffn), ATTN_LAYOUTS.index(self.attn))
 
 
@@ -63,7 +69,7 @@ class Choice:
         lines = [f"auto layout on {self.chip.name}: {len(legal)} legal of {len(self.candidates)} candidates, "
                  "the fastest that fits wins"]
         for c in shown:
-            e = c.estimate
+            e = c.est
             mark = "chosen" if c is self.chosen else ("does not fit" if not c.fits else "")
             lines.append(f"  {c.ffn:7} {c.attn:6} {e.step_time_s * 1e3:12.4f} ms/step  "
                          f"{e.memory.total / 2**30:8.2f} GiB/chip  {mark}".rstrip())
@@ -120,8 +126,8 @@ def _resolve(spec: Spec, chip: Chip, model: str = "calibrated") -> tuple[Spec, C
         if not legal:
             reasons = "; ".join(f"{c.ffn}/{c.attn}: {c.illegal}" for c in choice.candidates)
             raise CostError(f"no candidate layout is legal for this model and mesh ({reasons})")
-        best = min(legal, key=lambda c: c.estimate.memory.total)
-        m = best.estimate.memory
+        best = min(legal, key=lambda c: c.est.memory.total)
+        m = best.est.memory
         raise CostError(
             f"no candidate layout fits in {chip.name}'s HBM ({chip.hbm_bytes / 2**30:g} GiB per chip); the smallest, "
             f"{best.ffn}/{best.attn}, needs {m.total / 2**30:.2f} GiB (weights {m.weights / 2**30:.2f}, "

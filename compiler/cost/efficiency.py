@@ -110,9 +110,9 @@ def efficiency_for(chip: object, model: str = "calibrated") -> Efficiency:
     if model == "bound":
         return BOUND
     own = getattr(chip, "efficiency", None)
-    if own is not None:
+    if isinstance(own, Efficiency):
         return own
-    return CALIBRATED.get(getattr(chip, "name", chip), BOUND)
+    return CALIBRATED.get(str(getattr(chip, "name", chip)), BOUND)
 
 
 __all__ = ["BOUND", "CALIBRATED", "CPU_FIT_FILE", "Efficiency", "MODELS", "efficiency_for", "load_cpu_fit",

@@ -43,23 +43,24 @@ class PhaseReport:
             return self.choice.chosen
         match = [c for c in self.choice.candidates if c.legal and s.ffn in ("auto", c.ffn) and s.attn in ("auto", c.attn)]
         fitting = [c for c in match if c.fits]
-        return (fitting or match or [None])[0]
+        pick = fitting or match
+        return pick[0] if pick else None
 
     def no_fit_reason(self) -> str:
         """Why nothing fits: the smallest candidate's memory against HBM."""
         legal = [c for c in self.choice.candidates if c.legal]
         if not legal:
             return "no candidate layout is legal"
-        best = min(legal, key=lambda c: c.estimate.memory.total)
-        m = best.estimate.memory
-        return (f"no layout fits in HBM ({best.estimate.hbm_bytes / GiB:.3g} GiB per chip): the smallest, "
+        best = min(legal, key=lambda c: c.est.memory.total)
+        m = best.est.memory
+        return (f"no layout fits in HBM ({best.est.hbm_bytes / GiB:.3g} GiB per chip): the smallest, "
                 f"{best.ffn}/{best.attn}, needs {m.total / GiB:.3g} GiB (weights {m.weights / GiB:.3g}, KV "
                 f"{m.kv / GiB:.3g}, activations {m.activations / GiB:.3g}, prefetch {m.prefetch / GiB:.3g})")
 
     def max_context(self, c: Candidate | None) -> int | None:
         if c is None or c.estimate is None:
             return None
-        e = c.estimate
+        e = c.est
         per_position = e.memory.kv / self.spec.serve.seq
         if per_position <= 0:
             return None
@@ -115,7 +116,7 @@ def candidate_json(r: PhaseReport, c: Candidate) -> dict:
     note = batch_note(r.spec, c.ffn, c.attn)
     if note:
         d["note"] = note
-    e: Estimate = c.estimate
+    e: Estimate = c.est
     d.update(step_time_s=e.step_time_s, layer_time_s=e.per_layer.time, mfu=e.mfu,
              cost_chip_ms_per_token=e.cost_chip_ms_per_token, memory_per_chip_bytes=e.memory.total,
              memory={"weights": e.memory.weights, "kv_cache": e.memory.kv, "activations": e.memory.activations,
@@ -201,7 +202,7 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
             if not c.legal:
                 lines.append(f"  {mark} {c.ffn:7}{c.attn:6} illegal: {c.illegal}")
                 continue
-            e = c.estimate
+            e = c.est
             p = e.per_step
             lines.append(f"  {mark} {c.ffn:7}{c.attn:6}{_ms(p.compute):>10}{_ms(p.weights):>10}{_ms(p.kv):>9}"
                          f"{_ms(p.activations):>9}{_ms(p.comm_exposed):>9}{_ms(e.step_time_s):>11}"
@@ -223,7 +224,7 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
         ch = r.shown
         if ch is None:
             continue
-        e = ch.estimate
+        e = ch.est
         lay = e.per_layer
         which = "chosen" if ch is r.choice.chosen else ("requested" if ch.fits else "requested (does not fit)")
         lines.append(f"  {which} {ch.ffn}/{ch.attn}: per layer {_ms(lay.time)} ms (compute {_ms(lay.compute)}, "

@@ -103,7 +103,7 @@ def _pick(spec: Spec, chip: Chip, model: str, ffn: str | None = None, attn: str 
     if not legal:
         reasons = "; ".join(f"{c.ffn}/{c.attn}: {c.illegal}" for c in choice.candidates)
         raise CostError(f"{s.phase}: no candidate layout is legal ({reasons})")
-    return choice.chosen or min(legal, key=lambda c: c.estimate.memory.total)
+    return choice.chosen or min(legal, key=lambda c: c.est.memory.total)
 
 
 def _weights_storage(ffn: str) -> str:
@@ -114,9 +114,9 @@ def reshard_seconds(chip: Chip, model: str, pre: Candidate, dec: Candidate) -> f
     """Moving the weights and the prompt's KV cache from the prefill's layout to the decode's."""
     moved = 0.0
     if _weights_storage(pre.ffn) != _weights_storage(dec.ffn):
-        moved += pre.estimate.memory.weights
+        moved += pre.est.memory.weights
     if pre.attn != dec.attn or (pre.attn == "batch" and pre.ffn != dec.ffn):
-        moved += pre.estimate.memory.kv
+        moved += pre.est.memory.kv
     return moved / (chip.ici_bw * efficiency_for(chip, model).link) if moved else 0.0
 
 
@@ -131,7 +131,7 @@ def estimate_generation(spec: Spec, chip: Chip, prompt_len: int, new_tokens: int
     given = (None if s.ffn == "auto" else s.ffn, None if s.attn == "auto" else s.attn)
     pre_spec = replace(spec, serve=replace(s, phase="prefill", seq=prompt_len))
     pre = _pick(pre_spec, chip, model, *given)
-    pe = pre.estimate
+    pe = pre.est
     prefill = PhaseChoice(pre.ffn, pre.attn, pe.step_time_s, pe.memory.total, pe.fits)
     if new_tokens == 0:
         return GenerationEstimate(s.batch, prompt_len, 0, pe.n_devices, pe.n_params, pe.peak_flops, prefill, None,
@@ -142,8 +142,8 @@ def estimate_generation(spec: Spec, chip: Chip, prompt_len: int, new_tokens: int
     first = evaluate(start, chip, (dec.ffn,), (dec.attn,), model=model).candidates[0]
     if first.estimate is None:
         raise CostError(f"decode at context {prompt_len + 1}: {dec.ffn}/{dec.attn} is illegal: {first.illegal}")
-    mean_step = (first.estimate.step_time_s + dec.estimate.step_time_s) / 2
-    de = dec.estimate
+    mean_step = (first.est.step_time_s + dec.est.step_time_s) / 2
+    de = dec.est
     decode = PhaseChoice(dec.ffn, dec.attn, mean_step, de.memory.total, de.fits)
     return GenerationEstimate(s.batch, prompt_len, new_tokens, pe.n_devices, pe.n_params, pe.peak_flops, prefill,
                               decode, pe.step_time_s, new_tokens * mean_step, reshard_seconds(chip, model, pre, dec),

@@ -60,8 +60,9 @@ def sweep(spec: Spec, chip: Chip, phases: tuple[str, ...], batches: tuple[int, .
                 if ch is None:
                     skipped.append(f"{ph} {w} batch {b}: no layout fits")
                     continue
-                e = ch.estimate
-                points.append(Point(ph, b, w, ch.ffn, ch.attn, e.step_time_s, e.cost_chip_ms_per_token, e.mfu))
+                est = ch.est
+                points.append(Point(ph, b, w, ch.ffn, ch.attn, est.step_time_s, est.cost_chip_ms_per_token,
+                                    est.mfu))
     return points, skipped
 
 
