@@ -150,11 +150,24 @@ class Generator:
 
     # ---- generation ----------------------------------------------------------------------
     def _shapes(self, req: GenerateRequest, batch: int | None) -> tuple[int, int, int]:
-        """(batch, prompt bucket, longest budget) of a request, after checking it."""
+        """(batch, prompt bucket, longest budget) of a request, after checking its prompts
+        (non-empty, ids in the vocabulary, prompt + budget within the context)."""
         r = self.runner
         n = len(req.prompts)
         if n == 0:
             raise SpecError("no prompts to generate from")
+        # checked here, before anything compiles, so bad input fails at once
+        for i, p in enumerate(req.prompts):
+            if not p:
+                raise SpecError(f"prompt {i} is empty", hint="give at least one token (most tokenizers add BOS)")
+            if any(t < 0 or t >= r.vocab for t in p):
+                bad = next(t for t in p if t < 0 or t >= r.vocab)
+                raise SpecError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {r.vocab})")
+            need = len(p) + req.max_new_tokens[i]
+            if need > r.cache_len:
+                raise SpecError(f"prompt {i} ({len(p)} tokens) + {req.max_new_tokens[i]} new tokens needs {need} "
+                                f"positions; the context holds {r.cache_len}",
+                                hint="shorten the prompt or lower --max-new-tokens")
         B = max(batch or n, n)
         L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
         return B, L, max(req.max_new_tokens)
@@ -195,17 +208,6 @@ class Generator:
         r = self.runner
         n = len(req.prompts)
         B, L, max_new = self._shapes(req, batch)
-        for i, p in enumerate(req.prompts):
-            if not p:
-                raise SpecError(f"prompt {i} is empty", hint="give at least one token (most tokenizers add BOS)")
-            if any(t < 0 or t >= r.vocab for t in p):
-                bad = next(t for t in p if t < 0 or t >= r.vocab)
-                raise SpecError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {r.vocab})")
-            need = len(p) + req.max_new_tokens[i]
-            if need > r.cache_len:
-                raise SpecError(f"prompt {i} ({len(p)} tokens) + {req.max_new_tokens[i]} new tokens needs {need} "
-                                f"positions; the context holds {r.cache_len}",
-                                hint="shorten the prompt or lower --max-new-tokens")
         rows = list(req.prompts) + [req.prompts[0]] * (B - n)
         params = list(req.params) + [req.params[0]] * (B - n)
         limit = np.array(list(req.max_new_tokens) + [1] * (B - n), np.int32)

@@ -78,14 +78,21 @@ def test_padded_batch_rows_do_not_change_the_tokens(llama: Tiny) -> None:
     assert res.tokens == [llama.want(p) for p in PROMPTS[1:]]
 
 
-def test_bad_prompts_are_spec_errors(llama: Tiny) -> None:
-    model = llama
-    with pytest.raises(SpecError, match="empty"):
-        model.generate([()])
-    with pytest.raises(SpecError, match="outside the vocabulary"):
-        model.generate([(1, model.spec.model.vocab)])
-    with pytest.raises(SpecError, match="context holds"):
-        model.generate([(1,) * 60], new=8)
+@pytest.mark.parametrize("prompt,new,match", [((), 4, "empty"), ((1, 96), 4, "outside the vocabulary"),
+                                              ((1, -1), 4, "outside the vocabulary"), ((1,) * 60, 8, "context holds")])
+def test_bad_prompts_are_spec_errors_before_anything_compiles(llama: Tiny, prompt, new, match) -> None:
+    """``compile`` (which the CLI calls first) checks the request too, so bad input fails at
+    once instead of after compiling programs for it."""
+    fresh = Generator(make_runner(llama.spec, llama.weights, 64))
+    req = GenerateRequest.of([(1, 2), prompt], SamplingParams(), new)
+    with pytest.raises(SpecError, match=match):
+        fresh.compile(req)
+    with pytest.raises(SpecError, match=match):
+        fresh.generate(req)
+    assert not fresh.runner._compiled  # nothing was built for the bad request
+
+
+def test_zero_budget_is_a_spec_error() -> None:
     with pytest.raises(SpecError, match="max_new_tokens"):
         GenerateRequest.of([(1, 2)], SamplingParams(), 0)
 
