@@ -11,6 +11,7 @@ ledger of every collective says whether it was overlapped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ir.collectives import CollectiveEinsum
@@ -48,125 +49,139 @@ def _even(n: int) -> bool:
 
 
 def rewrite(fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[Site]) -> Function:
-    ops = list(fn.ops)
-    types = fn.value_types
-    uses = users(fn)
-    taken: set[int] = set()  # einsums already in a loop
-    replace: dict[int, Op | None] = {}  # op index -> new op (None: removed)
+    """``fn`` with every all-gather -> einsums and einsum -> reduce-scatter pair that can loop
+    turned into a collective einsum; each candidate site is recorded in ``sites``."""
+    loops = _Loops(fn, ctx, bidirectional, sites)
+    for i, op in enumerate(loops.ops):  # all_gather may move later ops earlier, never past ``i``
+        if op.kind == "all_gather":
+            loops.all_gather(i, op)
+        elif op.kind == "reduce_scatter":
+            loops.reduce_scatter(i, op)
+    return loops.result()
 
-    def bidi(chunk: int) -> tuple[bool, str]:
-        if not bidirectional:
+
+class _Loops:
+    """The state of one function's rewrite: its ops (reordered by hoisting), which einsums are
+    already in a loop, and the replacements by op index (None: removed)."""
+
+    def __init__(self, fn: Function, ctx: ModuleContext, bidirectional: bool, sites: list[Site]):
+        self.fn, self.ctx, self.bidirectional, self.sites = fn, ctx, bidirectional, sites
+        self.ops = list(fn.ops)
+        self.types = fn.value_types
+        self.uses = users(fn)
+        self.taken: set[int] = set()  # einsums already in a loop
+        self.replace: dict[int, Op | None] = {}  # op index -> new op (None: removed)
+
+    def bidi(self, chunk: int) -> tuple[bool, str]:
+        if not self.bidirectional:
             return False, "one-way ring"
         if _even(chunk):
             return True, "bidirectional ring"
         return False, f"one-way ring (bidirectional needs an even chunk, got {chunk})"
 
-    for i, op in enumerate(ops):
-        if op.kind == "all_gather":
-            v = op.result
-            us = uses.get(v, [])
-            why = ""
-            if v in fn.returns:
-                why = "the gathered value is returned"
-            elif not us:
-                why = "unused"
-            else:
-                bad = [ops[j].kind for j in us if not isinstance(ops[j], Einsum) or len(ops[j].operands) != 2
-                       or ops[j].operands[0] == ops[j].operands[1]]
-                if bad:
-                    why = f"the gathered value also feeds {', '.join(sorted(set(bad)))}"
-                elif any(j in taken for j in us):
-                    why = "an einsum it feeds is already in a loop"
-            if why:
-                sites.append(Site(fn.name, v, "all_gather", False, why))
-                continue
-            # place the loop at the first einsum: its stationary operands must exist by then
-            first = min(us)
-            producers = fn.producers
-            late = [ops[j].operands[1 - ops[j].operands.index(v)] for j in us
-                    if producers.get(ops[j].operands[1 - ops[j].operands.index(v)], -1) > first]
-            for w in list(late):  # hoist a stationary operand computed from earlier values (a dequantize)
-                k = producers[w]
-                if replace.get(k, ops[k]) is ops[k] and all(producers.get(o, -1) < first for o in ops[k].operands) \
-                        and k not in replace:
-                    ops.insert(first, ops.pop(k))
-                    fn = fn.with_ops(ops)
-                    uses, producers = users(fn), fn.producers
-                    us = uses.get(v, [])
-                    first = min(us)
-                    late.remove(w)
-            if late:
-                sites.append(Site(fn.name, v, "all_gather", False,
-                                  f"stationary operand %{late[0]} is computed after the first einsum"))
-                continue
-            specs, others, results, rtypes = [], [], [], []
-            for j in us:
-                e = ops[j]
-                k = e.operands.index(v)
-                specs.append(_first_term(e.spec, k))
-                others.append(e.operands[1 - k])
-                results.append(e.result)
-                rtypes.append(e.type)
-            chunk = types[op.operands[0]].local_shape(ctx.mesh)[types[op.operands[0]].index(op.dim)]
-            two, how = bidi(chunk)
-            new: Op = CollectiveEinsum(results=tuple(results), operands=(op.operands[0], *others), types=(),
-                                       collective="all_gather", axes=op.axes, dim=op.dim, specs=tuple(specs),
-                                       bidirectional=two, reason=op.reason)
-            new = new.with_(types=new.infer(tuple(types[o] for o in new.operands), ctx))
-            if new.types != tuple(rtypes):
-                raise PassError(f"collective-einsum: the loop at %{v} changes result types: {new.types} vs {rtypes}")
-            replace[i] = None
-            for j in us:
-                replace[j] = None
-                taken.add(j)
-            replace[first] = new
-            sites.append(Site(fn.name, v, "all_gather", True,
-                              f"{how} over {{{','.join(op.axes)}}} into {len(us)} einsum(s) "
-                              + ", ".join(f"%{r}" for r in results)))
-        elif op.kind == "reduce_scatter":
-            v = op.result
-            src = op.operands[0]
-            pj = fn.producers.get(src)
-            prod = ops[pj] if pj is not None else None
-            why = ""
-            if prod is None or not isinstance(prod, Einsum) or len(prod.operands) != 2:
-                why = f"its operand is {'a parameter' if prod is None else 'produced by ' + prod.kind}, not an einsum"
-            elif uses.get(src, []) != [i] or src in fn.returns:
-                why = "the einsum's result has other uses"
-            elif pj in taken:
-                why = "the einsum is already in a loop (with its input all-gather)"
-            if why:
-                sites.append(Site(fn.name, v, "reduce_scatter", False, why))
-                continue
-            assert isinstance(prod, Einsum)  # else ``why`` was set
-            t = types[src]
-            n = 1
-            for a in op.axes:
-                n *= ctx.mesh[a]
-            blk = t.local_shape(ctx.mesh)[t.index(op.dim)] // n
-            two, how = bidi(blk)
-            new = CollectiveEinsum(results=(v,), operands=prod.operands, types=(), collective="reduce_scatter",
-                               axes=op.axes, dim=op.dim, specs=(prod.spec,), bidirectional=two, reason=op.reason)
-            new = new.with_(types=new.infer(tuple(types[o] for o in new.operands), ctx))
-            if new.types != op.types:
-                raise PassError(f"collective-einsum: the loop at %{v} changes its type: {new.types} vs {op.types}")
-            assert pj is not None
-            replace[pj] = None
-            replace[i] = new
-            taken.add(pj)
-            sites.append(Site(fn.name, v, "reduce_scatter", True,
-                              f"{how} over {{{','.join(op.axes)}}} from einsum %{src}"))
-    if not replace:
-        return fn
-    out: list[Op] = []
-    for i, op in enumerate(ops):
-        if i in replace:
-            kept = replace[i]
-            if kept is not None:
-                out.append(kept)
-        else:
-            out.append(op)
-    return fn.with_ops(out)
+    def _skip(self, op: Op, why: str) -> None:
+        self.sites.append(Site(self.fn.name, op.result, op.kind, False, why))
+
+    def _all_gather_blocker(self, v: str, us: list[int]) -> str:
+        """Why the all-gather of ``v`` cannot loop into its einsums ("" when it can)."""
+        ops = self.ops
+        if v in self.fn.returns:
+            return "the gathered value is returned"
+        if not us:
+            return "unused"
+        bad = [ops[j].kind for j in us if not isinstance(ops[j], Einsum) or len(ops[j].operands) != 2
+               or ops[j].operands[0] == ops[j].operands[1]]
+        if bad:
+            return f"the gathered value also feeds {', '.join(sorted(set(bad)))}"
+        if any(j in self.taken for j in us):
+            return "an einsum it feeds is already in a loop"
+        return ""
+
+    def _hoist_stationary(self, v: str, us: list[int]) -> tuple[list[int], list[str]]:
+        """Places the loop at the first einsum, whose stationary operands must exist by then:
+        moves up those computed from earlier values (a dequantize). Returns the einsums' indices
+        after the moves and the stationary operands still computed too late."""
+        ops, producers = self.ops, self.fn.producers
+        first = min(us)
+        late = [ops[j].operands[1 - ops[j].operands.index(v)] for j in us
+                if producers.get(ops[j].operands[1 - ops[j].operands.index(v)], -1) > first]
+        for w in list(late):
+            k = producers[w]
+            if self.replace.get(k, ops[k]) is ops[k] and all(producers.get(o, -1) < first for o in ops[k].operands) \
+                    and k not in self.replace:
+                ops.insert(first, ops.pop(k))  # the same list the caller iterates: only later ops move
+                self.fn = self.fn.with_ops(ops)
+                self.uses, producers = users(self.fn), self.fn.producers
+                us = self.uses.get(v, [])
+                first = min(us)
+                late.remove(w)
+        return us, late
+
+    def all_gather(self, i: int, op: Op) -> None:
+        v = op.result
+        us = self.uses.get(v, [])
+        why = self._all_gather_blocker(v, us)
+        if why:
+            return self._skip(op, why)
+        us, late = self._hoist_stationary(v, us)
+        if late:
+            return self._skip(op, f"stationary operand %{late[0]} is computed after the first einsum")
+        ops, types, ctx = self.ops, self.types, self.ctx
+        specs, others, results, rtypes = [], [], [], []
+        for j in us:
+            e = ops[j]
+            k = e.operands.index(v)
+            specs.append(_first_term(e.spec, k))
+            others.append(e.operands[1 - k])
+            results.append(e.result)
+            rtypes.append(e.type)
+        chunk = types[op.operands[0]].local_shape(ctx.mesh)[types[op.operands[0]].index(op.dim)]
+        two, how = self.bidi(chunk)
+        new: Op = CollectiveEinsum(results=tuple(results), operands=(op.operands[0], *others), types=(),
+                                   collective="all_gather", axes=op.axes, dim=op.dim, specs=tuple(specs),
+                                   bidirectional=two, reason=op.reason)
+        new = new.with_(types=new.infer(tuple(types[o] for o in new.operands), ctx))
+        if new.types != tuple(rtypes):
+            raise PassError(f"collective-einsum: the loop at %{v} changes result types: {new.types} vs {rtypes}")
+        self.replace[i] = None
+        for j in us:
+            self.replace[j] = None
+            self.taken.add(j)
+        self.replace[min(us)] = new
+        self.sites.append(Site(self.fn.name, v, "all_gather", True,
+                               f"{how} over {{{','.join(op.axes)}}} into {len(us)} einsum(s) "
+                               + ", ".join(f"%{r}" for r in results)))
+
+    def reduce_scatter(self, i: int, op: Op) -> None:
+        v, src = op.result, op.operands[0]
+        pj = self.fn.producers.get(src)
+        prod = self.ops[pj] if pj is not None else None
+        if pj is None or not isinstance(prod, Einsum) or len(prod.operands) != 2:
+            made = "a parameter" if prod is None else "produced by " + prod.kind
+            return self._skip(op, f"its operand is {made}, not an einsum")
+        if self.uses.get(src, []) != [i] or src in self.fn.returns:
+            return self._skip(op, "the einsum's result has other uses")
+        if pj in self.taken:
+            return self._skip(op, "the einsum is already in a loop (with its input all-gather)")
+        t, ctx = self.types[src], self.ctx
+        n = math.prod(ctx.mesh[a] for a in op.axes)
+        two, how = self.bidi(t.local_shape(ctx.mesh)[t.index(op.dim)] // n)
+        new: Op = CollectiveEinsum(results=(v,), operands=prod.operands, types=(), collective="reduce_scatter",
+                                   axes=op.axes, dim=op.dim, specs=(prod.spec,), bidirectional=two, reason=op.reason)
+        new = new.with_(types=new.infer(tuple(self.types[o] for o in new.operands), ctx))
+        if new.types != op.types:
+            raise PassError(f"collective-einsum: the loop at %{v} changes its type: {new.types} vs {op.types}")
+        self.replace[pj] = None
+        self.replace[i] = new
+        self.taken.add(pj)
+        self.sites.append(Site(self.fn.name, v, "reduce_scatter", True,
+                               f"{how} over {{{','.join(op.axes)}}} from einsum %{src}"))
+
+    def result(self) -> Function:
+        if not self.replace:
+            return self.fn
+        out = [self.replace[i] if i in self.replace else op for i, op in enumerate(self.ops)]
+        return self.fn.with_ops([op for op in out if op is not None])
 
 
 @register
