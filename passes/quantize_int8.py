@@ -163,95 +163,13 @@ class QuantizeInt8(Pass):
             raise PassError("quantize-int8: the weights are already int8")
         prep = module.prepare or _identity_prepare(module)
         weights = [p.name for p in module.entries[0].params_with_role("weight")]
-        # which weights only feed einsums, and over which contracted dims
-        reduce_of: dict[str, set[str]] = {w: set() for w in weights}
-        why: dict[str, str] = {}
-        for e in module.entries:
-            uses = _uses(e)
-            for w in weights:
-                r, reason = _analyze(e, w, uses)
-                if r is None:
-                    why.setdefault(w, reason)
-                else:
-                    reduce_of[w] |= r
-            for sc in [op for op in e.ops if isinstance(op, Scan)]:
-                body = module.function(sc.body.name)
-                b_uses = _uses(body)
-                for bp, v in zip(body.params, sc.operands):
-                    if v in reduce_of:
-                        r, reason = _analyze(body, bp.name, b_uses)
-                        if r is None:
-                            why.setdefault(v, reason)
-                        else:
-                            reduce_of[v] |= r
-        chosen: dict[str, QuantSpec] = {}
-        p_types = prep.value_types
-        producers = {r: op for op in prep.ops for r in op.results}
-        for w, ret in zip(weights, prep.returns):
-            t = p_types[ret]
-            if w in why:
-                continue
-            if len(reduce_of[w]) != 1:
-                why[w] = "no einsum uses it" if not reduce_of[w] else f"contracted differently: {sorted(reduce_of[w])}"
-                continue
-            (red,) = reduce_of[w]
-            if not red or t.rank - (1 if t.has("N") else 0) < 2:
-                why[w] = "not a matrix"
-                continue
-            pack = producers.get(ret)
-            if pack is not None and pack.kind == "concat" and red == pack.into:
-                sizes = tuple(p_types[o].size(c) for o, c in zip(pack.operands, pack.dims))
-                chosen[w] = QuantSpec(red, sizes, pack.groups)
-            else:
-                chosen[w] = QuantSpec(red)
+        reduce_of, why = _contractions(module, weights)
+        chosen = _choose(prep, weights, reduce_of, why)
         if not chosen:
             return PassResult(module, {"weights quantized": 0}, tuple(f"kept {w}: {r}" for w, r in why.items()))
         ctx = ModuleContext(module)
-        # @prepare: quantize each chosen result; scales follow their weight
-        pr = _Rewriter(prep, ctx)
-        pr.types = {p.name: p.type for p in prep.params}
-        for op in prep.ops:
-            pr.emit(op.with_(types=()))
-        rets: list[str] = []
-        scale_name = {w: f"{w}_scale" for w in chosen}
-        for w, ret in zip(weights, prep.returns):
-            if w not in chosen:
-                rets.append(ret)
-                continue
-            sp = chosen[w]
-            q = Quantize(results=(), operands=(ret,), types=(), reduce=sp.reduce, segments=sp.segments,
-                         groups=sp.groups)
-            ts = q.infer((pr.types[ret],), ctx)
-            qn, sn = pr.namer.fresh(f"{w}_int8"), scale_name[w]
-            pr.ops.append(q.with_(results=(qn, sn), types=ts))
-            pr.types.update({qn: ts[0], sn: ts[1]})
-            rets += [qn, sn]
-        new_prep = Function(PREPARE, prep.params, tuple(pr.ops), tuple(rets), tuple(pr.types[r] for r in rets))
-        out_fns = {PREPARE: new_prep}
-        scale_t = {w: pr.types[scale_name[w]] for w in chosen}
-        for e in module.entries:
-            for sc in [op for op in e.ops if isinstance(op, Scan)]:
-                body = module.function(sc.body.name)
-                b_params, b_quant = [], {}
-                for bp, v in zip(body.params, sc.operands):
-                    if v in chosen:  # stacked along N in the entry, one layer in the body
-                        sname = f"{bp.name}_scale"
-                        b_params += [Param(bp.name, bp.type.with_dtype("i8"), bp.role),
-                                     Param(sname, scale_t[v].drop("N"), bp.role)]
-                        b_quant[bp.name] = (sname, chosen[v])
-                    else:
-                        b_params.append(bp)
-                out_fns[body.name] = _Rewriter(body, ctx).run(b_params, b_quant)
-            params: list[Param] = []
-            for p in e.params:
-                if p.name in chosen:
-                    params += [Param(p.name, p.type.with_dtype("i8"), "weight"),
-                               Param(scale_name[p.name], scale_t[p.name], "weight")]
-                else:
-                    params.append(p)
-            ctx2 = ModuleContext(module.with_functions([*out_fns.values(), *[f for f in module.functions
-                                                                              if f.name not in out_fns]]))
-            out_fns[e.name] = _Rewriter(e, ctx2).run(params, {w: (scale_name[w], chosen[w]) for w in chosen})
+        new_prep, scale_t = _quantized_prepare(prep, weights, chosen, ctx)
+        out_fns = _quantized_entries(module, chosen, scale_t, {PREPARE: new_prep}, ctx)
         fns = [out_fns.get(f.name, f) for f in module.functions]
         if module.prepare is None:
             fns = [new_prep, *fns]
@@ -264,3 +182,116 @@ class QuantizeInt8(Pass):
                                                               if sp.segments else "") for w, sp in chosen.items())
         notes += tuple(f"kept {w} in float: {r}" for w, r in why.items())
         return PassResult(out, stats, notes)
+
+
+def _contractions(module: Module, weights: list[str]) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """Which weights only feed einsums, and over which contracted dims (entries and scan
+    bodies); the others with the reason they stay in float."""
+    reduce_of: dict[str, set[str]] = {w: set() for w in weights}
+    why: dict[str, str] = {}
+    for e in module.entries:
+        uses = _uses(e)
+        for w in weights:
+            r, reason = _analyze(e, w, uses)
+            if r is None:
+                why.setdefault(w, reason)
+            else:
+                reduce_of[w] |= r
+        for sc in [op for op in e.ops if isinstance(op, Scan)]:
+            body = module.function(sc.body.name)
+            b_uses = _uses(body)
+            for bp, v in zip(body.params, sc.operands):
+                if v in reduce_of:
+                    r, reason = _analyze(body, bp.name, b_uses)
+                    if r is None:
+                        why.setdefault(v, reason)
+                    else:
+                        reduce_of[v] |= r
+    return reduce_of, why
+
+
+def _choose(prep: Function, weights: list[str], reduce_of: dict[str, set[str]],
+            why: dict[str, str]) -> dict[str, QuantSpec]:
+    """The weights to quantize (matrices contracted one way), with their scale layout; the
+    reasons for the others are added to ``why``."""
+    chosen: dict[str, QuantSpec] = {}
+    p_types = prep.value_types
+    producers = {r: op for op in prep.ops for r in op.results}
+    for w, ret in zip(weights, prep.returns):
+        t = p_types[ret]
+        if w in why:
+            continue
+        if len(reduce_of[w]) != 1:
+            why[w] = "no einsum uses it" if not reduce_of[w] else f"contracted differently: {sorted(reduce_of[w])}"
+            continue
+        (red,) = reduce_of[w]
+        if not red or t.rank - (1 if t.has("N") else 0) < 2:
+            why[w] = "not a matrix"
+            continue
+        pack = producers.get(ret)
+        if pack is not None and pack.kind == "concat" and red == pack.into:
+            sizes = tuple(p_types[o].size(c) for o, c in zip(pack.operands, pack.dims))
+            chosen[w] = QuantSpec(red, sizes, pack.groups)
+        else:
+            chosen[w] = QuantSpec(red)
+    return chosen
+
+
+def _quantized_prepare(prep: Function, weights: list[str], chosen: dict[str, QuantSpec],
+                       ctx: ModuleContext) -> tuple[Function, dict[str, TensorType]]:
+    """@prepare quantizing each chosen result (its scale, ``W_scale``, follows it), and the
+    scales' types."""
+    pr = _Rewriter(prep, ctx)
+    pr.types = {p.name: p.type for p in prep.params}
+    for op in prep.ops:
+        pr.emit(op.with_(types=()))
+    rets: list[str] = []
+    for w, ret in zip(weights, prep.returns):
+        if w not in chosen:
+            rets.append(ret)
+            continue
+        sp = chosen[w]
+        q = Quantize(results=(), operands=(ret,), types=(), reduce=sp.reduce, segments=sp.segments,
+                     groups=sp.groups)
+        ts = q.infer((pr.types[ret],), ctx)
+        qn, sn = pr.namer.fresh(f"{w}_int8"), _scale_name(w)
+        pr.ops.append(q.with_(results=(qn, sn), types=ts))
+        pr.types.update({qn: ts[0], sn: ts[1]})
+        rets += [qn, sn]
+    new_prep = Function(PREPARE, prep.params, tuple(pr.ops), tuple(rets), tuple(pr.types[r] for r in rets))
+    return new_prep, {w: pr.types[_scale_name(w)] for w in chosen}
+
+
+def _scale_name(weight: str) -> str:
+    return f"{weight}_scale"
+
+
+def _quantized_entries(module: Module, chosen: dict[str, QuantSpec], scale_t: dict[str, TensorType],
+                       out_fns: dict[str, Function], ctx: ModuleContext) -> dict[str, Function]:
+    """Entries and scan bodies taking int8 weights plus scales, dequantizing before each einsum;
+    added to ``out_fns`` (which holds the new @prepare)."""
+    for e in module.entries:
+        for sc in [op for op in e.ops if isinstance(op, Scan)]:
+            body = module.function(sc.body.name)
+            b_params: list[Param] = []
+            b_quant: dict[str, tuple[str, QuantSpec]] = {}
+            for bp, v in zip(body.params, sc.operands):
+                if v in chosen:  # stacked along N in the entry, one layer in the body
+                    sname = _scale_name(bp.name)
+                    b_params += [Param(bp.name, bp.type.with_dtype("i8"), bp.role),
+                                 Param(sname, scale_t[v].drop("N"), bp.role)]
+                    b_quant[bp.name] = (sname, chosen[v])
+                else:
+                    b_params.append(bp)
+            out_fns[body.name] = _Rewriter(body, ctx).run(b_params, b_quant)
+        params: list[Param] = []
+        for p in e.params:
+            if p.name in chosen:
+                params += [Param(p.name, p.type.with_dtype("i8"), "weight"),
+                           Param(_scale_name(p.name), scale_t[p.name], "weight")]
+            else:
+                params.append(p)
+        ctx2 = ModuleContext(module.with_functions([*out_fns.values(), *[f for f in module.functions
+                                                                          if f.name not in out_fns]]))
+        out_fns[e.name] = _Rewriter(e, ctx2).run(params, {w: (_scale_name(w), chosen[w]) for w in chosen})
+    return out_fns
