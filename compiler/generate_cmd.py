@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ir.errors import FileError, SpecError
+from ir.errors import FileError, SpecError, WeightsError
 
 DEFAULT_MAX_NEW = 32
 
@@ -92,8 +92,14 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True) -> Loaded:
 
     enable_compile_cache()
     tok = None
-    if need_tokenizer:
+    try:
         tok = ck.tokenizer()
+    except WeightsError:
+        if need_tokenizer:
+            raise
+        # token ids in and out: a checkpoint without a tokenizer is fine; one that has one still
+        # gives the EOS ids and the text (otherwise --json would not stop where plain output does)
+    if tok is not None:
         tok.check_vocab(spec.model.vocab)
     from compiler.generation import weight_types
 

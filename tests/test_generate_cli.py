@@ -264,3 +264,22 @@ def test_smollm2_sharded_greedy_equals_one_device(smol_hf, smol_tok, capsys, mes
     ids = smol_tok(SMOL_PROMPT)["input_ids"]
     r = gen_json(capsys, GGUF, "--prompt", SMOL_PROMPT, "--max-new-tokens", "16", "--ignore-eos", "--mesh", mesh)
     assert r["tokens"] == [SMOL_GREEDY_16] == [hf_greedy(smol_hf, ids, 16)]
+
+
+def test_prompt_ids_json_stops_at_the_tokenizers_eos(ckpt, capsys, tmp_path) -> None:
+    """--prompt-ids with --json still uses the checkpoint's tokenizer for EOS and text: the same
+    tokens as the plain output (an EOS id that greedy reaches, set in tokenizer_config.json)."""
+    d, m = ckpt
+    full = hf_greedy(m, IDS, 16)
+    i, eos = next((i, t) for i, t in enumerate(full) if i >= 2 and t not in full[:i])
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / f).write_bytes((d / f).read_bytes())
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    cfg["eos_token"] = tok.convert_ids_to_tokens(eos)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ids = ",".join(map(str, IDS))
+    r = gen_json(capsys, tmp_path, "--prompt-ids", ids, "--max-new-tokens", "16")
+    assert r["tokens"] == [full[: i + 1]] and r["finish_reason"] == ["eos"]
+    assert r["text"] == [tok.decode(full[: i + 1], skip_special_tokens=True)] and r["text"][0]
+    assert gen_json(capsys, tmp_path, "--prompt-ids", ids, "--max-new-tokens", "16", "--ignore-eos")["tokens"] == [full]
