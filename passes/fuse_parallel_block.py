@@ -217,6 +217,47 @@ def _pack(em: _Emitter, g: Group, names: dict[str, str], types: dict[str, Tensor
     return packed
 
 
+def _emit_input_group(em: _Emitter, fn: Function, g: Group, act: str, fused: str, body_name: dict[str, str],
+                      groups: int, mapping: dict[str, str]) -> None:
+    """One einsum of ``act`` with the fused input weight, split back into the segments' results
+    (``mapping``: each original einsum's result -> its segment)."""
+    sa = em.types[act].names
+    (y,) = em.emit(Einsum, [act, fused], g.name.replace("w_", "").replace("_fused", ""),
+                   spec=f"{sa},EP->{sa.replace('E', '')}P")
+    # the original einsum of each segment: its result now comes from the split
+    origs = [next(o for o in fn.ops if isinstance(o, Einsum) and len(o.operands) == 2
+                  and o.operands[1] == body_name[s.weight] and o.operands[0] == act)
+             for s in g.segments]
+    segs = em.emit(Split, [y], [o.result for o in origs], dim="P",
+                   names="".join(s.packed_letter for s in g.segments),
+                   sizes=tuple(s.size for s in g.segments), groups=groups)
+    for s, v, orig in zip(g.segments, segs, origs):
+        if len(s.letters) > 1:
+            (v,) = em.emit(Unflatten, [v], orig.result, dim="P", into=s.letters, sizes=s.sizes)
+        mapping[orig.result] = v
+
+
+def _emit_output_group(em: _Emitter, out_match, g: Group, fused: str, groups: int,
+                       mapping: dict[str, str]) -> set[str]:
+    """The output projections' activations packed into one einsum with the fused output weight
+    (then their bias adds); returns the results it replaces."""
+    add, (ea, ba), (em_, bm) = out_match
+    acts, letters = [], ""
+    for e, s in zip((ea, em_), g.segments):
+        a = mapping.get(e.operands[0], e.operands[0])
+        if len(s.letters) > 1:
+            (a,) = em.emit(Flatten, [a], e.operands[0], dims=s.letters, into="P")
+        acts.append(a)
+        letters += s.packed_letter
+    (cat,) = em.emit(Concat, acts, "packed", dims=letters, into="P", groups=groups)
+    sa = em.types[cat].names
+    (y,) = em.emit(Einsum, [cat, fused], "out", spec=f"{sa},PE->{sa.replace('P', '')}E")
+    for b in ba + bm:
+        (y,) = em.emit(Binary, [y, b.operands[1]], "out", fn="add")
+    mapping[add.result] = y
+    return {r for x in (ea, em_, *ba, *bm) for r in x.results}
+
+
 def rewrite_body(fn: Function, plan: _Plan, weight_of: dict[str, str], ctx, groups: int) -> Function:
     """``weight_of``: body param -> the entry weight it receives (segment names are entry names)."""
     body_name = {v: k for k, v in weight_of.items()}
@@ -242,47 +283,15 @@ def rewrite_body(fn: Function, plan: _Plan, weight_of: dict[str, str], ctx, grou
             gname = member[op.operands[1]]
             if gname not in done:
                 done.add(gname)
-                g = ins[gname]
-                act = op.operands[0]
-                sa = types[act].names
-                spec = f"{sa},EP->{sa.replace('E', '')}P"
                 em.ops = []
-                (y,) = em.emit(Einsum, [act, fused_param[gname]], gname.replace("w_", "").replace("_fused", ""),
-                               spec=spec)
-                # the original einsum of each segment: its result now comes from the split
-                origs = [next(o for o in fn.ops if isinstance(o, Einsum) and len(o.operands) == 2
-                              and o.operands[1] == body_name[s.weight] and o.operands[0] == act)
-                         for s in g.segments]
-                segs = em.emit(Split, [y], [o.result for o in origs], dim="P",
-                               names="".join(s.packed_letter for s in g.segments),
-                               sizes=tuple(s.size for s in g.segments), groups=groups)
-                for s, v, orig in zip(g.segments, segs, origs):
-                    if len(s.letters) > 1:
-                        (v,) = em.emit(Unflatten, [v], orig.result, dim="P", into=s.letters, sizes=s.sizes)
-                    mapping[orig.result] = v
+                _emit_input_group(em, fn, ins[gname], op.operands[0], fused_param[gname], body_name, groups, mapping)
                 new_ops += em.ops
             continue
         if out_match is not None and op.results == out_match[0].results:
-            add, (ea, ba), (em_, bm) = out_match
             assert out_g is not None  # out_match is only found for the output group
-            g = out_g
             em.ops = []
-            acts = []
-            letters = ""
-            for e, s in zip((ea, em_), g.segments):
-                a = mapping.get(e.operands[0], e.operands[0])
-                if len(s.letters) > 1:
-                    (a,) = em.emit(Flatten, [a], e.operands[0], dims=s.letters, into="P")
-                acts.append(a)
-                letters += s.packed_letter
-            (cat,) = em.emit(Concat, acts, "packed", dims=letters, into="P", groups=groups)
-            sa = em.types[cat].names
-            (y,) = em.emit(Einsum, [cat, fused_param[g.name]], "out", spec=f"{sa},PE->{sa.replace('P', '')}E")
-            for b in ba + bm:
-                (y,) = em.emit(Binary, [y, b.operands[1]], "out", fn="add")
-            mapping[add.result] = y
+            drop |= _emit_output_group(em, out_match, out_g, fused_param[out_g.name], groups, mapping)
             new_ops += em.ops
-            drop |= {r for x in (ea, em_, *ba, *bm) for r in x.results}
             continue
         new_ops.append(op)
     # the replaced einsums and bias adds are now dead; drop them (and their removed weights)
@@ -291,7 +300,7 @@ def rewrite_body(fn: Function, plan: _Plan, weight_of: dict[str, str], ctx, grou
             and not (isinstance(op, Einsum) and set(op.operands) & removed_w)]
     params: list[Param] = []
     placed = set()
-    for prm in fn.params:
+    for prm in fn.params:  # each fused weight where its first segment was
         if prm.name in removed_w:
             fused = member.get(prm.name) or (out_g.name if out_g else "")
             if fused and fused not in placed:
