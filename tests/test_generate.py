@@ -67,6 +67,19 @@ def test_each_row_stops_at_eos_on_its_own(model: Tiny) -> None:
     assert max(len(t) for t in res.tokens) > len(res.tokens[0])  # the others went on
 
 
+def test_eos_as_the_first_token_and_per_row_budgets(llama: Tiny) -> None:
+    """A row whose prefill token is EOS stops at once (no decode step); budgets differ per row."""
+    eos = llama.want(PROMPTS[1])[0]
+    budgets = (3, 16, 1)
+    for stream in (None, lambda b, t: None):
+        res = llama.gen.generate(GenerateRequest.of(PROMPTS, SamplingParams(), budgets, (eos,)), stream=stream)
+        assert res.tokens[1] == [eos] and res.finish_reasons[1] == "eos"
+        for i in (0, 2):
+            want = llama.want(PROMPTS[i], budgets[i], eos=eos)
+            assert res.tokens[i] == want
+            assert res.finish_reasons[i] == ("eos" if eos in want else "length")
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Tiny:
     return tiny("llama", tmp_path_factory.mktemp("llama-one"))
@@ -101,6 +114,8 @@ def test_zero_budget_is_a_spec_error() -> None:
 
 SHARD_PROMPTS = tuple(tuple((7 * i + 3 * j) % 96 for j in range(1 + (5 * i) % 11)) for i in range(8))
 SHARD_NEW = 8
+SAMPLED = tuple(SamplingParams(0.6 + 0.2 * (i % 4), top_k=(0, 5)[i % 2], top_p=(1.0, 0.9)[i // 4], seed=i)
+                for i in range(8))
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +136,9 @@ def test_every_layout_on_8_devices_gives_the_one_device_tokens(llama: Tiny, one_
     spec = apply_overrides(llama.spec, mesh=mesh_str(MESH_8), ffn=ffn, attn=attn)
     gen = Generator(make_runner(spec, llama.weights, 64, batch=8))
     assert gen.generate(GenerateRequest.of(SHARD_PROMPTS, SamplingParams(), SHARD_NEW)).tokens == one_device_tokens
+    # seeded sampling (per-row parameters) gives the one-device tokens too: same compiled loop
+    sampled = GenerateRequest.of(SHARD_PROMPTS, SAMPLED, SHARD_NEW)
+    assert gen.generate(sampled).tokens == llama.gen.generate(sampled).tokens
 
 
 @pytest.mark.parametrize("batch", [1, 3])
