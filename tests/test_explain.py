@@ -45,15 +45,23 @@ def test_explain_json_fields(capsys):
     (chosen,) = [c for c in cands if c["chosen"]]
     assert (chosen["ffn"], chosen["attn"]) == ("wg-xyz", "batch") == tuple(d["chosen"]["prefill"].values())
     assert chosen["fits"] and chosen["step_time_s"] == min(c["step_time_s"] for c in legal if c["fits"])
-    assert isinstance(d["max_context"], int) and d["max_context"] == chosen["max_context"]
+    # the spec file names 2d-ws/batch: the top-level max_context is that layout's, not auto's
+    (spec_layout,) = [c for c in cands if c["spec_layout"]]
+    assert d["shown"]["prefill"] == {"ffn": "2d-ws", "attn": "batch"}
+    assert isinstance(d["max_context"], int) and d["max_context"] == spec_layout["max_context"]
 
 
 def test_explain_max_context_scales_with_kv_fraction(capsys):
-    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "0.25")
+    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "0.2")
     quarter = json.loads(out)["max_context"]
-    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "0.5")
+    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "0.4")
     half = json.loads(out)["max_context"]
     assert abs(half - 2 * quarter) <= 1 and half > 2048
+    # past what the weights (16.2 of 32 GiB) leave, a larger share buys nothing more
+    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "0.9")
+    most = json.loads(out)["max_context"]
+    _, out, _ = run(capsys, "explain", *ARGS, "--json", "--kv-fraction", "1")
+    assert json.loads(out)["max_context"] == most < 0.9 / 0.4 * half
 
 
 def test_explain_pareto(tmp_path, capsys):
@@ -141,6 +149,7 @@ def test_explain_no_fit_says_why(capsys):
     d = json.loads(out)
     assert code == 0 and d["chosen"]["decode"] is None
     assert "no layout fits in HBM (32 GiB per chip): the smallest" in d["no_fit"]["decode"]
+    assert d["max_context"] == 0  # the weights alone overflow: no context fits
 
 
 def test_explain_says_why_the_choice_is_not_monotonic_in_batch(capsys):

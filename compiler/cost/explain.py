@@ -8,8 +8,9 @@ cost, memory per chip and whether it fits. ``*`` marks the layout ``auto`` choos
 that fits), ``s`` the spec's own layout when it names one and it differs. The footer and ``max
 context`` describe the spec's layout when it names one (``--ffn``/``--attn``; a field left at
 ``auto`` is the fastest fitting candidate with the other field as given), else auto's choice.
-``max context`` is the longest KV cache that fits in ``kv_fraction`` of HBM (the cache grows
-linearly with its length T, which no layout shards). Times come from the ``calibrated`` model
+``max context`` is the longest KV cache that fits in ``kv_fraction`` of HBM and in what the
+weights, activations and prefetch buffer leave (the cache grows linearly with its length T,
+which no layout shards). Times come from the ``calibrated`` model
 (predictions) or the ``bound`` (lower bounds): compiler/cost/efficiency.py.
 """
 
@@ -64,7 +65,10 @@ class PhaseReport:
         per_position = e.memory.kv / self.spec.serve.seq
         if per_position <= 0:
             return None
-        return int(self.kv_fraction * e.hbm_bytes // per_position)
+        # the cache gets its share of HBM, and no more than what the rest leaves (0 if nothing)
+        rest = e.memory.total - e.memory.kv
+        budget = min(self.kv_fraction * e.hbm_bytes, e.hbm_bytes - rest)
+        return max(0, int(budget // per_position))
 
 
 def explain(spec: Spec, chip: Chip, phases: tuple[str, ...], kv_fraction: float = 0.5,
