@@ -11,6 +11,7 @@ parameters (and a prompt plus max_tokens beyond the context), 404 for an unknown
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -329,7 +330,8 @@ def make_app(engine: AsyncEngine, tokenizer: Any, model_name: str, context: int)
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         return error_response(exc.status_code, str(exc.detail), kind, code=str(exc.status_code))
 
-    async def lifespan(app: Starlette):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not engine.alive:
             engine.start()
         yield
