@@ -114,6 +114,19 @@ def layer_weights(model: ModelSpec) -> dict[str, str]:
     return w
 
 
+#: The kind (ir/module.py KINDS) of each weight the builder names that is not a matrix or table.
+WEIGHT_KINDS: dict[str, str] = {
+    **{n: "norm" for n in ("ln1_scale", "ln2_scale", "final_scale")},
+    **{n: "bias" for n in ("ln1_bias", "ln2_bias", "final_bias", "bq", "bk", "bv", "bo", "b_gate", "b_up",
+                           "b_down", "b_in", "b_out", "lm_head_bias")},
+}
+
+
+def weight_kind(name: str) -> str:
+    """The param kind of the builder's weight ``name``: from WEIGHT_KINDS, else a matrix ("")."""
+    return WEIGHT_KINDS.get(name, "")
+
+
 def global_weights(model: ModelSpec) -> dict[str, str]:
     """Weights outside the layer stack."""
     w = {"embed": "VE", "final_scale": "E"}
@@ -197,7 +210,7 @@ def build_layer(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContex
     b = FunctionBuilder(f"{phase}_layer", ctx)
     x = b.param("x", _t(cfg.dtype, "BLE", sizes))
     pos = b.param("pos", _t("i32", "BL", sizes))
-    w = {n: b.param(n, _t(cfg.dtype, dims, sizes)) for n, dims in layer_weights(model).items()}
+    w = {n: b.param(n, _t(cfg.dtype, dims, sizes), kind=weight_kind(n)) for n, dims in layer_weights(model).items()}
     kc = b.param("k_cache", _t(cfg.dtype, f.cache(), sizes))
     vc = b.param("v_cache", _t(cfg.dtype, f.cache(), sizes))
     out = _LayerEmitter(b, model, w).layer(x, pos, kc, vc)
@@ -213,8 +226,9 @@ def build_entry(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContex
     pos = b.param("pos", _t("i32", "BL", sizes), "input")
     gw = global_weights(model)
     b.param("embed", _t(cfg.dtype, gw["embed"], sizes), "weight")
-    lw = [b.param(n, _t(cfg.dtype, "N" + dims, sizes), "weight") for n, dims in layer_weights(model).items()]
-    g = {n: b.param(n, _t(cfg.dtype, dims, sizes), "weight") for n, dims in gw.items() if n != "embed"}
+    lw = [b.param(n, _t(cfg.dtype, "N" + dims, sizes), "weight", weight_kind(n))
+          for n, dims in layer_weights(model).items()]
+    g = {n: b.param(n, _t(cfg.dtype, dims, sizes), "weight", weight_kind(n)) for n, dims in gw.items() if n != "embed"}
     kc = b.param("k_cache", _t(cfg.dtype, "N" + f.cache(), sizes), "cache")
     vc = b.param("v_cache", _t(cfg.dtype, "N" + f.cache(), sizes), "cache")
     x = b.emit(Embed, ["embed", tokens], "x")

@@ -38,11 +38,11 @@ class FunctionBuilder:
         self.types: dict[str, TensorType] = {}
         self.namer = Namer()
 
-    def param(self, name: str, t: TensorType, role: str = "arg") -> str:
+    def param(self, name: str, t: TensorType, role: str = "arg", kind: str = "") -> str:
         if name in self.types:
             raise ValueError(f"duplicate parameter {name}")
         self.namer.taken.add(name)
-        self.params.append(Param(name, t, role))
+        self.params.append(Param(name, t, role, kind))
         self.types[name] = t
         return name
 

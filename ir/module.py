@@ -16,6 +16,11 @@ from ir.ops import Op
 from ir.types import TensorType
 
 ROLES: tuple[str, ...] = ("input", "weight", "cache", "arg")
+#: What a weight is, for the rules that treat weights differently (layouts replicate biases and
+#: norm scales; random weights start norm scales near 1): "" a matrix or table (or not a
+#: weight), ``bias``, ``norm`` (a norm's scale), ``scale`` (int8 per-channel scales). A body
+#: param carries the kind of the weight it receives, whatever its role.
+KINDS: tuple[str, ...] = ("", "bias", "norm", "scale")
 
 #: The load-time function: checkpoint weights in, the weights the entries take out (packed for
 #: fusion, quantized to int8). The runtime calls it once when weights arrive, never per step.
@@ -27,10 +32,13 @@ class Param:
     name: str
     type: TensorType
     role: str = "arg"
+    kind: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"unknown param role {self.role!r}; valid: {', '.join(ROLES)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown param kind {self.kind!r}; valid: {', '.join(k for k in KINDS if k)}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ def _expected(names: set[str]) -> str:
         "NAME": "a name", "INT": "an integer", "RETURN": "'return'", "FUNC": "'func'", "MORETHAN": "'>'",
         "LESSTHAN": "'<'", "ESCAPED_STRING": "a string", "SIGNED_NUMBER": "a number", "ENTRY": "'entry'",
         "MODULE": "'module'", "PARTIAL": "'partial'", "ROLE": "a role (input, weight, cache)",
+        "KIND": "a kind (bias, norm, scale)",
         "__ANON_0": "'->'",
     }
     items = sorted({pretty.get(n, n) for n in names})
@@ -183,8 +184,9 @@ class _Builder:
             if c is None:
                 continue
             if c.data == "param":
-                role, val, ty = c.children
-                params.append(Param(str(val)[1:], self.type_(ty), str(role) if role is not None else "arg"))
+                role, kind, val, ty = c.children
+                params.append(Param(str(val)[1:], self.type_(ty), str(role) if role is not None else "arg",
+                                    str(kind) if kind is not None else ""))
             elif c.data == "type":
                 types.append(self.type_(c))
             elif c.data == "op":

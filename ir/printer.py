@@ -65,7 +65,7 @@ def function_lines(fn: Function, indent: str = "  ") -> tuple[list[str], dict[in
     head = ("entry " if fn.entry else "") + f"func @{fn.name}("
     lines = [indent + head]
     for i, p in enumerate(fn.params):
-        role = "" if p.role == "arg" else p.role + " "
+        role = ("" if p.role == "arg" else p.role + " ") + (p.kind + " " if p.kind else "")
         comma = "," if i + 1 < len(fn.params) else ""
         lines.append(f"{indent}    {role}%{p.name}: {format_type(p.type)}{comma}")
     results = ", ".join(format_type(t) for t in fn.result_types)

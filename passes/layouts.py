@@ -175,13 +175,14 @@ def padded_heads(layout: Layout, kv_heads: int, groups: int) -> tuple[int, int]:
     return best[1]
 
 
-def weight_axes(layout: Layout, name: str, t: TensorType, heads: HeadSplit) -> dict[str, tuple[str, ...]]:
-    """Sharding of one weight (dims without the stacked N)."""
+def weight_axes(layout: Layout, name: str, t: TensorType, heads: HeadSplit,
+                kind: str = "") -> dict[str, tuple[str, ...]]:
+    """Sharding of one weight (dims without the stacked N; ``kind`` as ir/module.py KINDS)."""
     names = t.names.lstrip("N")
     wide, narrow = layout.wide(), layout.narrow()
     if names == "VE":  # embedding table / output head: vocab-parallel
         return {"V": layout.all_axes} if _fits(t.size("V"), layout.all_axes, layout.sizes) else {}
-    if len(names) == 1 or (name.startswith("b") and "E" not in names):
+    if len(names) == 1 or kind in ("bias", "norm"):
         return {}  # norm scales and biases: replicated, sliced where used (no communication)
     out: dict[str, tuple[str, ...]] = {}
     if "E" in names:

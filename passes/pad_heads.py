@@ -28,7 +28,7 @@ padded 48 -> 64 under 1D-WS, not under 2D-WS (48 heads over 16 devices).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ir.builder import Namer
 from ir.errors import PassError
@@ -117,7 +117,7 @@ class PadHeads(Pass):
             return PassResult(module, stats)
 
         def pad(ps: tuple[Param, ...]) -> tuple[Param, ...]:
-            return tuple(Param(p.name, _padded(p.type, grown), p.role) if any(p.type.has(d) for d in grown) else p
+            return tuple(replace(p, type=_padded(p.type, grown)) if any(p.type.has(d) for d in grown) else p
                          for p in ps)
 
         fns = {f.name: f for f in module.functions}

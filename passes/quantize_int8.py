@@ -278,8 +278,8 @@ def _quantized_entries(module: Module, chosen: dict[str, QuantSpec], scale_t: di
             for bp, v in zip(body.params, sc.operands):
                 if v in chosen:  # stacked along N in the entry, one layer in the body
                     sname = _scale_name(bp.name)
-                    b_params += [Param(bp.name, bp.type.with_dtype("i8"), bp.role),
-                                 Param(sname, scale_t[v].drop("N"), bp.role)]
+                    b_params += [Param(bp.name, bp.type.with_dtype("i8"), bp.role, bp.kind),
+                                 Param(sname, scale_t[v].drop("N"), bp.role, "scale")]
                     b_quant[bp.name] = (sname, chosen[v])
                 else:
                     b_params.append(bp)
@@ -287,8 +287,8 @@ def _quantized_entries(module: Module, chosen: dict[str, QuantSpec], scale_t: di
         params: list[Param] = []
         for p in e.params:
             if p.name in chosen:
-                params += [Param(p.name, p.type.with_dtype("i8"), "weight"),
-                           Param(_scale_name(p.name), scale_t[p.name], "weight")]
+                params += [Param(p.name, p.type.with_dtype("i8"), "weight", p.kind),
+                           Param(_scale_name(p.name), scale_t[p.name], "weight", "scale")]
             else:
                 params.append(p)
         ctx2 = ModuleContext(module.with_functions([*out_fns.values(), *[f for f in module.functions

@@ -446,10 +446,10 @@ def layout_hint(layout: Layout, t: TensorType, ax: dict[str, tuple[str, ...]]) -
     return f"choose another layout (--ffn/--attn) or a mesh (--mesh) whose axes divide {d}"
 
 
-def param_type(layout: Layout, name: str, role: str, t: TensorType, heads: HeadSplit) -> TensorType:
+def param_type(layout: Layout, name: str, role: str, t: TensorType, heads: HeadSplit, kind: str = "") -> TensorType:
     core = t.drop("N") if t.has("N") else t
     if role == "weight":
-        ax = weight_axes(layout, name, core, heads)
+        ax = weight_axes(layout, name, core, heads, kind)
         what = f"weight %{name}"
     elif role == "cache":
         ax = cache_axes(layout, core, heads)
@@ -534,7 +534,7 @@ class Shard(Pass):
         prepared: list[TensorType] | None = None
         prep = module.prepare
         if prep is not None:  # load time: checkpoint weights in their layout, packed/quantized alike
-            p_params = [Param(q.name, param_type(layout, q.name, q.role, q.type, heads), q.role) for q in prep.params]
+            p_params = [replace(q, type=param_type(layout, q.name, q.role, q.type, heads, q.kind)) for q in prep.params]
             new_prep, n = propagate(layout, ctx, prep, p_params, {q.name: q.role for q in prep.params}, {},
                                     [None] * len(prep.returns))
             fns[prep.name] = new_prep
@@ -543,8 +543,8 @@ class Shard(Pass):
         for entry in module.entries:
             roles = {q.name: q.role for q in entry.params}
             w_types = iter(prepared or ())
-            params = [Param(q.name, next(w_types) if prepared is not None and q.role == "weight" else
-                            param_type(layout, q.name, q.role, q.type, heads), q.role) for q in entry.params]
+            params = [replace(q, type=next(w_types) if prepared is not None and q.role == "weight" else
+                              param_type(layout, q.name, q.role, q.type, heads, q.kind)) for q in entry.params]
             e_types = {q.name: q.type for q in params}
             scans = [op for op in entry.ops if isinstance(op, Scan)]
             body_sigs = {}
@@ -561,8 +561,8 @@ class Shard(Pass):
                     elif role == "weight" and prepared is not None:
                         t = e_types[v].drop("N")  # what @prepare hands the entry, one layer of it
                     else:
-                        t = param_type(layout, bp.name, role, bp.type, heads)
-                    b_params.append(Param(bp.name, t, bp.role))
+                        t = param_type(layout, bp.name, role, bp.type, heads, bp.kind)
+                    b_params.append(replace(bp, type=t))
                     b_roles[bp.name] = role
                 targets = [b_params[i].type for i in range(nc)] + [None] * (len(body.returns) - nc)
                 new_body, n = propagate(layout, ctx, body, b_params, b_roles, {}, targets)

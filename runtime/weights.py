@@ -33,9 +33,9 @@ def random_weights(fn: Function, seed: int = 0) -> dict[str, np.ndarray]:
         core = p.type.names.lstrip("N")
         if p.name == "embed":
             w = rng.normal(0.0, 1.0, shape)
-        elif len(core) == 1 and "scale" in p.name:
+        elif p.kind == "norm":
             w = 1.0 + 0.1 * rng.normal(size=shape)
-        elif len(core) == 1 or len(core) == 2 and p.name.startswith("b"):
+        elif p.kind == "bias" or len(core) == 1:
             w = 0.1 * rng.normal(size=shape)
         else:
             w = rng.normal(0.0, 1.0 / math.sqrt(fan_in(p.name, p.type)), shape)
