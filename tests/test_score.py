@@ -95,3 +95,18 @@ def test_smollm2_perplexity_equals_transformers_and_int8_is_close(capsys) -> Non
     hf = transformers.AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, torch_dtype=torch.float32)
     assert runs["f32"]["tokens"] == len(ids)
     assert f32 == pytest.approx(hf_perplexity(hf, ids, 512), rel=1e-4)
+
+
+@pytest.mark.parametrize("text,argv,match", [
+    ("hello there", ["--window", "1"], "--window must be >= 2"),
+    (None, [], "cannot read text file"),
+    ("", [], "scoring needs at least 2"),
+])
+def test_bad_score_input(ckpt, capsys, tmp_path, text, argv, match) -> None:
+    """Exit 1 with the message, no traceback, nothing on stdout."""
+    f = tmp_path / "t.txt"
+    if text is not None:
+        f.write_text(text, encoding="utf-8")
+    assert main(["score", "--checkpoint", str(ckpt[0]), "--text", str(f), *argv]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "Traceback" not in out.err and match in out.err, out.err
