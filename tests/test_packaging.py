@@ -40,7 +40,8 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
         src, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("einshard-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for must in ("compiler/cost/explain.py", "compiler/spec.lark", "ir/grammar.lark", "passes/manager.py",
+    for must in ("compiler/cost/explain.py", "compiler/spec.lark", "ir/grammar.lark", "passes/pipeline.lark",
+                 "passes/manager.py", "compiler/pipelines.py", "compiler/subcommand.py",
                  "runtime/lower_jax.py"):
         assert must in names, must
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
