@@ -58,10 +58,11 @@ def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = 
     when given), the layout the overrides give, weights on device, and the slot count (given,
     or what the KV budget holds). Loading is ``einshard generate``'s (compiler.generate_cmd)."""
     from compiler.generate_cmd import load
-    from compiler.generation import make_runner
 
     ld = load(argparse.Namespace(checkpoint=checkpoint, spec=spec, mesh=mesh, ffn=ffn, attn=attn, weights=weights,
                                  sets=list(sets), devices=devices))
+    from compiler.generation import make_runner  # JAX only now: load() has set up the devices
+
     m = ld.spec.model
     if slots is None:
         per_slot = 2 * m.layers * context * m.kv_heads * m.d_head * 4
@@ -74,18 +75,23 @@ def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = 
 
 def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
     """(ASGI app, served model name, slots) from parsed ``serve`` arguments."""
+    from runtime.serving.scheduler import SchedulerConfig  # no JAX: devices are set up by load_model
+
+    if args.context < 2:
+        raise SpecError(f"--context must be at least 2, got {args.context}")
+    try:
+        SchedulerConfig(slots=args.slots or 1, policy=args.policy, chunk=args.chunk, max_queue=args.max_queue)
+    except ValueError as e:  # before minutes of loading
+        raise SpecError(str(e)) from None
+    spec, runner, tok, slots = load_model(args.checkpoint, spec=args.spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn,
+                                          weights=args.weights, sets=tuple(args.sets), context=args.context,
+                                          slots=args.slots, devices=args.devices)
     from runtime.sampling import SamplingParams
     from runtime.serving.async_engine import AsyncEngine
     from runtime.serving.engine import Engine
     from runtime.serving.http import make_app
     from runtime.serving.request import Request
-    from runtime.serving.scheduler import SchedulerConfig
 
-    if args.context < 2:
-        raise SpecError(f"--context must be at least 2, got {args.context}")
-    spec, runner, tok, slots = load_model(args.checkpoint, spec=args.spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn,
-                                          weights=args.weights, sets=tuple(args.sets), context=args.context,
-                                          slots=args.slots, devices=args.devices)
     try:
         cfg = SchedulerConfig(slots=slots, policy=args.policy, compact=args.compact, chunk=args.chunk,
                               step_tokens=args.step_tokens, max_queue=args.max_queue)

@@ -297,3 +297,22 @@ def test_bench_replays_a_trace_over_http(server, tmp_path):
     assert run["scheduler"] == "http" and run["requests"] == 6
     assert run["failed"] == 0, run
     assert 6 * 2 <= run["generated"] <= 6 * 6 and run["ttft_p50_s"] > 0
+
+
+@pytest.mark.slow
+def test_sharded_server_greedy_tokens_equal_transformers(ckpt, tmp_path):
+    """`serve --mesh x=2 --attn batch`: the slot buffer is sharded over 2 simulated devices (the
+    server must set the devices up before JAX starts) and the tokens are still transformers'."""
+    s = Server(ckpt, tmp_path / "server.log", "--mesh", "x=2", "--attn", "batch", "--slots", "4")
+    try:
+        s.wait()
+        hf = transformers.LlamaForCausalLM.from_pretrained(ckpt)
+        prompt = list(range(30, 70))
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, eos_token_id=None,
+                               pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        r = post(s, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                        "ignore_eos": True, "return_token_ids": True})
+        assert r.json()["choices"][0]["token_ids"] == want[0, len(prompt):].tolist()
+    finally:
+        s.close()

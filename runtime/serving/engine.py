@@ -53,6 +53,7 @@ class Engine:
         self.T = runner.cache_len
         S = config.slots
         if not runner.valid_batch(S):
+            runner.empty_cache(S)  # raises the layout's own reason
             raise RequestError(f"{S} slots cannot be sharded by this layout", param="slots",
                                hint="use a multiple of the devices the layout shards the batch over")
         self.caches = tuple(runner.empty_cache(S))
