@@ -1,9 +1,36 @@
-"""Re-infers a function's types after its param types change (e.g. a padded dim)."""
+"""Re-typing functions whose params change: re-inference, and the walk that rewrites each
+entry's scan bodies and then the entry, which passes that change weights share."""
 
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 from ir.errors import VerifyError
-from ir.module import Function, ModuleContext, Param
+from ir.module import Function, Module, ModuleContext, Param
+from ir.ops import Scan
+
+#: Rewrites a scan body; gets which entry value each body param receives, and the context.
+BodyRewrite = Callable[[Function, dict[str, str], ModuleContext], Function]
+EntryRewrite = Callable[[Function, ModuleContext], Function]
+
+
+def rewrite_entries(module: Module, body: BodyRewrite, entry: EntryRewrite,
+                    replaced: Mapping[str, Function] = {}) -> dict[str, Function]:
+    """Every function of ``module`` by name, after ``body`` rewrote each entry's scan bodies and
+    then ``entry`` the entry itself, each in a context holding what was rewritten before it (an
+    entry's scan infers against its body's new signature). ``replaced`` seeds that context (a
+    new @prepare); @prepare itself is the caller's."""
+    fns = {f.name: f for f in module.functions} | dict(replaced)
+
+    def ctx() -> ModuleContext:
+        return ModuleContext(module.with_functions([*fns.values()]))
+
+    for e in module.entries:
+        for sc in [op for op in e.ops if isinstance(op, Scan)]:
+            b = module.function(sc.body.name)
+            fns[b.name] = body(b, {p.name: v for p, v in zip(b.params, sc.operands)}, ctx())
+        fns[e.name] = entry(e, ctx())
+    return fns
 
 
 def reinfer(fn: Function, params: tuple[Param, ...], ctx: ModuleContext) -> Function:

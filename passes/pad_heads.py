@@ -34,8 +34,7 @@ from ir.builder import Namer
 from ir.errors import PassError
 from ir.fusion_ops import Split
 from ir.module import Function, Module, ModuleContext, Param
-from ir.ops import Scan
-from ir.retype import reinfer
+from ir.retype import reinfer, rewrite_entries
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
 from passes.registry import register
@@ -120,13 +119,8 @@ class PadHeads(Pass):
             return tuple(replace(p, type=_padded(p.type, grown)) if any(p.type.has(d) for d in grown) else p
                          for p in ps)
 
-        fns = {f.name: f for f in module.functions}
-        for entry in module.entries:
-            for sc in [op for op in entry.ops if isinstance(op, Scan)]:
-                body = fns[sc.body.name]
-                fns[body.name] = reinfer(body, pad(body.params), ModuleContext(module.with_functions(list(fns.values()))))
-            ctx = ModuleContext(module.with_functions(list(fns.values())))
-            fns[entry.name] = _true_vocab(reinfer(entry, pad(entry.params), ctx), fns[entry.name], ctx)
+        fns = rewrite_entries(module, lambda body, _, ctx: reinfer(body, pad(body.params), ctx),
+                              lambda entry, ctx: _true_vocab(reinfer(entry, pad(entry.params), ctx), entry, ctx))
         if module.prepare is not None:
             prep = module.prepare
             ctx = ModuleContext(module.with_functions(list(fns.values())))

@@ -24,6 +24,7 @@ from ir.graph import users
 from ir.module import PREPARE, Function, Module, ModuleContext, Param
 from ir.ops import Einsum, Op, Scan
 from ir.quant_ops import Dequantize, Quantize
+from ir.retype import rewrite_entries
 from ir.types import TensorType
 from passes.base import Pass, PassResult
 from passes.registry import register
@@ -169,7 +170,7 @@ class QuantizeInt8(Pass):
             return PassResult(module, {"weights quantized": 0}, tuple(f"kept {w}: {r}" for w, r in why.items()))
         ctx = ModuleContext(module)
         new_prep, scale_t = _quantized_prepare(prep, weights, chosen, ctx)
-        out_fns = _quantized_entries(module, chosen, scale_t, {PREPARE: new_prep}, ctx)
+        out_fns = _quantized_entries(module, chosen, scale_t, {PREPARE: new_prep})
         fns = [out_fns.get(f.name, f) for f in module.functions]
         if module.prepare is None:
             fns = [new_prep, *fns]
@@ -267,31 +268,31 @@ def _scale_name(weight: str) -> str:
 
 
 def _quantized_entries(module: Module, chosen: dict[str, QuantSpec], scale_t: dict[str, TensorType],
-                       out_fns: dict[str, Function], ctx: ModuleContext) -> dict[str, Function]:
-    """Entries and scan bodies taking int8 weights plus scales, dequantizing before each einsum;
-    added to ``out_fns`` (which holds the new @prepare)."""
-    for e in module.entries:
-        for sc in [op for op in e.ops if isinstance(op, Scan)]:
-            body = module.function(sc.body.name)
-            b_params: list[Param] = []
-            b_quant: dict[str, tuple[str, QuantSpec]] = {}
-            for bp, v in zip(body.params, sc.operands):
-                if v in chosen:  # stacked along N in the entry, one layer in the body
-                    sname = _scale_name(bp.name)
-                    b_params += [Param(bp.name, bp.type.with_dtype("i8"), bp.role, bp.kind),
-                                 Param(sname, scale_t[v].drop("N"), bp.role, "scale")]
-                    b_quant[bp.name] = (sname, chosen[v])
-                else:
-                    b_params.append(bp)
-            out_fns[body.name] = _Rewriter(body, ctx).run(b_params, b_quant)
+                       out_fns: dict[str, Function]) -> dict[str, Function]:
+    """Entries and scan bodies taking int8 weights plus scales, dequantizing before each einsum
+    (ir/retype.py ``rewrite_entries``); ``out_fns`` holds the new @prepare."""
+    def body(fn: Function, received: dict[str, str], ctx: ModuleContext) -> Function:
         params: list[Param] = []
-        for p in e.params:
+        quant: dict[str, tuple[str, QuantSpec]] = {}
+        for bp in fn.params:
+            v = received.get(bp.name, "")
+            if v in chosen:  # stacked along N in the entry, one layer in the body
+                sname = _scale_name(bp.name)
+                params += [Param(bp.name, bp.type.with_dtype("i8"), bp.role, bp.kind),
+                           Param(sname, scale_t[v].drop("N"), bp.role, "scale")]
+                quant[bp.name] = (sname, chosen[v])
+            else:
+                params.append(bp)
+        return _Rewriter(fn, ctx).run(params, quant)
+
+    def entry(fn: Function, ctx: ModuleContext) -> Function:
+        params: list[Param] = []
+        for p in fn.params:
             if p.name in chosen:
                 params += [Param(p.name, p.type.with_dtype("i8"), "weight", p.kind),
                            Param(_scale_name(p.name), scale_t[p.name], "weight", "scale")]
             else:
                 params.append(p)
-        ctx2 = ModuleContext(module.with_functions([*out_fns.values(), *[f for f in module.functions
-                                                                          if f.name not in out_fns]]))
-        out_fns[e.name] = _Rewriter(e, ctx2).run(params, {w: (_scale_name(w), chosen[w]) for w in chosen})
-    return out_fns
+        return _Rewriter(fn, ctx).run(params, {w: (_scale_name(w), chosen[w]) for w in chosen})
+
+    return rewrite_entries(module, body, entry, out_fns)
