@@ -126,12 +126,8 @@ def one_device_tokens(llama: Tiny) -> list[list[int]]:
     return toks
 
 
-#: two layouts as unlike as can be run in CI; the other eight (~30 s each cold) are slow
-CI_LAYOUTS = {("2d-ws", "heads"), ("wg-xyz", "batch")}
-
-
-@pytest.mark.parametrize("ffn,attn", [pytest.param(f, a, marks=() if (f, a) in CI_LAYOUTS else pytest.mark.slow)
-                                      for f in FFN_LAYOUTS for a in ATTN_LAYOUTS])
+# ~2 s each with the persistent compilation cache warm (~30 s each cold, on 2 shared cores)
+@pytest.mark.parametrize("ffn,attn", [(f, a) for f in FFN_LAYOUTS for a in ATTN_LAYOUTS])
 def test_every_layout_on_8_devices_gives_the_one_device_tokens(llama: Tiny, one_device_tokens, ffn, attn) -> None:
     spec = apply_overrides(llama.spec, mesh=mesh_str(MESH_8), ffn=ffn, attn=attn)
     gen = Generator(make_runner(spec, llama.weights, 64, batch=8))
