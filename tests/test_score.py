@@ -78,6 +78,9 @@ def test_cli_score_equals_transformers(ckpt, capsys) -> None:
     assert out["tokens"] == len(ids) > 300 and out["windows"] == len(windows(len(ids), 128))
     assert out["perplexity"] == pytest.approx(hf_perplexity(m, ids, 128), rel=1e-4)
     assert out["mean_nll"] == pytest.approx(math.log(out["perplexity"]), rel=1e-12)
+    sharded = cli_json(capsys, "score", "--checkpoint", str(d), "--text", str(PASSAGE), "--window", "128",
+                       "--mesh", "x=2,y=2", "--json")
+    assert sharded["perplexity"] == pytest.approx(out["perplexity"], rel=1e-5)
 
 
 @pytest.mark.slow
