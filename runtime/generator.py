@@ -80,26 +80,28 @@ class Generator:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self._prefill: dict[tuple[int, int], Callable] = {}
-        self._iterate: dict[int, Callable] = {}
-        self._loop: dict[tuple[int, int], Callable] = {}
+        self._prefill: dict[tuple[int, int, bool], Callable] = {}
+        self._iterate: dict[tuple[int, bool], Callable] = {}
+        self._loop: dict[tuple[int, int, bool], Callable] = {}
         self._compiled: dict[tuple, Callable] = {}  # ahead-of-time compiled, by shape
 
     # ---- compiled pieces -----------------------------------------------------------------
-    def prefill_fn(self, batch: int, length: int) -> Callable:
-        key = (batch, length)
+    def prefill_fn(self, batch: int, length: int, greedy: bool = False) -> Callable:
+        """Prefill + the first token. ``greedy``: every row is greedy, so the program leaves out
+        the sampling branch (its sort over the vocabulary costs seconds of compile time)."""
+        key = (batch, length, greedy)
         if key not in self._prefill:
             step = self.runner.step("prefill", batch, length)
 
             def prefill(params, caches, tokens, pos, samp, first_pos):
                 logits, caches = step(params, tokens, pos, caches)
-                tok = sample(logits, *samp, first_pos)
+                tok = sample(logits, *samp, first_pos, greedy_only=greedy)
                 return tok, caches
 
             self._prefill[key] = jax.jit(prefill, donate_argnums=(1,))
         return self._prefill[key]
 
-    def _iteration(self, batch: int) -> Callable:
+    def _iteration(self, batch: int, greedy: bool = False) -> Callable:
         """(params, caches, state, samp, eos, limit) -> (caches, state): one decode step for
         every live row. state = (tok [B], pos [B], done [B], count [B]); ``pos`` is the position
         of ``tok``, ``count`` the tokens made so far, ``limit`` each row's budget."""
@@ -108,7 +110,7 @@ class Generator:
         def iterate(params, caches, state, samp, eos, limit):
             tok, pos, done, count = state
             logits, caches = step(params, tok[:, None], pos[:, None], caches)
-            nxt = sample(logits, *samp, pos + 1)
+            nxt = sample(logits, *samp, pos + 1, greedy_only=greedy)
             live = ~done
             tok = jnp.where(live, nxt, tok)
             pos = jnp.where(live, pos + 1, pos)
@@ -118,16 +120,17 @@ class Generator:
 
         return iterate
 
-    def iterate_fn(self, batch: int) -> Callable:
-        if batch not in self._iterate:
-            self._iterate[batch] = jax.jit(self._iteration(batch), donate_argnums=(1,))
-        return self._iterate[batch]
+    def iterate_fn(self, batch: int, greedy: bool = False) -> Callable:
+        key = (batch, greedy)
+        if key not in self._iterate:
+            self._iterate[key] = jax.jit(self._iteration(batch, greedy), donate_argnums=(1,))
+        return self._iterate[key]
 
-    def loop_fn(self, batch: int, max_new: int) -> Callable:
+    def loop_fn(self, batch: int, max_new: int, greedy: bool = False) -> Callable:
         """The whole decode on device: iterate until every row is done; tokens into a buffer."""
-        key = (batch, max_new)
+        key = (batch, max_new, greedy)
         if key not in self._loop:
-            iterate = self._iteration(batch)
+            iterate = self._iteration(batch, greedy)
 
             def loop(params, caches, state, samp, eos, limit):
                 out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(state[0])
@@ -184,11 +187,12 @@ class Generator:
         eos = jnp.asarray(np.array(req.eos_ids or (-1,), np.int32))
         caches = r.empty_cache(B)
         tok = jnp.zeros((B, L), jnp.int32)
-        self._aot(("prefill", B, L), self.prefill_fn(B, L), r.params, caches, tok, tok, samp, z)
+        g = all(p.greedy for p in req.params)
+        self._aot(("prefill", B, L, g), self.prefill_fn(B, L, g), r.params, caches, tok, tok, samp, z)
         if stream:
-            self._aot(("iterate", B), self.iterate_fn(B), r.params, caches, state, samp, eos, z)
+            self._aot(("iterate", B, g), self.iterate_fn(B, g), r.params, caches, state, samp, eos, z)
         elif max_new > 1:
-            self._aot(("loop", B, max_new), self.loop_fn(B, max_new), r.params, caches, state, samp, eos, z)
+            self._aot(("loop", B, max_new, g), self.loop_fn(B, max_new, g), r.params, caches, state, samp, eos, z)
         return time.perf_counter() - t0
 
     def _aot(self, key: tuple, fn: Any, *args: object) -> None:
@@ -218,7 +222,8 @@ class Generator:
 
         t0 = time.perf_counter()
         caches = r.empty_cache(B)
-        prefill = self._call(("prefill", B, L), self.prefill_fn(B, L))
+        g = all(p.greedy for p in req.params)
+        prefill = self._call(("prefill", B, L, g), self.prefill_fn(B, L, g))
         first, caches = prefill(r.params, caches, jnp.asarray(tokens), jnp.asarray(pos), samp, jnp.asarray(lens))
         first_h = np.asarray(first)
         ttft = time.perf_counter() - t0
@@ -235,7 +240,7 @@ class Generator:
         t1 = time.perf_counter()
         if stream is None:
             if not done.all():
-                loop = self._call(("loop", B, max_new), self.loop_fn(B, max_new))
+                loop = self._call(("loop", B, max_new, g), self.loop_fn(B, max_new, g))
                 caches, state, buf = loop(r.params, caches, state, samp, eos, jnp.asarray(limit))
                 counts = np.asarray(state[3])
                 buf_h = np.asarray(buf)
@@ -244,7 +249,7 @@ class Generator:
                 dt = time.perf_counter() - t1
                 steps = [dt / made * 1e3] if made else []
         else:
-            iterate = self._call(("iterate", B), self.iterate_fn(B))
+            iterate = self._call(("iterate", B, g), self.iterate_fn(B, g))
             lim = jnp.asarray(limit)
             while not done.all():
                 ts = time.perf_counter()

@@ -2,8 +2,10 @@
 
 Everything here is traceable, so sampling runs inside the compiled step and the logits never
 leave the device. The order of the warpers is Hugging Face's (temperature, then top-k, then
-top-p), and so are their tie rules: top-k keeps every logit equal to the k-th largest; top-p
-keeps the smallest set of largest tokens whose probability reaches ``top_p`` (at least one).
+top-p). Top-k keeps every logit equal to the k-th largest, as Hugging Face does; top-p keeps the
+smallest set of largest tokens whose probability reaches ``top_p`` (at least one) and, unlike
+Hugging Face (which keeps whichever tied token its sort puts first), every token tied with the
+smallest one kept: exact ties at the cut-off are the only place the two differ.
 
 A row's random key is ``fold_in(PRNGKey(seed), position)`` of the token being sampled, so a
 request's tokens depend on its own seed and positions only: not on its batch, its slot, the
@@ -98,11 +100,15 @@ def row_keys(seed: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           seed: jax.Array, positions: jax.Array) -> jax.Array:
+           seed: jax.Array, positions: jax.Array, greedy_only: bool = False) -> jax.Array:
     """Next token per row ([B] int32) from ``logits`` [B, V]. Rows with temperature 0 take the
-    argmax; the sort that top-k/top-p need runs only when some row samples."""
+    argmax; the sort that top-k/top-p need runs only when some row samples. ``greedy_only``
+    (static) leaves the sampling branch out of the program when the caller knows every row is
+    greedy: the same tokens, seconds less to compile."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy_only:
+        return greedy
 
     def sampled(_: None) -> jax.Array:
         t = jnp.where(temperature > 0, temperature, 1.0)

@@ -30,7 +30,7 @@ class Score:
 
 def windows(n: int, size: int) -> list[tuple[int, int]]:
     """[start, end) of consecutive windows of at most ``size`` tokens; a last window of one
-    token would score nothing, so it joins the one before when that has room, else is dropped."""
+    token would score nothing (it has no token to predict from), so it is dropped."""
     out = [(s, min(s + size, n)) for s in range(0, n, size)]
     if len(out) > 1 and out[-1][1] - out[-1][0] < 2:
         out.pop()
