@@ -19,6 +19,7 @@ from typing import Any, Sequence, cast
 import lark
 
 from ir.errors import Location, SpecError, did_you_mean
+from passes import layouts as _layouts
 from ir.model import BIAS_KINDS, BLOCK_KINDS, MLP_KINDS, NORM_KINDS, ROTARY_STYLES, ModelSpec
 from ir.model import MAX_INT as _MAX_INT
 from ir.model import MODEL_FIELDS as _MODEL_FIELDS
@@ -38,8 +39,9 @@ __all__ = [
 
 BLOCKS = ("model", "mesh", "serve")
 PHASES = ("prefill", "decode")
-FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz", "auto")
-ATTN_LAYOUTS = ("heads", "batch", "auto")
+# the layouts themselves are passes/layouts.py's; a spec may also leave the choice to the cost model
+FFN_LAYOUTS = (*_layouts.FFN_LAYOUTS, "auto")
+ATTN_LAYOUTS = (*_layouts.ATTN_LAYOUTS, "auto")
 KV_LAYOUTS = ("auto", "shard", "replicate", "pad")
 LOGITS = ("last", "all")
 WEIGHT_FORMATS = ("f32", "bf16", "int8")

@@ -26,8 +26,7 @@ from compiler.spec import MeshSpec, ModelSpec, ServeSpec, Spec
 from ir.errors import LayoutError
 from ir.module import Module
 
-FFN_LAYOUTS = ("1d-ws", "2d-ws", "wg-x", "wg-xy", "wg-xyz")
-ATTN_LAYOUTS = ("heads", "batch")
+from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS  # noqa: E402  (the one list)
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 Mesh = tuple[tuple[str, int], ...]
