@@ -25,6 +25,12 @@ DEFAULT_MAX_NEW = 32
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="model spec file (optional: the checkpoint describes its model)")
     p.add_argument("--checkpoint", type=Path, required=True, help="a Hugging Face checkpoint directory or a .gguf file")
+    add_layout_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """The layout flags every checkpoint command takes (generate, score, serve)."""
     g = p.add_argument_group("layout")
     g.add_argument("--mesh", help="mesh axes, e.g. x=2,y=2 ('1' for one device)")
     g.add_argument("--ffn", help="1d-ws|2d-ws|wg-x|wg-xy|wg-xyz|auto")
@@ -33,7 +39,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any spec field (repeatable)")
     g.add_argument("--devices", type=int, help="simulated CPU devices (default: the mesh size)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,14 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", help="the model id clients give (default: the checkpoint's name)")
-    g = p.add_argument_group("layout")
-    g.add_argument("--mesh", help="mesh axes, e.g. x=2,y=2 ('1' for one device)")
-    g.add_argument("--ffn", help="1d-ws|2d-ws|wg-x|wg-xy|wg-xyz|auto")
-    g.add_argument("--attn", help="heads|batch|auto")
-    g.add_argument("--weights", help="f32|bf16|int8 (the format weights are served in)")
-    g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="any spec field (repeatable)")
-    g.add_argument("--devices", type=int, help="simulated CPU devices (default: the mesh size)")
+    from compiler.generate_cmd import add_layout_args
+
+    add_layout_args(p)
     s = p.add_argument_group("engine")
     s.add_argument("--slots", type=int, help="KV slots = requests decoded together "
                    f"(default: what {DEFAULT_KV_BUDGET >> 30} GiB of KV cache holds, at most {MAX_DEFAULT_SLOTS})")
