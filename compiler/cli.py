@@ -7,7 +7,7 @@ internal error (a bug: the traceback is printed); 130 interrupted.
 
 Subcommands live in ``SUBCOMMANDS``: a name, a help line, a function that adds its arguments
 and a function that runs it (``Subcommand``, from compiler/subcommand.py, which such modules
-import instead of this one). Another module adds one by appending a ``Subcommand``. Numeric
+import instead of this one); generate, score and serve come from their own modules and are listed there. Numeric
 flags are range-checked in one table (``VALUE_LIMITS``, keyed by the argparse ``dest``), so a
 new subcommand that reuses ``--steps`` or ``--seed`` gets the same checks; a value out of range
 is a SpecError pointing into the command line.
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from compiler.exit_codes import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from compiler.generate_cmd import subcommands as generation_subcommands
+from compiler.serve_cmd import subcommand as serve_subcommand
 from compiler.subcommand import Subcommand, ensure_devices
 from ir.errors import EinshardError, FileError, Location, SpecError
 
@@ -432,15 +434,9 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("explain", "price every candidate layout with the cost model (table, JSON, plot)",
                _args_explain, cmd_explain),
     Subcommand("passes", "list the registered passes and their options", _args_none, cmd_passes),
+    serve_subcommand(),
+    *generation_subcommands(),
 ]
-
-from compiler.serve_cmd import subcommand as _serve  # noqa: E402
-
-SUBCOMMANDS.append(_serve())
-
-from compiler.generate_cmd import subcommands as _generation  # noqa: E402
-
-SUBCOMMANDS.extend(_generation())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

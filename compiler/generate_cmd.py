@@ -173,7 +173,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # JAX is imported only after load() has set up the simulated devices the mesh needs
     ld = load(args, need_tokenizer=args.prompt_ids is None or bool(args.stop) or not args.json or args.stream)
     from runtime.generator import GenerateRequest, Generator
-    from runtime.model_runner import bucket
+    from runtime.model_runner import bucket, roofline_fraction
     from runtime.sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_k or 0, args.top_p, args.seed)
@@ -245,7 +245,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "batch": B, "context": context, "layout": layout,
     }
     report["weight_bytes"] = runner.weight_bytes()
-    report["roofline_fraction"] = _roofline(runner, res.step_ms_p50, B)
+    report["roofline_fraction"] = roofline_fraction(runner, res.step_ms_p50, B)
     if args.json:
         print(json.dumps(report, indent=2))
     elif not (args.stream and len(prompts) == 1):
@@ -260,19 +260,6 @@ def run_generate(args: argparse.Namespace) -> int:
               + (f", {roof:.0%} of the memory roofline" if roof else "") + f"); compile {compile_s:.1f} s; "
               f"{', '.join(reasons)}]", file=sys.stderr)
     return 0
-
-
-def _roofline(runner: Any, step_ms: float, batch: int) -> float | None:
-    """Fraction of the decode roofline reached: (weight + KV cache bytes) / the memory bandwidth
-    runtime/probe.py measured on this CPU, over the measured step. None off CPU or untimed."""
-    import jax
-
-    if step_ms <= 0 or jax.devices()[0].platform != "cpu" or runner.mesh is not None:
-        return None
-    from runtime.probe import measure_cpu
-
-    bound_s = (runner.weight_bytes() + runner.cache_bytes(batch)) / float(measure_cpu()["hbm_bw"])
-    return bound_s / (step_ms / 1e3)
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -200,3 +200,15 @@ def _put_one(x: np.ndarray, t: Any, mesh: Any) -> jax.Array:
     if mesh is not None:
         y = jax.device_put(y, NamedSharding(mesh, _spec(t, layer_split(t) and y.ndim < len(t.dims))))
     return y
+
+
+def roofline_fraction(runner: ModelRunner, step_ms: float, batch: int) -> float | None:
+    """Fraction of the decode roofline a measured step reached: (weight + KV cache bytes) / the
+    memory bandwidth runtime/probe.py measures on this CPU, over the step. None off CPU, on a
+    mesh (the probe measures one device) or when nothing was timed."""
+    if step_ms <= 0 or jax.devices()[0].platform != "cpu" or runner.mesh is not None:
+        return None
+    from runtime.probe import measure_cpu
+
+    bound_s = (runner.weight_bytes() + runner.cache_bytes(batch)) / float(measure_cpu()["hbm_bw"])
+    return bound_s / (step_ms / 1e3)
