@@ -497,3 +497,4 @@ class Scan(Op):
 import ir.collectives  # registers the collective ops
 import ir.fusion_ops  # registers concat, split, flatten, unflatten
 import ir.quant_ops  # registers quantize, dequantize
+import ir.pipeline_ops  # registers ppermute, pipeline

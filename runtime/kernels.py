@@ -303,3 +303,4 @@ def _local_slice(op, xs, ts, be, interp):
 
 
 import runtime.kernels_rewrites  # registers the rules of the rewrite passes' ops
+import runtime.kernels_pipeline  # registers ppermute, pipeline

@@ -1,0 +1,111 @@
+"""Pipeline parallelism in the IR: ``ppermute`` (a collective-permute ring over mesh axes) and
+``pipeline`` (the micro-batch schedule that applies a stage body on every stage of a mesh axis).
+
+The layer stack is split into contiguous stages by sharding the stacked layer dim N over the
+stage axis: stage s holds layers s*N/S .. (s+1)*N/S - 1 of every stacked weight and KV cache.
+``pipeline`` runs the schedule of GPipe (and DeepSpeed Inference's per-phase micro-batch
+counts): its operands' batch dim B is cut into ``microbatches`` micro-batches; at step t stage s
+works on micro-batch t - s, so M micro-batches take M + S - 1 steps. Its body sees one stage and
+one micro-batch (B/M rows, N/S layers, unsharded N) and ends with the ``ppermute`` that hands its
+activations to the next stage: the only inter-stage traffic, explicit so that the ledger and
+the cost model see it. The ring is cyclic, so the last stage's output arrives at stage 0, which
+collects it; the op's first result is therefore a partial sum over the stage axis (stage 0
+holds it, the others zeros) that an ``all_reduce`` hands to every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ir.ops import Op, Symbol, fail, op_kind, require_not_partial
+from ir.types import Dim, TensorType
+
+
+@op_kind("ppermute")
+@dataclass(frozen=True, kw_only=True)
+class Ppermute(Op):
+    """Every device sends its block to the device ``shift`` places after it in the ring of
+    ``axes`` (composite order, major first; cyclic). The type is unchanged: the values move."""
+
+    axes: tuple[str, ...]
+    shift: int = 1
+    #: Why the collective exists, for the ledger.
+    reason: str = ""
+    arity = (1, 1)
+    is_collective = True
+
+    def infer(self, ins, ctx):
+        from ir.collectives import _check_axes
+
+        (x,) = ins
+        _check_axes("ppermute", self.axes, ctx.mesh)
+        if set(self.axes) & x.mesh_axes:
+            raise fail(f"ppermute over {{{','.join(self.axes)}}}: the operand is sharded or partial over "
+                       "some of those axes (a ring moves whole blocks between replicas)")
+        return (x,)
+
+
+def stage_view(t: TensorType, axis: str, stages: int, microbatches: int) -> TensorType:
+    """What one stage body sees of a pipeline operand: B cut into micro-batches, and a leading N
+    sharded over ``axis`` reduced to this stage's layers (unsharded)."""
+    dims = []
+    for i, d in enumerate(t.dims):
+        if d.name == "B":
+            if d.size % microbatches:
+                raise fail(f"pipeline: batch {d.size} does not split into {microbatches} micro-batches")
+            d = Dim("B", d.size // microbatches, d.axes)
+        if axis in d.axes:
+            if i != 0 or d.name != "N" or d.axes != (axis,):
+                raise fail(f"pipeline: only a leading layer dim N may be sharded over the stage axis "
+                           f"'{axis}', got {t}")
+            d = Dim("N", d.size // stages)
+        dims.append(d)
+    return TensorType(t.dtype, tuple(dims), t.partial)
+
+
+@op_kind("pipeline")
+@dataclass(frozen=True, kw_only=True)
+class Pipeline(Op):
+    """Runs ``body`` on every stage of mesh axis ``axis`` over ``microbatches`` micro-batches.
+
+    Operand 0 is the activation that flows from stage to stage (replicated over ``axis``); the
+    others are passed as :func:`stage_view` says (micro-batch rows of B, this stage's layers of
+    an N sharded over ``axis``). The body returns the activation for the next stage (after its
+    ``ppermute``) followed by updates of the *last* k operands (the KV caches' micro-batch
+    rows). Results: the last stage's activations, as a partial sum over ``axis``, and the k
+    updated operands."""
+
+    body: Symbol
+    axis: str
+    microbatches: int
+    arity = (1, None)
+
+    def infer(self, ins, ctx):
+        fn = ctx.function(self.body.name)
+        if self.axis not in ctx.mesh:
+            raise fail(f"pipeline over mesh axis '{self.axis}', which the mesh lacks")
+        if self.microbatches < 1:
+            raise fail(f"pipeline needs at least one micro-batch, got {self.microbatches}")
+        stages = ctx.mesh[self.axis]
+        x = ins[0]
+        require_not_partial("pipeline", x)
+        if self.axis in x.mesh_axes:
+            raise fail(f"pipeline: the activation must be replicated over '{self.axis}', got {x}")
+        expect = tuple(stage_view(t, self.axis, stages, self.microbatches) for t in ins)
+        got = tuple(p.type for p in fn.params)
+        if expect != got:
+            raise fail(f"pipeline: body @{fn.name} takes ({', '.join(map(str, got))}) but is given "
+                       f"({', '.join(map(str, expect))})")
+        outs = fn.result_types
+        k = len(outs) - 1
+        if k < 0 or k > len(ins) - 1 or outs[0] != expect[0]:
+            raise fail(f"pipeline: body @{fn.name} must return the next stage's activation ({expect[0]}) "
+                       "followed by updates of the last operands")
+        if k and outs[1:] != expect[len(ins) - k:]:
+            raise fail(f"pipeline: body @{fn.name} returns ({', '.join(map(str, outs[1:]))}) but its last "
+                       f"{k} operands are ({', '.join(map(str, expect[len(ins) - k:]))})")
+        return (x.with_partial({self.axis}), *ins[len(ins) - k:])
+
+    def steps(self, stages: int) -> int:
+        """Schedule length: every stage runs its body this many times per call."""
+        return self.microbatches + stages - 1
