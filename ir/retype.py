@@ -3,14 +3,31 @@ entry's scan bodies and then the entry, which passes that change weights share."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from ir.errors import VerifyError
 from ir.module import Function, Module, ModuleContext, Param
 from ir.ops import Scan
 
-#: Rewrites a scan body; gets which entry value each body param receives, and the context.
-BodyRewrite = Callable[[Function, dict[str, str], ModuleContext], Function]
+
+@dataclass(frozen=True)
+class ScanSite:
+    """Where a scan body is called: the entry (before its rewrite), the scan op in it, and the
+    body as it was."""
+
+    entry: Function
+    scan: Scan
+    body: Function
+
+    @property
+    def received(self) -> dict[str, str]:
+        """The entry value each body param receives, by body param name."""
+        return {p.name: v for p, v in zip(self.body.params, self.scan.operands)}
+
+
+#: Rewrites a scan body; gets the site that calls it and the context.
+BodyRewrite = Callable[[Function, ScanSite, ModuleContext], Function]
 EntryRewrite = Callable[[Function, ModuleContext], Function]
 
 
@@ -28,7 +45,7 @@ def rewrite_entries(module: Module, body: BodyRewrite, entry: EntryRewrite,
     for e in module.entries:
         for sc in [op for op in e.ops if isinstance(op, Scan)]:
             b = module.function(sc.body.name)
-            fns[b.name] = body(b, {p.name: v for p, v in zip(b.params, sc.operands)}, ctx())
+            fns[b.name] = body(b, ScanSite(e, sc, b), ctx())
         fns[e.name] = entry(e, ctx())
     return fns
 

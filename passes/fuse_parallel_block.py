@@ -29,6 +29,7 @@ from ir.builder import Namer
 from ir.errors import PassError
 from ir.graph import users
 from ir.module import PREPARE, Function, Module, ModuleContext, Param
+from ir.retype import ScanSite, rewrite_entries
 from ir.ops import Binary, Einsum, Op, Scan
 from ir.fusion_ops import Concat, Flatten, Split, Unflatten
 from ir.types import Dim, TensorType
@@ -313,6 +314,47 @@ def rewrite_body(fn: Function, plan: _Plan, weight_of: dict[str, str], ctx, grou
                     tuple(em.types.get(r) or fn.value_types[r] for r in out.returns), fn.entry)
 
 
+def _weights_received(entry: Function, sc: Scan, body: Function) -> dict[str, str]:
+    """The layer body's weight params and the stacked entry weights they receive."""
+    start = sc.carry + sc.consts
+    roles = {p.name: p.role for p in entry.params}
+    return {bp.name: v for bp, v in zip(body.params[start:], sc.operands[start:]) if roles.get(v) == "weight"}
+
+
+def _fused_entry(entry: Function, ctx: ModuleContext, body_plans: dict[str, tuple[_Plan, dict[str, str]]]) -> Function:
+    """``entry`` taking each packed weight (stacked along N) in place of its segments, in the
+    place of the first of them, and handing it to the rewritten layer body."""
+    ops = list(entry.ops)
+    params = list(entry.params)
+    for i, sc in enumerate(ops):
+        if not isinstance(sc, Scan) or sc.body.name not in body_plans:
+            continue
+        plan, _ = body_plans[sc.body.name]
+        start = sc.carry + sc.consts
+        e_types = entry.value_types
+        removed = {s.weight: g for g in plan.groups for s in g.segments}
+        b_types = {p.name: p.type for p in ctx.function(sc.body.name).params}
+        packed = {g.name: TensorType(b_types[g.name].dtype, (e_types[g.segments[0].weight].dim("N"),
+                                                              *b_types[g.name].dims)) for g in plan.groups}
+        operands = list(sc.operands[:start])
+        for v in sc.operands[start:]:
+            g = removed.get(v)
+            if g is None:
+                operands.append(v)
+            elif g.name not in operands:
+                operands.append(g.name)
+        new_params: list[Param] = []
+        for p in params:
+            g = removed.get(p.name)
+            if g is None:
+                new_params.append(p)
+            elif g.name not in {q.name for q in new_params}:
+                new_params.append(Param(g.name, packed[g.name], "weight"))
+        params = new_params
+        ops[i] = sc.with_(operands=tuple(operands))
+    return Function(entry.name, tuple(params), tuple(ops), entry.returns, entry.result_types, True)
+
+
 @register
 @dataclass(frozen=True)
 class FuseParallelBlock(Pass):
@@ -320,7 +362,7 @@ class FuseParallelBlock(Pass):
 
     name = "fuse-parallel-block"
     summary = "one packed einsum for the input projections and one for the output projections"
-    runs_after = ("pad-heads",)
+    runs_after = ("pad-heads", "pad-dims")
 
     #: Interleave groups of the packed dims; 0 = the mesh's device count (any sharding divides it).
     groups: int = 0
@@ -338,18 +380,13 @@ class FuseParallelBlock(Pass):
         if any(d.axes or t.partial for f in module.functions for t in f.value_types.values() for d in t.dims):
             raise PassError("fuse-parallel-block: the module is already sharded; run it before shard")
         groups = self.groups or module.n_devices
-        fns = {f.name: f for f in module.functions}
         plans: dict[str, tuple[Group, ...]] = {}
         notes: list[str] = []
-        new_entries: dict[str, Function] = {}
-        prepare_types: dict[str, TensorType] = {}
+        body_plans: dict[str, tuple[_Plan, dict[str, str]]] = {}
         for entry in module.entries:
             for sc in [op for op in entry.ops if isinstance(op, Scan)]:
-                body = fns[sc.body.name]
-                start = sc.carry + sc.consts
-                roles = {p.name: p.role for p in entry.params}
-                weight_of = {bp.name: v for bp, v in zip(body.params[start:], sc.operands[start:])
-                             if roles.get(v) == "weight"}
+                body = module.function(sc.body.name)
+                weight_of = _weights_received(entry, sc, body)
                 plan = plan_body(body, set(weight_of), groups, self.attention)
                 # name segments by the entry weights (shared by all entries)
                 plan.groups = [Group(g.name, tuple(Segment(weight_of[s.weight], s.letters, s.sizes)
@@ -359,42 +396,21 @@ class FuseParallelBlock(Pass):
                 if plans and key not in plans.values():
                     raise PassError(f"fuse-parallel-block: @{body.name} fuses differently from another layer body")
                 plans[body.name] = key
-                if not plan.groups:
-                    continue
-                ctx = ModuleContext(module)
-                new_body = rewrite_body(body, plan, weight_of, ctx, groups)
-                fns[body.name] = new_body
-                # entry: stacked fused params replace their segments, in the same places
-                e_types = entry.value_types
-                removed = {s.weight: g for g in plan.groups for s in g.segments}
-                params: list[Param] = []
-                operands, placed = list(sc.operands[:start]), set()
-                b_types = {p.name: p.type for p in new_body.params}
-                for v in sc.operands[start:]:
-                    if v in removed:
-                        g = removed[v]
-                        if g.name not in placed:
-                            placed.add(g.name)
-                            t = b_types[g.name]
-                            prepare_types[g.name] = TensorType(t.dtype, (e_types[v].dim("N"), *t.dims))
-                            operands.append(g.name)
-                        continue
-                    operands.append(v)
-                for p in entry.params:
-                    if p.name in removed:
-                        g = removed[p.name]
-                        if g.name not in {q.name for q in params}:
-                            params.append(Param(g.name, prepare_types[g.name], "weight"))
-                        continue
-                    params.append(p)
-                ops = [op.with_(operands=tuple(operands)) if op is sc else op for op in entry.ops]
-                new_entries[entry.name] = Function(entry.name, tuple(params), tuple(ops), entry.returns,
-                                                   entry.result_types, True)
-        if not new_entries:
+                if plan.groups:
+                    body_plans[body.name] = (plan, weight_of)
+        if not body_plans:
             return PassResult(module, {"parallel blocks fused": 0}, tuple(notes))
+
+        def body_rewrite(fn: Function, site: ScanSite, ctx: ModuleContext) -> Function:
+            if fn.name not in body_plans:
+                return fn
+            plan, weight_of = body_plans[fn.name]
+            return rewrite_body(fn, plan, weight_of, ctx, groups)
+
+        fns = rewrite_entries(module, body_rewrite,
+                              lambda entry, ctx: _fused_entry(entry, ctx, body_plans))
+        new_entries = {e.name: fns[e.name] for e in module.entries}
         fused = next(iter(plans.values()))
-        for name, fn in new_entries.items():
-            fns[name] = fn
         first = module.entries[0]
         prep = self._prepare(first, new_entries[first.name], fused, module, groups)
         out = module.with_functions([prep, *[fns[f.name] for f in module.functions]])

@@ -24,7 +24,7 @@ from ir.graph import users
 from ir.module import PREPARE, Function, Module, ModuleContext, Param
 from ir.ops import Einsum, Op, Scan
 from ir.quant_ops import Dequantize, Quantize
-from ir.retype import rewrite_entries
+from ir.retype import ScanSite, rewrite_entries
 from ir.types import TensorType
 from passes.base import Pass, PassResult
 from passes.registry import register
@@ -153,7 +153,7 @@ class QuantizeInt8(Pass):
 
     name = "quantize-int8"
     summary = "int8 weights + per-channel scales, quantized at load time, dequantized before each einsum"
-    runs_after = ("pad-heads", "fuse-parallel-block")
+    runs_after = ("pad-heads", "pad-dims", "fuse-parallel-block")
 
     def run(self, module: Module) -> PassResult:
         if any(op.kind == "collective_einsum" for f in module.functions for op in f.ops):
@@ -271,7 +271,8 @@ def _quantized_entries(module: Module, chosen: dict[str, QuantSpec], scale_t: di
                        out_fns: dict[str, Function]) -> dict[str, Function]:
     """Entries and scan bodies taking int8 weights plus scales, dequantizing before each einsum
     (ir/retype.py ``rewrite_entries``); ``out_fns`` holds the new @prepare."""
-    def body(fn: Function, received: dict[str, str], ctx: ModuleContext) -> Function:
+    def body(fn: Function, site: ScanSite, ctx: ModuleContext) -> Function:
+        received = site.received
         params: list[Param] = []
         quant: dict[str, tuple[str, QuantSpec]] = {}
         for bp in fn.params:

@@ -19,6 +19,7 @@ from ir.builder import Namer
 from ir.collectives import Reshard
 from ir.errors import PassError
 from ir.module import Function, Module, ModuleContext, Param
+from ir.retype import ScanSite, rewrite_entries
 from ir.ops import Op, Scan
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
@@ -492,7 +493,7 @@ class Shard(Pass):
 
     name = "shard"
     summary = "assign a layout's shardings and propagate them (inserts reshard ops)"
-    runs_after = ("pad-heads", "fuse-parallel-block")
+    runs_after = ("pad-heads", "pad-dims", "fuse-parallel-block")
 
     #: Feed-forward layout: 1d-ws, 2d-ws, wg-x, wg-xy, wg-xyz.
     ffn: str = "1d-ws"
@@ -526,53 +527,56 @@ class Shard(Pass):
                 stats[f"mesh axis {a}={layout.sizes[a]} split into {a}={split.sizes[a]} x {sub}={split.sizes[sub]} "
                       "for the batch"] = 1
                 layout, module = split, replace(module, mesh=split.mesh)
-        ctx = ModuleContext(module)
         ks = {t.size("K") for f in module.functions for t in f.value_types.values() if t.has("K")}
         heads = head_split(layout, ks.pop() if ks else 1, self.kv)
-        fns: dict[str, Function] = {}
-        total = 0
+        count = [0]
+        replaced: dict[str, Function] = {}
         prepared: list[TensorType] | None = None
         prep = module.prepare
         if prep is not None:  # load time: checkpoint weights in their layout, packed/quantized alike
             p_params = [replace(q, type=param_type(layout, q.name, q.role, q.type, heads, q.kind)) for q in prep.params]
-            new_prep, n = propagate(layout, ctx, prep, p_params, {q.name: q.role for q in prep.params}, {},
-                                    [None] * len(prep.returns))
-            fns[prep.name] = new_prep
+            new_prep, n = propagate(layout, ModuleContext(module), prep, p_params,
+                                    {q.name: q.role for q in prep.params}, {}, [None] * len(prep.returns))
+            replaced[prep.name] = new_prep
             prepared = list(new_prep.result_types)
-            total += n
-        for entry in module.entries:
-            roles = {q.name: q.role for q in entry.params}
+            count[0] += n
+
+        def entry_params(entry: Function) -> list[Param]:
             w_types = iter(prepared or ())
-            params = [replace(q, type=next(w_types) if prepared is not None and q.role == "weight" else
-                              param_type(layout, q.name, q.role, q.type, heads, q.kind)) for q in entry.params]
-            e_types = {q.name: q.type for q in params}
-            scans = [op for op in entry.ops if isinstance(op, Scan)]
-            body_sigs = {}
-            for sc in scans:
-                body = module.function(sc.body.name)
-                nc, nk = sc.carry, sc.consts
-                b_params, b_roles = [], {}
-                for i, (bp, v) in enumerate(zip(body.params, sc.operands)):
-                    role = roles.get(v, "act")
-                    if i < nc:
-                        t = rest_type(layout, bp.type)
-                    elif i < nc + nk:
-                        t = bp.type  # constants (positions) stay replicated
-                    elif role == "weight" and prepared is not None:
-                        t = e_types[v].drop("N")  # what @prepare hands the entry, one layer of it
-                    else:
-                        t = param_type(layout, bp.name, role, bp.type, heads, bp.kind)
-                    b_params.append(replace(bp, type=t))
-                    b_roles[bp.name] = role
-                targets = [b_params[i].type for i in range(nc)] + [None] * (len(body.returns) - nc)
-                new_body, n = propagate(layout, ctx, body, b_params, b_roles, {}, targets)
-                fns[body.name] = new_body
-                body_sigs[body.name] = (tuple(q.type for q in b_params), new_body.result_types)
-                ctx = ModuleContext(module.with_functions([*fns.values(), *[f for f in module.functions
-                                                                            if f.name not in fns]]))
-                total += n
-            new_entry, n = propagate(layout, ctx, entry, params, roles, body_sigs, [None] * len(entry.returns))
-            fns[entry.name] = new_entry
-            total += n
+            return [replace(q, type=next(w_types) if prepared is not None and q.role == "weight" else
+                            param_type(layout, q.name, q.role, q.type, heads, q.kind)) for q in entry.params]
+
+        def body(fn: Function, site: ScanSite, ctx: ModuleContext) -> Function:
+            roles = {q.name: q.role for q in site.entry.params}
+            e_types = {q.name: q.type for q in entry_params(site.entry)}
+            nc, nk = site.scan.carry, site.scan.consts
+            b_params, b_roles = [], {}
+            for i, (bp, v) in enumerate(zip(fn.params, site.scan.operands)):
+                role = roles.get(v, "act")
+                if i < nc:
+                    t = rest_type(layout, bp.type)
+                elif i < nc + nk:
+                    t = bp.type  # constants (positions) stay replicated
+                elif role == "weight" and prepared is not None:
+                    t = e_types[v].drop("N")  # what @prepare hands the entry, one layer of it
+                else:
+                    t = param_type(layout, bp.name, role, bp.type, heads, bp.kind)
+                b_params.append(replace(bp, type=t))
+                b_roles[bp.name] = role
+            targets = [b_params[i].type for i in range(nc)] + [None] * (len(fn.returns) - nc)
+            new_body, n = propagate(layout, ctx, fn, b_params, b_roles, {}, targets)
+            count[0] += n
+            return new_body
+
+        def entry(fn: Function, ctx: ModuleContext) -> Function:
+            bodies = (ctx.function(sc.body.name) for sc in fn.ops if isinstance(sc, Scan))
+            sigs = {b.name: (tuple(q.type for q in b.params), b.result_types) for b in bodies}
+            new_entry, n = propagate(layout, ctx, fn, entry_params(fn), {q.name: q.role for q in fn.params},
+                                     sigs, [None] * len(fn.returns))
+            count[0] += n
+            return new_entry
+
+        fns = rewrite_entries(module, body, entry, replaced)
+        total = count[0]
         out = module.with_functions([fns.get(f.name, f) for f in module.functions])
         return PassResult(out, {**stats, "reshards inserted": total})
