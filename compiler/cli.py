@@ -50,7 +50,7 @@ class ArgumentParser(argparse.ArgumentParser):
 #: Flags that change the spec; an ``.ir`` input has no spec, so they are refused with it.
 OVERRIDE_FLAGS = {"mesh": "--mesh", "phase": "--phase", "batch": "--batch", "seq": "--seq", "ffn": "--ffn",
                   "attn": "--attn", "weights": "--weights", "overlap": "--overlap", "hardware": "--hardware",
-                  "sets": "--set"}
+                  "sets": "--set", "no_pad": "--no-pad"}
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
@@ -71,6 +71,9 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    g.add_argument("--no-pad", action="store_const", const=True, default=None,
+                   help="refuse a layout whose heads, vocabulary, d_ff, d_model or batch do not divide its "
+                        "devices instead of zero-padding them (serve.pad=false)")
     g = p.add_argument_group("pass pipeline")
     g.add_argument("--passes", help="pipeline string replacing the default, e.g. 'cleanup'")
     g.add_argument("--print-ir-after-all", action="store_true", help="dump the IR after every pass (stderr)")
@@ -231,6 +234,8 @@ def _spec_with_overrides(args: argparse.Namespace):
                            ffn=args.ffn, attn=args.attn, weights=fmt, overlap=args.overlap, sets=sets)
 
 
+    if getattr(args, "no_pad", None):
+        sets = [*sets, "serve.pad=false"]
 def _is_chip_file(hw: str) -> bool:
     return hw.endswith(".toml") or Path(hw).is_file()
 

@@ -37,9 +37,9 @@ def resolved(spec: Spec) -> Spec:
     return resolve_kv(settle_kv(spec))
 
 
-def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
+def default_pipeline(spec: Spec | None, rewrites: bool = True, pad_batch: bool = True) -> str:
     """compiler/pipelines.py ``default_pipeline`` for ``spec`` with its ``auto`` settings resolved."""
-    return pipelines.default_pipeline(None if spec is None else resolved(spec), rewrites)
+    return pipelines.default_pipeline(None if spec is None else resolved(spec), rewrites, pad_batch)
 
 
 def head_multiple(spec: Spec) -> int:

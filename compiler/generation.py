@@ -39,7 +39,8 @@ def module_for(spec: Spec, phase: str, batch: int, length: int, cache_len: int, 
     sp = replace(spec, serve=s)
     cfg = BuildConfig(batch, length, cache_len, (phase,), WEIGHT_DTYPES[s.weights], logits)
     module = build_module(spec.model, cfg, spec.mesh.axes)
-    return compile_module(module, default_pipeline(sp)).module
+    # the runner and the serving engine choose their batches (ModelRunner.valid_batch): no padded rows
+    return compile_module(module, default_pipeline(sp, pad_batch=False)).module
 
 
 def make_runner(spec: Spec, weights: Mapping[str, np.ndarray], cache_len: int, batch: int = 1,

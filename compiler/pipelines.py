@@ -74,7 +74,7 @@ def concrete(spec: Spec) -> Spec:
     return spec
 
 
-def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
+def default_pipeline(spec: Spec | None, rewrites: bool = True, pad_batch: bool = True) -> str:
     """The pipeline `einshard compile` and `run` use when --passes is not given, for a spec
     without ``auto`` settings (compiler/driver.py ``default_pipeline`` resolves them first).
 
@@ -86,7 +86,9 @@ def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
     layouts, expand the reshards into collectives, clean up, and for ``overlap = looped |
     bidirectional`` turn collective + einsum pairs into ring loops. One device: fusion,
     quantization and cleanup only. ``rewrites=False`` leaves out fusion, int8 and loops: the
-    paper's layouts alone (the layout tests and docs/layouts.md use it).
+    paper's layouts alone (the layout tests and docs/layouts.md use it). d_ff, d_model and the
+    batch are padded by pad-dims (:func:`dim_pad_options`); ``pad_batch=False`` leaves the batch
+    to a caller that chooses batches itself (the generation runner and the serving engine).
     """
     if spec is None:
         return "cleanup"
@@ -96,6 +98,9 @@ def default_pipeline(spec: Spec | None, rewrites: bool = True) -> str:
     pad = pad_options(spec)
     if pad:
         parts.append("pad-heads{" + ",".join(f"{k}={v}" for k, v in pad.items()) + "}")
+    dims = dim_pad_options(spec, pad_batch)
+    if dims:
+        parts.append("pad-dims{" + ",".join(f"{k}={v}" for k, v in dims.items()) + "}")
     if rewrites and m.block == "parallel":
         parts.append("fuse-parallel-block" if fuse_attention(spec) else "fuse-parallel-block{attention=false}")
     if rewrites and s.weights == "int8":
@@ -115,10 +120,12 @@ def pad_options(spec: Spec) -> dict[str, int]:
     that divides the head axes (passes/layouts.py ``padded_heads``); the vocabulary to a
     multiple of the devices, so that the embedding and the output head stay vocab-parallel."""
     m, n = spec.model, spec.mesh.n_devices
-    if n == 1:
+    if n == 1 or (not spec.serve.pad and spec.serve.kv != "pad"):
         return {}
     out: dict[str, int] = {}
-    if m.attention != "grouped":
+    if not spec.serve.pad:
+        pass  # kv = pad asked for explicitly: the grouped-query heads only
+    elif m.attention != "grouped":
         mult = head_multiple(spec)
         if m.heads % mult:
             out["multiple"] = mult
@@ -128,9 +135,50 @@ def pad_options(spec: Spec) -> dict[str, int]:
             out["kv_heads"] = k
         if g != m.heads // m.kv_heads:
             out["groups"] = g
-    if m.vocab % n:
+    if m.vocab % n and spec.serve.pad:
         out["vocab"] = n
     return out
+
+
+def dim_pad_options(spec: Spec, pad_batch: bool = True) -> dict[str, int]:
+    """pad-dims options for a resolved spec (empty: nothing to pad, or ``serve.pad = false``):
+    d_ff to a multiple of the wide weight axes' devices, d_model to a multiple of both the
+    weights' E axes and the residual stream's, the batch to a multiple of the residual stream's
+    batch axes (weight-gathered layouts) and, under ``attn = batch``, far enough that the KV
+    cache's first batch axis takes a part of it (weight-stationary layouts split that axis:
+    passes/layouts.py ``split_for_batch``, so a factor in common suffices)."""
+    m, s = spec.model, spec.serve
+    if spec.mesh.n_devices == 1 or not s.pad:
+        return {}
+    layout = _layout(spec)
+    sizes = layout.sizes
+
+    def devices(axes: tuple[str, ...]) -> int:
+        return math.prod(sizes[a] for a in axes)
+
+    out: dict[str, int] = {}
+    f = devices(layout.wide())
+    if m.d_ff % f:
+        out["d_ff"] = f
+    e = math.lcm(devices(layout.narrow()), devices(layout.rest()["E"]))
+    if m.d_model % e:
+        out["d_model"] = e
+    if pad_batch:
+        b = batch_multiple(layout, s.batch)
+        if s.batch % b:
+            out["batch"] = b
+    return out
+
+
+def batch_multiple(layout: Layout, batch: int) -> int:
+    """What the batch must be a multiple of for ``layout`` (1: any batch)."""
+    sizes = layout.sizes
+    mult = math.prod(sizes[a] for a in layout.batch_axes())
+    if layout.attn == "batch" and not layout.weights_move:
+        first = sizes[layout.prefer()["B"][0]]
+        if math.gcd(batch, first) == 1 and first > 1:  # the smallest factor of the axis gives a split
+            mult = math.lcm(mult, next(p for p in range(2, first + 1) if first % p == 0))
+    return mult
 
 
 def head_multiple(spec: Spec) -> int:

@@ -67,6 +67,7 @@ _SERVE_FIELDS: dict[str, _Field] = {
     "kv": _Field("enum", KV_LAYOUTS),
     "logits": _Field("enum", LOGITS),
 }
+    "pad": _Field("bool"),
 _AXIS_SIZE = _Field("int")
 _REQUIRED = tuple(k for k, f in _MODEL_FIELDS.items() if f.required)
 
@@ -129,6 +130,7 @@ class ServeSpec:
     kv: str = "auto"  # grouped-query heads: shard K (then G), replicate K/V, pad, or auto (cost model)
     logits: str = "last"  # prefill logits: the last prompt position (serving) or all (scoring)
 
+    pad: bool = True  # zero-pad heads, vocabulary, d_ff, d_model and batch that do not divide the layout
     def __post_init__(self) -> None:
         _check_fields(self, _SERVE_FIELDS)
 

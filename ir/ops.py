@@ -315,11 +315,14 @@ class Norm(Op):
     """LayerNorm or RMSNorm over one dim, with a scale and (layernorm) an optional bias.
 
     The normalized dim may be sharded: its statistics are then summed over the dim's axes
-    inside the op (a [B, L]-sized all-reduce that the ledger counts)."""
+    inside the op (a [B, L]-sized all-reduce that the ledger counts). ``size`` > 0: the dim was
+    zero-padded (passes/pad_dims.py) and only its first ``size`` entries are real, so the
+    statistics divide by ``size`` and the variance drops the padding's share (printed when set)."""
 
     norm: str
     dim: str
     eps: float
+    size: int = field(default=0, metadata={"omit_default": True})  # 0: the dim's own size
     arity = (2, 3)
 
     def infer(self, ins, ctx):
@@ -329,6 +332,8 @@ class Norm(Op):
         if not x.has(self.dim):
             raise fail(f"norm over {self.dim}, but the operand has dims {x.names}")
         require_not_partial("norm", x)
+        if self.size < 0 or self.size > x.size(self.dim):
+            raise fail(f"norm size must be 1..{x.size(self.dim)} (the real part of {self.dim}), got {self.size}")
         for p in params:
             if p.names != self.dim or p.dim(self.dim) != x.dim(self.dim) or p.partial:
                 raise fail(f"norm parameters must be [{self.dim}={x.size(self.dim)}], got {p}")

@@ -73,20 +73,27 @@ def prepared_weights(ex: Executor, weights: Mapping[str, Any]) -> dict[str, Any]
 
 
 def generate(ex: Executor, weights: Mapping[str, Any], tokens: np.ndarray, prompt_len: int) -> Generation:
-    """Prefills ``tokens[:, :prompt_len]`` and decodes the rest one token per step."""
+    """Prefills ``tokens[:, :prompt_len]`` and decodes the rest one token per step. A module whose
+    batch pad-dims padded takes zero rows after the real ones (runtime/weights.py ``fit_inputs``)
+    and returns logits of the true batch."""
+    from runtime.weights import fit_inputs
+
     m = ex.module
     weights = prepared_weights(ex, weights)
     B, total = tokens.shape
     caches: dict[str, Any] = zero_caches(m, "prefill")
     cache_names = [p.name for p in m.function("prefill").params_with_role("cache")]
     pos = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), (B, prompt_len))
-    out = ex.call("prefill", {**weights, **caches, "tokens": tokens[:, :prompt_len].astype(np.int32), "pos": pos})
+    pre_params, dec_params = m.function("prefill").params, m.function("decode").params if total > prompt_len else ()
+    ins = fit_inputs({"tokens": tokens[:, :prompt_len].astype(np.int32), "pos": pos}, pre_params)
+    out = ex.call("prefill", {**weights, **caches, **ins})
     pre = ex.to_host(out[0])
     caches = dict(zip(cache_names, out[1:]))
     steps = []
     for t in range(prompt_len, total):
         pos = np.full((B, 1), t, np.int32)
-        out = ex.call("decode", {**weights, **caches, "tokens": tokens[:, t : t + 1].astype(np.int32), "pos": pos})
+        ins = fit_inputs({"tokens": tokens[:, t : t + 1].astype(np.int32), "pos": pos}, dec_params)
+        out = ex.call("decode", {**weights, **caches, **ins})
         steps.append(ex.to_host(out[0]))
         caches = dict(zip(cache_names, out[1:]))
     V = pre.shape[-1]

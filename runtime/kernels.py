@@ -140,15 +140,18 @@ def _norm(op, xs, ts, be, interp):
     x, scale, *bias = xs
     ax = ts[0].index(op.dim)
     axes = ts[0].dim(op.dim).axes
-    n = ts[0].size(op.dim)
+    n = op.size or ts[0].size(op.dim)  # a zero-padded dim: the real entries only
+    pad = ts[0].size(op.dim) - n
 
-    def mean(v):  # over the whole (possibly sharded) dim
+    def mean(v):  # over the whole (possibly sharded) dim; padded entries of x are zero
         s = v.sum(axis=ax, keepdims=True)
         return (be.psum(s, axes) if axes else s) / n
 
     if op.norm == "layernorm":
-        c = x - mean(x)
-        y = c / xp.sqrt(mean(c * c) + op.eps)
+        mu = mean(x)
+        c = x - mu
+        var = mean(c * c) - (mu * mu * (pad / n) if pad else 0)  # each zero pad added (0 - mu)^2
+        y = c / xp.sqrt(var + op.eps)
     else:
         y = x / xp.sqrt(mean(x * x) + op.eps)
     y = y * align(scale, op.dim, ts[0].names)

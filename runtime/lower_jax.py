@@ -201,7 +201,9 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
         # IR's types state and the SPMD simulator checks, but JAX's replication tracking cannot
         # see through a ppermute ring (and has no varying->invariant cast without a collective):
         # modules with such loops run with check_vma off.
-        looped = any(op.kind == "collective_einsum" for f in module.functions for op in f.ops)
+        # A pipeline schedule (runtime/kernels_pipeline.py) carries stage-varying values through its
+        # loop from invariant zeros: likewise unchecked.
+        looped = any(op.kind in ("collective_einsum", "pipeline") for f in module.functions for op in f.ops)
         program = jax.shard_map(program, mesh=mesh, in_specs=tuple(_spec(p.type, split_layers) for p in fn.params),
                                 out_specs=tuple(_spec(t, split_layers) for t in fn.result_types),
                                 check_vma=not looped)

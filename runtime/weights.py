@@ -55,13 +55,18 @@ def round_to(weights: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndar
     return {k: np.asarray(v).astype(np_t).astype(np.float32) for k, v in weights.items()}
 
 
-#: Dims pad-heads may grow with zeros (heads, grouped-query K and G, the vocabulary).
-PADDABLE_DIMS = frozenset("HKGV")
+#: Dims pad-heads and pad-dims may grow with zeros (heads, grouped-query K and G, the vocabulary,
+#: d_ff, d_model).
+PADDABLE_DIMS = frozenset("HKGVFE")
+#: ... and the layer stack N: pipeline-stages pads it with identity layers (all-zero weights of a
+#: residual layer add nothing; passes/pipeline_stages.py).
+PADDABLE_DIMS = PADDABLE_DIMS | {"N"}
 
 
 def fit_to_params(weights: Mapping[str, np.ndarray], params) -> dict[str, np.ndarray]:
-    """Zero-pads host weights whose heads (H, or grouped K and G) or vocabulary V are smaller than
-    the module declares (pad-heads): zero rows are exact there (passes/pad_heads.py says why).
+    """Zero-pads host weights whose heads (H, or grouped K and G), vocabulary V, d_ff F or d_model E
+    are smaller than the module declares (pad-heads, pad-dims): zero rows are exact there
+    (passes/pad_heads.py and passes/pad_dims.py say why).
 
     Only those dims may differ, and only upward: any other mismatch is left for the executor's
     shape check to report."""
@@ -76,5 +81,21 @@ def fit_to_params(weights: Mapping[str, np.ndarray], params) -> dict[str, np.nda
         grow = [(0, w - s) if d.name in PADDABLE_DIMS and s < w else (0, 0)
                 for d, s, w in zip(p.type.dims, a.shape, want)]
         if all(s + g[1] == w for s, g, w in zip(a.shape, grow, want)):
+            out[p.name] = np.pad(a, grow)
+    return out
+
+
+def fit_inputs(args: Mapping[str, np.ndarray], params) -> dict[str, np.ndarray]:
+    """Zero-pads ``input`` args (tokens, positions) whose batch B is smaller than the module
+    declares (pad-dims padded the batch): the padded rows are computed and dropped, so any
+    in-range token and position does; 0 is both."""
+    out = dict(args)
+    for p in params:
+        if p.role != "input" or p.name not in out or not p.type.has("B"):
+            continue
+        a = np.asarray(out[p.name])
+        b, want = p.type.index("B"), p.type.size("B")
+        if a.ndim == len(p.type.dims) and a.shape[b] < want:
+            grow = [(0, want - a.shape[b]) if i == b else (0, 0) for i in range(a.ndim)]
             out[p.name] = np.pad(a, grow)
     return out

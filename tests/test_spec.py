@@ -196,6 +196,7 @@ def test_format_is_canonical() -> None:
           hardware = cpu
           kv       = auto
           logits   = last
+          pad      = true
         }
         """)
     assert "mesh" not in format_spec(parse_spec(BASE)), "a one-device mesh is left out"
@@ -564,7 +565,7 @@ def test_override_unknown_field_and_section(gqa: Spec) -> None:
         <command line>:1:7: spec error: unknown field 'bach' in serve block
           serve.bach=8
                 ^~~~
-          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits""")
+          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits, pad""")
     err = cli_error(gqa, sets=["srve.batch=8"])
     assert err.message == "unknown section 'srve'" and err.hint.startswith("did you mean 'serve'?")
     assert (err.loc.col, err.loc.length) == (1, 4)
