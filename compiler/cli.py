@@ -26,9 +26,12 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from compiler.exit_codes import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from compiler.generate_cmd import subcommands as generation_subcommands
+from compiler.launch import subcommand as launch_subcommand
+from compiler.multiprocess import add_multiprocess_args, join
 from compiler.serve_cmd import subcommand as serve_subcommand
 from compiler.subcommand import Subcommand, ensure_devices
-from ir.errors import EinshardError, FileError, Location, SpecError
+from ir.errors import DistributedError, EinshardError, FileError, Location, SpecError
+from runtime.distributed import abandon, collective_errors, is_primary
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SUBCOMMANDS",
            "Subcommand", "VALUE_LIMITS", "add_overrides", "add_pipeline_flags", "main", "make_parser"]
@@ -111,6 +114,7 @@ def _args_run(r: argparse.ArgumentParser) -> None:
     r.add_argument("--devices", type=int, help=f"simulated CPU devices, 1..{MAX_DEVICES} (default: the mesh size)")
     r.add_argument("--spmd", action="store_true",
                    help="with --check, also run the numpy SPMD simulator (one thread per device)")
+    add_multiprocess_args(r)
 
 
 def _args_spec_from_hf(h: argparse.ArgumentParser) -> None:
@@ -328,12 +332,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                         argv_location(args.argv, "--checkpoint"))
     spec = _resolve_auto(args, _needs_spec(_spec_with_overrides(args), args))
     check_run_memory(spec, run_config(spec, args.steps, args.prompt_len))
-    ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)
+    primary = join(args, args.devices or spec.mesh.n_devices) is None or is_primary()
     instr = _instrumentation(args)
-    opts = RunOptions(steps=args.steps, prompt_len=args.prompt_len, seed=args.seed, check=args.check,
+    # every process runs the program; only process 0 checks against the reference and prints
+    opts = RunOptions(steps=args.steps, prompt_len=args.prompt_len, seed=args.seed, check=args.check and primary,
                       tolerance=args.tolerance, weights_dir=_split_weights_flag(args)[1], pipeline=args.passes,
                       spmd=args.spmd)
     report = execute(spec, opts, instr, _err_sink)
+    if not primary:
+        return EXIT_OK
     _report(args, report.compiled)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -441,6 +448,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("passes", "list the registered passes and their options", _args_none, cmd_passes),
     serve_subcommand(),
     *generation_subcommands(),
+    launch_subcommand(),
 ]
 
 
@@ -450,9 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         check_values(args, argv)
-        return args.handler(args)
+        with collective_errors():  # a peer lost mid-run: a DistributedError naming this process
+            return args.handler(args)
     except EinshardError as e:
         print(e.render(), file=sys.stderr)
+        if isinstance(e, DistributedError):
+            abandon()  # JAX's exit-time barrier would wait for the lost peer, then abort
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

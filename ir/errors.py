@@ -127,3 +127,10 @@ class CostError(EinshardError):
     """The cost model cannot price a configuration: no layout fits in memory, unknown hardware."""
 
     kind = "cost error"
+
+
+class DistributedError(EinshardError):
+    """Processes of a multi-process run cannot start or lost each other: a peer that died, never
+    arrived, or a coordinator port already in use. The message names the process."""
+
+    kind = "distributed error"

@@ -21,6 +21,7 @@ from ir.errors import LoweringError
 
 from ir.module import Function, Module
 from ir.types import TensorType
+from runtime.distributed import global_array, to_host
 from runtime.kernels import Interpreter
 
 JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16,
@@ -242,6 +243,11 @@ class JaxExecutor:
         for p in fn.params:
             a = args[p.name]
             if not isinstance(a, jax.Array):
+                if mesh is not None and jax.process_count() > 1:  # each process builds only its shards
+                    a = global_array(p.type.shape, JNP_DTYPES[p.type.dtype],
+                                     NamedSharding(mesh, partition_spec(p.type)), np.asarray(a).__getitem__)
+                    out[p.name] = a
+                    continue
                 a = to_device(a, p.type)
                 if mesh is not None:
                     a = jax.device_put(a, NamedSharding(mesh, partition_spec(p.type)))
@@ -253,4 +259,5 @@ class JaxExecutor:
 
     @staticmethod
     def to_host(x: Any) -> np.ndarray:
-        return np.asarray(jnp.asarray(x, dtype=jnp.float32) if x.dtype == jnp.bfloat16 else x)
+        a = to_host(x)  # gathered from every process when some shards live elsewhere
+        return a.astype(np.float32) if a.dtype == jnp.bfloat16 else a

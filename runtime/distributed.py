@@ -1,0 +1,163 @@
+"""Multi-process execution on ``jax.distributed``: one controller per process, one mesh over all.
+
+Every process runs the same program. :func:`initialize` joins the process group (on CPU each
+process gets ``local_devices`` simulated devices and gloo collectives); afterwards
+``jax.devices()`` lists every process's devices, so the mesh of ``runtime.lower_jax.make_mesh``
+spans them unchanged. Inputs are built with :func:`global_array`, which asks a callback only for
+the slices this process's devices hold, and results come back with :func:`to_host`, which
+all-gathers a global array to every process (process 0 alone prints).
+
+Faults must not hang: JAX aborts a process (SIGABRT, a C++ log line) when peers do not register
+in time, so a watchdog thread fires first with a :class:`DistributedError` naming the process;
+a collective whose peer died raises in Python and :func:`collective_errors` retypes it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ir.errors import DistributedError
+
+#: Exit status of a process whose watchdog fired (the CLI's documented-error status).
+WATCHDOG_EXIT = 1
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """Where this process sits in a multi-process run, and how long it waits for the others."""
+
+    coordinator: str  # HOST:PORT of process 0's coordination service
+    num_processes: int
+    process_id: int
+    local_devices: int  # simulated CPU devices of this process (ignored on accelerators)
+    init_timeout: int = 60  # seconds for every process to register; also the heartbeat timeout
+
+    @property
+    def name(self) -> str:
+        return f"process {self.process_id} of {self.num_processes}"
+
+    @property
+    def is_primary(self) -> bool:
+        return self.process_id == 0
+
+
+_group: ProcessGroup | None = None
+
+
+def current() -> ProcessGroup | None:
+    """The group this process joined (None: a single-process run)."""
+    return _group
+
+
+def is_primary() -> bool:
+    """Whether this process prints (process 0, or the only process)."""
+    return _group is None or _group.is_primary
+
+
+def _watchdog(seconds: float, message: Callable[[], str]) -> threading.Timer:
+    """A daemon timer that prints ``message`` and ends the process: the last resort when a C++
+    call blocks (the GIL is released there, so the thread runs)."""
+
+    def fire() -> None:
+        sys.stderr.write(message() + "\n")
+        sys.stderr.flush()
+        os._exit(WATCHDOG_EXIT)
+
+    t = threading.Timer(seconds, fire)
+    t.daemon = True
+    t.start()
+    return t
+
+
+def initialize(group: ProcessGroup) -> None:
+    """Joins the process group; must run before anything touches a JAX backend.
+
+    DistributedError when the coordinator cannot start (port in use) or the peers do not all
+    register within ``group.init_timeout`` seconds (then the watchdog ends the process)."""
+    global _group
+    import jax
+
+    if _group is not None:
+        if _group != group:
+            raise DistributedError(f"{group.name}: already joined a different group ({_group})")
+        return
+    jax.config.update("jax_num_cpu_devices", group.local_devices)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    wd = _watchdog(group.init_timeout, lambda: DistributedError(
+        f"{group.name}: the other processes did not all join the coordinator at {group.coordinator} "
+        f"within {group.init_timeout} s (--init-timeout)",
+        hint="start every process with the same --coordinator and --num-processes, and distinct "
+             f"--process-id 0..{group.num_processes - 1}; process 0 must be among them").render())
+    try:
+        # JAX's own deadline a little later than the watchdog's: its abort is a C++ log line
+        jax.distributed.initialize(coordinator_address=group.coordinator, num_processes=group.num_processes,
+                                   process_id=group.process_id, initialization_timeout=group.init_timeout + 5,
+                                   heartbeat_timeout_seconds=max(group.init_timeout, 5),
+                                   shutdown_timeout_seconds=max(group.init_timeout, 5))
+    except Exception as e:  # JaxRuntimeError: the RPC server could not bind, or registration failed
+        wd.cancel()
+        text = str(e)
+        if "RPC server" in text or "address" in text.lower():
+            raise DistributedError(f"{group.name}: cannot start the coordinator on {group.coordinator}: {text}",
+                                   hint="the port is in use; pick a free one (einshard launch picks one itself)"
+                                   ) from None
+        raise DistributedError(f"{group.name}: cannot join the coordinator at {group.coordinator}: {text}") from None
+    wd.cancel()
+    _group = group
+    n = jax.device_count()
+    if jax.local_device_count() * group.num_processes != n:
+        raise DistributedError(f"{group.name}: {jax.local_device_count()} local devices, {n} in all: every "
+                               f"process must bring the same number")
+
+
+#: Substrings of the errors JAX raises when a collective's peer is gone.
+_PEER_LOST = ("Gloo", "Connection closed by peer", "Connection reset", "heartbeat", "coordination service",
+              "Broken pipe")
+
+
+@contextmanager
+def collective_errors() -> Iterator[None]:
+    """Retypes a collective that failed because a peer died as a DistributedError naming this
+    process (inside a multi-process run; elsewhere errors pass through untouched)."""
+    try:
+        yield
+    except Exception as e:
+        if _group is None or isinstance(e, DistributedError) or not any(s in str(e) for s in _PEER_LOST):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(f"{_group.name}: a collective failed, another process has probably died: {first}",
+                               hint="see the other processes' output (einshard launch shows it)") from None
+
+
+def abandon() -> None:
+    """Ends this process now, without JAX's exit-time shutdown barrier (which, with a peer gone,
+    waits out its timeout and then aborts)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(WATCHDOG_EXIT)
+
+
+def global_array(shape: tuple[int, ...], dtype: Any, sharding: Any, fetch: Callable[[tuple[slice, ...]], Any]):
+    """A jax.Array over ``sharding`` whose shards come from ``fetch(index)``; JAX asks only for
+    the indices of this process's devices, so a process reads only what it holds."""
+    import jax
+
+    return jax.make_array_from_callback(shape, sharding, lambda idx: np.asarray(fetch(idx), dtype=dtype))
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly global) jax.Array as one numpy array on every process: an all-gather over
+    processes when some of its shards live elsewhere."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    with collective_errors():
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
