@@ -21,6 +21,7 @@ from compiler.spec import ModelSpec
 from ir.builder import BuildContext, FunctionBuilder
 from ir.errors import SpecError
 from ir.fusion_ops import Split
+from ir.moe_ops import Combine, Dispatch, TopK
 from ir.module import Function, Module
 from ir.ops import (Binary, CacheUpdate, CausalMask, Einsum, Embed, Norm, Rope, Scale, Scan, Softmax,
                     Symbol, Unary)
@@ -79,6 +80,8 @@ class AttnForm:
 def dim_sizes(model: ModelSpec, cfg: BuildConfig, L: int) -> dict[str, int]:
     sizes = dict(B=cfg.batch, L=L, T=cfg.cache_len, E=model.d_model, F=model.d_ff, D=model.d_head,
                  V=model.vocab, N=model.layers)
+    if model.moe:  # X experts, R routes per token, C dropless slots per expert (every token once)
+        sizes.update(X=model.experts, R=model.top_k, C=cfg.batch * L)
     form = AttnForm.of(model)
     if form.heads == "KG":
         sizes.update(K=model.kv_heads, G=model.heads // model.kv_heads)
@@ -103,7 +106,16 @@ def layer_weights(model: ModelSpec) -> dict[str, str]:
     if model.bias == "all":
         w.update(bo="E")
     mlp_bias = model.bias in ("mlp", "all")
-    if model.mlp == "swiglu":
+    if model.moe:
+        w.update(w_router="EX")
+        if model.router_bias:
+            w.update(b_router="X")
+        w.update(we_gate="XEF", we_up="XEF", we_down="XFE")
+        if model.shared_experts:
+            w.update(w_gate="EF", w_up="EF", w_down="FE")
+            if model.shared_gate:
+                w.update(w_shared_gate="E")
+    elif model.mlp == "swiglu":
         w.update(w_gate="EF", w_up="EF", w_down="FE")
         if mlp_bias:
             w.update(b_gate="F", b_up="F", b_down="E")
@@ -118,8 +130,16 @@ def layer_weights(model: ModelSpec) -> dict[str, str]:
 WEIGHT_KINDS: dict[str, str] = {
     **{n: "norm" for n in ("ln1_scale", "ln2_scale", "final_scale")},
     **{n: "bias" for n in ("ln1_bias", "ln2_bias", "final_bias", "bq", "bk", "bv", "bo", "b_gate", "b_up",
-                           "b_down", "b_in", "b_out", "lm_head_bias")},
+                           "b_down", "b_in", "b_out", "lm_head_bias", "b_router", "w_shared_gate")},
 }
+
+#: Weights whose F is the routed experts' width (``expert_d_ff``), not ``d_ff``.
+EXPERT_WEIGHTS = ("we_gate", "we_up", "we_down")
+
+
+def weight_sizes(model: ModelSpec, name: str, sizes: dict[str, int]) -> dict[str, int]:
+    """The dim sizes of weight ``name``: F is expert_d_ff for the routed experts' weights."""
+    return {**sizes, "F": model.expert_d_ff} if name in EXPERT_WEIGHTS else sizes
 
 
 def weight_kind(name: str) -> str:
@@ -180,7 +200,51 @@ class _LayerEmitter:
         a = self.proj(o, "wo", f"{f.q},{f.heads}DE->BLE", "attn_out", "bo")
         return a, kc, vc
 
+    def moe(self, h: str) -> str:
+        """Router, top-k, dispatch by index into [X, C, E], the experts as einsums over X, combine;
+        plus the shared expert (optionally sigmoid-gated) when the model has one."""
+        m, b = self.m, self.b
+        logits = self.proj(h, "w_router", "BLE,EX->BLX", "router", "b_router")
+        if m.router == "topk-softmax":
+            w, idx = b.emit(TopK, [logits], ["route_w", "route_x"], k=m.top_k, dim="X", into="R")
+            w = b.emit(Softmax, [w], "route_w", dim="R")
+        else:
+            if m.router == "softmax-topk":
+                p = b.emit(Softmax, [logits], "router_p", dim="X")
+            else:
+                p = b.emit(Unary, [logits], "router_p", fn="sigmoid")
+            w, idx = b.emit(TopK, [p], ["route_w", "route_x"], k=m.top_k, dim="X", into="R")
+            if m.norm_topk:
+                total = b.emit(Einsum, [w], "route_sum", spec="BLR->BL")
+                w = b.emit(Binary, [w, total], "route_w", fn="div")
+        hb = b.types[h]
+        buf, slot = b.emit(Dispatch, [h, idx], ["expert_in", "slot"], experts=m.experts,
+                           capacity=hb.size("B") * hb.size("L"))
+        g = b.emit(Einsum, [buf, self.w["we_gate"]], "expert_gate", spec="XCE,XEF->XCF")
+        u = b.emit(Einsum, [buf, self.w["we_up"]], "expert_up", spec="XCE,XEF->XCF")
+        g = b.emit(Unary, [g], "expert_gate", fn="silu")
+        u = b.emit(Binary, [g, u], "expert_hidden", fn="mul")
+        y = b.emit(Einsum, [u, self.w["we_down"]], "expert_out", spec="XCF,XFE->XCE")
+        out = b.emit(Combine, [y, idx, slot, w], "moe_out")
+        if m.shared_experts:
+            s = self.swiglu(h)
+            if m.shared_gate:
+                gate = b.emit(Einsum, [h, self.w["w_shared_gate"]], "shared_gate", spec="BLE,E->BL")
+                gate = b.emit(Unary, [gate], "shared_gate", fn="sigmoid")
+                s = b.emit(Binary, [s, gate], "shared_out", fn="mul")
+            out = b.emit(Binary, [out, s], "moe_out", fn="add")
+        return out
+
+    def swiglu(self, h: str) -> str:
+        g = self.proj(h, "w_gate", "BLE,EF->BLF", "gate", "b_gate")
+        u = self.proj(h, "w_up", "BLE,EF->BLF", "up", "b_up")
+        g = self.b.emit(Unary, [g], "gate", fn="silu")
+        u = self.b.emit(Binary, [g, u], "hidden", fn="mul")
+        return self.proj(u, "w_down", "BLF,FE->BLE", "mlp_out", "b_down")
+
     def mlp(self, h: str) -> str:
+        if self.m.moe:
+            return self.moe(h)
         if self.m.mlp == "swiglu":
             g = self.proj(h, "w_gate", "BLE,EF->BLF", "gate", "b_gate")
             u = self.proj(h, "w_up", "BLE,EF->BLF", "up", "b_up")
@@ -210,7 +274,8 @@ def build_layer(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContex
     b = FunctionBuilder(f"{phase}_layer", ctx)
     x = b.param("x", _t(cfg.dtype, "BLE", sizes))
     pos = b.param("pos", _t("i32", "BL", sizes))
-    w = {n: b.param(n, _t(cfg.dtype, dims, sizes), kind=weight_kind(n)) for n, dims in layer_weights(model).items()}
+    w = {n: b.param(n, _t(cfg.dtype, dims, weight_sizes(model, n, sizes)), kind=weight_kind(n))
+         for n, dims in layer_weights(model).items()}
     kc = b.param("k_cache", _t(cfg.dtype, f.cache(), sizes))
     vc = b.param("v_cache", _t(cfg.dtype, f.cache(), sizes))
     out = _LayerEmitter(b, model, w).layer(x, pos, kc, vc)
@@ -226,7 +291,7 @@ def build_entry(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContex
     pos = b.param("pos", _t("i32", "BL", sizes), "input")
     gw = global_weights(model)
     b.param("embed", _t(cfg.dtype, gw["embed"], sizes), "weight")
-    lw = [b.param(n, _t(cfg.dtype, "N" + dims, sizes), "weight", weight_kind(n))
+    lw = [b.param(n, _t(cfg.dtype, "N" + dims, weight_sizes(model, n, sizes)), "weight", weight_kind(n))
           for n, dims in layer_weights(model).items()]
     g = {n: b.param(n, _t(cfg.dtype, dims, sizes), "weight", weight_kind(n)) for n, dims in gw.items() if n != "embed"}
     kc = b.param("k_cache", _t(cfg.dtype, "N" + f.cache(), sizes), "cache")

@@ -22,6 +22,7 @@ from ir.errors import Location, SpecError, did_you_mean
 from passes import layouts as _layouts
 from ir.model import BIAS_KINDS, BLOCK_KINDS, MLP_KINDS, NORM_KINDS, ROTARY_STYLES, ModelSpec
 from ir.model import MAX_INT as _MAX_INT
+from ir.model import MOE_FIELDS
 from ir.model import MODEL_FIELDS as _MODEL_FIELDS
 from ir.model import NAME_FIELD as _NAME_FIELD
 from ir.model import WORD_RE as _WORD_RE
@@ -557,7 +558,8 @@ def format_spec(spec: Spec) -> str:
     """Canonical text with every field spelled out; ``parse_spec`` gives the same Spec back."""
     m = spec.model
     out = _fmt_block(f"model {m.name}", [(k, getattr(m, k)) for k in _MODEL_FIELDS
-                                         if not (k in _OFF and getattr(m, k) == _OFF[k])])
+                                         if not (k in _OFF and getattr(m, k) == _OFF[k])
+                                         and not (k in MOE_FIELDS and not m.experts)])
     if spec.mesh.axes:
         out += ["", *_fmt_block("mesh", list(spec.mesh.axes))]
     out += ["", *_fmt_block("serve", [(k, getattr(spec.serve, k)) for k in _SERVE_FIELDS])]

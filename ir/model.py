@@ -16,7 +16,7 @@ from typing import Any
 from ir.errors import SpecError
 
 __all__ = [
-    "BIAS_KINDS", "BLOCK_KINDS", "MLP_KINDS", "NORM_KINDS", "ROTARY_STYLES", "MODEL_FIELDS", "MAX_INT",
+    "BIAS_KINDS", "BLOCK_KINDS", "MLP_KINDS", "MOE_FIELDS", "ROUTER_KINDS", "NORM_KINDS", "ROTARY_STYLES", "MODEL_FIELDS", "MAX_INT",
     "Field", "Invalid", "ModelSpec", "check_fields", "value_problem",
 ]
 
@@ -24,6 +24,12 @@ BLOCK_KINDS = ("parallel", "serial")
 MLP_KINDS = ("swiglu", "gelu", "gelu-tanh")
 NORM_KINDS = ("layernorm", "rmsnorm")
 ROTARY_STYLES = ("half", "interleaved")
+#: How router logits become the k expert weights: softmax over all experts then top-k (Mixtral,
+#: Qwen-MoE, OLMoE), top-k of the logits then softmax over the k, or sigmoid then top-k.
+ROUTER_KINDS = ("softmax-topk", "topk-softmax", "sigmoid-topk")
+#: Fields that only mean something when ``experts`` > 0 (omitted from dense specs).
+MOE_FIELDS = ("experts", "top_k", "router", "norm_topk", "expert_d_ff", "shared_experts", "shared_gate",
+              "router_bias")
 BIAS_KINDS = ("none", "mlp", "all", "qkv")
 
 MAX_INT = 2**62  # far beyond any real size; keeps later arithmetic in machine integers
@@ -57,6 +63,14 @@ MODEL_FIELDS: dict[str, Field] = {
     "bias": Field("enum", BIAS_KINDS),
     "tie_embeddings": Field("bool"),
     "sliding_window": Field("count"),
+    "experts": Field("count"),
+    "top_k": Field("count"),
+    "router": Field("enum", ROUTER_KINDS),
+    "norm_topk": Field("bool"),
+    "expert_d_ff": Field("count"),
+    "shared_experts": Field("count"),
+    "shared_gate": Field("bool"),
+    "router_bias": Field("bool"),
 }
 NAME_FIELD = Field("name")
 
@@ -129,6 +143,17 @@ class ModelSpec:
     bias: str = "none"  # none | mlp (MLP linears and lm_head) | all (every linear layer) | qkv (q/k/v only, Qwen2)
     tie_embeddings: bool = False  # output projection reuses the input embedding
     sliding_window: int = 0  # attend to the last sliding_window positions only (Mistral); 0: no window
+    # Mixture of experts (experts > 0): the MLP becomes a router over ``experts`` SwiGLU experts of
+    # width expert_d_ff (0: d_ff), each token taking its ``top_k``; ``shared_experts`` > 0 adds an
+    # always-on SwiGLU of width d_ff (Qwen2-MoE), scaled by sigmoid(gate . h) when shared_gate.
+    experts: int = 0
+    top_k: int = 0
+    router: str = "softmax-topk"
+    norm_topk: bool = False  # renormalise the k weights to sum to 1 (Mixtral always; Qwen/OLMoE by config)
+    expert_d_ff: int = 0
+    shared_experts: int = 0
+    shared_gate: bool = False
+    router_bias: bool = False  # a bias on the router logits
 
     def __post_init__(self) -> None:
         problem = value_problem("name", NAME_FIELD, self.name)
@@ -144,6 +169,7 @@ class ModelSpec:
                 ("kv_heads", "heads"),
                 f"each K/V head serves heads/kv_heads query heads; kv_heads can be {divisors(self.heads)}",
             )
+        self._check_moe()
         culprit = ("d_head", "rotary_dim") if defaulted else ("rotary_dim", "d_head")
         if self.rotary_dim % 2:
             why = " (it defaults to d_head)" if defaulted else ""
@@ -152,6 +178,28 @@ class ModelSpec:
         if self.rotary_dim > self.d_head:
             raise Invalid(f"rotary_dim ({self.rotary_dim}) exceeds d_head ({self.d_head})", culprit,
                           "rotary_dim is how many of each head's d_head dimensions are rotated")
+
+    def _check_moe(self) -> None:
+        if not self.experts:
+            if self.top_k or self.shared_experts or self.expert_d_ff:
+                raise Invalid("top_k, expert_d_ff and shared_experts need experts > 0", ("experts",),
+                              "set experts to the number of routed experts, or leave the MoE fields out")
+            return
+        if self.expert_d_ff == 0:
+            object.__setattr__(self, "expert_d_ff", self.d_ff)
+        if not 1 <= self.top_k <= self.experts:
+            raise Invalid(f"top_k must be between 1 and experts ({self.experts}), got {self.top_k}", ("top_k",),
+                          "each token is routed to top_k of the experts")
+        if self.mlp != "swiglu" or self.block != "serial":
+            raise Invalid("mixture-of-experts layers are SwiGLU experts in a serial block", ("mlp", "block"),
+                          "set mlp = swiglu and block = serial")
+        if self.shared_gate and not self.shared_experts:
+            raise Invalid("shared_gate needs shared_experts > 0", ("shared_gate",))
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLP is a mixture of experts."""
+        return self.experts > 0
 
     @property
     def attention(self) -> str:

@@ -235,7 +235,7 @@ class Einsum(Op):
         return (make_type("einsum", dtype, (dims[c] for c in out), partial),)
 
 
-UNARY_FNS = ("gelu", "gelu_tanh", "silu", "relu", "exp", "tanh", "rsqrt", "neg", "square")
+UNARY_FNS = ("gelu", "gelu_tanh", "silu", "relu", "exp", "tanh", "rsqrt", "neg", "square", "sigmoid")
 LINEAR_UNARY = frozenset({"neg"})
 
 
@@ -503,3 +503,4 @@ import ir.collectives  # registers the collective ops
 import ir.fusion_ops  # registers concat, split, flatten, unflatten
 import ir.quant_ops  # registers quantize, dequantize
 import ir.pipeline_ops  # registers ppermute, pipeline
+import ir.moe_ops  # registers top_k, dispatch, combine

@@ -49,7 +49,8 @@ from ir.model import ModelSpec
 
 __all__ = ["FAMILIES", "HFConfig", "falcon_qkv_layout", "hf_family", "model_from_config", "read_hf_config"]
 
-FAMILIES: dict[str, str] = {"llama": "llama", "falcon": "falcon", "gptj": "gptj", "mistral": "llama", "qwen2": "llama"}
+FAMILIES: dict[str, str] = {"llama": "llama", "falcon": "falcon", "gptj": "gptj", "mistral": "llama", "qwen2": "llama",
+                            "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
 """HF ``model_type`` → the einshard family whose tensor names it uses (``runtime.recipes``)."""
 
 _EXACT_GELU = ("gelu", "gelu_python")
@@ -157,12 +158,27 @@ def read_hf_config(path: str | Path) -> HFConfig:
     return HFConfig(data, cp, text)
 
 
+#: Mixture-of-experts families einshard cannot represent yet, with what each lacks (so the refusal
+#: names the missing feature rather than just the model type).
+UNSUPPORTED_MOE: dict[str, str] = {
+    "deepseek_v3": "DeepSeek-V3's grouped routing (n_group / topk_group), its score-correction bias and "
+                   "multi-head latent attention",
+    "deepseek_v2": "DeepSeek-V2's grouped routing (n_group / topk_group) and multi-head latent attention",
+    "gpt_oss": "gpt-oss's clamped SwiGLU with biased experts, attention sinks and alternating sliding windows",
+    "qwen3_moe": "Qwen3's per-head QK-norm (q_norm / k_norm before rotary)",
+    "olmoe": "OLMoE's QK-norm over all heads (q_norm / k_norm before rotary)",
+}
+
+
 def hf_family(cfg: HFConfig) -> str:
-    """The einshard family of a config (``llama``, ``falcon``, ``gptj``), or a SpecError."""
+    """The einshard family of a config (``llama``, ``falcon``, ``gptj``, ``mixtral``, ``qwen2_moe``), or a SpecError."""
     mt = cfg.data.get("model_type")
     supported = ", ".join(FAMILIES)
     if mt is None:
         raise cfg.error(None, "config.json has no model_type", f"supported model types: {supported}")
+    if isinstance(mt, str) and mt in UNSUPPORTED_MOE:
+        raise cfg.error("model_type", f"model_type {mt!r} needs what einshard does not implement: "
+                        f"{UNSUPPORTED_MOE[mt]}", f"supported model types: {supported}")
     if not isinstance(mt, str) or mt not in FAMILIES:
         raise cfg.error("model_type", f"unsupported model_type {mt!r}", f"supported model types: {supported}")
     return FAMILIES[mt]
@@ -323,7 +339,39 @@ def _gptj(cfg: HFConfig) -> dict[str, Any]:
                 rotary_style="interleaved", bias="mlp", tie_embeddings=cfg.get_bool("tie_word_embeddings", False))
 
 
-_READERS = {"llama": _llama, "falcon": _falcon, "gptj": _gptj, "mistral": _mistral, "qwen2": _qwen2}
+def _experts(cfg: HFConfig, key: str) -> dict[str, Any]:
+    """The routed-expert fields shared by the MoE families (softmax over all experts, then top-k)."""
+    experts = cfg.get_int(key, default=8)
+    top_k = cfg.get_int("num_experts_per_tok", default=2)
+    if top_k > experts:
+        raise cfg.error("num_experts_per_tok", f"num_experts_per_tok ({top_k}) exceeds {key} ({experts})")
+    return dict(experts=experts, top_k=top_k, router="softmax-topk")
+
+
+def _mixtral(cfg: HFConfig) -> dict[str, Any]:
+    """Llama's attention, every MLP a mixture of SwiGLU experts; MixtralTopKRouter always
+    renormalises the top-k weights. MixtralConfig's window defaults to none."""
+    fields = _llama(cfg)
+    window = cfg.get_int("sliding_window") if cfg.has("sliding_window") else 0
+    return {**fields, **_experts(cfg, "num_local_experts"), "norm_topk": True, "sliding_window": window}
+
+
+def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
+    """Qwen2's attention (q/k/v biases when qkv_bias, its default), every MLP sparse: routed experts of
+    moe_intermediate_size, renormalised only with norm_topk_prob, plus one shared expert of
+    shared_expert_intermediate_size scaled by sigmoid(shared_expert_gate)."""
+    fields = _qwen2(cfg)
+    if cfg.data.get("mlp_only_layers") or cfg.get_int("decoder_sparse_step", default=1) != 1:
+        key = "mlp_only_layers" if cfg.data.get("mlp_only_layers") else "decoder_sparse_step"
+        raise cfg.error(key, "Qwen2-MoE with dense MLPs on some layers cannot be represented",
+                        "einshard applies one MLP kind (dense or mixture of experts) to every layer")
+    return {**fields, **_experts(cfg, "num_experts"), "bias": "qkv" if cfg.get_bool("qkv_bias", True) else "none",
+            "d_ff": cfg.get_int("shared_expert_intermediate_size", default=5632),
+            "expert_d_ff": cfg.get_int("moe_intermediate_size", default=1408),
+            "norm_topk": cfg.get_bool("norm_topk_prob", False), "shared_experts": 1, "shared_gate": True}
+
+
+_READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "llama": _llama, "falcon": _falcon, "gptj": _gptj, "mistral": _mistral, "qwen2": _qwen2}
 """HF ``model_type`` → its config reader."""
 
 

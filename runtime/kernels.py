@@ -31,6 +31,12 @@ class Backend(Protocol):
 
     def einsum(self, spec: str, *xs: Array) -> Array: ...
 
+    def top_k(self, x: Array, k: int) -> tuple[Array, Array]:
+        """The k largest along the last axis (descending) and their indices."""
+
+    def scatter_rows(self, buf: Array, i: Array, j: Array, rows: Array) -> Array:
+        """buf[i[n], j[n]] = rows[n], dropping pairs whose j is past buf's second dim."""
+
     def scan(self, body: Callable, carry: tuple, consts: tuple, xs: tuple) -> tuple[tuple, tuple]:
         """Runs body(carry, consts, x_slices) -> (carry, ys) over the leading dim of xs."""
 
@@ -113,6 +119,8 @@ def _unary(op, xs, ts, be, interp):
         y = -x
     elif fn == "square":
         y = x * x
+    elif fn == "sigmoid":
+        y = 1.0 / (1.0 + xp.exp(-x))
     else:
         raise ValueError(f"no semantics for unary {fn}")
     return (y,)
@@ -307,3 +315,4 @@ def _local_slice(op, xs, ts, be, interp):
 
 import runtime.kernels_rewrites  # registers the rules of the rewrite passes' ops
 import runtime.kernels_pipeline  # registers ppermute, pipeline
+import runtime.kernels_moe  # registers top_k, dispatch, combine

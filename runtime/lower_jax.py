@@ -45,6 +45,12 @@ class JaxBackend:
     def einsum(self, spec, *xs):
         return jnp.einsum(spec, *xs, precision=self.precision)
 
+    def top_k(self, x, k):
+        return lax.top_k(x, k)
+
+    def scatter_rows(self, buf, i, j, rows):
+        return buf.at[i, j].set(rows, mode="drop")
+
     def scan(self, body, carry, consts, xs):
         """``lax.scan`` over stacked layers; over per-layer lists (split_layers), a loop in the
         program that hands each layer its own buffers. XLA on CPU does not fuse the scan's

@@ -177,6 +177,41 @@ def _gptj_recipes(m: ModelSpec, layout: str) -> dict[str, _Recipe]:
     return r
 
 
+def _experts_linear(xs: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Per-expert torch Linear weights (out, in) → one einshard [X, in, out] weight."""
+    return np.stack([x.T for x in xs]).reshape(shape)
+
+
+def _moe_recipes(m: ModelSpec, prefix: str, names: dict[str, str]) -> dict[str, _Recipe]:
+    """The router and the per-expert weights saved one tensor per expert (``experts.{j}.<name>``)."""
+    E, F, X = m.d_model, m.expert_d_ff, m.experts
+    L = "model.layers.{i}." + prefix
+    r = {"w_router": _Recipe(((L + "gate.weight", (X, E)),), _linear, True)}
+    for ours, theirs in names.items():
+        shape = (E, F) if ours == "we_down" else (F, E)
+        srcs = tuple((L + "experts." + str(j) + "." + theirs + ".weight", shape) for j in range(X))
+        r[ours] = _Recipe(srcs, _experts_linear, True)
+    return r
+
+
+def _mixtral_recipes(m: ModelSpec, layout: str) -> dict[str, _Recipe]:
+    """Llama's names; the MLP is ``block_sparse_moe`` with experts' w1 (gate), w3 (up), w2 (down)."""
+    return {**_llama_recipes(m, layout),
+            **_moe_recipes(m, "block_sparse_moe.", {"we_gate": "w1", "we_up": "w3", "we_down": "w2"})}
+
+
+def _qwen2_moe_recipes(m: ModelSpec, layout: str) -> dict[str, _Recipe]:
+    """Qwen2's names; ``mlp.experts.{j}.{gate,up,down}_proj`` and the shared expert with its gate."""
+    E, F = m.d_model, m.d_ff
+    L = "model.layers.{i}.mlp."
+    r = {**_llama_recipes(m, layout),
+         **_moe_recipes(m, "mlp.", {"we_gate": "gate_proj", "we_up": "up_proj", "we_down": "down_proj"})}
+    for n, (o, i) in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
+        r["w_" + n] = _Recipe(((L + f"shared_expert.{n}_proj.weight", (o, i)),), _linear, True)
+    r["w_shared_gate"] = _Recipe(((L + "shared_expert_gate.weight", (1, E)),), _same, True)
+    return r
+
+
 @dataclass(frozen=True)
 class _Family:
     recipes: Callable[[ModelSpec, str], dict[str, _Recipe]]
@@ -187,6 +222,10 @@ class _Family:
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family(_llama_recipes, re.compile(r"model\.layers\.(\d+)\."),
                      re.compile(r".*\.rotary_emb\.inv_freq\Z")),
+    "mixtral": _Family(_mixtral_recipes, re.compile(r"model\.layers\.(\d+)\."),
+                       re.compile(r".*\.rotary_emb\.inv_freq\Z")),
+    "qwen2_moe": _Family(_qwen2_moe_recipes, re.compile(r"model\.layers\.(\d+)\."),
+                         re.compile(r".*\.rotary_emb\.inv_freq\Z")),
     "falcon": _Family(_falcon_recipes, re.compile(r"transformer\.h\.(\d+)\."),
                       re.compile(r".*\.rotary_emb\.inv_freq\Z")),
     "gptj": _Family(_gptj_recipes, re.compile(r"transformer\.h\.(\d+)\."),

@@ -38,6 +38,18 @@ class NumpyBackend:
     def einsum(self, spec, *xs):
         return np.einsum(spec, *xs, optimize=True)
 
+    def top_k(self, x, k):
+        """The k largest along the last axis, descending, ties to the lower index (as torch.topk)."""
+        idx = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        return np.take_along_axis(x, idx, axis=-1), idx
+
+    def scatter_rows(self, buf, i, j, rows):
+        """buf[i[n], j[n]] = rows[n]; pairs with j beyond buf's second dim are dropped."""
+        out = buf.copy()
+        keep = j < buf.shape[1]
+        out[i[keep], j[keep]] = rows[keep]
+        return out
+
     def scan(self, body, carry, consts, xs):
         n = xs[0].shape[0] if xs else 1
         ys_all: list[tuple] = []
