@@ -19,6 +19,7 @@ example specs (reference §3).
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 
@@ -108,13 +109,14 @@ def test_nothing_fits_is_a_cost_error():
 def _fig3_best(tokens: int) -> str:
     """explain's choice of FFN layout (attention batch-sharded, overlap = none, the bound) for the
     Fig. 3 configuration: X = Y = Z = 4, E = 16384, F = 65536, a 2-matrix gelu FFN, bf16. The
-    attention is made as small as the spec allows (64 heads of 2 in a parallel block, so its
-    projections join the FFN's collectives) and the layers many, so the step is the FFN's."""
+    attention is made as small as the layouts allow (32 heads of 2 in a parallel block, so its
+    projections join the FFN's collectives; measured with 16 heads the crossovers move by 6-25%,
+    with 64 by 1.6%) and the layers many, so the step is the FFN's."""
     from dataclasses import replace as _replace
 
     from compiler.spec import MeshSpec, ModelSpec, ServeSpec, Spec
 
-    model = ModelSpec("fig3", layers=1000, d_model=16384, heads=64, kv_heads=64, d_head=2, d_ff=65536, vocab=256,
+    model = ModelSpec("fig3", layers=1000, d_model=16384, heads=32, kv_heads=32, d_head=2, d_ff=65536, vocab=256,
                       block="parallel", mlp="gelu", norm="layernorm", bias="none")
     spec = Spec(model, MeshSpec((("x", 4), ("y", 4), ("z", 4))),
                 ServeSpec(phase="prefill", batch=64, seq=tokens // 64, ffn="auto", attn="batch", weights="bf16",
@@ -127,9 +129,12 @@ def _fig3_best(tokens: int) -> str:
                                                  ("wg-xy", "wg-xyz", 786432)])
 def test_fig3_crossovers_from_explains_ranking(before, after, tokens):
     """The ledger's per-chip volumes cross at 16,384 / 65,536 / 786,432 tokens (reference §5.4);
-    with nothing overlapped the ranking crosses there too. Measured: +1.6%, -1.6%, -0.1% (the
-    attention's own gathers, T x 128 elements, are what is left); asserted at +-2%."""
-    lo, hi = (int(tokens * f) // 64 * 64 for f in (0.98, 1.02))
+    with nothing overlapped the ranking crosses there too: the issue's goal is within 1%.
+    Measured (linear interpolation of the step times): 16,457 (+0.44%), 64,989 (-0.83%), 785,944
+    (-0.06%); what is left is the attention's own collectives (T x 64 elements), which the FFN
+    volumes of Fig. 3 leave out. Asserted: the choice flips inside [-1%, +1%] of each."""
+    lo = math.ceil(tokens * 0.99 / 64) * 64  # whole multiples of the batch (64), inside +-1%
+    hi = math.floor(tokens * 1.01 / 64) * 64
     assert (_fig3_best(lo), _fig3_best(hi)) == (before, after)
 
 
