@@ -1,0 +1,281 @@
+"""Generation with the layers' weights streamed from disk through a fixed memory budget.
+
+ZeRO-Inference's recipe on this machine's terms: the global weights (embedding, final norm,
+head) and the KV caches stay resident; each layer's weights live in the offload store
+(runtime/offload_store.py) and are read, one layer at a time, into a fixed pool of buffers
+(runtime/offload_pool.py) whose size the memory budget sets. Each step is run as three compiled
+pieces split at the entry's layer scan: the ops before it (the embedding), the scan body once
+per layer (its KV cache slices donated, so updated in place) and the ops after it together with
+sampling. A large batch makes every fetched layer serve many rows.
+
+The pieces evaluate the same IR ops with the same rules as the resident program, layer by
+layer; the tests check that the tokens equal the resident run's and Hugging Face's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ir.errors import SpecError, WeightsError
+from ir.module import Function, Module
+from runtime.generator import GenerateRequest, GenerateResult
+from runtime.kernels import Interpreter
+from runtime.lower_jax import JNP_DTYPES, JaxBackend, layer_split
+from runtime.model_runner import BuildFn, bucket, pack_prompts
+from runtime.offload_pool import LayerPool, StreamStats
+from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
+from runtime.sampling import SamplingArrays, sample
+
+
+@dataclass(frozen=True)
+class StagedEntry:
+    """An entry split at its (one) layer scan: the ops before, the scan, the ops after."""
+
+    fn: Function
+    body: Function
+    before: tuple[Any, ...]
+    scan: Any
+    after: tuple[Any, ...]
+    streamed: tuple[str, ...]  # entry weight params the scan takes per layer (from the store)
+    caches: tuple[str, ...]  # entry cache params the scan takes per layer (resident)
+    resident: tuple[str, ...]  # other entry weight params (global, resident)
+
+
+def stage_entry(module: Module, entry: str) -> StagedEntry:
+    """Splits ``entry``; SpecError when it cannot be streamed (no scan, several, a mesh)."""
+    if module.n_devices != 1:
+        raise SpecError("--offload runs on one device; drop --mesh")
+    fn = module.function(entry)
+    idx = [i for i, op in enumerate(fn.ops) if op.kind == "scan"]
+    if len(idx) != 1:
+        raise SpecError(f"@{entry} has {len(idx)} layer scans; streaming needs exactly one")
+    scan = fn.ops[idx[0]]
+    roles = {p.name: p.role for p in fn.params}
+    xs = scan.operands[scan.carry + scan.consts:]
+    streamed = tuple(x for x in xs if roles.get(x) == "weight")
+    caches = tuple(x for x in xs if roles.get(x) == "cache")
+    if len(streamed) + len(caches) != len(xs):
+        raise SpecError(f"@{entry}'s layer scan takes per-layer values that are neither weights nor caches")
+    resident = tuple(p.name for p in fn.params_with_role("weight") if p.name not in streamed)
+    return StagedEntry(fn, module.function(scan.body.name), tuple(fn.ops[: idx[0]]), scan,
+                       tuple(fn.ops[idx[0] + 1:]), streamed, caches, resident)
+
+
+def _run_ops(interp: Interpreter, ops: Sequence[Any], env: dict[str, Any], types: dict) -> None:
+    for op in ops:
+        outs = interp.rules[op.kind](op, [env[o] for o in op.operands], [types[o] for o in op.operands],
+                                     interp.be, interp)
+        env.update(zip(op.results, outs))
+
+
+@dataclass
+class _Step:
+    """The compiled pieces of one (phase, batch, length)."""
+
+    staged: StagedEntry
+    before: Callable  # (resident, inputs) -> scan carry, consts, values the ops after use
+    layer: Callable  # (carry, consts, weights_i, caches_i) -> (carry, new caches_i)
+    after: Callable  # (resident, inputs, kept, carry, samp, first_pos) -> next tokens [B]
+    cache_types: tuple[Any, ...]
+
+
+def _compile_step(module: Module, phase: str, vocab: int, greedy: bool) -> _Step:
+    st = stage_entry(module, phase)
+    interp = Interpreter(module, JaxBackend())
+    types = st.fn.value_types
+    sc = st.scan
+    carry_in = sc.operands[: sc.carry]
+    consts_in = sc.operands[sc.carry: sc.carry + sc.consts]
+    carry_out = sc.results[: sc.carry]
+    made_before = {r for op in st.before for r in op.results}
+    kept = tuple(dict.fromkeys(o for op in st.after for o in op.operands if o in made_before))
+    if any(o in sc.results[sc.carry:] for op in st.after for o in op.operands):
+        raise SpecError(f"@{phase} uses per-layer scan results after the scan; streaming cannot split it")
+
+    def before(resident: dict, inputs: dict) -> tuple[tuple, tuple, tuple]:
+        env = {**resident, **inputs}
+        _run_ops(interp, st.before, env, types)
+        return (tuple(env[n] for n in carry_in), tuple(env[n] for n in consts_in), tuple(env[n] for n in kept))
+
+    def layer(carry: tuple, consts: tuple, weights: tuple, caches: tuple) -> tuple[tuple, tuple]:
+        outs = interp.call(st.body, (*carry, *consts, *weights, *caches))
+        return tuple(outs[: sc.carry]), tuple(outs[sc.carry:])
+
+    def after(resident: dict, inputs: dict, kept_vals: tuple, carry: tuple, samp: tuple,
+              first_pos: jax.Array) -> jax.Array:
+        env = {**resident, **inputs, **dict(zip(kept, kept_vals)), **dict(zip(carry_out, carry))}
+        _run_ops(interp, st.after, env, types)
+        logits = env[st.fn.returns[0]][:, -1, :vocab].astype(jnp.float32)
+        return sample(logits, *samp, first_pos, greedy_only=greedy)
+
+    cache_types = tuple(p.type for p in st.fn.params_with_role("cache"))
+    return _Step(st, jax.jit(before), jax.jit(layer, donate_argnums=(3,)), jax.jit(after), cache_types)
+
+
+def budget_slots(budget: int, layout: StoreLayout) -> int:
+    """Layer buffers that fit the budget after the resident global weights (at least one)."""
+    room = budget - layout.globals_bytes
+    n = room // layout.layer_bytes
+    if n < 1:
+        raise SpecError(f"a memory budget of {budget / 1e6:.0f} MB does not hold the resident weights "
+                        f"({layout.globals_bytes / 1e6:.0f} MB) and one layer ({layout.layer_bytes / 1e6:.1f} MB)",
+                        hint=f"give --memory-budget of at least {(layout.globals_bytes + layout.layer_bytes) / 1e6:.0f}MB")
+    return int(min(n, layout.layers))
+
+
+@dataclass
+class OffloadRunner:
+    """Prefill and decode with streamed layers; compiled pieces cached per shape."""
+
+    build: BuildFn
+    store: Path
+    key: str
+    cache_len: int
+    vocab: int
+    budget: int
+    prefetch: bool = True
+    evict_after_read: bool = False
+    poison: bool = False
+    _steps: dict[tuple, _Step] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layout = read_layout(self.store, self.key)
+        self.slots = budget_slots(self.budget, self.layout)
+        self.resident = {k: jnp.asarray(v) for k, v in read_globals(self.store, self.layout).items()}
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> LayerPool:
+        return LayerPool(data_path(self.store), self.layout, self.slots, self.prefetch and self.slots > 1,
+                         self.evict_after_read, self.poison)
+
+    @property
+    def stats(self) -> StreamStats:
+        return self.pool.stats
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def step_fns(self, phase: str, batch: int, length: int, greedy: bool) -> _Step:
+        key = (phase, batch, length, greedy)
+        if key not in self._steps:
+            module = self.build(phase, batch, length)
+            s = _compile_step(module, phase, self.vocab, greedy)
+            names = {sl.name for sl in self.layout.layer}
+            missing = [n for n in s.staged.streamed if n not in names]
+            if missing or s.staged.resident != tuple(k for k in s.staged.resident if k in self.resident):
+                raise WeightsError(f"the offload store lacks weights the {phase} program takes: "
+                                   f"{', '.join(missing + [k for k in s.staged.resident if k not in self.resident])}")
+            self._steps[key] = s
+        return self._steps[key]
+
+    def empty_cache(self, batch: int) -> list[tuple[jax.Array, ...]]:
+        """Per-layer KV caches (a tuple of the cache params' slices per layer), zero."""
+        s = self.step_fns("decode", batch, 1, True)
+        one = [jnp.zeros(t.shape[1:], JNP_DTYPES[t.dtype]) for t in s.cache_types]
+        return [tuple(jnp.zeros_like(a) for a in one) for _ in range(self.layout.layers)]
+
+    def cache_bytes(self, batch: int) -> int:
+        s = self.step_fns("decode", batch, 1, True)
+        return sum(int(np.prod(t.shape)) * jnp.dtype(JNP_DTYPES[t.dtype]).itemsize for t in s.cache_types)
+
+    def forward(self, s: _Step, inputs: dict, caches: list, samp: tuple, first_pos: jax.Array) -> jax.Array:
+        """One pass over every layer; ``caches`` (per layer) are replaced in place in the list."""
+        carry, consts, kept = s.before(self.resident, inputs)
+        slots = self.layout.layer
+        try:
+            for i in range(self.layout.layers):
+                buf = self.pool.acquire(i)
+                views = {sl.name: sl.view(buf) for sl in slots}
+                # device_put of an aligned host buffer is zero-copy on CPU: the layer reads the pool
+                weights = tuple(jax.device_put(views[n]) for n in s.staged.streamed)
+                carry, caches[i] = s.layer(carry, consts, weights, caches[i])
+                # the layer has read its buffer only once its outputs exist: only then reuse it
+                jax.block_until_ready((carry, caches[i]))
+                self.pool.release(i)
+        except BaseException:
+            self.pool.close()  # the reader ran ahead of an aborted pass: start a fresh pool
+            self.pool = self._new_pool()
+            raise
+        return s.after(self.resident, inputs, kept, carry, samp, first_pos)
+
+    def weight_bytes(self) -> int:
+        return self.layout.globals_bytes + self.layout.layers * sum(sl.nbytes for sl in self.layout.layer)
+
+
+class OffloadGenerator:
+    """Batch generation over an OffloadRunner: the Generator's semantics, one host call per layer."""
+
+    def __init__(self, runner: OffloadRunner):
+        self.runner = runner
+
+    def generate(self, req: GenerateRequest, batch: int | None = None) -> GenerateResult:
+        r = self.runner
+        n = len(req.prompts)
+        if n == 0:
+            raise SpecError("no prompts to generate from")
+        for i, p in enumerate(req.prompts):
+            if not p or any(t < 0 or t >= r.vocab for t in p):
+                raise SpecError(f"prompt {i} is empty or has ids outside the vocabulary [0, {r.vocab})")
+            if len(p) + req.max_new_tokens[i] > r.cache_len:
+                raise SpecError(f"prompt {i} ({len(p)} tokens) + {req.max_new_tokens[i]} new tokens does not fit "
+                                f"the context of {r.cache_len}")
+        B = max(batch or n, n)
+        L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
+        rows = list(req.prompts) + [req.prompts[0]] * (B - n)
+        params = list(req.params) + [req.params[0]] * (B - n)
+        limit = np.array(list(req.max_new_tokens) + [1] * (B - n), np.int32)
+        tokens, pos = pack_prompts(rows, L)
+        lens = np.array([len(p) for p in rows], np.int32)
+        samp = tuple(jnp.asarray(a) for a in SamplingArrays.of(params).as_tuple())
+        eos = np.array(req.eos_ids, np.int32)
+        g = all(p.greedy for p in req.params)
+
+        t0 = time.perf_counter()
+        caches = r.empty_cache(B)
+        pre = r.step_fns("prefill", B, L, g)
+        first = np.asarray(r.forward(pre, {"tokens": jnp.asarray(tokens), "pos": jnp.asarray(pos)}, caches, samp,
+                                     jnp.asarray(lens)))
+        ttft = time.perf_counter() - t0
+        out = [[int(first[b])] for b in range(B)]
+        count = np.ones(B, np.int32)
+        done = (count >= limit) | np.isin(first, eos)
+        tok, p = first.astype(np.int32), lens.copy()
+        dec = r.step_fns("decode", B, 1, g) if not done.all() else None
+        steps: list[float] = []
+        t1 = time.perf_counter()
+        while not done.all():
+            ts = time.perf_counter()
+            nxt = np.asarray(r.forward(dec, {"tokens": jnp.asarray(tok[:, None]), "pos": jnp.asarray(p[:, None])},
+                                       caches, samp, jnp.asarray(p + 1)))
+            steps.append((time.perf_counter() - ts) * 1e3)
+            live = ~done
+            for b in np.flatnonzero(live):
+                out[b].append(int(nxt[b]))
+            tok = np.where(live, nxt, tok).astype(np.int32)
+            p = np.where(live, p + 1, p).astype(np.int32)
+            count = count + live
+            done = done | (live & ((count >= limit) | np.isin(nxt, eos)))
+        decode_s = time.perf_counter() - t1
+        eos_set = set(req.eos_ids)
+        reasons = ["eos" if o and o[-1] in eos_set else "length" for o in out[:n]]
+        return GenerateResult(out[:n], reasons, [len(q) for q in req.prompts], ttft, decode_s, steps, B, L)
+
+
+def write_offload_store(module: Module, prepared: dict[str, Any], directory: str | Path, key: str) -> StoreLayout:
+    """Writes the prepared weights of ``module``'s decode entry to a store in ``directory``, in
+    the dtypes the entry declares (per-layer weights split into layer blocks)."""
+    from runtime.offload_store import write_store
+
+    fn = module.function("decode")
+    glob, layered = {}, {}
+    for p in fn.params_with_role("weight"):
+        a = np.asarray(jnp.asarray(prepared[p.name], dtype=JNP_DTYPES[p.type.dtype]))
+        (layered if layer_split(p.type) else glob)[p.name] = a
+    return write_store(directory, key, glob, layered)
