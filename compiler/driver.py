@@ -7,6 +7,7 @@ CLI and the benchmarks call it; it does no printing itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from compiler import pipelines
@@ -14,6 +15,7 @@ from compiler.cost.autolayout import resolve_auto, resolve_kv
 from compiler.pipelines import (WEIGHT_DTYPES, CompileResult, build_for, compile_config, compile_module,
                                 pad_options, run_config, settle_kv, unsharded_pipeline)
 from compiler.spec import Spec, load_spec
+from compiler.stages import inner_spec, stage_pass
 from ir.module import Module
 from ir.parser import parse_file
 
@@ -31,7 +33,10 @@ def load_input(path: str | Path) -> Spec | Module:
 
 def resolved(spec: Spec) -> Spec:
     """``spec`` with ``auto`` layouts replaced by the cost model's choice for its phase, then
-    ``kv = auto`` likewise (shard, replicate or pad the grouped-query heads)."""
+    ``kv = auto`` likewise (shard, replicate or pad the grouped-query heads). With a stage axis
+    they are decided for the devices of one stage (compiler/stages.py)."""
+    if stage_pass(spec):
+        return replace(resolved(inner_spec(spec)), mesh=spec.mesh)
     if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
         spec = resolve_auto(spec)[0]
     return resolve_kv(settle_kv(spec))

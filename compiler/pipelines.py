@@ -14,6 +14,7 @@ from typing import Callable
 
 from compiler.build import BuildConfig, build_module
 from compiler.spec import Spec
+from compiler.stages import inner_mesh, inner_spec, stage_pass
 from ir.errors import SpecError
 from ir.module import Module
 from passes.layouts import Layout, padded_heads
@@ -92,6 +93,8 @@ def default_pipeline(spec: Spec | None, rewrites: bool = True, pad_batch: bool =
     """
     if spec is None:
         return "cleanup"
+    if stage_pass(spec):  # the layouts inside a stage, then the stages (compiler/stages.py)
+        return ",".join((default_pipeline(inner_spec(spec), rewrites, pad_batch), stage_pass(spec)))
     spec = concrete(spec)
     m, s, n = spec.model, spec.serve, spec.mesh.n_devices
     parts = []
@@ -248,4 +251,5 @@ def compile_module(module: Module, pipeline: str, instr: Instrumentation = Instr
 
 
 def build_for(spec: Spec, cfg: BuildConfig) -> Module:
-    return build_module(spec.model, cfg, spec.mesh.axes)
+    """The unsharded module, its mesh the axes inside a stage (pipeline-stages adds the stage axis)."""
+    return build_module(spec.model, cfg, inner_mesh(spec))

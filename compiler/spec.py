@@ -67,8 +67,9 @@ _SERVE_FIELDS: dict[str, _Field] = {
     "hardware": _Field("enum", HARDWARE),
     "kv": _Field("enum", KV_LAYOUTS),
     "logits": _Field("enum", LOGITS),
-}
+    "microbatches": _Field("microbatches"),
     "pad": _Field("bool"),
+}
 _AXIS_SIZE = _Field("int")
 _REQUIRED = tuple(k for k, f in _MODEL_FIELDS.items() if f.required)
 
@@ -130,8 +131,9 @@ class ServeSpec:
     hardware: str = "cpu"  # target for the cost model
     kv: str = "auto"  # grouped-query heads: shard K (then G), replicate K/V, pad, or auto (cost model)
     logits: str = "last"  # prefill logits: the last prompt position (serving) or all (scoring)
-
     pad: bool = True  # zero-pad heads, vocabulary, d_ff, d_model and batch that do not divide the layout
+    microbatches: str = "auto"  # pipeline stages (mesh axis stage): PREFILL:DECODE counts, or auto
+
     def __post_init__(self) -> None:
         _check_fields(self, _SERVE_FIELDS)
 
@@ -198,6 +200,11 @@ def _convert(name: str, f: _Field, text: str, loc: Location) -> Any:
     if f.kind == "enum":
         if text not in f.choices:
             raise SpecError(f"invalid value '{text}' for {name}", loc, did_you_mean(text, f.choices))
+        return text
+    if f.kind == "microbatches":
+        problem = _value_problem(name, f, text)
+        if problem:
+            raise SpecError(problem, loc, "e.g. serve.microbatches = 8:4 (prefill 8, decode 4) or auto")
         return text
     return text  # name: the WORD token already restricts the characters
 

@@ -34,6 +34,8 @@ BIAS_KINDS = ("none", "mlp", "all", "qkv")
 
 MAX_INT = 2**62  # far beyond any real size; keeps later arithmetic in machine integers
 WORD_RE = re.compile(r"[A-Za-z0-9_.+\-]+\Z")
+#: serve.microbatches written as PREFILL:DECODE (pipeline stages: DeepSpeed's hybrid schedule).
+MICROBATCHES_RE = re.compile(r"[1-9][0-9]{0,5}:[1-9][0-9]{0,5}\Z")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ def value_problem(name: str, f: Field, value: Any) -> str | None:
         return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
     if f.kind == "enum":
         return None if value in f.choices else f"{name} must be one of {', '.join(f.choices)}, got {value!r}"
+    if f.kind == "microbatches":
+        ok = isinstance(value, str) and (value == "auto" or MICROBATCHES_RE.match(value) is not None)
+        return None if ok else f"{name} must be auto or PREFILL:DECODE micro-batch counts such as 8:4, got {value!r}"
     ok = isinstance(value, str) and WORD_RE.match(value) is not None
     return None if ok else f"{name} must be a word of letters, digits, '_', '-', '.' or '+', got {value!r}"
 

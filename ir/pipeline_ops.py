@@ -15,7 +15,8 @@ holds it, the others zeros) that an ``all_reduce`` hands to every stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from ir.ops import Op, Symbol, fail, op_kind, require_not_partial
 from ir.types import Dim, TensorType
@@ -78,6 +79,11 @@ class Pipeline(Op):
     body: Symbol
     axis: str
     microbatches: int
+    #: Row blocks that define the micro-batches: micro-batch m is rows m*r .. (m+1)*r - 1 of each
+    #: of the B/blocks-row blocks of B (r = B / (blocks * microbatches)). A multiple of every
+    #: operand's B sharding, so each device cuts its micro-batch rows from its own block without
+    #: communication and operands sharded differently agree on which rows a micro-batch holds.
+    blocks: int = field(default=1, metadata={"omit_default": True})
     arity = (1, None)
 
     def infer(self, ins, ctx):
@@ -91,6 +97,12 @@ class Pipeline(Op):
         require_not_partial("pipeline", x)
         if self.axis in x.mesh_axes:
             raise fail(f"pipeline: the activation must be replicated over '{self.axis}', got {x}")
+        for t in ins:
+            if t.has("B"):
+                k = math.prod(ctx.mesh[a] for a in t.dim("B").axes)
+                if self.blocks % k or t.size("B") % (self.blocks * self.microbatches):
+                    raise fail(f"pipeline: B of {t} does not cut into {self.microbatches} micro-batches over "
+                               f"{self.blocks} row blocks (blocks must be a multiple of B's {k} shards)")
         expect = tuple(stage_view(t, self.axis, stages, self.microbatches) for t in ins)
         got = tuple(p.type for p in fn.params)
         if expect != got:

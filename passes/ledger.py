@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from ir.module import PREPARE, Module
 from ir.ops import Scan
+from ir.pipeline_ops import Pipeline
 from ir.types import DTYPE_BYTES, TensorType
 
 
@@ -55,14 +56,22 @@ def collective_bytes(kind: str, src: TensorType, dst: TensorType, mesh: dict[str
 
 
 def repeats_of(module: Module) -> dict[str, int]:
-    """How many times each function runs per call of its entry (layer bodies: N)."""
+    """How many times each function runs per call of its entry, on each device (layer bodies:
+    N; a pipeline's stage body: once per schedule step, M + S - 1, and its layers N / S each)."""
     out = {f.name: 1 for f in module.entries}
-    for f in module.entries:
+    todo = list(module.entries)
+    while todo:
+        f = todo.pop()
         for op in f.ops:
             if isinstance(op, Scan):
                 xs = [f.value_types[o] for o in op.operands[op.carry + op.consts:]]
                 n = xs[0].size("N") if xs and xs[0].has("N") else 1
-                out[op.body.name] = out[f.name] * n
+            elif isinstance(op, Pipeline):
+                n = op.steps(module.mesh_sizes[op.axis])
+            else:
+                continue
+            out[op.body.name] = out[f.name] * n
+            todo.append(module.function(op.body.name))
     return out
 
 

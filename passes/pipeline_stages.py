@@ -44,6 +44,13 @@ def stage_layers(layers: int, stages: int) -> tuple[int, int]:
     return per, per * stages - layers
 
 
+def auto_microbatches(rows: int, stages: int, phase: str) -> int:
+    """The hybrid schedule's micro-batch count for ``rows`` batch rows per row block: the largest
+    divisor of ``rows`` not above ``stages`` (decode) or ``4 * stages`` (prefill)."""
+    cap = 4 * stages if phase == "prefill" else stages
+    return max(d for d in range(1, min(rows, cap) + 1) if rows % d == 0)
+
+
 def _micro(t: TensorType, m: int) -> TensorType:
     return TensorType(t.dtype, tuple(Dim("B", d.size // m, d.axes) if d.name == "B" else d for d in t.dims), t.partial)
 
@@ -59,7 +66,11 @@ def _staged(t: TensorType, padded: int, axis: str) -> TensorType:
 @dataclass(frozen=True)
 class PipelineStages(Pass):
     """Options: ``stages`` (size of the new mesh axis), ``axis`` (its name), ``prefill`` and
-    ``decode`` (micro-batches of the entry of that name; other entries take one)."""
+    ``decode`` (micro-batches of the entry of that name; other entries take one). A count of 0
+    is ``auto``, DeepSpeed Inference's hybrid schedule: decode takes as many micro-batches as
+    there are stages (each stage works on a different micro-batch's token), prefill up to four
+    times as many (bubble fraction (S-1)/(M+S-1) under 20%), each the largest count not above
+    that which the batch allows (:func:`auto_microbatches`)."""
 
     stages: int = 2
     axis: str = STAGE_AXIS
@@ -85,12 +96,16 @@ class PipelineStages(Pass):
             sc = scans[0]
             if sc.carry != 1:
                 raise PassError(f"pipeline-stages: the layer scan of @{e.name} carries {sc.carry} values, not 1")
-            m = {"prefill": self.prefill, "decode": self.decode}.get(e.name, 1)
             types = e.value_types
+            blocks = math.lcm(*(math.prod(module.mesh_sizes[a] for a in types[o].dim("B").axes)
+                                for o in sc.operands if types[o].has("B")))
+            m = {"prefill": self.prefill, "decode": self.decode}.get(e.name, 1)
+            if m == 0:
+                m = auto_microbatches(types[sc.operands[0]].size("B") // blocks, self.stages, e.name)
             xs = [types[o] for o in sc.operands[sc.carry + sc.consts:]]
             layers = xs[0].size("N") if xs else 1
             per, pad = stage_layers(layers, self.stages)
-            self._check_batch(e, types[sc.operands[0]], m, module.mesh_sizes)
+            self._check_batch(e, types[sc.operands[0]], m, blocks)
             layer = fns[sc.body.name]
             fns[layer.name] = reinfer(layer, tuple(replace(p, type=_micro(p.type, m)) for p in layer.params),
                                       ModuleContext(staged.with_functions([*fns.values()])))
@@ -99,7 +114,7 @@ class PipelineStages(Pass):
                            for p in e.params)
             stage_fn = self._stage_body(e, sc, params, m, fns[layer.name], staged, fns)
             fns[stage_fn.name] = stage_fn
-            fns[e.name] = self._entry(e, sc, params, m, stage_fn, staged, fns)
+            fns[e.name] = self._entry(e, sc, params, m, blocks, stage_fn, staged, fns)
             stats[f"@{e.name} micro-batches"] = m
             stats[f"@{e.name} schedule steps"] = m + self.stages - 1
             stats["layers per stage"] = per
@@ -114,13 +129,13 @@ class PipelineStages(Pass):
                 order.append(fns[f"{f.name}_stage"])
         return PassResult(staged.with_functions(order), stats)
 
-    def _check_batch(self, e: Function, x: TensorType, m: int, mesh: dict[str, int]) -> None:
-        """Every micro-batch must still divide over the devices that shard B inside a stage."""
-        b = x.dim("B")
-        k = math.prod(mesh[a] for a in b.axes)
-        if b.size % m or (b.size // m) % k:
-            raise LayoutError(f"@{e.name}: batch {b.size} does not split into {m} micro-batches"
-                              + (f" of a multiple of {k} rows (B is sharded over {{{','.join(b.axes)}}})" if k > 1 else ""),
+    def _check_batch(self, e: Function, x: TensorType, m: int, blocks: int) -> None:
+        """Micro-batches are cut from ``blocks`` row blocks (the operands' B shardings)."""
+        b = x.size("B")
+        if b % (m * blocks):
+            raise LayoutError(f"@{e.name}: batch {b} does not split into {m} micro-batches"
+                              + (f" in each of {blocks} row blocks (B is sharded over {blocks} devices)"
+                                 if blocks > 1 else ""),
                               hint="choose serve.microbatches counts that divide the batch (or auto)")
 
     def _stage_body(self, e: Function, sc: Scan, params: tuple[Param, ...], m: int, layer: Function,
@@ -143,7 +158,7 @@ class PipelineStages(Pass):
         rtypes = (scan.types[0], *scan.types[1:])
         return Function(f"{e.name}_stage", bparams, (scan, perm), rets, rtypes)
 
-    def _entry(self, e: Function, sc: Scan, params: tuple[Param, ...], m: int, stage_fn: Function,
+    def _entry(self, e: Function, sc: Scan, params: tuple[Param, ...], m: int, blocks: int, stage_fn: Function,
                staged: Module, fns: dict[str, Function]) -> Function:
         namer = Namer(set(e.value_types))
         partial = namer.fresh(sc.results[0] + "_staged")
@@ -151,7 +166,7 @@ class PipelineStages(Pass):
         for op in e.ops:
             if op is sc:
                 ops.append(Pipeline(results=(partial, *sc.results[1:]), operands=sc.operands, types=(),
-                                    body=Symbol(stage_fn.name), axis=self.axis, microbatches=m))
+                                    body=Symbol(stage_fn.name), axis=self.axis, microbatches=m, blocks=blocks))
                 ops.append(AllReduce(results=(sc.results[0],), operands=(partial,), types=(), axes=(self.axis,),
                                      reason="pipeline: the last stage's activations to every stage"))
             else:

@@ -6,10 +6,10 @@ Each device runs the schedule of its own stage: at step t stage s takes micro-ba
 (stage 0 takes it from the op's input, the others from what the previous stage sent), runs the
 stage body (its layers, then the ring ``ppermute``) and keeps the KV-cache rows it wrote only
 when t - s is a real micro-batch (the other steps are the pipeline's bubbles). Stage 0 receives
-the last stage's finished micro-batch t - (S - 1) and stores it. Micro-batch m is the rows
-m*b .. (m+1)*b - 1 of every device's *local* block of B (b = local rows / M): every op of a
-layer is row-wise, so any partition of the rows gives the same result, and this one needs no
-communication when B is itself sharded.
+the last stage's finished micro-batch t - (S - 1) and stores it. Micro-batch m is the same rows for
+every operand however its B is sharded (``blocks``, ir/pipeline_ops.py), cut from each device's
+own block without communication; every op of a layer is row-wise, so micro-batching gives the
+unbatched result.
 """
 
 from __future__ import annotations
@@ -30,13 +30,27 @@ def _pipeline(op, xs, ts, be, interp):
     S, s, M = be.group_size(axes), be.axis_index(axes), op.microbatches
     n, k = len(xs), len(op.results) - 1
     bdim = [t.index("B") if t.has("B") else None for t in ts]
-    rows = [x.shape[i] // M if i is not None else 0 for x, i in zip(xs, bdim)]
+    # local row blocks of each operand (ir/pipeline_ops.py Pipeline.blocks): its B is viewed as
+    # [blocks held here, M, rows of one micro-batch per block]
+    held = [op.blocks // be.group_size(t.dim("B").axes) if t.has("B") else 0 for t in ts]
+
+    def blocked(x, i):
+        ax, shape = bdim[i], x.shape
+        return x.reshape(shape[:ax] + (held[i], M, shape[ax] // (held[i] * M)) + shape[ax + 1:])
 
     def take(x, i, m):
-        return x if bdim[i] is None else be.dynamic_slice(x, bdim[i], m * rows[i], rows[i])
+        if bdim[i] is None:
+            return x
+        part = be.dynamic_slice(blocked(x, i), bdim[i] + 1, m, 1)
+        shape = x.shape
+        return part.reshape(shape[:bdim[i]] + (shape[bdim[i]] // M,) + shape[bdim[i] + 1:])
 
     def put(x, i, m, part):
-        return part if bdim[i] is None else be.dynamic_update_slice(x, part, bdim[i], m * rows[i])
+        if bdim[i] is None:
+            return part
+        xb = blocked(x, i)
+        pb = part.reshape(xb.shape[:bdim[i] + 1] + (1,) + xb.shape[bdim[i] + 2:])
+        return be.dynamic_update_slice(xb, pb, bdim[i] + 1, m).reshape(x.shape)
 
     def step(t, carry):
         state, out, *upd = carry
