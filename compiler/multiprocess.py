@@ -1,5 +1,5 @@
 """The multi-process flags of ``run``, ``generate`` and ``serve`` (``--coordinator``,
-``--num-processes``, ``--process-id``, ``--init-timeout``), checked and turned into a
+``--num-processes``, ``--process-id``, ``--init-timeout``, ``--peer-timeout``), checked and turned into a
 :class:`runtime.distributed.ProcessGroup`.
 
 Each process is started with the same command and its own ``--process-id``; ``--devices`` (or the
@@ -15,6 +15,7 @@ from ir.errors import SpecError
 from runtime.distributed import ProcessGroup
 
 DEFAULT_INIT_TIMEOUT = 60
+DEFAULT_PEER_TIMEOUT = 10
 
 
 def add_multiprocess_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,9 @@ def add_multiprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init-timeout", type=int, default=DEFAULT_INIT_TIMEOUT, metavar="S",
                    help=f"seconds to wait for every process to join, and to notice one that died "
                         f"(default {DEFAULT_INIT_TIMEOUT})")
+    g.add_argument("--peer-timeout", type=int, default=DEFAULT_PEER_TIMEOUT, metavar="S",
+                   help=f"seconds without a sign of life after which another process counts as dead "
+                        f"(default {DEFAULT_PEER_TIMEOUT})")
 
 
 def process_group(args: argparse.Namespace, n_devices: int) -> ProcessGroup | None:
@@ -48,12 +52,13 @@ def process_group(args: argparse.Namespace, n_devices: int) -> ProcessGroup | No
     host, _, port = coord.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SpecError(f"--coordinator must be HOST:PORT, got {coord!r}")
-    if args.init_timeout < 1:
-        raise SpecError(f"--init-timeout must be >= 1 second, got {args.init_timeout}")
+    for flag, v in (("--init-timeout", args.init_timeout), ("--peer-timeout", args.peer_timeout)):
+        if v < 1:
+            raise SpecError(f"{flag} must be >= 1 second, got {v}")
     if n_devices % n:
         raise SpecError(f"{n_devices} devices do not split evenly over {n} processes",
                         hint="choose a mesh (or --devices) that is a multiple of --num-processes")
-    return ProcessGroup(coord, n, i, n_devices // n, args.init_timeout)
+    return ProcessGroup(coord, n, i, n_devices // n, args.init_timeout, args.peer_timeout)
 
 
 def join(args: argparse.Namespace, n_devices: int) -> ProcessGroup | None:

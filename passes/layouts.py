@@ -39,6 +39,9 @@ class Layout:
     #: The mesh axes of each role X, Y, Z; empty: one axis each, in mesh order. A role holds two
     #: axes after :func:`split_for_batch` divided one (x=8 -> x=4 x x_1=2).
     roles: tuple[tuple[str, ...], ...] = ()
+    #: Mixture of experts: the mesh axes the expert dim X is sharded over (expert parallelism);
+    #: the other axes slice each expert's F (expert slicing). See :func:`expert_weight_axes`.
+    experts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.ffn not in FFN_LAYOUTS:
@@ -46,6 +49,11 @@ class Layout:
                               "(auto is resolved by the cost model before sharding)")
         if self.attn not in ATTN_LAYOUTS:
             raise LayoutError(f"unknown attention layout {self.attn!r}; valid: {', '.join(ATTN_LAYOUTS)}")
+        unknown = [a for a in self.experts if a not in self.sizes]
+        if unknown or len(set(self.experts)) != len(self.experts):
+            raise LayoutError(f"expert axes {'+'.join(self.experts)} must be distinct axes of the mesh "
+                              f"({', '.join(self.sizes) or 'one device'})",
+                              hint="set serve.expert_axes to mesh axes joined by '+' or ',' (or auto / none)")
         if len(self.roles or self.mesh) > 3:
             raise LayoutError(f"the paper's layouts use at most 3 mesh axes (x, y, z); this mesh has "
                               f"{len(self.mesh)}: {', '.join(a for a, _ in self.mesh)}")
@@ -120,7 +128,7 @@ def split_for_batch(layout: Layout, batch: int) -> Layout:
     sub = next(f"{a}_{i}" for i in range(1, len(names) + 2) if f"{a}_{i}" not in names)
     mesh = tuple(m for n, s in layout.mesh for m in (((n, g), (sub, size // g)) if n == a else ((n, s),)))
     roles = tuple((n, sub) if n == a else (n,) for n, _ in layout.mesh)
-    return Layout(layout.ffn, layout.attn, mesh, roles)
+    return Layout(layout.ffn, layout.attn, mesh, roles, layout.experts)
 
 
 def _fits(size: int, axes: tuple[str, ...], sizes: dict[str, int]) -> bool:
@@ -180,6 +188,8 @@ def weight_axes(layout: Layout, name: str, t: TensorType, heads: HeadSplit,
     """Sharding of one weight (dims without the stacked N; ``kind`` as ir/module.py KINDS)."""
     names = t.names.lstrip("N")
     wide, narrow = layout.wide(), layout.narrow()
+    if "X" in names:
+        return expert_weight_axes(layout, name, t)
     if names == "VE":  # embedding table / output head: vocab-parallel
         return {"V": layout.all_axes} if _fits(t.size("V"), layout.all_axes, layout.sizes) else {}
     if len(names) == 1 or kind in ("bias", "norm"):
@@ -196,6 +206,32 @@ def weight_axes(layout: Layout, name: str, t: TensorType, heads: HeadSplit,
     if "G" in names:
         out["G"] = heads.g
     return out
+
+
+def expert_slice_axes(layout: Layout) -> tuple[str, ...]:
+    """The axes that slice each expert's F: every mesh axis the experts are not sharded over."""
+    return tuple(a for a in layout.all_axes if a not in layout.experts)
+
+
+def expert_weight_axes(layout: Layout, name: str, t: TensorType) -> dict[str, tuple[str, ...]]:
+    """Sharding of a mixture-of-experts weight: routed experts [X, E, F] / [X, F, E] with X over
+    the expert axes and F over the rest (the longest prefix F divides); the router [E, X] and its
+    bias are replicated (a few KiB, and every token needs every expert's logit)."""
+    names = t.names.lstrip("N")
+    if "F" not in names:
+        return {}
+    if not _fits(t.size("X"), layout.experts, layout.sizes):
+        n = math.prod(layout.sizes[a] for a in layout.experts)
+        raise LayoutError(f"weight %{name}: {t.size('X')} experts do not divide over "
+                          f"{{{','.join(layout.experts)}}} ({n} devices)",
+                          hint="choose expert axes whose device count divides the experts (serve.expert_axes)")
+    return {"X": layout.experts, "F": dividing_prefix(t.size("F"), expert_slice_axes(layout), layout.sizes)}
+
+
+def default_expert_axes(experts: int, mesh: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    """Expert parallelism first (DeepSpeed-MoE): the longest prefix of the mesh axes whose devices
+    divide the experts; the remaining axes slice each expert."""
+    return dividing_prefix(experts, tuple(a for a, _ in mesh), dict(mesh))
 
 
 def dividing_prefix(size: int, axes: tuple[str, ...], sizes: dict[str, int]) -> tuple[str, ...]:

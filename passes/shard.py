@@ -23,8 +23,8 @@ from ir.retype import ScanSite, rewrite_entries
 from ir.ops import Op, Scan
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
-from passes.layouts import (ATTN_LAYOUTS, FFN_LAYOUTS, HeadSplit, Layout, cache_axes, dividing_prefix, head_split,
-                            require_fit, split_for_batch, weight_axes, with_axes)
+from passes.layouts import (ATTN_LAYOUTS, FFN_LAYOUTS, HeadSplit, Layout, cache_axes, default_expert_axes,
+                            dividing_prefix, head_split, require_fit, split_for_batch, weight_axes, with_axes)
 from passes.registry import register
 
 Axes = dict[str, tuple[str, ...]]
@@ -198,7 +198,7 @@ def _einsum(p: Propagation, op) -> list[str]:
     elif "weight" in (ra, rb):
         w, act = (a, b) if ra == "weight" else (b, a)
         wname = p.dequantized[w].operands[0] if w in p.dequantized else w  # name the int8 weight
-        if p.layout.weights_move and not _output_head(p.types[w], contracted):
+        if p.layout.weights_move and not _output_head(p.types[w], contracted) and not p.types[w].has("X"):
             anchor = {d: ax for d, ax in axes_of(p.types[act]).items() if d not in contracted}
             why = f"einsum {op.spec}: weight-gathered, weight {wname} gathered to the activation's batch layout"
         else:
@@ -419,7 +419,47 @@ def _dequantize(p: Propagation, op) -> list[str]:
     return [q, p.to(s, retype(ts, ax), "dequantize: scales sliced like the weight")]
 
 
+def _top_k(p: Propagation, op) -> list[str]:
+    return [p.whole(op.operands[0], f"top_k over {op.dim}: needs the dim whole", need_whole=op.dim)]
+
+
+def _dispatch(p: Propagation, op) -> list[str]:
+    """Expert parallelism: each device dispatches the tokens of its batch slice over the expert
+    axes (a free local slice of the gathered activation), so the buffer's C is sharded like them
+    and the experts' einsums move it to X-sharded with one all-to-all."""
+    h, idx = op.operands
+    th = p.types[h]
+    b = dividing_prefix(th.size("B"), p.layout.experts, p.mesh)
+    h = p.to(h, retype(th, {"B": b}), "dispatch: tokens sliced over the expert axes, rows whole")
+    idx = p.to(idx, retype(p.types[idx], {"B": b}), "dispatch: routes sliced like their tokens")
+    return [h, idx]
+
+
+def _combine(p: Propagation, op) -> list[str]:
+    """The expert outputs go back to their tokens: X whole, C sharded like the tokens. A partial
+    sum over the expert-slicing axes is reduce-scattered onto E first, so the all-to-all that
+    returns the rows moves a slice of E only."""
+    y, idx, slot, w = op.operands
+    ti = p.types[idx]
+    ty = p.types[y]
+    tok = ti.dim("B").axes + ti.dim("L").axes
+    e_axes = ty.dim("E").axes
+    if ty.partial:
+        more = tuple(a for a in p.layout.all_axes if a in ty.partial)
+        if ty.size("E") % math.prod(p.mesh[a] for a in e_axes + more) == 0 and not set(more) & set(tok):
+            e_axes = e_axes + more
+    partial = ty.partial - set(e_axes)
+    y = p.to(y, retype(ty, {"X": (), "C": tok, "E": cut(e_axes, set(tok))}, frozenset(partial)),
+             "combine: expert outputs back to their tokens' devices")
+    lay = {"B": ti.dim("B").axes, "L": ti.dim("L").axes}
+    slot = p.to(slot, retype(p.types[slot], lay), "combine: slots laid out like the routes")
+    w = p.whole(w, "combine: router weights need whole sums")
+    w = p.to(w, retype(p.types[w], lay), "combine: router weights laid out like the routes")
+    return [y, idx, slot, w]
+
+
 RULES: dict[str, Callable[[Propagation, Op], list[str]]] = {
+    "top_k": _top_k, "dispatch": _dispatch, "combine": _combine,
     "flatten": _flatten, "unflatten": _unflatten, "concat": _concat, "split": _split,
     "quantize": _linear, "dequantize": _dequantize,
     "einsum": _einsum, "binary": _binary, "unary": lambda p, op: (
@@ -499,6 +539,10 @@ class Shard(Pass):
     ffn: str = "1d-ws"
     #: Attention layout: heads (sharded over heads) or batch (multiquery K/V over batch).
     attn: str = "heads"
+    #: Mixture of experts: the mesh axes that shard the expert dim X, joined by '+' (``x+y``);
+    #: ``auto``: the longest prefix of the mesh axes whose devices divide the experts; ``none``:
+    #: every expert on every device, each sliced over all axes.
+    experts: str = "auto"
     #: Grouped-query heads K x G: ``shard`` puts K over the longest prefix of the head axes it
     #: divides and G over the rest; ``replicate`` keeps the K/V heads whole and shards G over all
     #: of them. (``pad`` and ``auto`` are spec settings: the driver pads with pad-heads first.)
@@ -515,10 +559,17 @@ class Shard(Pass):
     def run(self, module: Module) -> PassResult:
         if module.n_devices == 1:
             return PassResult(module, {"skipped (one device)": 1})
+        stats: dict[str, int] = {}
         if any(d.axes or t.partial for f in module.functions for t in f.value_types.values() for d in t.dims):
             raise PassError("shard: the module is already sharded")
-        layout = Layout(self.ffn, self.attn, module.mesh)
-        stats: dict[str, int] = {}
+        xs = {t.size("X") for f in module.functions for t in f.value_types.values() if t.has("X")}
+        if self.experts == "auto":
+            experts = default_expert_axes(xs.pop(), module.mesh) if xs else ()
+        else:
+            experts = () if self.experts == "none" else tuple(a for a in self.experts.split("+") if a)
+        layout = Layout(self.ffn, self.attn, module.mesh, experts=experts)
+        if experts:
+            stats[f"experts over {{{','.join(experts)}}}"] = 1
         batches = {p.type.size("B") for f in module.entries for p in f.params_with_role("cache") if p.type.has("B")}
         if len(batches) == 1:
             split = split_for_batch(layout, batches.pop())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -27,6 +28,9 @@ from ir.errors import DistributedError
 
 #: Exit status of a process whose watchdog fired (the CLI's documented-error status).
 WATCHDOG_EXIT = 1
+#: Seconds a finished process waits at JAX's exit barrier for the others (process 0 may still be
+#: checking against the reference); a peer that dies meanwhile is caught by the peer monitor.
+SHUTDOWN_TIMEOUT = 600
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,8 @@ class ProcessGroup:
     num_processes: int
     process_id: int
     local_devices: int  # simulated CPU devices of this process (ignored on accelerators)
-    init_timeout: int = 60  # seconds for every process to register; also the heartbeat timeout
+    init_timeout: int = 60  # seconds for every process to register
+    peer_timeout: int = 10  # seconds without a sign of life after which a peer counts as dead
 
     @property
     def name(self) -> str:
@@ -97,10 +102,11 @@ def initialize(group: ProcessGroup) -> None:
              f"--process-id 0..{group.num_processes - 1}; process 0 must be among them").render())
     try:
         # JAX's own deadline a little later than the watchdog's: its abort is a C++ log line
+        # JAX's heartbeat deadline well after the peer monitor's, which names the lost process
         jax.distributed.initialize(coordinator_address=group.coordinator, num_processes=group.num_processes,
                                    process_id=group.process_id, initialization_timeout=group.init_timeout + 5,
-                                   heartbeat_timeout_seconds=max(group.init_timeout, 5),
-                                   shutdown_timeout_seconds=max(group.init_timeout, 5))
+                                   heartbeat_timeout_seconds=3 * group.peer_timeout + 10,
+                                   shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
     except Exception as e:  # JaxRuntimeError: the RPC server could not bind, or registration failed
         wd.cancel()
         text = str(e)
@@ -111,10 +117,55 @@ def initialize(group: ProcessGroup) -> None:
         raise DistributedError(f"{group.name}: cannot join the coordinator at {group.coordinator}: {text}") from None
     wd.cancel()
     _group = group
+    from jax._src import distributed as jd
+
+    if jd.global_state.client is not None:
+        _PeerMonitor(group, jd.global_state.client).start()
     n = jax.device_count()
     if jax.local_device_count() * group.num_processes != n:
         raise DistributedError(f"{group.name}: {jax.local_device_count()} local devices, {n} in all: every "
                                f"process must bring the same number")
+
+
+class _PeerMonitor(threading.Thread):
+    """Every process writes a counter to the coordinator's key-value store each ``period`` s and
+    watches the others'; a counter that stops for ``peer_timeout`` s names the dead process. JAX
+    notices a dead peer too, but only by aborting (SIGABRT and a C++ fatal log line that names
+    no process), so its heartbeat timeout is set well above this one."""
+
+    def __init__(self, group: ProcessGroup, client: Any, period: float = 1.0):
+        super().__init__(name="einshard-peer-monitor", daemon=True)
+        self.group, self.client, self.period = group, client, period
+
+    def run(self) -> None:
+        g, prefix = self.group, "einshard/alive/"
+        seen: dict[int, tuple[str, float]] = {}
+        beat = 0
+        while True:
+            now = time.monotonic()
+            try:
+                self.client.key_value_set(f"{prefix}{g.process_id}", str(beat), allow_overwrite=True)
+                values = dict(self.client.key_value_dir_get(prefix))
+            except Exception as e:  # the coordinator (process 0) is gone
+                self._fail(f"{g.name}: lost the coordinator (process 0) at {g.coordinator}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            beat += 1
+            for pid in range(g.num_processes):
+                if pid == g.process_id:
+                    continue
+                v = values.get(f"{prefix}{pid}", "")
+                if pid not in seen or seen[pid][0] != v:
+                    seen[pid] = (v, now)
+                elif now - seen[pid][1] > g.peer_timeout:
+                    self._fail(f"{g.name}: process {pid} stopped responding (no sign of life for "
+                               f"{g.peer_timeout} s, --peer-timeout); it has probably died")
+            time.sleep(self.period)
+
+    @staticmethod
+    def _fail(message: str) -> None:
+        sys.stderr.write(DistributedError(message, hint="see the other processes' output "
+                                                          "(einshard launch shows it)").render() + "\n")
+        abandon()
 
 
 #: Substrings of the errors JAX raises when a collective's peer is gone.
