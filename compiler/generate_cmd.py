@@ -59,6 +59,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--batch", type=int, help="compiled batch (default: the number of prompts)")
     p.add_argument("--context", type=int, help="KV positions (default: the longest prompt + max-new-tokens, rounded up)")
+    from compiler.offload import add_offload_args
+
+    add_offload_args(p)
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,8 +78,9 @@ class Loaded:
     weights: dict
 
 
-def load(args: argparse.Namespace, need_tokenizer: bool = True) -> Loaded:
-    """The checkpoint, its spec (checked against a given spec file), overrides, devices, weights."""
+def load(args: argparse.Namespace, need_tokenizer: bool = True, with_weights: bool = True) -> Loaded:
+    """The checkpoint, its spec (checked against a given spec file), overrides, devices, weights
+    (none when ``with_weights`` is false: --offload disk reads its own store)."""
     from compiler.subcommand import ensure_devices
     from compiler.spec import Spec, apply_overrides, load_spec
     from runtime.checkpoint import check_same_model, open_checkpoint
@@ -108,7 +112,7 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True) -> Loaded:
         tok.check_vocab(spec.model.vocab)
     from compiler.generation import weight_types
 
-    weights = ck.load_weights(spec.model, weight_types(spec))
+    weights = ck.load_weights(spec.model, weight_types(spec)) if with_weights else {}
     return Loaded(spec, ck, tok, weights)
 
 
@@ -169,9 +173,13 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_flags(args)
     if args.batch is not None and args.batch < 1:
         raise SpecError(f"--batch must be >= 1, got {args.batch}")
+    from compiler.offload import check_offload_args
+
+    check_offload_args(args)
     t0 = time.perf_counter()
     # JAX is imported only after load() has set up the simulated devices the mesh needs
-    ld = load(args, need_tokenizer=args.prompt_ids is None or bool(args.stop) or not args.json or args.stream)
+    ld = load(args, need_tokenizer=args.prompt_ids is None or bool(args.stop) or not args.json or args.stream,
+              with_weights=args.offload != "disk")
     from runtime.generator import GenerateRequest, Generator
     from runtime.model_runner import bucket, roofline_fraction
     from runtime.sampling import SamplingParams
@@ -185,8 +193,13 @@ def run_generate(args: argparse.Namespace) -> int:
     from compiler.generation import make_runner
 
     B = max(args.batch or len(prompts), len(prompts))
-    runner = make_runner(ld.spec, ld.weights, context, batch=B)
-    gen = Generator(runner)
+    if args.offload == "disk":
+        from compiler.offload import disk_generator
+
+        runner, gen = disk_generator(args, ld, context, B)
+    else:
+        runner = make_runner(ld.spec, ld.weights, context, batch=B)
+        gen = Generator(runner)
     req = GenerateRequest.of(prompts, params, args.max_new_tokens, eos)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -246,6 +259,10 @@ def run_generate(args: argparse.Namespace) -> int:
     }
     report["weight_bytes"] = runner.weight_bytes()
     report["roofline_fraction"] = roofline_fraction(runner, res.step_ms_p50, B)
+    if args.offload == "disk":
+        from compiler.offload import offload_report
+
+        report["offload"] = offload_report(runner)
     if args.json:
         print(json.dumps(report, indent=2))
     elif not (args.stream and len(prompts) == 1):

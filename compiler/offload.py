@@ -97,3 +97,60 @@ def make_offload_runner(spec: Spec, store: Path, key: str, cache_len: int, budge
 
     return OffloadRunner(offload_builder(spec, cache_len, batch), Path(store), key, cache_len, spec.model.vocab,
                          budget, prefetch, evict_after_read, poison)
+
+
+def add_offload_args(p) -> None:
+    """``--offload disk|host``, ``--memory-budget``, ``--offload-dir``, ``--no-prefetch``."""
+    g = p.add_argument_group("offload (models larger than memory)")
+    g.add_argument("--offload", choices=("disk", "host"),
+                   help="disk: stream each layer's weights from an on-disk store through --memory-budget; "
+                        "host: weights in pinned host memory, moved to the device layer by layer")
+    g.add_argument("--memory-budget", help="bytes for weights with --offload disk (resident globals + the "
+                                           "layer buffer pool), e.g. 200MB")
+    g.add_argument("--offload-dir", type=Path, help="where the offload store lives (default: the einshard cache)")
+    g.add_argument("--no-prefetch", action="store_true", help="read each layer when it is needed (no reader thread)")
+
+
+def check_offload_args(args) -> int | None:
+    """The budget in bytes (None without --offload disk); flags checked before anything loads."""
+    off = getattr(args, "offload", None)
+    if off is None:
+        if getattr(args, "memory_budget", None) or getattr(args, "offload_dir", None) or getattr(args, "no_prefetch", False):
+            raise SpecError("--memory-budget, --offload-dir and --no-prefetch go with --offload disk")
+        return None
+    if off == "host":
+        if args.memory_budget:
+            raise SpecError("--memory-budget is for --offload disk (host offload keeps all weights in host memory)")
+        return None
+    if not args.memory_budget:
+        raise SpecError("--offload disk needs --memory-budget", hint="e.g. --memory-budget 200MB")
+    budget = parse_size(args.memory_budget)
+    if budget <= 0:
+        raise SpecError(f"--memory-budget must be positive, got {args.memory_budget!r}")
+    return budget
+
+
+def disk_generator(args, loaded, context: int, batch: int):
+    """(runner, generator) for ``--offload disk``: the store is written first when missing."""
+    from compiler.generation import weight_types
+    from runtime.offload import OffloadGenerator
+
+    spec = loaded.spec
+    if spec.mesh.n_devices > 1:
+        raise SpecError("--offload disk streams layers on one device; drop --mesh")
+    budget = check_offload_args(args)
+    assert budget is not None
+    key = store_key(args.checkpoint, spec)
+    directory = args.offload_dir or default_store_dir(key)
+    ensure_store(spec, key, directory, lambda: loaded.checkpoint.load_weights(spec.model, weight_types(spec)))
+    runner = make_offload_runner(spec, directory, key, context, budget, batch, prefetch=not args.no_prefetch)
+    return runner, OffloadGenerator(runner)
+
+
+def offload_report(runner) -> dict:
+    """What streaming held and moved, for ``generate --json``."""
+    st = runner.stats
+    return {"budget_bytes": runner.budget, "buffers": runner.slots, "pool_bytes": runner.pool.pool_bytes,
+            "resident_weight_bytes": runner.layout.globals_bytes, "layer_bytes": runner.layout.layer_bytes,
+            "prefetch": runner.pool.prefetch, "layers_read": st.layers_read, "bytes_read": st.bytes_read,
+            "read_s": st.read_s, "wait_s": st.wait_s}

@@ -31,7 +31,7 @@ from runtime.lower_jax import JNP_DTYPES, JaxBackend, layer_split
 from runtime.model_runner import BuildFn, bucket, pack_prompts
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
-from runtime.sampling import SamplingArrays, sample
+from runtime.sampling import SamplingArrays, SamplingParams, sample
 
 
 @dataclass(frozen=True)
@@ -119,14 +119,43 @@ def _compile_step(module: Module, phase: str, vocab: int, greedy: bool) -> _Step
     return _Step(st, jax.jit(before), jax.jit(layer, donate_argnums=(3,)), jax.jit(after), cache_types)
 
 
+def _sds(t: Any, per_layer: bool = False) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(t.shape[1:] if per_layer else t.shape), JNP_DTYPES[t.dtype])
+
+
+def _aot(s: _Step, resident: dict, batch: int) -> _Step:
+    """The step with its three pieces compiled ahead of time (XLA compile outside the timed
+    loop), from the shapes alone: the entry's params, eval_shape through the pieces."""
+    fn = s.staged.fn
+    types = {p.name: p.type for p in fn.params}
+    inputs = {p.name: _sds(p.type) for p in fn.params_with_role("input")}
+    res = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in resident.items()}
+    carry, consts, kept = jax.eval_shape(s.before, res, inputs)
+    weights = tuple(_sds(types[n], True) for n in s.staged.streamed)
+    caches = tuple(_sds(types[n], True) for n in s.staged.caches)
+    samp = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in SamplingArrays.of([SamplingParams()] * batch).as_tuple())
+    first = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return _Step(s.staged, s.before.lower(res, inputs).compile(), s.layer.lower(carry, consts, weights, caches).compile(),
+                 s.after.lower(res, inputs, kept, carry, samp, first).compile(), s.cache_types)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= k:
+            return f"{n / k:.1f}{unit}"
+    return f"{int(n)}B"
+
+
 def budget_slots(budget: int, layout: StoreLayout) -> int:
     """Layer buffers that fit the budget after the resident global weights (at least one)."""
     room = budget - layout.globals_bytes
     n = room // layout.layer_bytes
     if n < 1:
-        raise SpecError(f"a memory budget of {budget / 1e6:.0f} MB does not hold the resident weights "
-                        f"({layout.globals_bytes / 1e6:.0f} MB) and one layer ({layout.layer_bytes / 1e6:.1f} MB)",
-                        hint=f"give --memory-budget of at least {(layout.globals_bytes + layout.layer_bytes) / 1e6:.0f}MB")
+        need = layout.globals_bytes + layout.layer_bytes
+        raise SpecError(f"a memory budget of {fmt_bytes(budget)} does not hold the resident weights "
+                        f"({fmt_bytes(layout.globals_bytes)}) and one layer ({fmt_bytes(layout.layer_bytes)})",
+                        hint=f"give --memory-budget of at least {fmt_bytes(need)} ({need} bytes); "
+                             f"two layers' worth more lets the reader prefetch")
     return int(min(n, layout.layers))
 
 
@@ -144,6 +173,7 @@ class OffloadRunner:
     evict_after_read: bool = False
     poison: bool = False
     _steps: dict[tuple, _Step] = field(default_factory=dict)
+    mesh: Any = None  # one device (the ModelRunner interface reports callers read)
 
     def __post_init__(self) -> None:
         self.layout = read_layout(self.store, self.key)
@@ -167,6 +197,9 @@ class OffloadRunner:
         if key not in self._steps:
             module = self.build(phase, batch, length)
             s = _compile_step(module, phase, self.vocab, greedy)
+            if tuple(s.staged.caches) != tuple(p.name for p in s.staged.fn.params_with_role("cache")):
+                raise SpecError(f"@{phase}: every KV cache must be a per-layer operand of the layer scan")
+            s = _aot(s, self.resident, batch)
             names = {sl.name for sl in self.layout.layer}
             missing = [n for n in s.staged.streamed if n not in names]
             if missing or s.staged.resident != tuple(k for k in s.staged.resident if k in self.resident):
@@ -181,7 +214,9 @@ class OffloadRunner:
         one = [jnp.zeros(t.shape[1:], JNP_DTYPES[t.dtype]) for t in s.cache_types]
         return [tuple(jnp.zeros_like(a) for a in one) for _ in range(self.layout.layers)]
 
-    def cache_bytes(self, batch: int) -> int:
+    def cache_bytes(self, batch: int, context: int | None = None) -> int:
+        """Bytes of the resident KV caches (``context`` is accepted for the ModelRunner
+        interface; the streamed runner's caches always hold ``cache_len`` positions)."""
         s = self.step_fns("decode", batch, 1, True)
         return sum(int(np.prod(t.shape)) * jnp.dtype(JNP_DTYPES[t.dtype]).itemsize for t in s.cache_types)
 
@@ -215,7 +250,21 @@ class OffloadGenerator:
     def __init__(self, runner: OffloadRunner):
         self.runner = runner
 
-    def generate(self, req: GenerateRequest, batch: int | None = None) -> GenerateResult:
+    def compile(self, req: GenerateRequest, batch: int | None = None, stream: bool = False) -> float:
+        """Compiles the pieces ``generate`` runs for ``req``; the seconds it took."""
+        r = self.runner
+        t0 = time.perf_counter()
+        B = max(batch or len(req.prompts), len(req.prompts))
+        L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
+        g = all(p.greedy for p in req.params)
+        r.step_fns("prefill", B, L, g)
+        if max(req.max_new_tokens) > 1:
+            r.step_fns("decode", B, 1, g)
+        return time.perf_counter() - t0
+
+    def generate(self, req: GenerateRequest, stream: Callable[[int, int], bool | None] | None = None,
+                 batch: int | None = None) -> GenerateResult:
+        """As Generator.generate: ``stream(row, token)`` sees each token; a true return stops the row."""
         r = self.runner
         n = len(req.prompts)
         if n == 0:
@@ -246,6 +295,10 @@ class OffloadGenerator:
         out = [[int(first[b])] for b in range(B)]
         count = np.ones(B, np.int32)
         done = (count >= limit) | np.isin(first, eos)
+        if stream is not None:
+            for b in range(n):
+                if stream(b, out[b][0]):
+                    done[b] = True
         tok, p = first.astype(np.int32), lens.copy()
         dec = r.step_fns("decode", B, 1, g) if not done.all() else None
         steps: list[float] = []
@@ -256,12 +309,14 @@ class OffloadGenerator:
                                        caches, samp, jnp.asarray(p + 1)))
             steps.append((time.perf_counter() - ts) * 1e3)
             live = ~done
-            for b in np.flatnonzero(live):
-                out[b].append(int(nxt[b]))
             tok = np.where(live, nxt, tok).astype(np.int32)
             p = np.where(live, p + 1, p).astype(np.int32)
             count = count + live
             done = done | (live & ((count >= limit) | np.isin(nxt, eos)))
+            for b in np.flatnonzero(live):
+                out[b].append(int(nxt[b]))
+                if stream is not None and b < n and stream(int(b), int(nxt[b])):
+                    done[b] = True
         decode_s = time.perf_counter() - t1
         eos_set = set(req.eos_ids)
         reasons = ["eos" if o and o[-1] in eos_set else "length" for o in out[:n]]
