@@ -440,9 +440,9 @@ def _combine(p: Propagation, op) -> list[str]:
     sum over the expert-slicing axes is reduce-scattered onto E first, so the all-to-all that
     returns the rows moves a slice of E only."""
     y, idx, slot, w = op.operands
-    ti = p.types[idx]
+    ts = p.types[slot]  # laid out as its dispatch sliced the tokens
     ty = p.types[y]
-    tok = ti.dim("B").axes + ti.dim("L").axes
+    tok = ts.dim("B").axes + ts.dim("L").axes
     e_axes = ty.dim("E").axes
     if ty.partial:
         more = tuple(a for a in p.layout.all_axes if a in ty.partial)
@@ -451,8 +451,8 @@ def _combine(p: Propagation, op) -> list[str]:
     partial = ty.partial - set(e_axes)
     y = p.to(y, retype(ty, {"X": (), "C": tok, "E": cut(e_axes, set(tok))}, frozenset(partial)),
              "combine: expert outputs back to their tokens' devices")
-    lay = {"B": ti.dim("B").axes, "L": ti.dim("L").axes}
-    slot = p.to(slot, retype(p.types[slot], lay), "combine: slots laid out like the routes")
+    lay = {"B": ts.dim("B").axes, "L": ts.dim("L").axes}
+    idx = p.to(idx, retype(p.types[idx], lay), "combine: routes laid out like their dispatch")
     w = p.whole(w, "combine: router weights need whole sums")
     w = p.to(w, retype(p.types[w], lay), "combine: router weights laid out like the routes")
     return [y, idx, slot, w]
