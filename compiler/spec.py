@@ -26,6 +26,7 @@ from ir.model import MOE_FIELDS
 from ir.model import MODEL_FIELDS as _MODEL_FIELDS
 from ir.model import NAME_FIELD as _NAME_FIELD
 from ir.model import WORD_RE as _WORD_RE
+from ir.model import MICROBATCHES_RE as _MICROBATCHES_RE
 from ir.model import Field as _Field
 from ir.model import Invalid as _Invalid
 from ir.model import check_fields as _check_fields
@@ -461,7 +462,7 @@ def _checked_word(text: str, start: int, end: int, what: str) -> str:
     word = text[start:end]
     if not word:
         raise SpecError(f"missing {what}", _cli_loc(text, start, 1))
-    if not _WORD_RE.match(word):
+    if not _WORD_RE.match(word) and not _MICROBATCHES_RE.match(word):
         raise SpecError(f"malformed {what}: '{word}'", _cli_loc(text, start, end - start),
                         "names and values use letters, digits, '_', '-', '.' and '+'")
     return word

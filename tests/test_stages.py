@@ -1,0 +1,155 @@
+"""Pipeline stages (issue 12 §2): a ``stage`` mesh axis splits the layer stack; the numpy SPMD
+simulator and JAX must equal the unpartitioned reference with every FFN layout inside a stage,
+in both phases (prefill, then decode steps that read the staged KV cache)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.driver import build_for, compile_module, default_pipeline, run_config, unsharded_pipeline
+from compiler.spec import apply_overrides, load_spec
+from ir.errors import LayoutError, SpecError
+from ir.parser import parse_module
+from ir.printer import print_module
+from ir.verifier import verify
+from passes.layouts import FFN_LAYOUTS
+from passes.ledger import ledger, repeats_of
+from passes.pipeline_stages import auto_microbatches, stage_layers
+from runtime.generate import ReferenceExecutor, generate
+from runtime.spmd import SpmdExecutor
+from runtime.weights import random_tokens, random_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+# (a folder of its own: tests/test_golden.py reads every *.ir directly in tests/golden as a pass case)
+GOLDEN = ROOT / "tests" / "golden" / "stages" / "tiny-mqa_decode.ir"
+#: stage count -> the mesh (8 devices) with the axes inside a stage
+MESHES = {2: "stage=2,x=2,y=2", 4: "stage=4,x=2"}
+STEPS = 2
+
+
+def _spec(mesh: str, ffn: str = "2d-ws", attn: str = "batch", mb: str = "auto", example: str = "tiny-mqa"):
+    # batch 16: 4 micro-batches of a batch sharded over the 4 devices of a stage (attn = batch)
+    return apply_overrides(load_spec(ROOT / "examples" / f"{example}.model"), mesh=mesh, ffn=ffn, attn=attn,
+                           batch=16, sets=[f"serve.microbatches={mb}"])
+
+
+def _compiled(spec):
+    cfg = run_config(spec, STEPS)
+    module = build_for(spec, cfg)
+    pipe = default_pipeline(spec)
+    return cfg, module, pipe, compile_module(module, pipe)
+
+
+def _logits(spec, executor: str = "spmd") -> tuple[np.ndarray, np.ndarray]:
+    cfg, module, pipe, res = _compiled(spec)
+    w = random_weights(module.function("prefill"))
+    tokens = random_tokens(cfg.batch, cfg.prompt_len + STEPS, spec.model.vocab)
+    same = compile_module(module, unsharded_pipeline(pipe)).module
+    ref = generate(ReferenceExecutor(same), w, tokens, cfg.prompt_len).logits
+    if executor == "spmd":
+        got = generate(SpmdExecutor(res.module), w, tokens, cfg.prompt_len).logits
+    else:
+        from runtime.lower_jax import JaxExecutor
+
+        got = generate(JaxExecutor(res.module), w, tokens, cfg.prompt_len).logits
+    return got, ref
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("ffn", FFN_LAYOUTS)
+@pytest.mark.parametrize("stages", sorted(MESHES))
+def test_spmd_equals_reference(stages: int, ffn: str) -> None:
+    """float64 simulator: only reassociation may separate it from the reference."""
+    got, ref = _logits(_spec(MESHES[stages], ffn, mb="4:2"))
+    assert _rel(got, ref) < 1e-12
+
+
+@pytest.mark.parametrize("attn", ["heads", "batch"])
+def test_spmd_attention_layouts_and_auto_microbatches(attn: str) -> None:
+    got, ref = _logits(_spec(MESHES[4], "1d-ws", attn, mb="auto", example="tiny-gqa"))
+    assert _rel(got, ref) < 1e-12
+
+
+@pytest.mark.slow  # 20-30 s of XLA compile each on this CPU
+@pytest.mark.parametrize("stages", sorted(MESHES))
+def test_jax_equals_reference(stages: int) -> None:
+    got, ref = _logits(_spec(MESHES[stages], "2d-ws", mb="4:2"), "jax")
+    assert _rel(got, ref) < 1e-4  # f32 on device against the float64 reference (compiler/run.py)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ffn", FFN_LAYOUTS)
+@pytest.mark.parametrize("stages", sorted(MESHES))
+def test_jax_every_ffn_layout(stages: int, ffn: str) -> None:
+    got, ref = _logits(_spec(MESHES[stages], ffn, mb="auto"), "jax")
+    assert _rel(got, ref) < 1e-4
+
+
+def test_identity_layers_pad_the_stack() -> None:
+    """tiny-mqa has 2 layers: 4 stages hold one each after 2 identity layers are added, and the
+    pass statistics say so."""
+    _, _, _, res = _compiled(_spec(MESHES[4], mb="2:4"))
+    stats = {k: v for r in res.run.records for k, v in r.stats.items()}
+    assert stats["identity layers added"] == 2 and stats["layers per stage"] == 1
+    assert stats["@prefill micro-batches"] == 2 and stats["@decode micro-batches"] == 4
+    m = res.module
+    assert m.mesh[0] == ("stage", 4)
+    w = m.function("decode").param("w_out_fused").type
+    assert w.dims[0].size == 4 and w.dims[0].axes == ("stage",)
+    assert stage_layers(2, 4) == (1, 2) and stage_layers(30, 4) == (8, 2) and stage_layers(8, 4) == (2, 0)
+
+
+def test_ledger_prices_the_schedule() -> None:
+    """The ppermute runs once per schedule step (M + S - 1) with one micro-batch's activations;
+    the layers run N / S times per step on each device."""
+    spec = _spec(MESHES[2], "1d-ws", mb="4:2")
+    cfg, _, _, res = _compiled(spec)
+    m = res.module
+    reps = repeats_of(m)
+    assert reps["prefill_stage"] == 4 + 2 - 1 and reps["decode_stage"] == 2 + 2 - 1
+    assert reps["prefill_layer"] == 5 * 1 and reps["decode_layer"] == 3 * 1
+    perms = {e.function: e for e in ledger(m) if e.kind == "ppermute"}
+    E = spec.model.d_model
+    # prefill: [B/4, L, E] over 4 devices of x,y (1d-ws keeps E sharded over all inner axes)
+    assert perms["prefill_stage"].bytes_per_device == (cfg.batch // 4) * cfg.prompt_len * (E // 4) * 4
+    assert perms["prefill_stage"].repeats == 5 and perms["decode_stage"].repeats == 3
+    assert perms["prefill_stage"].axes == ("stage",)
+
+
+def test_golden_ir_and_round_trip() -> None:
+    spec = apply_overrides(_spec(MESHES[2], "1d-ws", "heads", mb="2:2"), phase="decode")
+    from compiler.driver import compile_config
+
+    module = build_for(spec, compile_config(spec))
+    text = print_module(compile_module(module, default_pipeline(spec)).module)
+    if os.environ.get("EINSHARD_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    back = parse_module(text)
+    verify(back)
+    assert print_module(back) == text
+
+
+def test_microbatches_that_do_not_divide_are_refused() -> None:
+    with pytest.raises(LayoutError, match="micro-batches"):
+        _compiled(_spec(MESHES[2], mb="16:2"))  # 16 rows in 4 row blocks (B over x, y)
+
+
+def test_microbatches_setting_is_checked() -> None:
+    with pytest.raises(SpecError, match="PREFILL:DECODE"):
+        _spec(MESHES[2], mb="4-2")
+    assert _spec(MESHES[2], mb="8:4").serve.microbatches == "8:4"
+
+
+def test_auto_microbatches_is_the_hybrid_schedule() -> None:
+    # decode: as many as stages; prefill: up to 4x as many; both divide the rows
+    assert auto_microbatches(8, 2, "decode") == 2 and auto_microbatches(8, 2, "prefill") == 8
+    assert auto_microbatches(6, 4, "decode") == 3 and auto_microbatches(64, 3, "prefill") == 8
+    assert auto_microbatches(1, 4, "decode") == 1
