@@ -110,7 +110,8 @@ def default_pipeline(spec: Spec | None, rewrites: bool = True, pad_batch: bool =
         parts.append("quantize-int8")
     if n > 1:
         kv = ",kv=replicate" if s.kv == "replicate" and m.attention == "grouped" else ""
-        parts += [f"shard{{ffn={s.ffn},attn={s.attn}{kv}}}", "insert-collectives"]
+        ex = f",experts={s.expert_axes}" if m.moe else ""
+        parts += [f"shard{{ffn={s.ffn},attn={s.attn}{kv}{ex}}}", "insert-collectives"]
     parts.append("cleanup")
     if rewrites and n > 1 and s.overlap != "none":
         parts.append("collective-einsum" + ("{bidirectional=true}" if s.overlap == "bidirectional" else ""))

@@ -70,6 +70,7 @@ _SERVE_FIELDS: dict[str, _Field] = {
     "logits": _Field("enum", LOGITS),
     "microbatches": _Field("microbatches"),
     "pad": _Field("bool"),
+    "expert_axes": _Field("name"),
 }
 _AXIS_SIZE = _Field("int")
 _REQUIRED = tuple(k for k, f in _MODEL_FIELDS.items() if f.required)
@@ -134,6 +135,9 @@ class ServeSpec:
     logits: str = "last"  # prefill logits: the last prompt position (serving) or all (scoring)
     pad: bool = True  # zero-pad heads, vocabulary, d_ff, d_model and batch that do not divide the layout
     microbatches: str = "auto"  # pipeline stages (mesh axis stage): PREFILL:DECODE counts, or auto
+    #: Mixture of experts: mesh axes sharding the experts (x+y; x,y on the command line), auto
+    #: (the longest prefix of the mesh axes whose devices divide the experts) or none.
+    expert_axes: str = "auto"
 
     def __post_init__(self) -> None:
         _check_fields(self, _SERVE_FIELDS)
@@ -509,6 +513,8 @@ def _set_override(draft: _Draft, text: str) -> None:
         raise SpecError(f"unknown section '{section}'", _cli_loc(text, kstart, max(1, dot - kstart)),
                         did_you_mean(section, BLOCKS))
     key = _checked_word(text, dot + 1, kend, "field name")
+    if key == "expert_axes":  # x,y reads better on a command line; the spec language writes x+y
+        text = text[: eq + 1] + text[eq + 1:].replace(",", "+")
     value = _checked_word(text, eq + 1, len(text), f"value for {section}.{key}")
     ks, vs = _strip_span(text, dot + 1, kend)[0], _strip_span(text, eq + 1, len(text))[0]
     _set_field(draft, section, key, value, _cli_loc(text, ks, len(key)), _cli_loc(text, vs, len(value)))
