@@ -62,6 +62,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from compiler.offload import add_offload_args
 
     add_offload_args(p)
+    from compiler.multiprocess import add_multiprocess_args
+
+    add_multiprocess_args(p)
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +84,7 @@ class Loaded:
 def load(args: argparse.Namespace, need_tokenizer: bool = True, with_weights: bool = True) -> Loaded:
     """The checkpoint, its spec (checked against a given spec file), overrides, devices, weights
     (none when ``with_weights`` is false: --offload disk reads its own store)."""
-    from compiler.subcommand import ensure_devices
+    from compiler.multiprocess import join
     from compiler.spec import Spec, apply_overrides, load_spec
     from runtime.checkpoint import check_same_model, open_checkpoint
 
@@ -96,7 +99,7 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True, with_weights: bo
         spec = Spec(model, path=str(args.checkpoint))
     spec = apply_overrides(spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn, weights=args.weights,
                            sets=list(args.sets))
-    ensure_devices(args.devices or spec.mesh.n_devices, explicit=args.devices is not None)
+    join(args, args.devices or spec.mesh.n_devices)  # simulated devices, or this process's share of them
     from runtime.model_runner import enable_compile_cache
 
     enable_compile_cache()
@@ -182,6 +185,7 @@ def run_generate(args: argparse.Namespace) -> int:
               with_weights=args.offload != "disk")
     from runtime.generator import GenerateRequest, Generator
     from runtime.model_runner import bucket, roofline_fraction
+    from runtime.distributed import is_primary
     from runtime.sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_k or 0, args.top_p, args.seed)
@@ -208,6 +212,8 @@ def run_generate(args: argparse.Namespace) -> int:
     shown = [""] * len(prompts)
     stopped = [False] * len(prompts)
     hold = max((len(s) for s in args.stop), default=1) - 1
+    # every process runs the same steps (and stops rows alike); process 0 alone prints
+    primary = is_primary()
 
     def on_token(row: int, token: int) -> bool:
         """Streams text (holding back what could start a stop string); True stops the row."""
@@ -217,7 +223,7 @@ def run_generate(args: argparse.Namespace) -> int:
         cut = cut_at_stop(shown[row], args.stop)
         if cut is not None:
             stopped[row] = True
-        if args.stream and not args.json and len(prompts) == 1:
+        if args.stream and not args.json and len(prompts) == 1 and primary:
             done_text = shown[row][:cut] if cut is not None else shown[row][: max(len(shown[row]) - hold, 0)]
             sys.stdout.write(done_text[len(_printed[row]):])
             sys.stdout.flush()
@@ -226,6 +232,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     _printed = [""] * len(prompts)
     res = gen.generate(req, stream=on_token if args.stream else None, batch=B)
+    if not primary:
+        return 0
     total_s = time.perf_counter() - t1
     out_tokens, out_text, reasons = [], [], []
     for i, toks in enumerate(res.tokens):

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 
 from ir.errors import EinshardError, SpecError
 from ir.module import Function, Module
+from runtime.distributed import global_array
 from runtime.generate import prepared_weights
 from runtime.lower_jax import JNP_DTYPES, JaxExecutor, _spec, entry_program, layer_split
 
@@ -196,6 +197,9 @@ def _put(a: Any, t: Any, mesh: Any, split: bool = True) -> Any:
 
 
 def _put_one(x: np.ndarray, t: Any, mesh: Any) -> jax.Array:
+    if mesh is not None and jax.process_count() > 1:  # each process builds only its devices' shards
+        spec = _spec(t, layer_split(t) and x.ndim < len(t.dims))
+        return global_array(x.shape, JNP_DTYPES[t.dtype], NamedSharding(mesh, spec), x.__getitem__)
     y = jnp.asarray(x, dtype=JNP_DTYPES[t.dtype])
     if mesh is not None:
         y = jax.device_put(y, NamedSharding(mesh, _spec(t, layer_split(t) and y.ndim < len(t.dims))))
