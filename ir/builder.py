@@ -38,6 +38,29 @@ class FunctionBuilder:
         self.types: dict[str, TensorType] = {}
         self.namer = Namer()
 
+    @classmethod
+    def over(cls, fn: Function, ctx: InferContext) -> FunctionBuilder:
+        """A builder that knows ``fn``'s params and values (types known, names taken) but holds
+        none of its ops: a pass emits the rewritten ops into it."""
+        b = cls(fn.name, ctx, fn.entry)
+        b.params = list(fn.params)
+        b.types = dict(fn.value_types)
+        b.namer = Namer(set(b.types))
+        return b
+
+    def append(self, op: Op, hint: str = "v") -> tuple[str, ...]:
+        """Adds an existing op with its types re-inferred; it keeps its result names, or gets a
+        fresh one when it has none. Returns the result names."""
+        try:
+            types = op.infer(tuple(self.types[o] for o in op.operands), self.ctx)
+        except VerifyError as e:
+            raise VerifyError(f"rewriting @{self.name}: {e.message}") from None
+        names = op.results if op.results else tuple(self.namer.fresh(hint) for _ in types)
+        self.namer.taken.update(names)
+        self.ops.append(op.with_(results=names, types=types))
+        self.types.update(zip(names, types))
+        return names
+
     def param(self, name: str, t: TensorType, role: str = "arg", kind: str = "") -> str:
         if name in self.types:
             raise ValueError(f"duplicate parameter {name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import networkx as nx
 
 from ir.module import Function
+from ir.ops import Op
 
 RETURN = "<return>"
 
@@ -44,3 +45,8 @@ def users(fn: Function) -> dict[str, list[int]]:
         for o in op.operands:
             out.setdefault(o, []).append(i)
     return out
+
+
+def readers(fn: Function) -> dict[str, list[Op]]:
+    """Value name -> the ops that read it."""
+    return {v: [fn.ops[i] for i in idx] for v, idx in users(fn).items()}

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ir.builder import Namer
+from ir.builder import FunctionBuilder
 from ir.errors import PassError
-from ir.graph import users
+from ir.graph import readers
 from ir.module import PREPARE, Function, Module, ModuleContext, Param
 from ir.retype import ScanSite, rewrite_entries
 from ir.ops import Binary, Einsum, Op, Scan
@@ -77,11 +77,6 @@ class _Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def _uses(fn: Function) -> dict[str, list[Op]]:
-    """Value name -> the ops that read it."""
-    return {v: [fn.ops[i] for i in idx] for v, idx in users(fn).items()}
-
-
 def _in_projections(fn: Function, weights: set[str]) -> dict[str, list[Op]]:
     """Einsums ``act[..E], w[E rest] -> [.. rest]`` grouped by their activation."""
     by_act: dict[str, list[Op]] = {}
@@ -129,7 +124,7 @@ def _out_projection(fn: Function, weights: set[str]):
     """``y = add(einsum(a, wo) (+bo), einsum(m, w_down) (+b))`` with both einsums contracting
     everything but E into ``[.., E]``: (add op, (einsum, biases), (einsum, biases))."""
     producers = {r: op for op in fn.ops for r in op.results}
-    uses = _uses(fn)
+    uses = readers(fn)
     types = fn.value_types
     for op in fn.ops:
         if not (isinstance(op, Binary) and op.fn == "add"):
@@ -186,44 +181,25 @@ def plan_body(fn: Function, weights: set[str], groups: int, attention: bool) -> 
     return plan
 
 
-class _Emitter:
-    """Appends typed ops with fresh names."""
-
-    def __init__(self, fn: Function, ctx):
-        self.types = dict(fn.value_types)
-        self.namer = Namer(set(self.types))
-        self.ctx = ctx
-        self.ops: list[Op] = []
-
-    def emit(self, cls, operands, hint, **attrs) -> tuple[str, ...]:
-        probe = cls(results=(), operands=tuple(operands), types=(), **attrs)
-        ts = probe.infer(tuple(self.types[o] for o in operands), self.ctx)
-        hints = [hint] * len(ts) if isinstance(hint, str) else hint
-        names = tuple(self.namer.fresh(h) for h in hints)
-        self.ops.append(probe.with_(results=names, types=ts))
-        self.types.update(zip(names, ts))
-        return names
-
-
-def _pack(em: _Emitter, g: Group, names: dict[str, str], types: dict[str, TensorType], groups: int) -> str:
+def _pack(em: FunctionBuilder, g: Group, names: dict[str, str], types: dict[str, TensorType], groups: int) -> str:
     """Emits flatten + concat of the group's weights (stacked or not); returns the packed value."""
     parts, letters = [], ""
     for s in g.segments:
         v = names[s.weight]
         if len(s.letters) > 1:
-            (v,) = em.emit(Flatten, [v], s.weight, dims=s.letters, into="P")
+            v = em.emit(Flatten, [v], s.weight, dims=s.letters, into="P")
         parts.append(v)
         letters += s.packed_letter
-    (packed,) = em.emit(Concat, parts, g.name, dims=letters, into="P", groups=groups)
+    packed = em.emit(Concat, parts, g.name, dims=letters, into="P", groups=groups)
     return packed
 
 
-def _emit_input_group(em: _Emitter, fn: Function, g: Group, act: str, fused: str, body_name: dict[str, str],
+def _emit_input_group(em: FunctionBuilder, fn: Function, g: Group, act: str, fused: str, body_name: dict[str, str],
                       groups: int, mapping: dict[str, str]) -> None:
     """One einsum of ``act`` with the fused input weight, split back into the segments' results
     (``mapping``: each original einsum's result -> its segment)."""
     sa = em.types[act].names
-    (y,) = em.emit(Einsum, [act, fused], g.name.replace("w_", "").replace("_fused", ""),
+    y = em.emit(Einsum, [act, fused], g.name.replace("w_", "").replace("_fused", ""),
                    spec=f"{sa},EP->{sa.replace('E', '')}P")
     # the original einsum of each segment: its result now comes from the split
     origs = [next(o for o in fn.ops if isinstance(o, Einsum) and len(o.operands) == 2
@@ -234,11 +210,11 @@ def _emit_input_group(em: _Emitter, fn: Function, g: Group, act: str, fused: str
                    sizes=tuple(s.size for s in g.segments), groups=groups)
     for s, v, orig in zip(g.segments, segs, origs):
         if len(s.letters) > 1:
-            (v,) = em.emit(Unflatten, [v], orig.result, dim="P", into=s.letters, sizes=s.sizes)
+            v = em.emit(Unflatten, [v], orig.result, dim="P", into=s.letters, sizes=s.sizes)
         mapping[orig.result] = v
 
 
-def _emit_output_group(em: _Emitter, out_match, g: Group, fused: str, groups: int,
+def _emit_output_group(em: FunctionBuilder, out_match, g: Group, fused: str, groups: int,
                        mapping: dict[str, str]) -> set[str]:
     """The output projections' activations packed into one einsum with the fused output weight
     (then their bias adds); returns the results it replaces."""
@@ -247,14 +223,14 @@ def _emit_output_group(em: _Emitter, out_match, g: Group, fused: str, groups: in
     for e, s in zip((ea, em_), g.segments):
         a = mapping.get(e.operands[0], e.operands[0])
         if len(s.letters) > 1:
-            (a,) = em.emit(Flatten, [a], e.operands[0], dims=s.letters, into="P")
+            a = em.emit(Flatten, [a], e.operands[0], dims=s.letters, into="P")
         acts.append(a)
         letters += s.packed_letter
-    (cat,) = em.emit(Concat, acts, "packed", dims=letters, into="P", groups=groups)
+    cat = em.emit(Concat, acts, "packed", dims=letters, into="P", groups=groups)
     sa = em.types[cat].names
-    (y,) = em.emit(Einsum, [cat, fused], "out", spec=f"{sa},PE->{sa.replace('P', '')}E")
+    y = em.emit(Einsum, [cat, fused], "out", spec=f"{sa},PE->{sa.replace('P', '')}E")
     for b in ba + bm:
-        (y,) = em.emit(Binary, [y, b.operands[1]], "out", fn="add")
+        y = em.emit(Binary, [y, b.operands[1]], "out", fn="add")
     mapping[add.result] = y
     return {r for x in (ea, em_, *ba, *bm) for r in x.results}
 
@@ -263,7 +239,7 @@ def rewrite_body(fn: Function, plan: _Plan, weight_of: dict[str, str], ctx, grou
     """``weight_of``: body param -> the entry weight it receives (segment names are entry names)."""
     body_name = {v: k for k, v in weight_of.items()}
     types = fn.value_types
-    em = _Emitter(fn, ctx)
+    em = FunctionBuilder.over(fn, ctx)
     fused_param: dict[str, str] = {}
     for g in plan.groups:
         fused_param[g.name] = em.namer.fresh(g.name)
@@ -428,7 +404,7 @@ class FuseParallelBlock(Pass):
     def _prepare(raw: Function, new: Function, fused: tuple[Group, ...], module: Module, groups: int) -> Function:
         params = raw.params_with_role("weight")
         stub = Function(PREPARE, params, (), (), ())
-        em = _Emitter(stub, ModuleContext(module))
+        em = FunctionBuilder.over(stub, ModuleContext(module))
         names = {p.name: p.name for p in params}
         values = {}
         for g in fused:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ir.builder import Namer
+from ir.builder import FunctionBuilder
 from ir.collectives import Reshard
 from ir.errors import PassError
-from ir.graph import users
+from ir.graph import readers
 from ir.module import PREPARE, Function, Module, ModuleContext, Param
 from ir.ops import Einsum, Op, Scan
 from ir.quant_ops import Dequantize, Quantize
@@ -40,11 +40,6 @@ class QuantSpec:
     reduce: str
     segments: tuple[int, ...] = ()
     groups: int = 1
-
-
-def _uses(fn: Function) -> dict[str, list[Op]]:
-    """Value name -> the ops that read it."""
-    return {v: [fn.ops[i] for i in idx] for v, idx in users(fn).items()}
 
 
 def _einsum_reduce(op: Op, v: str, t: TensorType) -> str:
@@ -82,22 +77,19 @@ class _Rewriter:
     """Rebuilds one function with some weight params split into (int8, scale)."""
 
     def __init__(self, fn: Function, ctx: ModuleContext):
-        self.fn, self.ctx = fn, ctx
-        self.types: dict[str, TensorType] = {}
-        self.namer = Namer({p.name for p in fn.params} | {r for op in fn.ops for r in op.results})
-        self.ops: list[Op] = []
+        self.fn = fn
+        self.b = FunctionBuilder.over(fn, ctx)  # every old name stays taken
+        self.ops = self.b.ops
+        self.types = self.b.types
 
     def emit(self, op: Op, hint: str | None = None) -> str:
-        ts = op.infer(tuple(self.types[o] for o in op.operands), self.ctx)
-        names = op.results if op.results else (self.namer.fresh(hint or "v"),)
-        self.ops.append(op.with_(results=names, types=ts))
-        self.types.update(zip(names, ts))
-        return names[0]
+        return self.b.append(op, hint or "v")[0]
 
     def run(self, params: list[Param], quant: dict[str, tuple[str, QuantSpec]]) -> Function:
         """``quant``: weight param -> (its scale param, spec); ``params`` is the new param list."""
-        self.types = {p.name: p.type for p in params}
-        self.namer.taken |= set(self.types)
+        self.types.clear()
+        self.types.update({p.name: p.type for p in params})
+        self.b.namer.taken |= set(self.types)
         sv = {w: s for w, (s, _) in quant.items()}
         spec_of = {w: spec for w, (_, spec) in quant.items()}
         for op in self.fn.ops:
@@ -191,7 +183,7 @@ def _contractions(module: Module, weights: list[str]) -> tuple[dict[str, set[str
     reduce_of: dict[str, set[str]] = {w: set() for w in weights}
     why: dict[str, str] = {}
     for e in module.entries:
-        uses = _uses(e)
+        uses = readers(e)
         for w in weights:
             r, reason = _analyze(e, w, uses)
             if r is None:
@@ -200,7 +192,7 @@ def _contractions(module: Module, weights: list[str]) -> tuple[dict[str, set[str
                 reduce_of[w] |= r
         for sc in [op for op in e.ops if isinstance(op, Scan)]:
             body = module.function(sc.body.name)
-            b_uses = _uses(body)
+            b_uses = readers(body)
             for bp, v in zip(body.params, sc.operands):
                 if v in reduce_of:
                     r, reason = _analyze(body, bp.name, b_uses)
@@ -243,7 +235,8 @@ def _quantized_prepare(prep: Function, weights: list[str], chosen: dict[str, Qua
     """@prepare quantizing each chosen result (its scale, ``W_scale``, follows it), and the
     scales' types."""
     pr = _Rewriter(prep, ctx)
-    pr.types = {p.name: p.type for p in prep.params}
+    pr.types.clear()
+    pr.types.update({p.name: p.type for p in prep.params})
     for op in prep.ops:
         pr.emit(op.with_(types=()))
     rets: list[str] = []
@@ -254,11 +247,7 @@ def _quantized_prepare(prep: Function, weights: list[str], chosen: dict[str, Qua
         sp = chosen[w]
         q = Quantize(results=(), operands=(ret,), types=(), reduce=sp.reduce, segments=sp.segments,
                      groups=sp.groups)
-        ts = q.infer((pr.types[ret],), ctx)
-        qn, sn = pr.namer.fresh(f"{w}_int8"), _scale_name(w)
-        pr.ops.append(q.with_(results=(qn, sn), types=ts))
-        pr.types.update({qn: ts[0], sn: ts[1]})
-        rets += [qn, sn]
+        rets += pr.b.append(q.with_(results=(pr.b.namer.fresh(f"{w}_int8"), _scale_name(w))))
     new_prep = Function(PREPARE, prep.params, tuple(pr.ops), tuple(rets), tuple(pr.types[r] for r in rets))
     return new_prep, {w: pr.types[_scale_name(w)] for w in chosen}
 
