@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
+from compiler import hints
 from compiler.exit_codes import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from compiler.generate_cmd import subcommands as generation_subcommands
 from compiler.launch import subcommand as launch_subcommand
@@ -461,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with collective_errors():  # a peer lost mid-run: a DistributedError naming this process
             return args.handler(args)
     except EinshardError as e:
+        e.hint = hints.prune(e.hint)  # never suggest a setting already in force
         print(e.render(), file=sys.stderr)
         if isinstance(e, DistributedError):
             abandon()  # JAX's exit-time barrier would wait for the lost peer, then abort

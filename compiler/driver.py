@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from compiler import pipelines
+from compiler import hints, pipelines
 from compiler.cost.autolayout import resolve_auto, resolve_kv
 from compiler.pipelines import (WEIGHT_DTYPES, CompileResult, build_for, compile_config, compile_module,
                                 pad_options, run_config, settle_kv, unsharded_pipeline)
@@ -39,7 +39,11 @@ def resolved(spec: Spec) -> Spec:
         return replace(resolved(inner_spec(spec)), mesh=spec.mesh)
     if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
         spec = resolve_auto(spec)[0]
-    return resolve_kv(settle_kv(spec))
+    out = resolve_kv(settle_kv(spec))
+    s = out.serve
+    hints.record({"ffn": s.ffn, "attn": s.attn, "kv": s.kv, "weights": s.weights, "overlap": s.overlap,
+                  "phase": s.phase})  # errors from here on do not suggest what is in force
+    return out
 
 
 def default_pipeline(spec: Spec | None, rewrites: bool = True, pad_batch: bool = True) -> str:
