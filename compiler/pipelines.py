@@ -127,11 +127,9 @@ def pad_options(spec: Spec) -> dict[str, int]:
     if n == 1 or (not spec.serve.pad and spec.serve.kv != "pad"):
         return {}
     out: dict[str, int] = {}
-    if not spec.serve.pad:
-        pass  # kv = pad asked for explicitly: the grouped-query heads only
-    elif m.attention != "grouped":
+    if m.attention != "grouped":
         mult = head_multiple(spec)
-        if m.heads % mult:
+        if m.heads % mult and spec.serve.pad:  # without pad, kv = pad still pads grouped-query heads
             out["multiple"] = mult
     elif spec.serve.kv == "pad":
         k, g = padded_heads(_layout(spec), m.kv_heads, m.heads // m.kv_heads)

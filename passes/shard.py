@@ -477,13 +477,17 @@ def layout_hint(layout: Layout, t: TensorType, ax: dict[str, tuple[str, ...]]) -
     bad = [d for d, a in ax.items() if a and t.size(d) % math.prod(layout.sizes[x] for x in a)]
     d = bad[0] if bad else ""
     if d == "B":
-        return "choose a batch divisible by the devices it is split over (--batch), or --attn heads"
-    if d in "KG":
+        return ("choose a batch divisible by the devices it is split over (--batch), or --attn heads, or let "
+                "pad-dims pad it (the default pipeline does, unless --no-pad)")
+    if d and d in "KG":
         return ("pad the grouped-query heads with zero heads (--set serve.kv=pad; the default kv=auto "
                 "pads when no sharding divides)")
     if d == "H":
         return ("pad the heads with pad-heads (the default pipeline does when they do not divide the devices the "
                 "layout shards them over)")
+    if d in ("E", "F"):
+        return (f"choose another layout (--ffn/--attn) or a mesh (--mesh) whose axes divide {d}, or let pad-dims "
+                "zero-pad it (the default pipeline does, unless --no-pad)")
     return f"choose another layout (--ffn/--attn) or a mesh (--mesh) whose axes divide {d}"
 
 
@@ -505,7 +509,8 @@ def param_type(layout: Layout, name: str, role: str, t: TensorType, heads: HeadS
 def rest_type(layout: Layout, t: TensorType) -> TensorType:
     ax = layout.rest()
     require_fit("the residual stream [B, L, E]", t, ax, layout.sizes,
-                "choose a batch divisible by the batch axes, or another --ffn layout")
+                "choose a batch divisible by the batch axes, or another --ffn layout, or let pad-dims pad B and "
+                "E (the default pipeline does, unless --no-pad)")
     return with_axes(t, ax)
 
 

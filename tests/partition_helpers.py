@@ -136,7 +136,9 @@ def padded_heads(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool, k
 
 def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str, attn: str,
                              pad: bool = False, kv: str = "shard") -> list[Problem]:
-    """Every (dim, axes) split that the layout needs and that does not divide."""
+    """Every (dim, axes) split that the layout needs and that does not divide. With ``pad`` (the
+    default pipeline) d_ff, d_model and the batch are zero-padded until they divide (pad-dims),
+    so only the heads' rules remain."""
     if n_devices(mesh) == 1:
         return []
     sizes = dict(mesh)
@@ -148,6 +150,8 @@ def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str,
     out: list[Problem] = []
 
     def need(dim: str, size: int, axes: tuple[str, ...], what: str) -> None:
+        if pad and dim in "EFB":
+            return  # pad-dims pads them
         if axes and size % k(axes):
             out.append(Problem(dim, size, frozenset(axes), what))
 
@@ -205,8 +209,9 @@ def check_layout_error(err: LayoutError, problems: list[Problem], mesh: Mesh) ->
 
 
 def spec_for(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, batch: int, phase: str = "prefill",
-             kv: str = "shard") -> Spec:
-    return Spec(model, MeshSpec(mesh), ServeSpec(phase=phase, batch=batch, seq=8, ffn=ffn, attn=attn, kv=kv))
+             kv: str = "shard", pad: bool = True) -> Spec:
+    return Spec(model, MeshSpec(mesh), ServeSpec(phase=phase, batch=batch, seq=8, ffn=ffn, attn=attn, kv=kv,
+                                                 pad=pad))
 
 
 def shard_pass(ffn: str, attn: str, kv: str = "shard") -> str:
@@ -215,10 +220,12 @@ def shard_pass(ffn: str, attn: str, kv: str = "shard") -> str:
 
 
 def pipeline_for(model: ModelSpec, mesh: Mesh, ffn: str, attn: str, pad: bool, kv: str = "shard") -> str:
-    """The default pipeline (which pads heads and the vocabulary when they do not divide; always
-    for kv=pad) or a bare shard pipeline."""
+    """The default pipeline (which pads heads, the vocabulary, d_ff, d_model and the batch when
+    they do not divide) or, without ``pad``, a bare shard pipeline (kv=pad: pad-heads for the
+    grouped-query heads only). The batch padding is for batch 1: a multiple of what a batch must
+    divide, so it pads the module's batch whatever it is."""
     if pad or kv == "pad":
-        return default_pipeline(spec_for(model, mesh, ffn, attn, 1, kv=kv), rewrites=False)
+        return default_pipeline(spec_for(model, mesh, ffn, attn, 1, kv=kv, pad=pad), rewrites=False)
     return f"{shard_pass(ffn, attn, kv)},insert-collectives,cleanup"
 
 
@@ -364,15 +371,16 @@ def any_meshes(draw) -> Mesh:
     return tuple(zip("xyz", sizes))
 
 
-def refusals(batch: int, mesh: Mesh, ffn: str, attn: str) -> list[Problem]:
+def refusals(batch: int, mesh: Mesh, ffn: str, attn: str, pad_batch: bool = True) -> list[Problem]:
     """The rule table of the configurations the compiler may refuse although it pads heads,
-    grouped-query K x G and the vocabulary: only a batch that does not divide — the residual
+    grouped-query K x G, the vocabulary, d_ff and d_model: none, since the default pipeline pads
+    the batch too (pad-dims). Without that (``pad_batch=False``: the generation runner and the
+    serving engine choose their batches) only a batch that does not divide — the residual
     stream's batch axes of a weight-gathered layout, or the first axis of a batch-sharded KV
     cache (weight-gathered; weight-stationary layouts split that axis into sub-axes unless the
-    batch shares no factor with it). Padding the batch is issue 16's job; heads
-    (H, K, G), d_model and d_ff (multiples of the devices here) and V never refuse."""
+    batch shares no factor with it)."""
     ax, sizes = layout_axes(mesh, ffn), dict(mesh)
-    if n_devices(mesh) == 1:
+    if n_devices(mesh) == 1 or pad_batch:
         return []
     out = []
     if ax["batch"] and batch % math.prod(sizes[a] for a in ax["batch"]):

@@ -82,8 +82,9 @@ def test_heads_do_not_divide_without_pad_heads(ffn, axes, n):
 
 
 def test_batch_does_not_divide_for_batch_sharded_attention():
-    """Batch-sharded attention needs the batch to divide at least the first of its axes."""
-    err = layout_error(MQA4, MESH_8, "2d-ws", "batch", batch=3, pad=True)
+    """Batch-sharded attention needs the batch to divide at least the first of its axes (unless
+    pad-dims pads it: the default pipeline does, tests/test_pad_dims.py)."""
+    err = layout_error(MQA4, MESH_8, "2d-ws", "batch", batch=3)
     names(err, "B", 3, "z", 2)
     assert "KV cache" in err.message and "--attn heads" in err.hint
 
@@ -126,7 +127,7 @@ def test_batch_smaller_than_the_first_cache_axis_splits_it(mesh, ffn, batch, spl
 
 @pytest.mark.parametrize("ffn,axes,n", [("wg-x", "x", 2), ("wg-xy", "x,y", 4), ("wg-xyz", "x,y,z", 8)])
 def test_batch_does_not_divide_for_weight_gathered(ffn, axes, n):
-    err = layout_error(MQA4, MESH_8, ffn, "heads", batch=3, pad=True)
+    err = layout_error(MQA4, MESH_8, ffn, "heads", batch=3)  # the default pipeline pads it instead
     names(err, "B", 3, axes, n)
     assert "residual stream" in err.message and "--ffn" in err.hint
 
@@ -174,9 +175,10 @@ HINT_CASES = {
     "gqa-groups": (GQA62, MESH_4, "1d-ws", "heads", 8, False, "shard", [("kv=pad", dict(kv="pad"))]),
     # grouped-query with the K/V heads replicated, G=4 over 8 devices (1D-WS): padding works
     "gqa-replicated": (GQA, MESH_8, "1d-ws", "heads", 8, False, "replicate", [("kv=pad", dict(kv="pad"))]),
-    "batch-cache": (MQA4, MESH_8, "2d-ws", "batch", 3, True, "shard",
+    # a batch that does not divide (the default pipeline pads it; a bare shard pipeline refuses)
+    "batch-cache": (MQA4, MESH_8, "2d-ws", "batch", 3, False, "shard",
                     [("--attn heads", dict(attn="heads")), ("--batch", dict(batch=8))]),
-    "batch-residual": (MQA4, MESH_8, "wg-xyz", "heads", 4, True, "shard",
+    "batch-residual": (MQA4, MESH_8, "wg-xyz", "heads", 4, False, "shard",
                        [("--ffn", dict(ffn="wg-xy")), ("batch", dict(batch=8))]),
 }
 
@@ -208,9 +210,11 @@ CLI_CASES = {
                       "serve.kv=shard"], "G=3", "{y}"),
     "heads": (["examples/tiny-mqa.model", "--passes", "shard{ffn=1d-ws,attn=heads},insert-collectives"],
               "H=4", "{x,y,z}"),
-    "batch": (["examples/tiny-mqa.model", "--batch", "3"], "B=3", "{z}"),
-    "residual": (["examples/tiny-mqa.model", "--batch", "2", "--ffn", "wg-xy", "--attn", "heads"], "B=2", "{x,y}"),
-    "d_model": (["examples/tiny-mha.model", "--set", "model.d_model=62", "--ffn", "2d-ws"], "E=62", "{x}"),
+    # what the default pipeline pads (pad-dims) is refused with --no-pad
+    "batch": (["examples/tiny-mqa.model", "--batch", "3", "--no-pad"], "B=3", "{z}"),
+    "residual": (["examples/tiny-mqa.model", "--batch", "2", "--ffn", "wg-xy", "--attn", "heads", "--no-pad"],
+                 "B=2", "{x,y}"),
+    "d_model": (["examples/tiny-mha.model", "--set", "model.d_model=62", "--ffn", "2d-ws", "--no-pad"], "E=62", "{x}"),
 }
 
 
