@@ -48,7 +48,7 @@ KV_LAYOUTS = ("auto", "shard", "replicate", "pad")
 LOGITS = ("last", "all")
 WEIGHT_FORMATS = ("f32", "bf16", "int8")
 OVERLAPS = ("none", "looped", "bidirectional")
-HARDWARE = ("tpu-v4", "tpu-v5e", "tpu-v5p", "a100-80g", "h100", "h200", "cpu")
+HARDWARE = ("tpu-v4", "tpu-v5e", "tpu-v5p", "a100-80g", "h100", "h100-80g", "h200", "cpu")
 
 COMMAND_LINE = "<command line>"
 

@@ -24,6 +24,7 @@ from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
 from compiler.spec import Spec
+from compiler.stages import inner_mesh
 from ir.errors import LayoutError
 from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, Layout, dividing_prefix
 
@@ -86,7 +87,7 @@ def batch_note(spec: Spec, ffn: str, attn: str) -> str:
     so part of it is replicated and each chip does more than its share. This is what makes the
     automatic choice non-monotonic in batch (PaLM 540B prefill: WG-XY at 64 and 80, WG-X at 72)."""
     try:
-        lay = Layout(ffn, attn, spec.mesh.axes)
+        lay = Layout(ffn, attn, inner_mesh(spec))  # the layouts apply inside a pipeline stage
     except LayoutError:
         return ""
     axes = lay.batch_axes() if lay.weights_move else (lay.prefer().get("B", ()) if attn == "batch" else ())

@@ -36,6 +36,9 @@ Sources are given per chip. Users add a chip with a small TOML file (``--hardwar
     ici_bw = 3.0e11          # bytes/s, one direction, summed over links
     hop_latency_s = 1e-6     # optional
     topology = "torus"       # torus | switch | shared-memory
+    dcn_bw = 2.5e10          # optional: bytes/s per chip between hosts (InfiniBand, DCN)
+    dcn_latency_s = 5e-6     # optional
+    host_devices = 8         # optional: chips per host (consecutive in the mesh's device order)
 
     [efficiency]             # optional: the calibrated model's fit (compiler/cost/efficiency.py)
     flops = 0.7              # achieved fraction of peak FLOP/s on large matmuls
@@ -80,6 +83,13 @@ class Chip:
     #: Achieved efficiencies for the ``calibrated`` model, when the chip file gives them
     #: (compiler/cost/efficiency.py; table chips keep theirs there, in ``CALIBRATED``).
     efficiency: Efficiency | None = None
+    #: Links between hosts (data-center network: InfiniBand between GPU nodes, DCN between TPU
+    #: slices): bytes/s per chip, one direction, and latency per transfer. A collective whose
+    #: group spans more than one host (``host_devices`` chips each, consecutive in the mesh's
+    #: row-major device order) runs at this bandwidth; 0: no slower links (one host).
+    dcn_bw: float = 0.0
+    dcn_latency_s: float = 0.0
+    host_devices: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "flops", tuple(sorted(dict(self.flops).items())))  # hashable
@@ -102,17 +112,33 @@ class Chip:
             return 1
         return max(1, sum(mesh[a] // 2 for a in axes))
 
+    def crosses_hosts(self, axes: tuple[str, ...], mesh: Mapping[str, int]) -> bool:
+        """Whether a group over ``axes`` spans more than one host: the device-index span of the
+        group (mesh row-major, first axis major) exceeds ``host_devices``."""
+        if not self.dcn_bw or not self.host_devices:
+            return False
+        stride, span = 1, 0
+        for a in reversed(list(mesh)):
+            if a in axes:
+                span += (mesh[a] - 1) * stride
+            stride *= mesh[a]
+        return span + 1 > self.host_devices
+
     def collective_seconds(self, nbytes: float, axes: tuple[str, ...], mesh: Mapping[str, int]) -> float:
         """Time of one collective that the ledger charges ``nbytes`` per device (the paper's
-        volume, (K-1)/K dropped), or its hops' latency if longer."""
+        volume, (K-1)/K dropped), or its hops' latency if longer; over the host links
+        (``dcn_bw``, ``dcn_latency_s``) when its group spans hosts."""
         k = math.prod(mesh[a] for a in axes)
         if nbytes <= 0 or k <= 1:
             return 0.0
+        if self.crosses_hosts(axes, mesh):
+            return max(nbytes / self.dcn_bw, self.dcn_latency_s)
         return max(nbytes / self.ici_bw, self.hops(axes, mesh) * self.hop_latency_s)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.peak('bf16') / 1e12:g} TFLOP/s bf16, HBM {self.hbm_bytes / GiB:g} GiB at "
-                f"{self.hbm_bw / 1e9:g} GB/s, interconnect {self.ici_bw / 1e9:g} GB/s ({self.topology})")
+                f"{self.hbm_bw / 1e9:g} GB/s, interconnect {self.ici_bw / 1e9:g} GB/s ({self.topology})"
+                + (f", {self.dcn_bw / 1e9:g} GB/s between hosts of {self.host_devices}" if self.dcn_bw else ""))
 
 
 _SB = "scaling-book tpus.md"
@@ -124,12 +150,24 @@ CHIPS: dict[str, Chip] = {
                     f"{_SB}: 1.97e14 bf16, 3.94e14 int8, 16 GB, 8.1e11 B/s, 2D torus of 4 links x 4.5e10 B/s"),
     "tpu-v5p": Chip("tpu-v5p", {"bf16": 4.59e14, "int8": 9.18e14}, 95 * GiB, 2.76e12, 6 * 9e10, 0.0, "torus",
                     f"{_SB}: 4.59e14 bf16, 9.18e14 int8, 95 GB, 2.76e12 B/s, 3D torus of 6 links x 9e10 B/s"),
+    # NVLink within a node of 8 GPUs (NVSwitch: one hop), InfiniBand between nodes: the DGX
+    # datasheets give each GPU its own NIC (A100: ConnectX-6 HDR 200 Gb/s = 25 GB/s one way;
+    # H100: ConnectX-7 NDR 400 Gb/s = 50 GB/s); ~5 us per transfer is the usual MPI/NCCL
+    # small-message latency over one InfiniBand switch.
     "a100-80g": Chip("a100-80g", {"bf16": 312e12, "f32": 19.5e12, "int8": 624e12}, 80 * GiB, 2.039e12, 300e9,
                      3e-6, "switch",
                      "NVIDIA A100 datasheet (SXM 80GB): 312 TFLOP/s bf16 dense, 2039 GB/s, NVLink3 600 GB/s "
-                     "bidirectional (300 one way)"),
+                     "bidirectional (300 one way); DGX A100 datasheet: 8 GPUs per node, 8x ConnectX-6 "
+                     "HDR InfiniBand 200 Gb/s (25 GB/s per GPU) between nodes",
+                     dcn_bw=25e9, dcn_latency_s=5e-6, host_devices=8),
     "h100": Chip("h100", {"bf16": 989e12, "f32": 67e12, "int8": 1979e12}, 80 * GiB, 3.35e12, 450e9, 3e-6, "switch",
                  "NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s, NVLink4 900 GB/s bidirectional"),
+    "h100-80g": Chip("h100-80g", {"bf16": 989e12, "f32": 67e12, "int8": 1979e12}, 80 * GiB, 3.35e12, 450e9,
+                     3e-6, "switch",
+                     "NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s, NVLink4 900 GB/s "
+                     "bidirectional (450 one way); DGX H100 datasheet: 8 GPUs per node, 8x ConnectX-7 "
+                     "NDR InfiniBand 400 Gb/s (50 GB/s per GPU) between nodes",
+                     dcn_bw=50e9, dcn_latency_s=5e-6, host_devices=8),
     "h200": Chip("h200", {"bf16": 989e12, "f32": 67e12, "int8": 1979e12}, 141 * 10**9, 4.8e12, 450e9, 3e-6,
                  "switch",
                  "NVIDIA H200 SXM datasheet: 989 TFLOP/s bf16 dense, 141 GB at 4.8 TB/s, NVLink4 900 GB/s"),
@@ -139,7 +177,7 @@ CHIP_NAMES = (*CHIPS, "cpu")
 
 def chip_from_mapping(d: Mapping, where: str) -> Chip:
     known = {"name", "source", "flops_bf16", "flops_f32", "flops_int8", "hbm_bytes", "hbm_bw", "ici_bw",
-             "hop_latency_s", "topology", "op_overhead_s", "efficiency"}
+             "hop_latency_s", "topology", "op_overhead_s", "efficiency", "dcn_bw", "dcn_latency_s", "host_devices"}
     for k in d:
         if k not in known:
             raise CostError(f"{where}: unknown chip field {k!r}", hint=did_you_mean(k, sorted(known)))
@@ -155,7 +193,9 @@ def chip_from_mapping(d: Mapping, where: str) -> Chip:
         raise CostError(f"{where}: chip field 'hbm_bytes' must be a whole number, got {d['hbm_bytes']!r}")
     return Chip(d["name"], flops, int(hbm), _number(d, "hbm_bw", where), _number(d, "ici_bw", where),
                 _number(d, "hop_latency_s", where, 0.0), d.get("topology", "torus"), d.get("source", where),
-                _number(d, "op_overhead_s", where, 0.0), _efficiency(d.get("efficiency"), where))
+                _number(d, "op_overhead_s", where, 0.0), _efficiency(d.get("efficiency"), where),
+                _number(d, "dcn_bw", where, 0.0), _number(d, "dcn_latency_s", where, 0.0),
+                int(_number(d, "host_devices", where, 0.0)))
 
 
 def _efficiency(table: object, where: str) -> Efficiency | None:

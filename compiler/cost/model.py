@@ -188,6 +188,7 @@ OP_RULES: dict[str, Callable[[View], Cost]] = {
     "embed": _embed,
     "cache_update": _cache_update,
     "scan": _free,  # its body is priced once per layer
+    "pipeline": _free,  # its stage body is priced once per schedule step (passes/ledger.py repeats_of)
     "dequantize": _free,  # fused: the consuming einsum reads the int8 weights and scales
     "local_slice": _free,  # fused: the consumer reads the slice
     "quantize": _elementwise,  # only in @prepare, which runs at load time
@@ -201,6 +202,10 @@ OP_RULES: dict[str, Callable[[View], Cost]] = {
 }
 for _k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "ppermute"):
     OP_RULES[_k] = _collective
+
+
+#: Ops that apply a body function (priced through the body, ``repeats_of`` times per step).
+BODY_OPS = ("scan", "pipeline")
 
 
 @dataclass(frozen=True)
@@ -313,7 +318,7 @@ def param_classes(module: Module) -> dict[str, dict[str, str]]:
         cls = value_classes(f, out[f.name], module)
         for op in f.ops:
             body = getattr(op, "body", None)
-            if op.kind == "scan" and body is not None and module.has_function(body.name):
+            if op.kind in BODY_OPS and body is not None and module.has_function(body.name):
                 bf = module.function(body.name)
                 out.setdefault(bf.name, {})
                 for p, o in zip(bf.params, op.operands):
@@ -329,9 +334,9 @@ def value_classes(fn: Function, params: Mapping[str, str], module: Module | None
             c = cls.get(op.operands[0], "act")
             for r in op.results:
                 cls[r] = c
-        elif op.kind == "scan" and module is not None and module.has_function(op.body.name):
+        elif op.kind in BODY_OPS and module is not None and module.has_function(op.body.name):
             body = module.function(op.body.name)
-            bcls = value_classes(body, {p.name: cls.get(o, "act") for p, o in zip(body.params, op.operands)})
+            bcls = value_classes(body, {p.name: cls.get(o, "act") for p, o in zip(body.params, op.operands)}, module)
             for r, ret in zip(op.results, body.returns):
                 cls[r] = bcls.get(ret, "act")
         else:
@@ -476,7 +481,7 @@ def working_set_bytes(fn: Function, mesh: Mapping[str, int], cls: Mapping[str, s
 
     peak, where = 0, ""
     for op in fn.ops:
-        if op.kind == "scan" or op.kind in FUSED:
+        if op.kind in BODY_OPS or op.kind in FUSED:
             continue
         vals = {v for v in (*op.operands, *op.results) if counted(v)}
         n = sum(types[v].local_nbytes(mesh) for v in vals)
@@ -542,7 +547,7 @@ def _bodies(module: Module, fn: Function) -> list[str]:
     out: list[str] = []
     for op in fn.ops:
         body = getattr(op, "body", None)
-        if op.kind == "scan" and body is not None and module.has_function(body.name) and body.name not in out:
+        if op.kind in BODY_OPS and body is not None and module.has_function(body.name) and body.name not in out:
             out.append(body.name)
             out += [b for b in _bodies(module, module.function(body.name)) if b not in out]
     return out
