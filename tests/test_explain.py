@@ -169,3 +169,41 @@ def test_explain_says_why_the_choice_is_not_monotonic_in_batch(capsys):
                     "--ffn", "auto", "--attn", "auto", "--overlap", "none")
     assert "wg-xy/heads, wg-xy/batch, wg-xyz/heads, wg-xyz/batch: illegal at batch 72, which does not divide" in out
     assert "the choice is not monotonic in batch" in out
+
+
+def _pareto_points():
+    from compiler.cost.pareto import Point
+
+    P = Point
+    return [P("prefill", 1, "int8", "2d-ws", "heads", 0.28, 4.4, 0.4), P("prefill", 4, "int8", "wg-x", "batch", 0.9, 4.0, 0.45),
+            P("prefill", 64, "int8", "wg-xy", "batch", 12.0, 3.4, 0.6), P("prefill", 256, "int8", "wg-xyz", "batch", 50, 3.3, 0.7),
+            P("prefill", 256, "bf16", "wg-xyz", "batch", 50, 3.3, 0.7),
+            P("decode", 1, "bf16", "2d-ws", "heads", 0.018, 1900, 0.01), P("decode", 256, "bf16", "2d-ws", "batch", 0.05, 12.5, 0.3),
+            P("decode", 256, "int8", "2d-ws", "batch", 0.05, 12.5, 0.3), P("decode", 1024, "bf16", "2d-ws", "batch", 0.16, 9, 0.4)]
+
+
+def test_pareto_points_on_one_spot_share_one_label():
+    """bf16 and int8 at a batch where the format changes nothing land on one spot: one label
+    naming both, not two printed on top of each other."""
+    from compiler.cost.pareto import labels
+
+    decode = [p for p in _pareto_points() if p.phase == "decode"]
+    texts = [t for _, _, t in labels(decode)]
+    assert len(texts) == 3
+    assert "B=256\n2d-ws/batch\nbf16,int8" in texts
+
+
+def test_pareto_axes_have_readable_tick_labels():
+    """Every log axis carries at least two tick labels in plain numbers, also one spanning less
+    than a decade (the prefill cost axis here: 3.3 to 4.4 chip-ms per token)."""
+    from compiler.cost.pareto import figure
+
+    fig = figure(_pareto_points(), "test")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            shown = [t.get_text() for t in axis.get_ticklabels() if t.get_text() and lo <= t.get_position()[
+                axis is ax.yaxis] <= hi]
+            assert len(shown) >= 2, (ax.get_title(), axis.axis_name, shown)
+            assert all("$" not in t for t in shown), shown  # plain numbers, not 10^k math text

@@ -10,6 +10,7 @@ matplotlib is imported only here, only when a plot is asked for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -117,37 +118,61 @@ def check_path(path: str | Path) -> None:
         raise SpecError(f"--pareto {path}: folder {p.parent} does not exist")
 
 
-def _one_label_per_decade(ax) -> None:
-    """Log axes spanning less than a decade get minor tick labels that crowd the major ones
-    (two labels on the prefill x axis): keep major labels only, and add the ends when a decade
-    has none."""
-    from matplotlib.ticker import LogLocator, NullFormatter
+def _label_log_ticks(ax) -> None:
+    """Tick labels a reader can use on both log axes, whatever their span: one per decade over
+    three decades or more, else at 1-2-5 of each decade (every digit under one decade), written as
+    plain numbers. (Decade-only labels leave an axis spanning less than a decade unlabelled;
+    matplotlib's minor labels crowd the major ones.)"""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    for axis in (ax.xaxis, ax.yaxis):
+    for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        lo, hi = sorted(lim)
+        decades = math.log10(hi / lo) if lo > 0 else 3.0
+        subs = (1.0,) if decades >= 3 else (1.0, 2.0, 5.0) if decades >= 1 else tuple(range(1, 10))
+        axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(NullFormatter())
-        axis.set_major_locator(LogLocator(base=10, numticks=12))
 
 
-def plot(points: list[Point], path: str | Path, title: str) -> None:
+def labels(points: list[Point]) -> list[tuple[float, float, str]]:
+    """One label per spot: points that land on the same coordinates (bf16 and int8 at a batch
+    where the weight format changes nothing) share a label instead of printing two on top of
+    each other. (x, y in ms, text), by increasing cost."""
+    spots: dict[tuple[float, float], list[Point]] = {}
+    for p in points:
+        key = (round(math.log10(max(p.cost_chip_ms_per_token, 1e-300)), 3), round(math.log10(max(p.latency_s, 1e-300)), 3))
+        spots.setdefault(key, []).append(p)
+    out = []
+    for group in spots.values():
+        p = group[0]
+        fmts = ",".join(dict.fromkeys(q.weights for q in group))
+        lays = ",".join(dict.fromkeys(f"{q.ffn}/{q.attn}" for q in group))
+        batches = ",".join(dict.fromkeys(str(q.batch) for q in group))
+        text = f"B={batches}\n{lays}" + (f"\n{fmts}" if len(group) > 1 else "")
+        out.append((p.cost_chip_ms_per_token, p.latency_s * 1e3, text))
+    return sorted(out)
+
+
+def figure(points: list[Point], title: str):
+    """The plot as a matplotlib Figure: one panel per phase, cost against latency on log axes."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     phases = [ph for ph in ("prefill", "decode", "generate") if any(p.phase == ph for p in points)]
-    fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(6 * max(1, len(phases)), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * max(1, len(phases)), 4.5))
+    axes = fig.subplots(1, max(1, len(phases)), squeeze=False)
     for ax, ph in zip(axes[0], phases):
         pts = [p for p in points if p.phase == ph]
         for w, marker in (("bf16", "o"), ("int8", "s"), ("f32", "^")):
             sel = [p for p in pts if p.weights == w]
-            if not sel:
-                continue
-            ax.scatter([p.cost_chip_ms_per_token for p in sel], [p.latency_s * 1e3 for p in sel], marker=marker,
-                       label=f"{w} weights", alpha=0.8)
-            for i, p in enumerate(sorted(sel, key=lambda p: p.cost_chip_ms_per_token)):
-                # alternate above / below so that neighbours on a flat stretch do not overprint
-                ax.annotate(f"B={p.batch}\n{p.ffn}/{p.attn}", (p.cost_chip_ms_per_token, p.latency_s * 1e3),
-                            fontsize=6, xytext=(3, 4 if i % 2 == 0 else -14), textcoords="offset points")
+            if sel:
+                ax.scatter([p.cost_chip_ms_per_token for p in sel], [p.latency_s * 1e3 for p in sel], marker=marker,
+                           label=f"{w} weights", alpha=0.8)
+        for i, (x, y, text) in enumerate(labels(pts)):
+            # alternate above / below so that neighbours on a flat stretch do not overprint
+            ax.annotate(text, (x, y), fontsize=6, xytext=(3, 4 if i % 2 == 0 else -14), textcoords="offset points")
         fr = frontier(pts)
         ax.plot([p.cost_chip_ms_per_token for p in fr], [p.latency_s * 1e3 for p in fr], "k--", lw=1,
                 label="Pareto frontier")
@@ -156,11 +181,14 @@ def plot(points: list[Point], path: str | Path, title: str) -> None:
         ax.set_xlabel("cost (chip-ms per token)")
         ax.set_ylabel({"decode": "latency per generated token (ms)", "prefill": "prefill time (ms)",
                        "generate": "latency per request (ms)"}[ph])
-        _one_label_per_decade(ax)
+        _label_log_ticks(ax)
         ax.set_title(f"{ph}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(points: list[Point], path: str | Path, title: str) -> None:
+    figure(points, title).savefig(path, dpi=120)
