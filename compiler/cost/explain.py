@@ -24,7 +24,9 @@ from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
 from compiler.spec import Spec
+from compiler.cost.staging import format_stages, stage_candidates, stage_json
 from compiler.stages import inner_mesh
+from passes.pipeline_stages import STAGE_AXIS
 from ir.errors import LayoutError
 from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS, Layout, dividing_prefix
 
@@ -36,6 +38,9 @@ class PhaseReport:
     choice: Choice
     kv_fraction: float
     model: str = "calibrated"
+    #: With a stage axis in the mesh: the same chips as S stages x tensor parallelism
+    #: (compiler/cost/staging.py), priced beside the layouts.
+    stages: tuple = ()
 
     @property
     def shown(self) -> Candidate | None:
@@ -78,6 +83,8 @@ def explain(spec: Spec, chip: Chip, phases: tuple[str, ...], kv_fraction: float 
     for ph in phases:
         s = replace(spec, serve=replace(spec.serve, phase=ph))
         out.append(PhaseReport(ph, s, evaluate(s, chip, FFN_LAYOUTS, ATTN_LAYOUTS, model=model), kv_fraction, model))
+        if STAGE_AXIS in s.mesh.names:
+            out[-1] = replace(out[-1], stages=tuple(stage_candidates(s, chip, model)))
     return out
 
 
@@ -85,7 +92,10 @@ def batch_note(spec: Spec, ffn: str, attn: str) -> str:
     """Why a layout may rank worse at this batch than at its neighbours: its batch sharding (the
     weight-gathered residual stream's, or the batch-sharded cache's) does not divide the batch,
     so part of it is replicated and each chip does more than its share. This is what makes the
-    automatic choice non-monotonic in batch (PaLM 540B prefill: WG-XY at 64 and 80, WG-X at 72)."""
+    automatic choice non-monotonic in batch (PaLM 540B prefill: WG-XY at 64 and 80, WG-X at 72).
+    With ``serve.pad`` (the default) the batch is padded instead: :func:`pad_note` says so."""
+    if spec.serve.pad:
+        return ""
     try:
         lay = Layout(ffn, attn, inner_mesh(spec))  # the layouts apply inside a pipeline stage
     except LayoutError:
@@ -99,6 +109,19 @@ def batch_note(spec: Spec, ffn: str, attn: str) -> str:
     k = math.prod(lay.sizes[a] for a in keep)
     return (f"batch {b} does not divide over {','.join(axes)} ({n} devices): sharded {k} ways"
             f"{' over ' + ','.join(keep) if keep else ''}, the rest replicated")
+
+
+def pad_note(spec: Spec, ffn: str, attn: str) -> str:
+    """What the default pipeline zero-pads for this layout (``B 3 -> 8, E 62 -> 64``): the
+    candidate's prices are those of the padded program, so this is the padding's overhead."""
+    from compiler.cost.autolayout import resolve_kv
+    from compiler.pipelines import padding, settle_kv
+
+    cs = replace(spec, serve=replace(spec.serve, ffn=ffn, attn=attn))
+    try:
+        return ", ".join(padding(resolve_kv(settle_kv(cs))))
+    except LayoutError:
+        return ""
 
 
 def _spec_layout(spec: Spec) -> tuple[str, str]:
@@ -121,6 +144,9 @@ def candidate_json(r: PhaseReport, c: Candidate) -> dict:
     note = batch_note(r.spec, c.ffn, c.attn)
     if note:
         d["note"] = note
+    padded = pad_note(r.spec, c.ffn, c.attn)
+    if padded:
+        d["padded"] = padded
     e: Estimate = c.est
     d.update(step_time_s=e.step_time_s, layer_time_s=e.per_layer.time, mfu=e.mfu,
              cost_chip_ms_per_token=e.cost_chip_ms_per_token, memory_per_chip_bytes=e.memory.total,
@@ -158,6 +184,7 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
         "max_context": main,
         "max_context_by_phase": by_phase,
         "candidates": [candidate_json(r, c) for r in reports for c in r.choice.candidates],
+        "pipeline_candidates": {r.phase: [stage_json(c) for c in r.stages] for r in reports if r.stages},
     }
 
 
@@ -217,6 +244,13 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
         for c, note in notes:
             if note:
                 lines.append(f"  note {c.ffn}/{c.attn}: {note}")
+        pads = [(c, pad_note(r.spec, c.ffn, c.attn)) for c in r.choice.candidates if c.legal]
+        for c, padded in pads:
+            if padded:
+                lines.append(f"  padded {c.ffn}/{c.attn}: {padded}")
+        if any(p for _, p in pads):
+            lines.append("  padded dims hold zeros (pad-heads, pad-dims; --no-pad refuses instead); each layout is "
+                         "priced as padded, so the overhead is in its times and memory above")
         blocked = [f"{c.ffn}/{c.attn}" for c in r.choice.candidates if not c.legal and "dim B=" in c.illegal]
         if blocked:
             lines.append(f"  {', '.join(blocked)}: illegal at batch {ss.batch}, which does not divide their batch "
@@ -241,6 +275,8 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
         if mc is not None:
             lines.append(f"  max context at batch {ss.batch} with {100 * r.kv_fraction:g}% of HBM for the KV cache: "
                          f"{mc} tokens")
+    for r in reports:
+        lines += format_stages(list(r.stages), r.phase)
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,166 @@
+"""Pipeline candidates for ``explain``: the same chips as S pipeline stages x tensor parallelism.
+
+For a spec whose mesh has a ``stage`` axis, every stage count S that divides the chips (up to
+the layer count and at most 8) is compiled with the spec's layout inside each stage (Megatron's
+1d-ws/heads when the spec leaves it to ``auto``, which is what FasterTransformer runs) and priced
+by the cost model: the schedule (micro-batches M, M + S - 1 steps, bubble fraction (S - 1) /
+(M + S - 1) of every chip's time), one stage's time per step, the ppermute between stages (over
+the host links when stages span hosts: hardware.py ``crosses_hosts``), the whole step, memory,
+and for decode the step with the pipeline kept full across tokens (``steady_s``).
+S = 1 is plain tensor parallelism over all the chips, priced the same way beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from compiler.cost.autolayout import resolve_kv
+from compiler.cost.efficiency import efficiency_for
+from compiler.cost.hardware import Chip
+from compiler.cost.model import Estimate, nominal_params, price
+from compiler.pipelines import build_for, compile_config, compile_module, default_pipeline, settle_kv
+from compiler.spec import MeshSpec, Spec
+from compiler.stages import inner_mesh
+from ir.errors import LayoutError
+from ir.module import Module
+from ir.pipeline_ops import Pipeline
+from passes.ledger import repeats_of
+from passes.pipeline_stages import STAGE_AXIS
+
+#: Largest stage count explain lists (more stages than this only add bubbles at these scales).
+MAX_STAGES = 8
+
+
+@dataclass(frozen=True)
+class StageCandidate:
+    mesh: tuple[tuple[str, int], ...]
+    ffn: str
+    attn: str
+    stages: int
+    microbatches: int  # of this phase (1 without stages)
+    estimate: Estimate | None
+    stage_step_s: float = 0.0  # one stage's body once (its layers on one micro-batch, then the ppermute)
+    ppermute_s: float = 0.0  # all the step's ppermutes on one chip
+    illegal: str = ""
+
+    @property
+    def steps(self) -> int:
+        return self.microbatches + self.stages - 1
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of every chip's schedule spent on steps without a real micro-batch."""
+        return (self.stages - 1) / self.steps
+
+    @property
+    def steady_s(self) -> float:
+        """Decode with the pipeline kept full across tokens (DeepSpeed's generation schedule: a
+        micro-batch's next token enters stage 0 as its last one leaves the last stage): a token
+        for every row each max(M, S) stage steps. einshard's decode entry is one token per call,
+        so it fills and drains every call (``estimate.step_time_s``); this is what overlapping
+        consecutive calls would reach."""
+        return max(self.microbatches, self.stages) * self.stage_step_s
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{a}={n}" for a, n in self.mesh)
+
+
+def stage_meshes(spec: Spec) -> list[tuple[tuple[str, int], ...]]:
+    """S x (the chips of one stage) for the stage counts S explain lists: the spec's inner axes
+    when they hold n / S chips, else one axis x."""
+    n, inner = spec.mesh.n_devices, inner_mesh(spec)
+    inner_n = MeshSpec(inner).n_devices
+    out = []
+    for s in range(1, min(n, spec.model.layers, MAX_STAGES) + 1):
+        if n % s:
+            continue
+        rest = inner if inner_n == n // s else (("x", n // s),)
+        out.append(((STAGE_AXIS, s), *rest) if s > 1 else rest)
+    return out
+
+
+def schedule_of(module: Module, entry: str) -> tuple[int, int]:
+    """(stages, micro-batches) of ``entry``'s pipeline, (1, 1) without one."""
+    for op in module.function(entry).ops:
+        if isinstance(op, Pipeline):
+            return module.mesh_sizes[op.axis], op.microbatches
+    return 1, 1
+
+
+def price_stages(module: Module, est: Estimate) -> tuple[float, float]:
+    """(one stage-body call's time, all ppermutes of a step) on one chip."""
+    reps = repeats_of(module)
+    entry = module.entries[0].name
+    stages, m = schedule_of(module, entry)
+    steps = m + stages - 1
+    body = sum(o.time_s * reps.get(o.function, 1) for o in est.ops if o.function != entry)
+    perm = sum(o.comm_s * reps.get(o.function, 1) for o in est.ops if o.kind == "ppermute")
+    return body / steps, perm
+
+
+def stage_candidates(spec: Spec, chip: Chip, model: str = "calibrated") -> list[StageCandidate]:
+    """The pipeline candidates of ``spec`` for its phase (see the module docstring)."""
+    s = spec.serve
+    ffn = s.ffn if s.ffn != "auto" else "1d-ws"
+    attn = s.attn if s.attn != "auto" else "heads"
+    eff = efficiency_for(chip, model)
+    out = []
+    for mesh in stage_meshes(spec):
+        cs = replace(spec, mesh=MeshSpec(mesh), serve=replace(s, ffn=ffn, attn=attn))
+        stages = dict(mesh).get(STAGE_AXIS, 1)
+        try:
+            cs = resolve_kv(settle_kv(cs), chip)
+            m0 = build_for(cs, compile_config(cs))
+            module = compile_module(m0, default_pipeline(cs)).module
+        except LayoutError as e:
+            out.append(StageCandidate(mesh, ffn, attn, stages, 1, None, illegal=e.message))
+            continue
+        est = price(module, chip, nominal_params(m0), eff, s.overlap)
+        stage_s, perm_s = price_stages(module, est)
+        out.append(StageCandidate(mesh, ffn, attn, stages, schedule_of(module, module.entries[0].name)[1], est,
+                                  stage_s, perm_s))
+    return out
+
+
+def stage_json(c: StageCandidate) -> dict:
+    d: dict = {"mesh": dict(c.mesh), "ffn": c.ffn, "attn": c.attn, "stages": c.stages, "legal": c.estimate is not None}
+    if c.estimate is None:
+        d["illegal"] = c.illegal
+        return d
+    e = c.estimate
+    d.update(microbatches=c.microbatches, steps=c.steps, bubble=c.bubble, stage_step_s=c.stage_step_s,
+             steady_step_s=c.steady_s,
+             ppermute_s=c.ppermute_s, step_time_s=e.step_time_s, cost_chip_ms_per_token=e.cost_chip_ms_per_token,
+             memory_per_chip_bytes=e.memory.total, fits=e.fits)
+    return d
+
+
+def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
+    if not cands:
+        return []
+    c0 = cands[0]
+    lines = ["", f"{phase}: pipeline candidates ({c0.ffn}/{c0.attn} inside each stage; stage=1 is tensor "
+             "parallelism over all chips); times in ms per step",
+             f"    {'mesh':18}{'M':>4}{'steps':>6}{'bubble':>8}{'stage-step':>12}{'ppermute':>10}{'step':>11}"
+             f"{'chip-ms/tok':>12}{'GiB/chip':>9}  fits" + (f"{'full':>9}" if phase == "decode" else "")]
+    lines.append("  " + "-" * (len(lines[-1]) - 2))
+    from compiler.cost.explain import _ms, _sig  # formatting shared with the layout table
+
+    legal = [c for c in cands if c.estimate is not None]
+    best = min((c for c in legal if c.estimate and c.estimate.fits), key=lambda c: c.estimate.step_time_s,
+               default=None)  # type: ignore[union-attr]
+    for c in cands:
+        mark = "*" if c is best else " "
+        if c.estimate is None:
+            lines.append(f"  {mark} {c.label:18} illegal: {c.illegal}")
+            continue
+        e = c.estimate
+        lines.append(f"  {mark} {c.label:18}{c.microbatches:>4}{c.steps:>6}{100 * c.bubble:7.1f}%"
+                     f"{_ms(c.stage_step_s):>12}{_ms(c.ppermute_s):>10}{_ms(e.step_time_s):>11}"
+                     f"{_sig(e.cost_chip_ms_per_token):>12}{_sig(e.memory.total / 2**30):>9}  "
+                     f"{'yes' if e.fits else 'no ':4}" + (f"{_ms(c.steady_s):>8}" if phase == "decode" else ""))
+    if phase == "decode":
+        lines.append("  full: the step with the pipeline kept full across tokens, max(M, S) stage steps "
+                     "(DeepSpeed's generation schedule; einshard's decode calls fill and drain each token)")
+    return lines
