@@ -153,3 +153,48 @@ def test_auto_microbatches_is_the_hybrid_schedule() -> None:
     assert auto_microbatches(8, 2, "decode") == 2 and auto_microbatches(8, 2, "prefill") == 8
     assert auto_microbatches(6, 4, "decode") == 3 and auto_microbatches(64, 3, "prefill") == 8
     assert auto_microbatches(1, 4, "decode") == 1
+
+
+# ---- cost model ---------------------------------------------------------------------------------
+
+
+def test_host_links_price_collectives_that_span_hosts() -> None:
+    from compiler.cost.hardware import CHIPS
+
+    a100 = CHIPS["a100-80g"]
+    mesh = {"stage": 3, "x": 8}  # a stage per DGX node of 8 GPUs
+    assert a100.crosses_hosts(("stage",), mesh) and not a100.crosses_hosts(("x",), mesh)
+    assert a100.crosses_hosts(("x",), {"x": 16}) and not a100.crosses_hosts(("x",), {"x": 8})
+    nbytes = 1 << 20
+    assert a100.collective_seconds(nbytes, ("stage",), mesh) == nbytes / 25e9  # InfiniBand HDR per GPU
+    assert a100.collective_seconds(nbytes, ("x",), mesh) == nbytes / 300e9  # NVLink
+    assert CHIPS["h100-80g"].dcn_bw == 50e9 and CHIPS["h100-80g"].host_devices == 8
+
+
+def test_explain_prices_fastertransformer_configurations() -> None:
+    """MT-NLG 530B on A100s as FasterTransformer ran it (TP16, TP32, PP3/TP8), decode at batch
+    64: all three compile, fit and are priced; the ppermute of PP3/TP8 crosses InfiniBand once
+    per schedule step with one micro-batch's activations (bf16, E over the 8 GPUs of a stage)."""
+    from compiler.cost.hardware import CHIPS
+    from compiler.cost.staging import stage_candidates
+
+    base = apply_overrides(load_spec(ROOT / "examples" / "mt-nlg-530b.model"), mesh="stage=3,x=8", phase="decode",
+                           batch=64, seq=148, ffn="1d-ws", attn="heads")
+    a100 = CHIPS["a100-80g"]
+    pp = {c.label: c for c in stage_candidates(base, a100, "bound")}
+    pp3 = pp["stage=3,x=8"]
+    assert pp3.estimate is not None and pp3.estimate.fits
+    assert (pp3.stages, pp3.microbatches, pp3.steps) == (3, 2, 4)  # auto: the largest M <= S dividing 64
+    assert pp3.bubble == pytest.approx(2 / 4)
+    per_step = (64 // 2) * (20480 // 8) * 2
+    assert pp3.ppermute_s == pytest.approx(4 * per_step / 25e9)
+    assert pp3.estimate.step_time_s == pytest.approx(4 * pp3.stage_step_s, rel=0.05)  # + embed, logits
+    # a stage axis of size 1 lists tensor parallelism over all the chips (and pipelines of them)
+    tp = {mesh: stage_candidates(apply_overrides(base, mesh=f"stage=1,{mesh}"), a100, "bound")
+          for mesh in ("x=16", "x=32")}
+    for mesh, cands in tp.items():
+        (c,) = [c for c in cands if c.stages == 1 and c.label == mesh]
+        assert c.estimate is not None and c.estimate.fits
+        # tensor parallelism over 2 or 4 nodes: its all-reduces cross InfiniBand every layer
+        assert c.estimate.per_step.comm_exposed > 10 * pp3.estimate.per_step.comm_exposed
+
