@@ -15,6 +15,7 @@ a collective whose peer died raises in Python and :func:`collective_errors` rety
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -81,6 +82,39 @@ def _watchdog(seconds: float, message: Callable[[], str]) -> threading.Timer:
     return t
 
 
+def _check_port_free(group: ProcessGroup) -> None:
+    """Process 0 binds the coordinator's port on every interface, as JAX's service will: a port in
+    use is reported here, because jaxlib 0.10's service may crash (SIGSEGV) when its bind fails."""
+    port = int(group.coordinator.rpartition(":")[2])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host
+            continue
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            return
+        except OSError as e:
+            raise DistributedError(f"{group.name}: cannot start the coordinator on {group.coordinator}: "
+                                   f"port {port}: {e.strerror or e}",
+                                   hint="the port is in use; pick a free one (einshard launch picks one itself)"
+                                   ) from None
+        finally:
+            s.close()
+
+
+def _native_stdout_to_stderr() -> None:
+    """gloo (C++) prints its connection notices on file descriptor 1, which would corrupt process
+    0's output (``--json``): native writes to fd 1 go to stderr from here on, Python's
+    ``sys.stdout`` keeps the real stdout."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8",
+                           errors=sys.stdout.errors or "strict")
+
+
 def initialize(group: ProcessGroup) -> None:
     """Joins the process group; must run before anything touches a JAX backend.
 
@@ -93,6 +127,9 @@ def initialize(group: ProcessGroup) -> None:
         if _group != group:
             raise DistributedError(f"{group.name}: already joined a different group ({_group})")
         return
+    if group.is_primary:
+        _check_port_free(group)
+    _native_stdout_to_stderr()
     jax.config.update("jax_num_cpu_devices", group.local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     wd = _watchdog(group.init_timeout, lambda: DistributedError(

@@ -1,0 +1,247 @@
+"""Multi-process runs on jax.distributed: `einshard launch`, the process flags, and the faults.
+
+Every process here is a real OS process on loopback (gloo collectives on CPU). Starting one costs
+seconds on this machine, so CI runs a compact set (2 and 4 processes, one layout pair each,
+generate, the faults) and the full layout matrix is marked slow. Every subprocess has a timeout
+and every test that starts processes stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from compiler.launch import Plan, free_port, plan, run_processes
+from compiler.multiprocess import process_group
+from conftest import EXAMPLES, ROOT
+from ir.errors import SpecError
+from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS
+
+PY = sys.executable
+#: Longest a launched command may take here (compiles included) before the test fails.
+LIMIT = 240
+
+
+def einshard(*argv: str, timeout: float = LIMIT) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "compiler.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def launched_run(n: int, *argv: str) -> dict:
+    """`einshard launch -n N -- run ... --check --json`: process 0's one JSON report."""
+    r = einshard("launch", "-n", str(n), "--", "run", *argv, "--check", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)  # one object: only process 0 printed
+
+
+# ---- flags and plans (no processes) ----------------------------------------------------------
+
+
+class _Args:
+    def __init__(self, **kw):
+        self.coordinator = self.num_processes = self.process_id = None
+        self.init_timeout, self.peer_timeout = 60, 10
+        self.__dict__.update(kw)
+
+
+def test_process_group_from_flags() -> None:
+    assert process_group(_Args(), 8) is None
+    g = process_group(_Args(coordinator="h:1234", num_processes=2, process_id=1), 8)
+    assert (g.num_processes, g.process_id, g.local_devices, g.coordinator) == (2, 1, 4, "h:1234")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(coordinator="h:1"), "needs --num-processes, --process-id"),
+    (dict(coordinator="h:1", num_processes=2, process_id=2), "process-id must be in 0 .. 1"),
+    (dict(coordinator="h", num_processes=2, process_id=0), "HOST:PORT"),
+    (dict(coordinator="h:99999", num_processes=2, process_id=0), "HOST:PORT"),
+    (dict(coordinator="h:1", num_processes=3, process_id=0), "8 devices do not split evenly over 3"),
+    (dict(coordinator="h:1", num_processes=2, process_id=0, peer_timeout=0), "--peer-timeout must be >= 1"),
+])
+def test_bad_process_flags(kw, match) -> None:
+    with pytest.raises(SpecError, match=match):
+        process_group(_Args(**kw), 8)
+
+
+def test_launch_plan(tmp_path) -> None:
+    pl = plan(["--", "run", "m.model", "--check"], 2, 4321, tmp_path, devices_per_process=4, init_timeout=9)
+    assert pl.argvs[1][-10:] == ("--devices", "8", "--init-timeout", "9", "--coordinator", "127.0.0.1:4321",
+                                 "--num-processes", "2", "--process-id", "1")
+    assert pl.logs == (None, tmp_path / "process-1.log")
+    for cmd, match in ((["compile", "m.model"], "not 'compile'"), (["run", "m", "--process-id", "0"], "itself"),
+                       ([], "needs a command")):
+        with pytest.raises(SpecError, match=match):
+            plan(cmd, 2, 1, tmp_path)
+
+
+# ---- run --check across processes -------------------------------------------------------------
+
+# (processes, mesh, ffn, attn, model): 2 x 2 and 4 x 1 devices in CI
+CI_RUNS = [(2, "x=2,y=2", "2d-ws", "heads", "tiny-gqa"), (4, "x=2,y=2", "wg-xy", "batch", "tiny-mqa")]
+
+
+@pytest.mark.parametrize("n,mesh,ffn,attn,model", CI_RUNS, ids=[f"{c[0]}p-{c[2]}-{c[3]}" for c in CI_RUNS])
+def test_launch_run_check_equals_reference(n, mesh, ffn, attn, model) -> None:
+    rep = launched_run(n, str(EXAMPLES / f"{model}.model"), "--mesh", mesh, "--ffn", ffn, "--attn", attn)
+    assert rep["ok"] and rep["checked"] and rep["max_rel_err"] <= rep["tolerance"]
+    assert rep["config"]["mesh"] == {"x": 2, "y": 2} and rep["ledger"]  # collectives crossed processes
+
+
+FULL = [(n, ffn, attn) for n in (2, 4) for ffn in FFN_LAYOUTS for attn in ATTN_LAYOUTS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n,ffn,attn", FULL, ids=[f"{n}p-{f}-{a}" for n, f, a in FULL])
+def test_launch_every_layout(n, ffn, attn) -> None:
+    """Every FFN x attention layout on x=2,y=2,z=2 over 2 processes x 4 devices and 4 x 2."""
+    rep = launched_run(n, str(EXAMPLES / "tiny-gqa.model"), "--mesh", "x=2,y=2,z=2", "--ffn", ffn, "--attn", attn)
+    assert rep["ok"] and rep["max_rel_err"] <= rep["tolerance"]
+
+
+# ---- generate across processes ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from gen_helpers import PROMPTS, hf_greedy, hf_model
+
+    d = tmp_path_factory.mktemp("mp-llama")
+    m = hf_model("llama")
+    m.save_pretrained(d)
+    return d, PROMPTS[0], hf_greedy(m, PROMPTS[0], 8)
+
+
+def test_launch_generate_equals_transformers(tiny_llama) -> None:
+    """Two processes x two devices give transformers' greedy tokens (as one process does:
+    test_generate_cli.py)."""
+    d, prompt, want = tiny_llama
+    r = einshard("launch", "-n", "2", "--", "generate", "--checkpoint", str(d), "--prompt-ids",
+                 ",".join(map(str, prompt)), "--max-new-tokens", "8", "--mesh", "x=2,y=2", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["tokens"] == [want]
+
+
+# ---- faults: every process ends, in bounded time, naming itself --------------------------------
+
+
+def _timed(*argv: str, limit: float) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    r = einshard(*argv, timeout=limit + 60)
+    return r, time.monotonic() - t0
+
+
+RUN = ["run", str(EXAMPLES / "tiny-gqa.model"), "--mesh", "x=2"]
+
+
+def test_peer_never_arrives() -> None:
+    r, took = _timed(*RUN, "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0",
+                     "--init-timeout", "2", limit=30)
+    assert r.returncode == 1 and took < 30
+    assert "distributed error: process 0 of 2: the other processes did not all join" in r.stderr
+
+
+def test_coordinator_port_in_use() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r, took = _timed(*RUN, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0",
+                         "--init-timeout", "5", limit=30)
+    assert r.returncode == 1 and took < 30
+    assert "process 0 of 2: cannot start the coordinator on 127.0.0.1:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _peer(port: int, pid: int, live_s: float) -> subprocess.Popen:
+    """A process that joins the group as ``pid`` (1 device) and dies (exit 9) after ``live_s``."""
+    code = textwrap.dedent(f"""
+        import os, time
+        from runtime.distributed import ProcessGroup, initialize
+        initialize(ProcessGroup("127.0.0.1:{port}", 2, {pid}, 1, 30, 2))
+        time.sleep({live_s})
+        os._exit(9)
+    """)
+    return subprocess.Popen([PY, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("dead,me,match", [
+    (1, 0, r"process 0 of 2: (process 1 stopped responding|a collective failed)"),
+    (0, 1, r"process 1 of 2: (lost the coordinator \(process 0\)|a collective failed)"),
+], ids=["peer-dies", "coordinator-dies"])
+def test_a_process_dies(dead, me, match) -> None:
+    port = free_port()
+    peer = _peer(port, dead, 1.0)
+    try:
+        r, took = _timed(*RUN, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(me),
+                         "--init-timeout", "30", "--peer-timeout", "2", limit=60)
+    finally:
+        peer.kill()
+        peer.wait()
+    assert r.returncode == 1, r.stderr[-2000:]
+    import re
+
+    assert re.search("distributed error: " + match, r.stderr), r.stderr[-2000:]
+    assert took < 60
+
+
+def test_launch_shows_a_failing_process_and_its_status() -> None:
+    r = einshard("launch", "-n", "2", "--", *RUN, "--ffn", "no-such-layout")
+    assert r.returncode == 1
+    assert "launch: process 1 exited with 1" in r.stderr and "[1] " in r.stderr
+
+
+def _sleeper(pidfile: Path, status: int, seconds: float) -> tuple[str, ...]:
+    return (PY, "-c", f"import os, sys, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
+                      f"time.sleep({seconds}); sys.exit({status})")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_launch_kills_the_rest_after_a_failure(tmp_path, capsys) -> None:
+    """One process fails at once, the other would hang: it is killed after the grace period and
+    the worst status (137, killed) comes back."""
+    pl = Plan((_sleeper(tmp_path / "0", 0, 120), _sleeper(tmp_path / "1", 3, 0.2)), (None, tmp_path / "1.log"))
+    t0 = time.monotonic()
+    assert run_processes(pl, grace=1.0, timeout=None) == 128 + signal.SIGKILL
+    assert time.monotonic() - t0 < 30
+    assert _gone(int((tmp_path / "0").read_text()))
+    err = capsys.readouterr().err
+    assert "process 1 exited with 3" in err and "killing process(es) 0" in err
+
+
+def test_launch_ctrl_c_stops_every_process(tmp_path) -> None:
+    code = (f"import sys; from pathlib import Path; from compiler.launch import Plan, run_processes; "
+            f"sys.exit(run_processes(Plan(({_sleeper(tmp_path / '0', 0, 120)!r}, {_sleeper(tmp_path / '1', 0, 120)!r}),"
+            f" (None, Path({str(tmp_path / '1.log')!r}))), 5.0, None))")
+    p = subprocess.Popen([PY, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 130
+    finally:
+        p.kill()
+    for i in "01":
+        pid = int((tmp_path / i).read_text())
+        for _ in range(50):
+            if _gone(pid):
+                break
+            time.sleep(0.1)
+        assert _gone(pid)
