@@ -198,3 +198,13 @@ def test_explain_prices_fastertransformer_configurations() -> None:
         # tensor parallelism over 2 or 4 nodes: its all-reduces cross InfiniBand every layer
         assert c.estimate.per_step.comm_exposed > 10 * pp3.estimate.per_step.comm_exposed
 
+
+
+def test_generated_pipeline_docs_are_current() -> None:
+    """docs/pipeline.md and README's schedule diagram come from docs/generate_pipeline.py."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "generate_pipeline.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
