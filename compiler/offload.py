@@ -19,7 +19,6 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from compiler.generation import fixed_layout, module_for
 from compiler.spec import Spec
 from ir.errors import SpecError
 from ir.module import Module
@@ -61,6 +60,8 @@ def default_store_dir(key: str) -> Path:
 def offload_builder(spec: Spec, cache_len: int, batch: int = 1) -> Callable[[str, int, int], Module]:
     if spec.mesh.n_devices > 1:
         raise SpecError("--offload streams layers on one device; drop --mesh (or give mesh 1)")
+    from compiler.generation import fixed_layout, module_for  # JAX: only once the devices are set up
+
     fixed = fixed_layout(spec, batch)
 
     def build(phase: str, b: int, length: int) -> Module:
@@ -80,6 +81,7 @@ def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[
         return False
     except WeightsError:
         pass
+    from compiler.generation import module_for
     from runtime.generate import prepared_weights
     from runtime.lower_jax import JaxExecutor
 
