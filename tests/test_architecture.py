@@ -5,6 +5,8 @@ the imports inside functions too (a lazy import is still an arrow)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -47,3 +49,14 @@ def test_compiler_has_no_import_cycles() -> None:
     g = import_graph()
     cycles = [c for c in nx.simple_cycles(g.subgraph(n for n in g if n.startswith("compiler")))]
     assert not cycles, cycles
+
+
+def test_the_cli_starts_without_jax() -> None:
+    """Simulated devices must be set up before JAX starts, and the CLI sets them up only once it
+    has parsed the mesh: importing the CLI and building its parser must not import JAX (it did
+    once, through a subcommand's argument function, and every `--mesh` then saw one device)."""
+    code = ("import sys; from compiler.cli import make_parser; make_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
