@@ -148,9 +148,9 @@ class PipelineStages(Pass):
         bparams = tuple(Param(n, t, "arg", p.kind) for n, t, p in zip(names, view, layer.params))
         namer = Namer(set(names))
         ctx = ModuleContext(staged.with_functions([*fns.values()]))
-        scan = Scan(results=tuple(namer.fresh(r) for r in sc.results), operands=tuple(names), types=(),
-                    body=Symbol(layer.name), carry=sc.carry, consts=sc.consts)
-        scan = scan.with_(types=scan.infer(tuple(view), ctx))
+        probe = Scan(results=tuple(namer.fresh(r) for r in sc.results), operands=tuple(names), types=(),
+                     body=Symbol(layer.name), carry=sc.carry, consts=sc.consts)
+        scan = probe.with_(types=probe.infer(tuple(view), ctx))
         sent = namer.fresh("x_next")
         perm = Ppermute(results=(sent,), operands=(scan.results[0],), types=(scan.types[0],), axes=(self.axis,),
                         shift=1, reason="pipeline: activations to the next stage")

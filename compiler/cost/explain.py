@@ -24,7 +24,7 @@ from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
 from compiler.spec import Spec
-from compiler.cost.staging import format_stages, stage_candidates, stage_json
+from compiler.cost.staging import StageCandidate, stage_candidates, stage_json
 from compiler.stages import inner_mesh
 from passes.pipeline_stages import STAGE_AXIS
 from ir.errors import LayoutError
@@ -203,6 +203,34 @@ def _sig(v: float, digits: int = 4) -> str:
 
 def _ms(s: float) -> str:
     return _sig(s * 1e3)
+
+
+def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
+    """The pipeline candidates of one phase (compiler/cost/staging.py) as a table; ``*`` the fastest that fits."""
+    if not cands:
+        return []
+    c0 = cands[0]
+    lines = ["", f"{phase}: pipeline candidates ({c0.ffn}/{c0.attn} inside each stage; stage=1 is tensor "
+             "parallelism over all chips); times in ms per step",
+             f"    {'mesh':18}{'M':>4}{'steps':>6}{'bubble':>8}{'stage-step':>12}{'ppermute':>10}{'step':>11}"
+             f"{'chip-ms/tok':>12}{'GiB/chip':>9}  fits" + (f"{'full':>9}" if phase == "decode" else "")]
+    lines.append("  " + "-" * (len(lines[-1]) - 2))
+    fitting = [(c.estimate.step_time_s, i) for i, c in enumerate(cands) if c.estimate is not None and c.estimate.fits]
+    best = cands[min(fitting)[1]] if fitting else None
+    for c in cands:
+        mark = "*" if c is best else " "
+        if c.estimate is None:
+            lines.append(f"  {mark} {c.label:18} illegal: {c.illegal}")
+            continue
+        e = c.estimate
+        lines.append(f"  {mark} {c.label:18}{c.microbatches:>4}{c.steps:>6}{100 * c.bubble:7.1f}%"
+                     f"{_ms(c.stage_step_s):>12}{_ms(c.ppermute_s):>10}{_ms(e.step_time_s):>11}"
+                     f"{_sig(e.cost_chip_ms_per_token):>12}{_sig(e.memory.total / 2**30):>9}  "
+                     f"{'yes' if e.fits else 'no ':4}" + (f"{_ms(c.steady_s):>8}" if phase == "decode" else ""))
+    if phase == "decode":
+        lines.append("  full: the step with the pipeline kept full across tokens, max(M, S) stage steps "
+                     "(DeepSpeed's generation schedule; einshard's decode calls fill and drain each token)")
+    return lines
 
 
 def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:

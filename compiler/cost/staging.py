@@ -134,33 +134,3 @@ def stage_json(c: StageCandidate) -> dict:
              ppermute_s=c.ppermute_s, step_time_s=e.step_time_s, cost_chip_ms_per_token=e.cost_chip_ms_per_token,
              memory_per_chip_bytes=e.memory.total, fits=e.fits)
     return d
-
-
-def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
-    if not cands:
-        return []
-    c0 = cands[0]
-    lines = ["", f"{phase}: pipeline candidates ({c0.ffn}/{c0.attn} inside each stage; stage=1 is tensor "
-             "parallelism over all chips); times in ms per step",
-             f"    {'mesh':18}{'M':>4}{'steps':>6}{'bubble':>8}{'stage-step':>12}{'ppermute':>10}{'step':>11}"
-             f"{'chip-ms/tok':>12}{'GiB/chip':>9}  fits" + (f"{'full':>9}" if phase == "decode" else "")]
-    lines.append("  " + "-" * (len(lines[-1]) - 2))
-    from compiler.cost.explain import _ms, _sig  # formatting shared with the layout table
-
-    legal = [c for c in cands if c.estimate is not None]
-    best = min((c for c in legal if c.estimate and c.estimate.fits), key=lambda c: c.estimate.step_time_s,
-               default=None)  # type: ignore[union-attr]
-    for c in cands:
-        mark = "*" if c is best else " "
-        if c.estimate is None:
-            lines.append(f"  {mark} {c.label:18} illegal: {c.illegal}")
-            continue
-        e = c.estimate
-        lines.append(f"  {mark} {c.label:18}{c.microbatches:>4}{c.steps:>6}{100 * c.bubble:7.1f}%"
-                     f"{_ms(c.stage_step_s):>12}{_ms(c.ppermute_s):>10}{_ms(e.step_time_s):>11}"
-                     f"{_sig(e.cost_chip_ms_per_token):>12}{_sig(e.memory.total / 2**30):>9}  "
-                     f"{'yes' if e.fits else 'no ':4}" + (f"{_ms(c.steady_s):>8}" if phase == "decode" else ""))
-    if phase == "decode":
-        lines.append("  full: the step with the pipeline kept full across tokens, max(M, S) stage steps "
-                     "(DeepSpeed's generation schedule; einshard's decode calls fill and drain each token)")
-    return lines
