@@ -252,3 +252,25 @@ def compile_module(module: Module, pipeline: str, instr: Instrumentation = Instr
 def build_for(spec: Spec, cfg: BuildConfig) -> Module:
     """The unsharded module, its mesh the axes inside a stage (pipeline-stages adds the stage axis)."""
     return build_module(spec.model, cfg, inner_mesh(spec))
+
+
+def padding(spec: Spec, pad_batch: bool = True) -> tuple[str, ...]:
+    """What the default pipeline zero-pads for a resolved spec, as ``dim true -> padded`` (the
+    statistics pad-heads and pad-dims report): explain lists it beside the prices, which are
+    those of the padded program."""
+    m = spec.model
+    out = []
+    heads = pad_options(spec)
+    if "multiple" in heads:
+        out.append(f"H {m.heads} -> {-(-m.heads // heads['multiple']) * heads['multiple']}")
+    if "kv_heads" in heads:
+        out.append(f"K {m.kv_heads} -> {heads['kv_heads']}")
+    if "groups" in heads:
+        out.append(f"G {m.heads // m.kv_heads} -> {heads['groups']}")
+    if "vocab" in heads:
+        out.append(f"V {m.vocab} -> {-(-m.vocab // heads['vocab']) * heads['vocab']}")
+    sizes = {"d_ff": ("F", m.d_ff), "d_model": ("E", m.d_model), "batch": ("B", spec.serve.batch)}
+    for k, mult in dim_pad_options(spec, pad_batch).items():
+        d, n = sizes[k]
+        out.append(f"{d} {n} -> {-(-n // mult) * mult}")
+    return tuple(out)

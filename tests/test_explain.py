@@ -166,9 +166,14 @@ def test_explain_says_why_the_choice_is_not_monotonic_in_batch(capsys):
             assert "batch 72 does not divide over z,y,x (64 devices): sharded 4 ways over z" in notes["2d-ws", "batch"]
     assert picks == {64: "wg-xy", 72: "wg-x", 80: "wg-xy"}
     _, out, _ = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--phase", "prefill", "--batch", "72",
-                    "--ffn", "auto", "--attn", "auto", "--overlap", "none")
+                    "--ffn", "auto", "--attn", "auto", "--overlap", "none", "--no-pad")
     assert "wg-xy/heads, wg-xy/batch, wg-xyz/heads, wg-xyz/batch: illegal at batch 72, which does not divide" in out
     assert "the choice is not monotonic in batch" in out
+    # by default they are priced with the batch zero-padded (72 -> 80 over x,y), and still lose to WG-X
+    _, out, _ = run(capsys, "explain", PALM, "--hardware", "tpu-v4", "--phase", "prefill", "--batch", "72",
+                    "--ffn", "auto", "--attn", "auto", "--overlap", "none")
+    assert "illegal" not in out
+    assert "padded wg-xy/batch: B 72 -> 80" in out and "padded wg-xyz/heads: B 72 -> 128" in out
 
 
 def _pareto_points():

@@ -93,22 +93,33 @@ def batch_note(spec: Spec, ffn: str, attn: str) -> str:
     weight-gathered residual stream's, or the batch-sharded cache's) does not divide the batch,
     so part of it is replicated and each chip does more than its share. This is what makes the
     automatic choice non-monotonic in batch (PaLM 540B prefill: WG-XY at 64 and 80, WG-X at 72).
-    With ``serve.pad`` (the default) the batch is padded instead: :func:`pad_note` says so."""
-    if spec.serve.pad:
-        return ""
+    With ``serve.pad`` (the default) a batch that no part of the axes could take is padded
+    (:func:`pad_note` says so), and the note is about the padded batch."""
     try:
         lay = Layout(ffn, attn, inner_mesh(spec))  # the layouts apply inside a pipeline stage
     except LayoutError:
         return ""
     axes = lay.batch_axes() if lay.weights_move else (lay.prefer().get("B", ()) if attn == "batch" else ())
     n = math.prod(lay.sizes[a] for a in axes)
-    b = spec.serve.batch
+    b = padded_batch(spec, ffn, attn)
     if not axes or b % n == 0:
         return ""
     keep = dividing_prefix(b, axes, lay.sizes)
     k = math.prod(lay.sizes[a] for a in keep)
     return (f"batch {b} does not divide over {','.join(axes)} ({n} devices): sharded {k} ways"
             f"{' over ' + ','.join(keep) if keep else ''}, the rest replicated")
+
+
+def padded_batch(spec: Spec, ffn: str, attn: str) -> int:
+    """The batch the layout's program runs at (pad-dims may pad it; compiler/pipelines.py)."""
+    from compiler.pipelines import dim_pad_options
+
+    b = spec.serve.batch
+    try:
+        m = dim_pad_options(replace(spec, serve=replace(spec.serve, ffn=ffn, attn=attn))).get("batch", 1)
+    except LayoutError:
+        return b
+    return -(-b // m) * m
 
 
 def pad_note(spec: Spec, ffn: str, attn: str) -> str:
