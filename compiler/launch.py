@@ -110,8 +110,14 @@ def _kill(procs: Sequence[subprocess.Popen], sig: int) -> None:
                 pass
 
 
+#: Exit status of a process that JAX's distributed service aborted (SIGABRT): it lost a peer.
+ABORTED = 128 + signal.SIGABRT
+
+
 def _show_log(i: int, status: int | None, log: Path | None) -> None:
     what = "was killed" if status is None else f"exited with {status}"
+    if status == ABORTED:
+        what += " (aborted by JAX's distributed service: it lost contact with another process)"
     if log is None:
         print(f"launch: process {i} {what} (its output is above)", file=sys.stderr)
         return
