@@ -266,7 +266,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "batch": B, "context": context, "layout": layout,
     }
     report["weight_bytes"] = runner.weight_bytes()
-    report["roofline_fraction"] = roofline_fraction(runner, res.step_ms_p50, B)
+    report["roofline_fraction"] = roofline_fraction(runner, res.step_ms_p50, B, res.context or None)
     if args.offload == "disk":
         from compiler.offload import offload_report
 

@@ -16,6 +16,7 @@ import numpy as np
 from compiler.build import BuildConfig, build_module
 from compiler.driver import WEIGHT_DTYPES, compile_module, default_pipeline
 from compiler.spec import Spec
+from compiler.stages import inner_mesh, inner_spec
 from ir.module import Module
 from runtime.model_runner import ModelRunner
 
@@ -26,7 +27,7 @@ def fixed_layout(spec: Spec, batch: int) -> Spec:
     if spec.mesh.n_devices > 1 and (s.ffn == "auto" or s.attn == "auto"):
         from compiler.cost.autolayout import resolve_auto
 
-        probe = replace(spec, serve=replace(s, phase="decode", batch=batch))
+        probe = replace(inner_spec(spec), serve=replace(s, phase="decode", batch=batch))  # layouts: inside a stage
         chosen = resolve_auto(probe)[0].serve
         return replace(spec, serve=replace(s, ffn=chosen.ffn, attn=chosen.attn))
     return spec
@@ -38,7 +39,7 @@ def module_for(spec: Spec, phase: str, batch: int, length: int, cache_len: int, 
     s = replace(spec.serve, phase=phase, batch=batch, seq=length if phase == "prefill" else cache_len)
     sp = replace(spec, serve=s)
     cfg = BuildConfig(batch, length, cache_len, (phase,), WEIGHT_DTYPES[s.weights], logits)
-    module = build_module(spec.model, cfg, spec.mesh.axes)
+    module = build_module(spec.model, cfg, inner_mesh(spec))  # pipeline-stages adds the stage axis
     # the runner and the serving engine choose their batches (ModelRunner.valid_batch): no padded rows
     return compile_module(module, default_pipeline(sp, pad_batch=False)).module
 
@@ -48,8 +49,8 @@ def make_runner(spec: Spec, weights: Mapping[str, np.ndarray], cache_len: int, b
     """A runner for ``spec``'s model and layout (``auto`` resolved at decode x ``batch``)."""
     fixed = fixed_layout(spec, batch)
 
-    def build(phase: str, b: int, length: int) -> Module:
-        return module_for(fixed, phase, b, length, cache_len)
+    def build(phase: str, b: int, length: int, context: int | None = None) -> Module:
+        return module_for(fixed, phase, b, length, context or cache_len)
 
     return ModelRunner(build, weights, cache_len, spec.model.vocab, split_layers=split_layers)
 

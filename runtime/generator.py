@@ -59,6 +59,7 @@ class GenerateResult:
     step_ms: list[float] = field(default_factory=list)  # per-step times (streaming: each; else the mean)
     batch: int = 0
     prompt_bucket: int = 0
+    context: int = 0  # KV-cache positions the programs were compiled for (Generator.context)
 
     @property
     def generated(self) -> int:
@@ -80,18 +81,19 @@ class Generator:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self._prefill: dict[tuple[int, int, bool], Callable] = {}
-        self._iterate: dict[tuple[int, bool], Callable] = {}
-        self._loop: dict[tuple[int, int, bool], Callable] = {}
+        self._prefill: dict[tuple[int, int, bool, int | None], Callable] = {}
+        self._iterate: dict[tuple[int, bool, int | None], Callable] = {}
+        self._loop: dict[tuple[int, int, bool, int | None], Callable] = {}
         self._compiled: dict[tuple, Callable] = {}  # ahead-of-time compiled, by shape
 
     # ---- compiled pieces -----------------------------------------------------------------
-    def prefill_fn(self, batch: int, length: int, greedy: bool = False) -> Callable:
+    def prefill_fn(self, batch: int, length: int, greedy: bool = False, context: int | None = None) -> Callable:
         """Prefill + the first token. ``greedy``: every row is greedy, so the program leaves out
-        the sampling branch (its sort over the vocabulary costs seconds of compile time)."""
-        key = (batch, length, greedy)
+        the sampling branch (its sort over the vocabulary costs seconds of compile time).
+        ``context``: the KV-cache positions (default the runner's cache_len)."""
+        key = (batch, length, greedy, context)
         if key not in self._prefill:
-            step = self.runner.step("prefill", batch, length)
+            step = self.runner.step("prefill", batch, length, context)
 
             def prefill(params, caches, tokens, pos, samp, first_pos):
                 logits, caches = step(params, tokens, pos, caches)
@@ -101,11 +103,11 @@ class Generator:
             self._prefill[key] = jax.jit(prefill, donate_argnums=(1,))
         return self._prefill[key]
 
-    def _iteration(self, batch: int, greedy: bool = False) -> Callable:
+    def _iteration(self, batch: int, greedy: bool = False, context: int | None = None) -> Callable:
         """(params, caches, state, samp, eos, limit) -> (caches, state): one decode step for
         every live row. state = (tok [B], pos [B], done [B], count [B]); ``pos`` is the position
         of ``tok``, ``count`` the tokens made so far, ``limit`` each row's budget."""
-        step = self.runner.step("decode", batch, 1)
+        step = self.runner.step("decode", batch, 1, context)
 
         def iterate(params, caches, state, samp, eos, limit):
             tok, pos, done, count = state
@@ -120,17 +122,17 @@ class Generator:
 
         return iterate
 
-    def iterate_fn(self, batch: int, greedy: bool = False) -> Callable:
-        key = (batch, greedy)
+    def iterate_fn(self, batch: int, greedy: bool = False, context: int | None = None) -> Callable:
+        key = (batch, greedy, context)
         if key not in self._iterate:
-            self._iterate[key] = jax.jit(self._iteration(batch, greedy), donate_argnums=(1,))
+            self._iterate[key] = jax.jit(self._iteration(batch, greedy, context), donate_argnums=(1,))
         return self._iterate[key]
 
-    def loop_fn(self, batch: int, max_new: int, greedy: bool = False) -> Callable:
+    def loop_fn(self, batch: int, max_new: int, greedy: bool = False, context: int | None = None) -> Callable:
         """The whole decode on device: iterate until every row is done; tokens into a buffer."""
-        key = (batch, max_new, greedy)
+        key = (batch, max_new, greedy, context)
         if key not in self._loop:
-            iterate = self._iteration(batch, greedy)
+            iterate = self._iteration(batch, greedy, context)
 
             def loop(params, caches, state, samp, eos, limit):
                 out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(state[0])
@@ -152,9 +154,11 @@ class Generator:
         return self._loop[key]
 
     # ---- generation ----------------------------------------------------------------------
-    def _shapes(self, req: GenerateRequest, batch: int | None) -> tuple[int, int, int]:
-        """(batch, prompt bucket, longest budget) of a request, after checking its prompts
-        (non-empty, ids in the vocabulary, prompt + budget within the context)."""
+    def _shapes(self, req: GenerateRequest, batch: int | None) -> tuple[int, int, int, int]:
+        """(batch, prompt bucket, longest budget, KV-cache positions) of a request, after
+        checking its prompts (non-empty, ids in the vocabulary, prompt + budget within the
+        context). The cache is compiled for what the request writes (the prompt bucket, each
+        row's prompt + budget), bucketed: decode attends over every compiled position."""
         r = self.runner
         n = len(req.prompts)
         if n == 0:
@@ -173,26 +177,28 @@ class Generator:
                                 hint="shorten the prompt or lower --max-new-tokens")
         B = max(batch or n, n)
         L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
-        return B, L, max(req.max_new_tokens)
+        need = max(len(p) + m for p, m in zip(req.prompts, req.max_new_tokens))
+        return B, L, max(req.max_new_tokens), r.context_for(max(L, need))
 
     def compile(self, req: GenerateRequest, batch: int | None = None, stream: bool = False) -> float:
         """Compiles (ahead of time) the programs ``generate`` will run for ``req``; the seconds
         it took (0 when they were compiled already; the persistent cache makes a rerun cheap)."""
-        B, L, max_new = self._shapes(req, batch)
+        B, L, max_new, ctx = self._shapes(req, batch)
         r = self.runner
         t0 = time.perf_counter()
         samp = tuple(jnp.asarray(a) for a in SamplingArrays.of([SamplingParams()] * B).as_tuple())
         z = jnp.zeros((B,), jnp.int32)
         state = (z, z, jnp.zeros((B,), bool), z)
         eos = jnp.asarray(np.array(req.eos_ids or (-1,), np.int32))
-        caches = r.empty_cache(B)
+        caches = r.empty_cache(B, ctx)
         tok = jnp.zeros((B, L), jnp.int32)
         g = all(p.greedy for p in req.params)
-        self._aot(("prefill", B, L, g), self.prefill_fn(B, L, g), r.params, caches, tok, tok, samp, z)
+        self._aot(("prefill", B, L, g, ctx), self.prefill_fn(B, L, g, ctx), r.params, caches, tok, tok, samp, z)
         if stream:
-            self._aot(("iterate", B, g), self.iterate_fn(B, g), r.params, caches, state, samp, eos, z)
+            self._aot(("iterate", B, g, ctx), self.iterate_fn(B, g, ctx), r.params, caches, state, samp, eos, z)
         elif max_new > 1:
-            self._aot(("loop", B, max_new, g), self.loop_fn(B, max_new, g), r.params, caches, state, samp, eos, z)
+            self._aot(("loop", B, max_new, g, ctx), self.loop_fn(B, max_new, g, ctx), r.params, caches, state, samp,
+                      eos, z)
         return time.perf_counter() - t0
 
     def _aot(self, key: tuple, fn: Any, *args: object) -> None:
@@ -211,7 +217,7 @@ class Generator:
         and are dropped)."""
         r = self.runner
         n = len(req.prompts)
-        B, L, max_new = self._shapes(req, batch)
+        B, L, max_new, ctx = self._shapes(req, batch)
         rows = list(req.prompts) + [req.prompts[0]] * (B - n)
         params = list(req.params) + [req.params[0]] * (B - n)
         limit = np.array(list(req.max_new_tokens) + [1] * (B - n), np.int32)
@@ -221,9 +227,9 @@ class Generator:
         eos = jnp.asarray(np.array(req.eos_ids or (-1,), np.int32))
 
         t0 = time.perf_counter()
-        caches = r.empty_cache(B)
+        caches = r.empty_cache(B, ctx)
         g = all(p.greedy for p in req.params)
-        prefill = self._call(("prefill", B, L, g), self.prefill_fn(B, L, g))
+        prefill = self._call(("prefill", B, L, g, ctx), self.prefill_fn(B, L, g, ctx))
         first, caches = prefill(r.params, caches, jnp.asarray(tokens), jnp.asarray(pos), samp, jnp.asarray(lens))
         first_h = np.asarray(first)
         ttft = time.perf_counter() - t0
@@ -240,7 +246,7 @@ class Generator:
         t1 = time.perf_counter()
         if stream is None:
             if not done.all():
-                loop = self._call(("loop", B, max_new, g), self.loop_fn(B, max_new, g))
+                loop = self._call(("loop", B, max_new, g, ctx), self.loop_fn(B, max_new, g, ctx))
                 caches, state, buf = loop(r.params, caches, state, samp, eos, jnp.asarray(limit))
                 counts = np.asarray(state[3])
                 buf_h = np.asarray(buf)
@@ -249,26 +255,39 @@ class Generator:
                 dt = time.perf_counter() - t1
                 steps = [dt / made * 1e3] if made else []
         else:
-            iterate = self._call(("iterate", B, g), self.iterate_fn(B, g))
+            iterate = self._call(("iterate", B, g, ctx), self.iterate_fn(B, g, ctx))
             lim = jnp.asarray(limit)
-            while not done.all():
-                ts = time.perf_counter()
-                caches, state = iterate(r.params, caches, state, samp, eos, lim)
-                tok_h, done_prev = np.asarray(state[0]), done
-                done = np.array(state[2])
-                steps.append((time.perf_counter() - ts) * 1e3)
-                stopped = False
+            # One step ahead: step t+1 is dispatched before step t's tokens are read, so the
+            # host's wait, transfer and callbacks overlap the device's work. A row the callback
+            # stops at step t still gets step t+1 (its token is dropped here) and is marked done
+            # in the state step t+2 starts from. The host mirrors the budgets, so no step is
+            # dispatched once every row has used its budget (an EOS can cost one wasted step).
+            ahead = iterate(r.params, caches, state, samp, eos, lim) if not done.all() else None
+            ts = time.perf_counter()
+            while ahead is not None:
+                caches, state = ahead
+                count = count + ~done
+                ahead = None if np.all(done | (count >= limit)) else iterate(r.params, caches, state, samp, eos, lim)
+                tok_h, dev_done = np.asarray(state[0]), np.asarray(state[2])
+                now = time.perf_counter()
+                steps.append((now - ts) * 1e3)
+                ts = now
+                stopped = np.zeros(B, bool)
                 for b in range(B):
-                    if not done_prev[b]:
+                    if not done[b]:
                         out[b].append(int(tok_h[b]))
                         if b < n and stream(b, int(tok_h[b])):
-                            done[b] = stopped = True
-                if stopped:
-                    state = (state[0], state[1], jnp.asarray(done), state[3])
+                            stopped[b] = True
+                done = done | dev_done | stopped
+                if done.all():
+                    break
+                if stopped.any() and ahead is not None:
+                    c2, s2 = ahead
+                    ahead = (c2, (s2[0], s2[1], s2[2] | jnp.asarray(stopped), s2[3]))
         decode_s = time.perf_counter() - t1
         eos_set = set(req.eos_ids)
         reasons = ["eos" if o and o[-1] in eos_set else "length" for o in out[:n]]
-        return GenerateResult(out[:n], reasons, [len(p) for p in req.prompts], ttft, decode_s, steps, B, L)
+        return GenerateResult(out[:n], reasons, [len(p) for p in req.prompts], ttft, decode_s, steps, B, L, ctx)
 
 
 def generate(runner: ModelRunner, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],

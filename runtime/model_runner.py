@@ -28,9 +28,10 @@ from runtime.distributed import global_array
 from runtime.generate import prepared_weights
 from runtime.lower_jax import JNP_DTYPES, JaxExecutor, _spec, entry_program, layer_split
 
-#: build(phase, batch, length) -> the compiled module with that one entry ("prefill" with L =
-#: length, or "decode" with L = 1), its KV cache holding the runner's cache_len positions.
-BuildFn = Callable[[str, int, int], Module]
+#: build(phase, batch, length, context) -> the compiled module with that one entry ("prefill"
+#: with L = length, or "decode" with L = 1), its KV cache holding ``context`` positions (at most
+#: the runner's cache_len; builders may take ``context`` as optional, defaulting to cache_len).
+BuildFn = Callable[[str, int, int, int], Module]
 #: One entry per cache param (k, v); each a list of N per-layer arrays [B, T, ...].
 Caches = tuple[list[jax.Array], ...]
 StepFn = Callable[[dict[str, jax.Array], jax.Array, jax.Array, Caches], tuple[jax.Array, Caches]]
@@ -114,6 +115,13 @@ class ModelRunner:
     #: per-layer buffers instead of stacked ones (see runtime.lower_jax.entry_program)
     split_layers: bool = True
 
+    def context_for(self, positions: int) -> int:
+        """The compiled KV-cache length for a request that writes ``positions`` positions: the
+        next power of two, at most cache_len. Decode attends over the whole compiled cache, so a
+        short request on a long-context runner would otherwise read (and, at batch > 1, move)
+        cache_len positions per layer per step."""
+        return min(self.cache_len, bucket(positions))
+
     def valid_batch(self, batch: int) -> bool:
         """Whether the layout can run this batch (batch-sharded caches need it to divide)."""
         try:
@@ -123,16 +131,19 @@ class ModelRunner:
         return True
 
     # ---- compiled entries ----------------------------------------------------------------
-    def _get(self, phase: str, batch: int, length: int) -> _Compiled:
-        key = (phase, batch, length)
+    def _get(self, phase: str, batch: int, length: int, context: int | None = None) -> _Compiled:
+        ctx = self.cache_len if context is None else context
+        key = (phase, batch, length, ctx)
         c = self._compiled.get(key)
         if c is not None:
             return c
         if phase not in ("prefill", "decode") or (phase == "decode" and length != 1):
             raise SpecError(f"no step {phase} of length {length}")
-        if not 1 <= length <= self.cache_len:
-            raise SpecError(f"a prefill of {length} tokens does not fit the KV cache of {self.cache_len} positions")
-        module = self.build(phase, batch, length)
+        if not 1 <= ctx <= self.cache_len:
+            raise SpecError(f"a KV cache of {ctx} positions is outside the runner's 1..{self.cache_len}")
+        if not 1 <= length <= ctx:
+            raise SpecError(f"a prefill of {length} tokens does not fit the KV cache of {ctx} positions")
+        module = self.build(phase, batch, length, ctx)
         fn = module.function(phase)
         program, mesh = entry_program(module, phase, split_layers=self.split_layers)
         self.mesh = mesh
@@ -149,10 +160,11 @@ class ModelRunner:
         self._compiled[key] = c
         return c
 
-    def step(self, phase: str, batch: int, length: int) -> StepFn:
+    def step(self, phase: str, batch: int, length: int, context: int | None = None) -> StepFn:
         """A pure, traceable step: (params, tokens[B, L], pos[B, L], caches) -> (logits[B, V] f32
-        of each row's last column, new caches). Compose it inside your own ``jax.jit``."""
-        c = self._get(phase, batch, length)
+        of each row's last column, new caches), over caches of ``context`` positions (default
+        cache_len). Compose it inside your own ``jax.jit``."""
+        c = self._get(phase, batch, length, context)
         program, _ = c.program
         names = [p.name for p in c.fn.params]
         V = self.vocab
@@ -168,14 +180,14 @@ class ModelRunner:
 
         return run
 
-    def empty_cache(self, batch: int) -> Caches:
+    def empty_cache(self, batch: int, context: int | None = None) -> Caches:
         """Zero KV caches for ``batch`` rows, laid out as the decode entry's cache params."""
-        c = self._get("decode", batch, 1)
+        c = self._get("decode", batch, 1, context)
         return tuple(_put(np.zeros(t.shape, _np_dtype(t.dtype)), t, self.mesh, self.split_layers) for t in c.cache_types)
 
-    def cache_bytes(self, batch: int) -> int:
+    def cache_bytes(self, batch: int, context: int | None = None) -> int:
         """Bytes of the KV caches of ``batch`` rows (all layers, all devices)."""
-        c = self._get("decode", batch, 1)
+        c = self._get("decode", batch, 1, context)
         return sum(int(np.prod(t.shape)) * np.dtype(_np_dtype(t.dtype)).itemsize for t in c.cache_types)
 
     def weight_bytes(self) -> int:
@@ -206,7 +218,7 @@ def _put_one(x: np.ndarray, t: Any, mesh: Any) -> jax.Array:
     return y
 
 
-def roofline_fraction(runner: ModelRunner, step_ms: float, batch: int) -> float | None:
+def roofline_fraction(runner: ModelRunner, step_ms: float, batch: int, context: int | None = None) -> float | None:
     """Fraction of the decode roofline a measured step reached: (weight + KV cache bytes) / the
     memory bandwidth runtime/probe.py measures on this CPU, over the step. None off CPU, on a
     mesh (the probe measures one device) or when nothing was timed."""
@@ -214,5 +226,5 @@ def roofline_fraction(runner: ModelRunner, step_ms: float, batch: int) -> float 
         return None
     from runtime.probe import measure_cpu
 
-    bound_s = (runner.weight_bytes() + runner.cache_bytes(batch)) / float(measure_cpu()["hbm_bw"])
+    bound_s = (runner.weight_bytes() + runner.cache_bytes(batch, context)) / float(measure_cpu()["hbm_bw"])
     return bound_s / (step_ms / 1e3)

@@ -80,6 +80,23 @@ def test_eos_as_the_first_token_and_per_row_budgets(llama: Tiny) -> None:
             assert res.finish_reasons[i] == ("eos" if eos in want else "length")
 
 
+def test_a_stream_callback_stops_its_row_mid_stream(llama: Tiny) -> None:
+    """The streamed loop runs one step ahead of the host: a row the callback stops at its 3rd
+    token ends there (the step already dispatched for it is dropped) and the others go on, as
+    each alone. The compiled cache fits the request, not the runner's whole context."""
+    want = [llama.want(p) for p in PROMPTS]
+    seen: list[list[int]] = [[] for _ in PROMPTS]
+
+    def on_token(b: int, t: int) -> bool:
+        seen[b].append(t)
+        return b == 1 and len(seen[b]) == 3
+
+    res = llama.generate(PROMPTS, stream=on_token)
+    assert res.tokens[1] == want[1][:3] and seen[1] == want[1][:3]
+    assert [res.tokens[i] for i in (0, 2)] == [want[i] for i in (0, 2)] and seen[0] == want[0]
+    assert res.context == llama.gen.runner.context_for(max(len(p) for p in PROMPTS) + NEW) < llama.gen.runner.cache_len
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Tiny:
     return tiny("llama", tmp_path_factory.mktemp("llama-one"))
