@@ -208,3 +208,30 @@ def test_generated_pipeline_docs_are_current() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "generate_pipeline.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from gen_helpers import tiny
+
+    return tiny("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.slow  # ~30 s of XLA compile per mesh, cold
+@pytest.mark.parametrize("mesh", [MESHES[2], MESHES[4]])
+def test_generate_on_stages_gives_the_transformers_tokens(llama, mesh: str) -> None:
+    """Greedy tokens of 8 prompts (micro-batched prefill and decode) on pipeline stages equal
+    transformers' (and so one device's), row by row."""
+    from compiler.generation import make_runner
+    from gen_helpers import PROMPTS
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.sampling import SamplingParams
+
+    prompts = [PROMPTS[i % len(PROMPTS)][: 3 + i] for i in range(8)]
+    spec = apply_overrides(llama.spec, mesh=mesh, ffn="1d-ws", attn="heads")
+    gen = Generator(make_runner(spec, llama.weights, 64, batch=8))
+    got = gen.generate(GenerateRequest.of(prompts, SamplingParams(), 8)).tokens
+    assert got == [llama.want(p, 8) for p in prompts]
