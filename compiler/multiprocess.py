@@ -16,6 +16,8 @@ from runtime.distributed import ProcessGroup
 
 DEFAULT_INIT_TIMEOUT = 60
 DEFAULT_PEER_TIMEOUT = 10
+#: The argparse dests of the flags below (serve hands them on to the loader).
+MULTIPROCESS_DESTS = ("coordinator", "num_processes", "process_id", "init_timeout", "peer_timeout")
 
 
 def add_multiprocess_args(p: argparse.ArgumentParser) -> None:

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from compiler.generate_cmd import add_layout_args
 
     add_layout_args(p)
+    from compiler.multiprocess import add_multiprocess_args
+
+    add_multiprocess_args(p)
     s = p.add_argument_group("engine")
     s.add_argument("--slots", type=int, help="KV slots = requests decoded together "
                    f"(default: what {DEFAULT_KV_BUDGET >> 30} GiB of KV cache holds, at most {MAX_DEFAULT_SLOTS})")
@@ -48,14 +51,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = None, ffn: str | None = None,
                attn: str | None = None, weights: str | None = None, sets: tuple[str, ...] = (), context: int = 1024,
-               slots: int | None = None, devices: int | None = None) -> tuple[Any, Any, Any, int]:
+               slots: int | None = None, devices: int | None = None,
+               process: argparse.Namespace | None = None) -> tuple[Any, Any, Any, int]:
     """(spec, runner, tokenizer, slots) for a checkpoint: its model (checked against ``spec``
     when given), the layout the overrides give, weights on device, and the slot count (given,
-    or what the KV budget holds). Loading is ``einshard generate``'s (compiler.generate_cmd)."""
+    or what the KV budget holds). Loading is ``einshard generate``'s (compiler.generate_cmd);
+    ``process`` carries the multi-process flags (compiler.multiprocess), if any."""
     from compiler.generate_cmd import load
+    from compiler.multiprocess import MULTIPROCESS_DESTS
 
+    mp = {d: getattr(process, d, None) for d in MULTIPROCESS_DESTS} if process is not None else {}
     ld = load(argparse.Namespace(checkpoint=checkpoint, spec=spec, mesh=mesh, ffn=ffn, attn=attn, weights=weights,
-                                 sets=list(sets), devices=devices))
+                                 sets=list(sets), devices=devices, **mp))
     from compiler.generation import make_runner  # JAX only now: load() has set up the devices
 
     m = ld.spec.model
@@ -80,7 +87,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
         raise SpecError(str(e)) from None
     spec, runner, tok, slots = load_model(args.checkpoint, spec=args.spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn,
                                           weights=args.weights, sets=tuple(args.sets), context=args.context,
-                                          slots=args.slots, devices=args.devices)
+                                          slots=args.slots, devices=args.devices, process=args)
     from runtime.sampling import SamplingParams
     from runtime.serving.async_engine import AsyncEngine
     from runtime.serving.engine import Engine
@@ -98,17 +105,32 @@ def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
         engine.run()
         engine.reset_metrics()
     name = args.served_model_name or args.checkpoint.name
-    return make_app(AsyncEngine(engine), tok, name, runner.cache_len), name, slots
+    from runtime.distributed import current, is_primary
+
+    aeng = AsyncEngine(engine)
+    if current() is not None:  # every process warmed up alike; process 0 serves, the others follow
+        from runtime.serving.lockstep import channel, follow, lead
+
+        if not is_primary():
+            follow(engine, channel())
+            return None, name, slots
+        args.stop_followers = lead(aeng, channel())
+    return make_app(aeng, tok, name, runner.cache_len), name, slots
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     app, name, slots = build_server(args)
+    if app is None:  # a follower of a multi-process server: process 0 has shut down
+        return 0
     print(f"einshard: serving '{name}' on http://{args.host}:{args.port} ({slots} slots, context {args.context}, "
           f"{args.policy}{'' if args.compact else ', masking'}{f', chunk {args.chunk}' if args.chunk else ''})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    stop = getattr(args, "stop_followers", None)
+    if stop is not None:
+        stop()
     return 0
 
 

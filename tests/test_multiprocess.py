@@ -250,3 +250,49 @@ def test_launch_ctrl_c_stops_every_process(tmp_path) -> None:
                 break
             time.sleep(0.1)
         assert _gone(pid)
+
+
+# ---- serve across processes ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_launch_serve_greedy_tokens_equal_transformers(tmp_path) -> None:
+    """Two processes serve one sharded slot buffer (process 0 leads, process 1 follows in
+    lockstep); a completion's tokens are transformers' greedy ones, and Ctrl-C stops both."""
+    import httpx
+    import torch
+
+    from gen_helpers import checkpoint_with_tokenizer
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    m = checkpoint_with_tokenizer(d)
+    prompt = list(range(30, 50))
+    with torch.no_grad():
+        want = m.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, eos_token_id=None,
+                          pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    port = free_port()
+    log = (tmp_path / "launch.log").open("w")
+    p = subprocess.Popen([PY, "-m", "compiler.cli", "launch", "-n", "2", "--log-dir", str(tmp_path), "--", "serve",
+                          "--checkpoint", str(d), "--mesh", "x=2", "--attn", "batch", "--slots", "4", "--context", "64",
+                          "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + LIMIT
+        while True:
+            assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "launch.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": "ck", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True})
+        assert r.json()["choices"][0]["token_ids"] == want[0, len(prompt):].tolist()
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 130
+    finally:
+        p.kill()
+        p.wait()
+        log.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from runtime.serving.engine import Engine
 from runtime.serving.errors import OverloadedError, ServingError
@@ -38,6 +38,8 @@ class AsyncEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="einshard-engine", daemon=True)
         self.error: BaseException | None = None
+        #: called with (requests, aborts) before an iteration that does anything (lockstep.lead)
+        self.before_iteration: Callable[[list[tuple[Request, float]], list[str]], None] | None = None
 
     def start(self) -> "AsyncEngine":
         self._thread.start()
@@ -88,6 +90,8 @@ class AsyncEngine:
                 with self._lock:
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
+                if self.before_iteration is not None and (inbox or aborts or eng.has_work()):
+                    self.before_iteration(inbox, aborts)
                 for req, t in inbox:
                     eng.submit(req, arrival=t)
                 for rid in aborts:
