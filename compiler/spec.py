@@ -576,5 +576,8 @@ def format_spec(spec: Spec) -> str:
                                          and not (k in MOE_FIELDS and not m.experts)])
     if spec.mesh.axes:
         out += ["", *_fmt_block("mesh", list(spec.mesh.axes))]
-    out += ["", *_fmt_block("serve", [(k, getattr(spec.serve, k)) for k in _SERVE_FIELDS])]
+    # micro-batches mean something only with pipeline stages (a mesh axis named stage)
+    staged = "stage" in spec.mesh.names or spec.serve.microbatches != "auto"
+    out += ["", *_fmt_block("serve", [(k, getattr(spec.serve, k)) for k in _SERVE_FIELDS
+                                      if k != "microbatches" or staged])]
     return "\n".join(out) + "\n"

@@ -240,7 +240,7 @@ def test_bad_enum() -> None:
 def test_bad_enum_far_from_any_choice() -> None:
     err = error(BASE + "serve {\n  hardware = abacus\n}\n")
     assert err.message == "invalid value 'abacus' for hardware"
-    assert err.hint == "valid choices: tpu-v4, tpu-v5e, tpu-v5p, a100-80g, h100, h200, cpu"
+    assert err.hint == "valid choices: tpu-v4, tpu-v5e, tpu-v5p, a100-80g, h100, h100-80g, h200, cpu"
 
 
 @pytest.mark.parametrize(
@@ -565,7 +565,7 @@ def test_override_unknown_field_and_section(gqa: Spec) -> None:
         <command line>:1:7: spec error: unknown field 'bach' in serve block
           serve.bach=8
                 ^~~~
-          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits, pad""")
+          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits, microbatches, pad""")
     err = cli_error(gqa, sets=["srve.batch=8"])
     assert err.message == "unknown section 'srve'" and err.hint.startswith("did you mean 'serve'?")
     assert (err.loc.col, err.loc.length) == (1, 4)
