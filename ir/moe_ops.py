@@ -90,7 +90,10 @@ class Dispatch(Op):
 @dataclass(frozen=True, kw_only=True)
 class Combine(Op):
     """``out[b, l, E] = sum_r w[b, l, r] * y[idx[b, l, r], slot[b, l, r], E]`` (dropped slots give
-    zero). Linear in ``y``: a partial sum stays one."""
+    zero). Linear in ``y``: a partial sum stays one. With X sharded (tokens replicated over the
+    expert axes, e.g. one decode token), each device sums its own experts' rows: a partial sum
+    over X's axes, reduced like any other (the [B, L, E] result is X/k times smaller than the
+    buffer an all-gather would move)."""
 
     arity = (4, 4)
 
@@ -104,10 +107,9 @@ class Combine(Op):
         _tokens("combine", w, "R")
         require_not_partial("combine", w, "router weights")
         merge_dims("combine", idx, slot, w)
-        if y.dim("X").axes:
-            raise fail("combine needs X whole: all-to-all the expert outputs back to their tokens first")
         if y.dim("C").axes != token_axes(idx):
             raise fail(f"combine: C is sharded over {{{','.join(y.dim('C').axes)}}} but the tokens over "
                        f"{{{','.join(token_axes(idx))}}}; they must agree")
         dims = (idx.dim("B"), idx.dim("L"), y.dim("E"))
-        return (make_type("combine", promote(y.dtype, w.dtype), dims, y.partial),)
+        partial = y.partial | frozenset(y.dim("X").axes)
+        return (make_type("combine", promote(y.dtype, w.dtype), dims, partial),)

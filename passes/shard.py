@@ -429,9 +429,11 @@ def _dispatch(p: Propagation, op) -> list[str]:
     and the experts' einsums move it to X-sharded with one all-to-all."""
     h, idx = op.operands
     th = p.types[h]
-    b = dividing_prefix(th.size("B"), p.layout.experts, p.mesh)
-    h = p.to(h, retype(th, {"B": b}), "dispatch: tokens sliced over the expert axes, rows whole")
-    idx = p.to(idx, retype(p.types[idx], {"B": b}), "dispatch: routes sliced like their tokens")
+    ea = p.layout.experts
+    b = dividing_prefix(th.size("B"), ea, p.mesh)
+    lay = {"B": b, "L": dividing_prefix(th.size("L"), ea[len(b):], p.mesh)}  # a long prompt: over L too
+    h = p.to(h, retype(th, lay), "dispatch: tokens sliced over the expert axes, rows whole")
+    idx = p.to(idx, retype(p.types[idx], lay), "dispatch: routes sliced like their tokens")
     return [h, idx]
 
 
@@ -444,12 +446,14 @@ def _combine(p: Propagation, op) -> list[str]:
     ty = p.types[y]
     tok = ts.dim("B").axes + ts.dim("L").axes
     e_axes = ty.dim("E").axes
-    if ty.partial:
+    if ty.partial and tok:  # (replicated tokens: the combine's own partial sum over X joins it instead)
         more = tuple(a for a in p.layout.all_axes if a in ty.partial)
         if ty.size("E") % math.prod(p.mesh[a] for a in e_axes + more) == 0 and not set(more) & set(tok):
             e_axes = e_axes + more
     partial = ty.partial - set(e_axes)
-    y = p.to(y, retype(ty, {"X": (), "C": tok, "E": cut(e_axes, set(tok))}, frozenset(partial)),
+    # tokens replicated over the expert axes: each device combines its own experts (a partial sum)
+    x_axes = ty.dim("X").axes if not tok else ()
+    y = p.to(y, retype(ty, {"X": x_axes, "C": tok, "E": cut(e_axes, set(tok))}, frozenset(partial)),
              "combine: expert outputs back to their tokens' devices")
     lay = {"B": ts.dim("B").axes, "L": ts.dim("L").axes}
     idx = p.to(idx, retype(p.types[idx], lay), "combine: routes laid out like their dispatch")

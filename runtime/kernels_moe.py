@@ -50,6 +50,10 @@ def _combine(op, xs, ts, be, interp):
     y, idx, slot, w = xs
     cap = y.shape[1]
     keep = slot < cap
+    if ts[0].dim("X").axes:  # this device holds experts off .. off + X_local: the rest add zero
+        local = idx - be.axis_offset(ts[0], "X")
+        keep = keep & (local >= 0) & (local < y.shape[0])
+        idx = xp.where(keep, local, 0)
     rows = y[idx, xp.where(keep, slot, 0)]  # [B, L, R, E]
     wk = w * keep.astype(w.dtype)
     return ((rows * wk[..., None].astype(rows.dtype)).sum(axis=2),)

@@ -93,3 +93,18 @@ def test_ledger_lists_the_all_to_all_pair() -> None:
     assert to[0].bytes_per_device == 8 * 6 * 16 * 4
     assert back[0].bytes_per_device == 8 * 6 * 8 * 4
     assert to[0].repeats == back[0].repeats == model.layers
+
+
+@pytest.mark.parametrize("experts", ["x+y", "x+y+z"])
+def test_spmd_one_long_prompt_spreads_tokens_over_L(experts: str) -> None:
+    """Batch 1, prompt 8: the dispatch slices the prompt's positions over the expert axes (C over
+    them), so prefill still exchanges tokens with one all-to-all each way."""
+    model = moe_model()
+    mod = build(model, 1, 8, 10, MESH3)
+    sharded = compile_module(mod, f"shard{{ffn=1d-ws,attn=heads,experts={experts}}},insert-collectives,cleanup").module
+    ops = [op for op in sharded.function("prefill_layer").ops]
+    disp = next(op for op in ops if op.kind == "dispatch")
+    assert disp.types[0].dim("C").axes == tuple(experts.split("+"))
+    assert sum(op.kind == "all_to_all" and "we_gate" in op.reason for op in ops) == 1
+    got, ref = run_pair(sharded, model, 1, 8, 2, SpmdExecutor)
+    assert rel_err(got, ref) <= TOL
