@@ -232,7 +232,7 @@ def abandon() -> None:
     os._exit(WATCHDOG_EXIT)
 
 
-def global_array(shape: tuple[int, ...], dtype: Any, sharding: Any, fetch: Callable[[tuple[slice, ...]], Any]):
+def global_array(shape: tuple[int, ...], dtype: Any, sharding: Any, fetch: Callable[[Any], Any]) -> Any:
     """A jax.Array over ``sharding`` whose shards come from ``fetch(index)``; JAX asks only for
     the indices of this process's devices, so a process reads only what it holds."""
     import jax
