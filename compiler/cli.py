@@ -333,7 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         argv_location(args.argv, "--checkpoint"))
     spec = _resolve_auto(args, _needs_spec(_spec_with_overrides(args), args))
     check_run_memory(spec, run_config(spec, args.steps, args.prompt_len))
-    primary = join(args, args.devices or spec.mesh.n_devices) is None or is_primary()
+    primary = join(args, spec.mesh.n_devices) is None or is_primary()
     instr = _instrumentation(args)
     # every process runs the program; only process 0 checks against the reference and prints
     opts = RunOptions(steps=args.steps, prompt_len=args.prompt_len, seed=args.seed, check=args.check and primary,

@@ -99,7 +99,7 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True, with_weights: bo
         spec = Spec(model, path=str(args.checkpoint))
     spec = apply_overrides(spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn, weights=args.weights,
                            sets=list(args.sets))
-    join(args, args.devices or spec.mesh.n_devices)  # simulated devices, or this process's share of them
+    join(args, spec.mesh.n_devices)  # simulated devices, or this process's share of them
     from runtime.model_runner import enable_compile_cache
 
     enable_compile_cache()

@@ -63,15 +63,22 @@ def process_group(args: argparse.Namespace, n_devices: int) -> ProcessGroup | No
     return ProcessGroup(coord, n, i, n_devices // n, args.init_timeout, args.peer_timeout)
 
 
-def join(args: argparse.Namespace, n_devices: int) -> ProcessGroup | None:
+def join(args: argparse.Namespace, mesh_devices: int) -> ProcessGroup | None:
     """Joins the group the flags describe (before any JAX backend starts); None: one process,
-    whose simulated devices ``compiler.subcommand.ensure_devices`` sets up instead."""
+    whose simulated devices (``--devices``, else the mesh's) ``compiler.subcommand.ensure_devices``
+    sets up instead. Across processes the mesh must span every device: a process left out of
+    it would have nothing to run while the others wait for its collectives."""
+    n_devices = getattr(args, "devices", None) or mesh_devices
     group = process_group(args, n_devices)
     if group is None:
         from compiler.subcommand import ensure_devices
 
         ensure_devices(n_devices, explicit=getattr(args, "devices", None) is not None)
         return None
+    if n_devices != mesh_devices:
+        raise SpecError(f"across processes the mesh must span every device: {n_devices} devices "
+                        f"(--devices) but the mesh has {mesh_devices}",
+                        hint="leave out --devices (and launch's --devices-per-process), or match the mesh")
     from runtime.distributed import initialize
 
     initialize(group)
