@@ -201,6 +201,10 @@ def run_generate(args: argparse.Namespace) -> int:
         from compiler.offload import disk_generator
 
         runner, gen = disk_generator(args, ld, context, B)
+    elif args.offload == "host":
+        from compiler.offload import host_generator
+
+        runner, gen = host_generator(ld, context, B)
     else:
         runner = make_runner(ld.spec, ld.weights, context, batch=B)
         gen = Generator(runner)

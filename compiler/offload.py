@@ -156,3 +156,17 @@ def offload_report(runner) -> dict:
             "resident_weight_bytes": runner.layout.globals_bytes, "layer_bytes": runner.layout.layer_bytes,
             "prefetch": runner.pool.prefetch, "layers_read": st.layers_read, "bytes_read": st.bytes_read,
             "read_s": st.read_s, "wait_s": st.wait_s}
+
+
+def host_generator(loaded, context: int, batch: int):
+    """(runner, generator) for ``--offload host``: the ordinary runner with per-layer weights in
+    pinned host memory and a device_put per layer inside the compiled step."""
+    from compiler.generation import make_runner
+    from runtime.generator import Generator
+    from runtime.offload_host import HostOffloadBackend, place_on_host
+
+    if loaded.spec.mesh.n_devices > 1:
+        raise SpecError("--offload host moves layers to one device; drop --mesh")
+    runner = make_runner(loaded.spec, loaded.weights, context, batch=batch)
+    runner.backend, runner.place = HostOffloadBackend(), place_on_host
+    return runner, Generator(runner)

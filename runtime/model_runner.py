@@ -114,13 +114,18 @@ class ModelRunner:
     mesh: Any = None
     #: per-layer buffers instead of stacked ones (see runtime.lower_jax.entry_program)
     split_layers: bool = True
+    #: host offload (runtime/offload_host.py): the backend the entries are lowered with, and
+    #: where the prepared weights are placed (params, the entry) -> params
+    backend: Any = None
+    place: Callable[[dict, Function], dict] | None = None
 
     def context_for(self, positions: int) -> int:
         """The compiled KV-cache length for a request that writes ``positions`` positions: the
-        next power of two, at most cache_len. Decode attends over the whole compiled cache, so a
-        short request on a long-context runner would otherwise read (and, at batch > 1, move)
-        cache_len positions per layer per step."""
-        return min(self.cache_len, bucket(positions))
+        next power of two up to 64, then the next multiple of 64, at most cache_len. Decode
+        attends over the whole compiled cache, so a short request on a long-context runner would
+        otherwise read (and, at batch > 1, move) cache_len positions per layer per step."""
+        n = bucket(positions) if positions <= 64 else -(-positions // 64) * 64
+        return min(self.cache_len, n)
 
     def valid_batch(self, batch: int) -> bool:
         """Whether the layout can run this batch (batch-sharded caches need it to divide)."""
@@ -145,13 +150,15 @@ class ModelRunner:
             raise SpecError(f"a prefill of {length} tokens does not fit the KV cache of {ctx} positions")
         module = self.build(phase, batch, length, ctx)
         fn = module.function(phase)
-        program, mesh = entry_program(module, phase, split_layers=self.split_layers)
+        program, mesh = entry_program(module, phase, self.backend, split_layers=self.split_layers)
         self.mesh = mesh
         weight_names = tuple(p.name for p in fn.params_with_role("weight"))
         sig = tuple((p.name, str(p.type)) for p in fn.params_with_role("weight"))
         if self._signature is None:
             host = prepared_weights(JaxExecutor(module), self.weights)  # through @prepare, once
             self.params = {p.name: _put(host[p.name], p.type, mesh, self.split_layers) for p in fn.params_with_role("weight")}
+            if self.place is not None:
+                self.params = self.place(self.params, fn)
             self._signature = sig
         elif sig != self._signature:
             raise SpecError(f"the {phase} program at batch {batch}, length {length} takes other weights "

@@ -178,7 +178,9 @@ class OffloadRunner:
     def __post_init__(self) -> None:
         self.layout = read_layout(self.store, self.key)
         self.slots = budget_slots(self.budget, self.layout)
-        self.resident = {k: jnp.asarray(v) for k, v in read_globals(self.store, self.layout).items()}
+        # device_put of the aligned block's views is zero-copy on CPU (jnp.asarray would copy:
+        # two copies of the embedding at load)
+        self.resident = {k: jax.device_put(v) for k, v in read_globals(self.store, self.layout).items()}
         self.pool = self._new_pool()
 
     def _new_pool(self) -> LayerPool:

@@ -146,3 +146,35 @@ def test_cli_offload_disk_equals_resident(llama, tmp_path, capsys) -> None:
     assert "does not hold" in err and "Traceback" not in err
     assert main(base + ["--offload", "disk"]) == EXIT_ERROR
     assert "needs --memory-budget" in capsys.readouterr().err
+
+
+def test_host_offload_equals_resident_and_moves_layers_inside_the_program(llama) -> None:
+    """--offload host: per-layer weights in pinned_host memory, device_put per layer in the step."""
+    from compiler.generation import make_runner
+    from runtime.generator import Generator
+    from runtime.offload_host import HostOffloadBackend, host_bytes, place_on_host
+
+    r = make_runner(llama.spec, llama.weights, CONTEXT)
+    r.backend, r.place = HostOffloadBackend(), place_on_host
+    g = Generator(r)
+    got = g.generate(GenerateRequest.of(PROMPTS, SamplingParams(), NEW))
+    assert got.tokens == llama.generate(PROMPTS).tokens == [llama.want(p) for p in PROMPTS]
+    assert r.params["wq"][0].sharding.memory_kind == "pinned_host"
+    assert r.params["embed"].sharding.memory_kind == "device"
+    layered = sum(a.nbytes for k, v in r.params.items() if isinstance(v, list) for a in v)
+    assert host_bytes(r.params) == layered > 0
+    # the program takes host arguments and moves them itself: one transfer per layer weight
+    step = r.step("decode", 1, 1)
+    caches = r.empty_cache(1)
+    tok = np.zeros((1, 1), np.int32)
+    hlo = jax.jit(step).lower(r.params, tok, tok, caches).as_text()
+    assert hlo.count('memory_kind = "pinned_host"') >= len(r.params["wq"]) * 7
+
+
+def test_cli_offload_host(llama, capsys) -> None:
+    ids = ",".join(map(str, PROMPTS[1]))
+    base = ["generate", "--checkpoint", str(llama.path), "--prompt-ids", ids, "--max-new-tokens", "8", "--json"]
+    assert main(base + ["--offload", "host"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["tokens"] == [llama.want(PROMPTS[1], 8)]
+    assert main(base + ["--offload", "host", "--memory-budget", "1MB"]) == EXIT_ERROR
+    assert "--memory-budget is for --offload disk" in capsys.readouterr().err
