@@ -59,7 +59,7 @@ class Efficiency:
 
     def flops_fraction(self, smallest_dim: float) -> float:
         """Achieved fraction of peak for a matmul whose smallest local dimension is ``smallest_dim``."""
-        if self.matmul_half <= 0:
+        if self.matmul_half <= 0 or math.isinf(smallest_dim):  # inf: a one-operand einsum (a sum, no matmul)
             return self.flops
         return self.flops * smallest_dim / (smallest_dim + self.matmul_half)
 
