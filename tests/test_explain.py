@@ -212,3 +212,29 @@ def test_pareto_axes_have_readable_tick_labels():
                 axis is ax.yaxis] <= hi]
             assert len(shown) >= 2, (ax.get_title(), axis.axis_name, shown)
             assert all("$" not in t for t in shown), shown  # plain numbers, not 10^k math text
+
+
+def _significant(token: str) -> int:
+    """Significant digits as printed: a whole number of 4 or more digits counts as 4 (it keeps
+    them all), zero as 4 when written 0.000."""
+    digits = token.replace(".", "").lstrip("0")
+    if "." not in token:
+        return 4 if len(token) >= 4 else len(digits)
+    return len(digits) if digits else len(token) - 1
+
+
+def test_explain_numbers_keep_one_style_per_column(capsys):
+    """Every time, cost and memory cell of the table has 4 significant digits (a whole number
+    of 4 or more digits keeps them all), so a column never mixes 9355.338 with 10776 or 5.1
+    with 4.677; MFU is a percentage with one decimal."""
+    code, out, err = run(capsys, "explain", *ARGS, "--overlap", "looped")
+    assert code == 0, err
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().endswith((" yes", " no"))]
+    assert len(rows) == 10
+    for cells in rows:
+        numbers = [c for c in cells if c[0].isdigit() and c not in ("1d-ws", "2d-ws")]
+        mfu = [c for c in numbers if c.endswith("%")]
+        assert len(mfu) == 1 and len(mfu[0].split(".")[1]) == 2, cells  # "12.5%"
+        values = [c for c in numbers if not c.endswith("%")]
+        assert len(values) == 8, cells
+        assert all(_significant(v) == 4 for v in values), cells
