@@ -31,8 +31,9 @@ from compiler.launch import subcommand as launch_subcommand
 from compiler.multiprocess import add_multiprocess_args, join
 from compiler.serve_cmd import subcommand as serve_subcommand
 from compiler.subcommand import Subcommand, ensure_devices
-from ir.errors import DistributedError, EinshardError, FileError, Location, SpecError
+from ir.errors import EinshardError, FileError, Location, SpecError
 from runtime.distributed import abandon, collective_errors, is_primary
+from runtime.distributed import current as current_group
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SUBCOMMANDS",
            "Subcommand", "VALUE_LIMITS", "add_overrides", "add_pipeline_flags", "main", "make_parser"]
@@ -72,12 +73,12 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
                    help="chip for the cost model (tpu-v4, tpu-v5e, tpu-v5p, a100-80g, h100, h200, cpu) or a chip .toml")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any spec field, e.g. model.layers=2 (repeatable)")
-
-
-def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pad", action="store_const", const=True, default=None,
                    help="refuse a layout whose heads, vocabulary, d_ff, d_model or batch do not divide its "
                         "devices instead of zero-padding them (serve.pad=false)")
+
+
+def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pass pipeline")
     g.add_argument("--passes", help="pipeline string replacing the default, e.g. 'cleanup'")
     g.add_argument("--print-ir-after-all", action="store_true", help="dump the IR after every pass (stderr)")
@@ -235,12 +236,12 @@ def _spec_with_overrides(args: argparse.Namespace):
     fmt, _ = _split_weights_flag(args)
     hw = getattr(args, "hardware", None)
     sets = [*args.sets, f"serve.hardware={hw}"] if hw is not None and not _is_chip_file(hw) else args.sets
+    if getattr(args, "no_pad", None):
+        sets = [*sets, "serve.pad=false"]
     return apply_overrides(loaded, mesh=args.mesh, phase=args.phase, batch=args.batch, seq=args.seq,
                            ffn=args.ffn, attn=args.attn, weights=fmt, overlap=args.overlap, sets=sets)
 
 
-    if getattr(args, "no_pad", None):
-        sets = [*sets, "serve.pad=false"]
 def _is_chip_file(hw: str) -> bool:
     return hw.endswith(".toml") or Path(hw).is_file()
 
@@ -464,15 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EinshardError as e:
         e.hint = hints.prune(e.hint)  # never suggest a setting already in force
         print(e.render(), file=sys.stderr)
-        if isinstance(e, DistributedError):
-            abandon()  # JAX's exit-time barrier would wait for the lost peer, then abort
-        return EXIT_ERROR
+        status = EXIT_ERROR
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        status = EXIT_INTERRUPTED
     except Exception:  # an internal bug: show everything
         traceback.print_exc()
         print("einshard: internal error (this is a bug; please report it with the command line)", file=sys.stderr)
-        return EXIT_INTERNAL
+        status = EXIT_INTERNAL
+    if current_group() is not None:  # one process of several failed: leave now (runtime.distributed.abandon)
+        abandon(status)
+    return status
 
 
 if __name__ == "__main__":

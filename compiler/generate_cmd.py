@@ -99,7 +99,7 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True, with_weights: bo
         spec = Spec(model, path=str(args.checkpoint))
     spec = apply_overrides(spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn, weights=args.weights,
                            sets=list(args.sets))
-    join(args, spec.mesh.n_devices)  # simulated devices, or this process's share of them
+    group = join(args, spec.mesh.n_devices)  # simulated devices, or this process's share of them
     from runtime.model_runner import enable_compile_cache
 
     enable_compile_cache()
@@ -115,6 +115,12 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True, with_weights: bo
         tok.check_vocab(spec.model.vocab)
     from compiler.generation import weight_types
 
+    from runtime.checkpoint import HFCheckpoint
+
+    if with_weights and group is not None and isinstance(ck, HFCheckpoint):
+        from runtime.sliced_weights import lazy_weights  # each process reads only its devices' blocks
+
+        return Loaded(spec, ck, tok, lazy_weights(ck, spec.model, weight_types(spec)))
     weights = ck.load_weights(spec.model, weight_types(spec)) if with_weights else {}
     return Loaded(spec, ck, tok, weights)
 

@@ -14,6 +14,7 @@ a collective whose peer died raises in Python and :func:`collective_errors` rety
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -55,6 +56,9 @@ class ProcessGroup:
 
 
 _group: ProcessGroup | None = None
+#: Set when the interpreter exits: from then on processes leave one by one (JAX's exit barrier,
+#: then process 0 stops the coordinator) and the peer monitor keeps beating but reports nothing.
+_stopping = threading.Event()
 
 
 def current() -> ProcessGroup | None:
@@ -158,6 +162,7 @@ def initialize(group: ProcessGroup) -> None:
 
     if jd.global_state.client is not None:
         _PeerMonitor(group, jd.global_state.client).start()
+        atexit.register(_stopping.set)  # runs before JAX's shutdown, registered earlier
     n = jax.device_count()
     if jax.local_device_count() * group.num_processes != n:
         raise DistributedError(f"{group.name}: {jax.local_device_count()} local devices, {n} in all: every "
@@ -183,7 +188,9 @@ class _PeerMonitor(threading.Thread):
             try:
                 self.client.key_value_set(f"{prefix}{g.process_id}", str(beat), allow_overwrite=True)
                 values = dict(self.client.key_value_dir_get(prefix))
-            except Exception as e:  # the coordinator (process 0) is gone
+            except Exception as e:  # the coordinator (process 0) is gone, or shut down at the end
+                if _stopping.is_set():
+                    return
                 self._fail(f"{g.name}: lost the coordinator (process 0) at {g.coordinator}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
             beat += 1
@@ -193,7 +200,7 @@ class _PeerMonitor(threading.Thread):
                 v = values.get(f"{prefix}{pid}", "")
                 if pid not in seen or seen[pid][0] != v:
                     seen[pid] = (v, now)
-                elif now - seen[pid][1] > g.peer_timeout:
+                elif now - seen[pid][1] > g.peer_timeout and not _stopping.is_set():
                     self._fail(f"{g.name}: process {pid} stopped responding (no sign of life for "
                                f"{g.peer_timeout} s, --peer-timeout); it has probably died")
             time.sleep(self.period)
@@ -224,12 +231,19 @@ def collective_errors() -> Iterator[None]:
                                hint="see the other processes' output (einshard launch shows it)") from None
 
 
-def abandon() -> None:
-    """Ends this process now, without JAX's exit-time shutdown barrier (which, with a peer gone,
-    waits out its timeout and then aborts)."""
+def abandon(status: int = WATCHDOG_EXIT) -> None:
+    """Ends this process now, without JAX's exit-time shutdown barrier: with a peer gone it would
+    wait out its timeout and then abort, and a process that failed alone must go at once so the
+    others' peer monitors see it (at the barrier it would keep beating while they wait for it)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(WATCHDOG_EXIT)
+    os._exit(status)
+
+
+def is_lazy(a: Any) -> bool:
+    """Whether ``a`` is a checkpoint weight not read yet (runtime.sliced_weights.LazyWeight):
+    pass it to :func:`global_array` as it is, so each process reads only its blocks."""
+    return type(a).__name__ == "LazyWeight" and hasattr(a, "read")
 
 
 def global_array(shape: tuple[int, ...], dtype: Any, sharding: Any, fetch: Callable[[Any], Any]) -> Any:

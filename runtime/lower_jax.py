@@ -21,7 +21,7 @@ from ir.errors import LoweringError
 
 from ir.module import Function, Module
 from ir.types import TensorType
-from runtime.distributed import global_array, to_host
+from runtime.distributed import global_array, is_lazy, to_host
 from runtime.kernels import Interpreter
 
 JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16,
@@ -251,7 +251,8 @@ class JaxExecutor:
             if not isinstance(a, jax.Array):
                 if mesh is not None and jax.process_count() > 1:  # each process builds only its shards
                     a = global_array(p.type.shape, JNP_DTYPES[p.type.dtype],
-                                     NamedSharding(mesh, partition_spec(p.type)), np.asarray(a).__getitem__)
+                                     NamedSharding(mesh, partition_spec(p.type)),
+                                     a.__getitem__ if is_lazy(a) else np.asarray(a).__getitem__)
                     out[p.name] = a
                     continue
                 a = to_device(a, p.type)

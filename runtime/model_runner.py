@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from ir.errors import EinshardError, SpecError
 from ir.module import Function, Module
-from runtime.distributed import global_array
+from runtime.distributed import global_array, is_lazy
 from runtime.generate import prepared_weights
 from runtime.lower_jax import JNP_DTYPES, JaxExecutor, _spec, entry_program, layer_split
 
@@ -209,7 +209,7 @@ def _np_dtype(dtype: str) -> Any:
 def _put(a: Any, t: Any, mesh: Any, split: bool = True) -> Any:
     """A host array onto the device(s), as the param type lays it out; a per-layer (N-stacked)
     value becomes a list of N arrays (see runtime.lower_jax.entry_program's split_layers)."""
-    x = np.asarray(a)
+    x = a if is_lazy(a) else np.asarray(a)  # a lazy weight is read block by block in _put_one
     if layer_split(t) and split:
         return [_put_one(x[i], t, mesh) for i in range(x.shape[0])]
     return _put_one(x, t, mesh)

@@ -74,8 +74,10 @@ def fit_to_params(weights: Mapping[str, np.ndarray], params) -> dict[str, np.nda
     for p in params:
         if p.name not in out:
             continue
-        a = np.asarray(out[p.name])
         want = p.type.shape
+        if getattr(out[p.name], "shape", None) == want:  # nothing to pad (and a lazy weight stays unread)
+            continue
+        a = np.asarray(out[p.name])
         if a.shape == want or a.ndim != len(want):
             continue
         grow = [(0, w - s) if d.name in PADDABLE_DIMS and s < w else (0, 0)
