@@ -161,16 +161,28 @@ class PipelineStages(Pass):
     def _entry(self, e: Function, sc: Scan, params: tuple[Param, ...], m: int, blocks: int, stage_fn: Function,
                staged: Module, fns: dict[str, Function]) -> Function:
         namer = Namer(set(e.value_types))
-        partial = namer.fresh(sc.results[0] + "_staged")
+        reason = "pipeline: the last stage's activations to every stage"
+        # A prefill that keeps only its last position splits it off next: the split is linear, so it
+        # takes the partial sum and only the last position crosses the (slow) stage links.
+        used = {o for op in e.ops for o in op.operands} | set(e.returns)
+        readers = [op for op in e.ops if sc.results[0] in op.operands]
+        late = (readers[0] if len(readers) == 1 and readers[0].kind == "split" and sc.results[0] not in e.returns
+                and not any(r in used for r in readers[0].results[:-1]) else None)
+        target = late.results[-1] if late is not None else sc.results[0]
+        partial = namer.fresh(target + "_staged")
         ops: list[Op] = []
         for op in e.ops:
             if op is sc:
-                ops.append(Pipeline(results=(partial, *sc.results[1:]), operands=sc.operands, types=(),
+                first = sc.results[0] if late is not None else partial
+                ops.append(Pipeline(results=(first, *sc.results[1:]), operands=sc.operands, types=(),
                                     body=Symbol(stage_fn.name), axis=self.axis, microbatches=m, blocks=blocks))
-                ops.append(AllReduce(results=(sc.results[0],), operands=(partial,), types=(), axes=(self.axis,),
-                                     reason="pipeline: the last stage's activations to every stage"))
+            elif op is late:
+                ops.append(op.with_(results=(*op.results[:-1], partial)))
             else:
                 ops.append(op)
+            if op is (late if late is not None else sc):
+                ops.append(AllReduce(results=(target,), operands=(partial,), types=(), axes=(self.axis,),
+                                     reason=reason))
         ctx = ModuleContext(staged.with_functions([*fns.values()]))
         return reinfer(e.with_ops(ops), params, ctx)
 
