@@ -247,3 +247,34 @@ def test_staged_spec_round_trips_through_its_text() -> None:
     assert (back.model, back.mesh, back.serve) == (spec.model, spec.mesh, spec.serve)
     # without stages the setting is left out of the canonical text (it parses back to auto)
     assert "microbatches" not in format_spec(apply_overrides(spec, mesh="x=2", sets=["serve.microbatches=auto"]))
+
+
+def test_pass_refuses_a_module_that_already_has_the_stage_axis() -> None:
+    from ir.errors import PassError
+    from passes.pipeline_stages import PipelineStages
+
+    _, _, _, res = _compiled(_spec(MESHES[2], "1d-ws", mb="2:2"))
+    with pytest.raises(PassError, match="already has"):
+        PipelineStages(stages=2).run(res.module)
+
+
+def test_verifier_checks_the_stage_body_signature() -> None:
+    """A pipeline whose body expects another micro-batch size is refused by type inference."""
+    from dataclasses import replace as dc_replace
+
+    from ir.errors import VerifyError
+
+    _, _, _, res = _compiled(_spec(MESHES[2], "1d-ws", mb="2:2"))
+    m = res.module
+    entry = m.function("decode")
+    bad = [dc_replace(op, microbatches=4) if op.kind == "pipeline" else op for op in entry.ops]
+    with pytest.raises(VerifyError, match="body @decode_stage takes"):
+        verify(m.with_function(entry.with_ops(bad)))
+
+
+def test_prefill_sends_only_the_last_position_across_stages() -> None:
+    """logits = last: the stage all_reduce comes after the split of the last position."""
+    spec = _spec(MESHES[2], "1d-ws", mb="2:2")
+    cfg, _, _, res = _compiled(spec)
+    (e,) = [e for e in ledger(res.module) if e.function == "prefill" and e.kind == "all_reduce" and e.axes == ("stage",)]
+    assert e.bytes_per_device == 2 * cfg.batch * 1 * (spec.model.d_model // 4) * 4
