@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from compiler.spec import ModelSpec
 from ir.builder import BuildContext, FunctionBuilder
 from ir.errors import SpecError
-from ir.fusion_ops import Split
+from ir.fusion_ops import Flatten, Split, Unflatten
 from ir.moe_ops import Combine, Dispatch, TopK
 from ir.module import Function, Module
 from ir.ops import (Binary, CacheUpdate, CausalMask, Einsum, Embed, Norm, Rope, Scale, Scan, Softmax,
@@ -80,6 +80,7 @@ class AttnForm:
 def dim_sizes(model: ModelSpec, cfg: BuildConfig, L: int) -> dict[str, int]:
     sizes = dict(B=cfg.batch, L=L, T=cfg.cache_len, E=model.d_model, F=model.d_ff, D=model.d_head,
                  V=model.vocab, N=model.layers)
+    sizes.update(Q=model.heads * model.d_head)  # OLMoE's QK-norm: heads x D flattened (q_norm; k_norm: kv_heads x D)
     if model.moe:  # X experts, R routes per token, C dropless slots per expert (every token once)
         sizes.update(X=model.experts, R=model.top_k, C=cfg.batch * L)
     form = AttnForm.of(model)
@@ -101,6 +102,10 @@ def layer_weights(model: ModelSpec) -> dict[str, str]:
         if model.norm == "layernorm":
             w["ln2_bias"] = "E"
     w.update(wq="E" + f.heads + "D", wk="E" + f.kvheads + "D", wv="E" + f.kvheads + "D", wo=f.heads + "DE")
+    if model.qk_norm == "head":
+        w.update(q_norm="D", k_norm="D")
+    elif model.qk_norm == "all":  # over the flattened heads x D (Q); a single K/V head is just D
+        w.update(q_norm="Q", k_norm="Q" if f.kvheads else "D")
     if model.bias in ("all", "qkv"):
         w.update(bq=f.heads + "D", bk=f.kvheads + "D", bv=f.kvheads + "D")
     if model.bias == "all":
@@ -128,7 +133,7 @@ def layer_weights(model: ModelSpec) -> dict[str, str]:
 
 #: The kind (ir/module.py KINDS) of each weight the builder names that is not a matrix or table.
 WEIGHT_KINDS: dict[str, str] = {
-    **{n: "norm" for n in ("ln1_scale", "ln2_scale", "final_scale")},
+    **{n: "norm" for n in ("ln1_scale", "ln2_scale", "final_scale", "q_norm", "k_norm")},
     **{n: "bias" for n in ("ln1_bias", "ln2_bias", "final_bias", "bq", "bk", "bv", "bo", "b_gate", "b_up",
                            "b_down", "b_in", "b_out", "lm_head_bias", "b_router", "w_shared_gate")},
 }
@@ -138,8 +143,13 @@ EXPERT_WEIGHTS = ("we_gate", "we_up", "we_down")
 
 
 def weight_sizes(model: ModelSpec, name: str, sizes: dict[str, int]) -> dict[str, int]:
-    """The dim sizes of weight ``name``: F is expert_d_ff for the routed experts' weights."""
-    return {**sizes, "F": model.expert_d_ff} if name in EXPERT_WEIGHTS else sizes
+    """The dim sizes of weight ``name``: F is expert_d_ff for the routed experts' weights, and the
+    flattened heads Q of OLMoE's key norm count the K/V heads."""
+    if name in EXPERT_WEIGHTS:
+        return {**sizes, "F": model.expert_d_ff}
+    if name == "k_norm":
+        return {**sizes, "Q": model.kv_heads * model.d_head}
+    return sizes
 
 
 def weight_kind(name: str) -> str:
@@ -181,11 +191,26 @@ class _LayerEmitter:
             y = self.b.emit(Binary, [y, self.w[bias]], hint, fn="add")
         return y
 
+    def qk_norm(self, x: str, heads: str, which: str) -> str:
+        """RMSNorm of queries or keys before rotary: over D per head (Qwen3), or over all heads and
+        D jointly (OLMoE), as one flattened dim Q (the HF projection's row order)."""
+        w, eps = self.w[f"{which}_norm"], self.m.norm_eps
+        if self.m.qk_norm == "head" or not heads:
+            return self.b.emit(Norm, [x, w], which, norm="rmsnorm", dim="D", eps=eps)
+        t = self.b.types[x]
+        dims = heads + "D"
+        flat = self.b.emit(Flatten, [x], which, dims=dims, into="Q")
+        flat = self.b.emit(Norm, [flat, w], which, norm="rmsnorm", dim="Q", eps=eps)
+        return self.b.emit(Unflatten, [flat], which, dim="Q", into=dims, sizes=tuple(t.size(c) for c in dims))
+
     def attention(self, h: str, pos: str, k_cache: str, v_cache: str) -> tuple[str, str, str]:
         f = AttnForm.of(self.m)
         q = self.proj(h, "wq", f"BLE,E{f.heads}D->{f.q}", "q", "bq")
         k = self.proj(h, "wk", f"BLE,E{f.kvheads}D->{f.kv}", "k", "bk")
         v = self.proj(h, "wv", f"BLE,E{f.kvheads}D->{f.kv}", "v", "bv")
+        if self.m.qk_norm != "none":
+            q = self.qk_norm(q, f.heads, "q")
+            k = self.qk_norm(k, f.kvheads, "k")
         rope = dict(style=self.m.rotary_style, rotary_dim=self.m.rotary_dim, theta=self.m.rope_theta)
         q = self.b.emit(Rope, [q, pos], "q", **rope)
         k = self.b.emit(Rope, [k, pos], "k", **rope)

@@ -565,7 +565,7 @@ def _fmt_block(head: str, items: list[tuple[str, Any]]) -> list[str]:
 
 
 #: Model fields left out of the canonical text while off (they parse back to the same default).
-_OFF = {"sliding_window": 0}
+_OFF = {"sliding_window": 0, "qk_norm": "none"}
 
 
 def format_spec(spec: Spec) -> str:
@@ -578,6 +578,8 @@ def format_spec(spec: Spec) -> str:
         out += ["", *_fmt_block("mesh", list(spec.mesh.axes))]
     # micro-batches mean something only with pipeline stages (a mesh axis named stage)
     staged = "stage" in spec.mesh.names or spec.serve.microbatches != "auto"
+    # and expert axes only with experts
+    moe = m.experts > 0 or spec.serve.expert_axes != "auto"
     out += ["", *_fmt_block("serve", [(k, getattr(spec.serve, k)) for k in _SERVE_FIELDS
-                                      if k != "microbatches" or staged])]
+                                      if (k != "microbatches" or staged) and (k != "expert_axes" or moe)])]
     return "\n".join(out) + "\n"

@@ -27,6 +27,9 @@ ROTARY_STYLES = ("half", "interleaved")
 #: How router logits become the k expert weights: softmax over all experts then top-k (Mixtral,
 #: Qwen-MoE, OLMoE), top-k of the logits then softmax over the k, or sigmoid then top-k.
 ROUTER_KINDS = ("softmax-topk", "topk-softmax", "sigmoid-topk")
+#: RMSNorm of the queries and keys before rotary: none, per head over D (Qwen3), or over all
+#: heads jointly (OLMoE: over the whole H*D projection).
+QK_NORMS = ("none", "head", "all")
 #: Fields that only mean something when ``experts`` > 0 (omitted from dense specs).
 MOE_FIELDS = ("experts", "top_k", "router", "norm_topk", "expert_d_ff", "shared_experts", "shared_gate",
               "router_bias")
@@ -65,6 +68,7 @@ MODEL_FIELDS: dict[str, Field] = {
     "bias": Field("enum", BIAS_KINDS),
     "tie_embeddings": Field("bool"),
     "sliding_window": Field("count"),
+    "qk_norm": Field("enum", QK_NORMS),
     "experts": Field("count"),
     "top_k": Field("count"),
     "router": Field("enum", ROUTER_KINDS),
@@ -148,6 +152,7 @@ class ModelSpec:
     bias: str = "none"  # none | mlp (MLP linears and lm_head) | all (every linear layer) | qkv (q/k/v only, Qwen2)
     tie_embeddings: bool = False  # output projection reuses the input embedding
     sliding_window: int = 0  # attend to the last sliding_window positions only (Mistral); 0: no window
+    qk_norm: str = "none"  # RMSNorm (eps norm_eps) of q and k before rotary: none | head (Qwen3) | all heads (OLMoE)
     # Mixture of experts (experts > 0): the MLP becomes a router over ``experts`` SwiGLU experts of
     # width expert_d_ff (0: d_ff), each token taking its ``top_k``; ``shared_experts`` > 0 adds an
     # always-on SwiGLU of width d_ff (Qwen2-MoE), scaled by sigmoid(gate . h) when shared_gate.

@@ -50,7 +50,7 @@ from ir.model import ModelSpec
 __all__ = ["FAMILIES", "HFConfig", "falcon_qkv_layout", "hf_family", "model_from_config", "read_hf_config"]
 
 FAMILIES: dict[str, str] = {"llama": "llama", "falcon": "falcon", "gptj": "gptj", "mistral": "llama", "qwen2": "llama",
-                            "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
+                            "mixtral": "mixtral", "qwen2_moe": "qwen_moe", "qwen3_moe": "qwen_moe", "olmoe": "qwen_moe"}
 """HF ``model_type`` → the einshard family whose tensor names it uses (``runtime.recipes``)."""
 
 _EXACT_GELU = ("gelu", "gelu_python")
@@ -165,8 +165,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
                    "multi-head latent attention",
     "deepseek_v2": "DeepSeek-V2's grouped routing (n_group / topk_group) and multi-head latent attention",
     "gpt_oss": "gpt-oss's clamped SwiGLU with biased experts, attention sinks and alternating sliding windows",
-    "qwen3_moe": "Qwen3's per-head QK-norm (q_norm / k_norm before rotary)",
-    "olmoe": "OLMoE's QK-norm over all heads (q_norm / k_norm before rotary)",
 }
 
 
@@ -361,17 +359,47 @@ def _qwen2_moe(cfg: HFConfig) -> dict[str, Any]:
     moe_intermediate_size, renormalised only with norm_topk_prob, plus one shared expert of
     shared_expert_intermediate_size scaled by sigmoid(shared_expert_gate)."""
     fields = _qwen2(cfg)
-    if cfg.data.get("mlp_only_layers") or cfg.get_int("decoder_sparse_step", default=1) != 1:
-        key = "mlp_only_layers" if cfg.data.get("mlp_only_layers") else "decoder_sparse_step"
-        raise cfg.error(key, "Qwen2-MoE with dense MLPs on some layers cannot be represented",
-                        "einshard applies one MLP kind (dense or mixture of experts) to every layer")
+    _sparse_every_layer(cfg, "Qwen2-MoE")
     return {**fields, **_experts(cfg, "num_experts"), "bias": "qkv" if cfg.get_bool("qkv_bias", True) else "none",
             "d_ff": cfg.get_int("shared_expert_intermediate_size", default=5632),
             "expert_d_ff": cfg.get_int("moe_intermediate_size", default=1408),
             "norm_topk": cfg.get_bool("norm_topk_prob", False), "shared_experts": 1, "shared_gate": True}
 
 
-_READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "llama": _llama, "falcon": _falcon, "gptj": _gptj, "mistral": _mistral, "qwen2": _qwen2}
+def _sparse_every_layer(cfg: HFConfig, what: str) -> None:
+    if cfg.data.get("mlp_only_layers") or cfg.get_int("decoder_sparse_step", default=1) != 1:
+        key = "mlp_only_layers" if cfg.data.get("mlp_only_layers") else "decoder_sparse_step"
+        raise cfg.error(key, f"{what} with dense MLPs on some layers cannot be represented",
+                        "einshard applies one MLP kind (dense or mixture of experts) to every layer")
+
+
+def _qwen3_moe(cfg: HFConfig) -> dict[str, Any]:
+    """Llama's attention without biases plus an RMSNorm of each query and key head over D before
+    rotary (q_norm / k_norm); every MLP sparse (experts of moe_intermediate_size, renormalised
+    with norm_topk_prob), no shared expert."""
+    fields = _qwen2(cfg)
+    _sparse_every_layer(cfg, "Qwen3-MoE")
+    return {**fields, **_experts(cfg, "num_experts" if cfg.has("num_experts") else "num_local_experts"),
+            "bias": "none", "qk_norm": "head",
+            "expert_d_ff": cfg.get_int("moe_intermediate_size", default=768),
+            "norm_topk": cfg.get_bool("norm_topk_prob", False)}
+
+
+def _olmoe(cfg: HFConfig) -> dict[str, Any]:
+    """Llama's attention with an RMSNorm over the whole query (and key) projection before the
+    split into heads (QK-norm over all heads), every MLP a mixture of intermediate_size experts
+    renormalised with norm_topk_prob; clip_qkv (a clamp of q, k, v) is refused."""
+    if cfg.data.get("clip_qkv") is not None:
+        raise cfg.error("clip_qkv", "clip_qkv (clamping q, k and v) is not supported",
+                        "einshard's attention has no clamp; only checkpoints with clip_qkv null load")
+    fields = _llama(cfg)
+    if fields["bias"] != "none":
+        raise cfg.error("attention_bias", "OLMoE with attention biases is not supported")
+    return {**fields, **_experts(cfg, "num_experts"), "qk_norm": "all",
+            "expert_d_ff": fields["d_ff"], "norm_topk": cfg.get_bool("norm_topk_prob", False)}
+
+
+_READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe, "llama": _llama, "falcon": _falcon, "gptj": _gptj, "mistral": _mistral, "qwen2": _qwen2}
 """HF ``model_type`` → its config reader."""
 
 

@@ -200,12 +200,18 @@ def _mixtral_recipes(m: ModelSpec, layout: str) -> dict[str, _Recipe]:
             **_moe_recipes(m, "block_sparse_moe.", {"we_gate": "w1", "we_up": "w3", "we_down": "w2"})}
 
 
-def _qwen2_moe_recipes(m: ModelSpec, layout: str) -> dict[str, _Recipe]:
-    """Qwen2's names; ``mlp.experts.{j}.{gate,up,down}_proj`` and the shared expert with its gate."""
-    E, F = m.d_model, m.d_ff
+def _qwen_moe_recipes(m: ModelSpec, layout: str) -> dict[str, _Recipe]:
+    """Qwen2-MoE, Qwen3-MoE and OLMoE: Llama's names; ``mlp.experts.{j}.{gate,up,down}_proj``; the
+    shared expert with its gate (Qwen2-MoE); ``self_attn.{q,k}_norm`` (Qwen3: [D]; OLMoE: the
+    whole projection, [heads * D], in the row order of einshard's flattened Q)."""
+    E, F, D = m.d_model, m.d_ff, m.d_head
     L = "model.layers.{i}.mlp."
     r = {**_llama_recipes(m, layout),
          **_moe_recipes(m, "mlp.", {"we_gate": "gate_proj", "we_up": "up_proj", "we_down": "down_proj"})}
+    A = "model.layers.{i}.self_attn."
+    for which, heads in (("q", m.heads), ("k", m.kv_heads)):
+        shape = (D,) if m.qk_norm == "head" else (heads * D,)
+        r[which + "_norm"] = _Recipe(((A + which + "_norm.weight", shape),), _same, True)
     for n, (o, i) in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
         r["w_" + n] = _Recipe(((L + f"shared_expert.{n}_proj.weight", (o, i)),), _linear, True)
     r["w_shared_gate"] = _Recipe(((L + "shared_expert_gate.weight", (1, E)),), _same, True)
@@ -224,7 +230,7 @@ _FAMILIES: dict[str, _Family] = {
                      re.compile(r".*\.rotary_emb\.inv_freq\Z")),
     "mixtral": _Family(_mixtral_recipes, re.compile(r"model\.layers\.(\d+)\."),
                        re.compile(r".*\.rotary_emb\.inv_freq\Z")),
-    "qwen2_moe": _Family(_qwen2_moe_recipes, re.compile(r"model\.layers\.(\d+)\."),
+    "qwen_moe": _Family(_qwen_moe_recipes, re.compile(r"model\.layers\.(\d+)\."),
                          re.compile(r".*\.rotary_emb\.inv_freq\Z")),
     "falcon": _Family(_falcon_recipes, re.compile(r"transformer\.h\.(\d+)\."),
                       re.compile(r".*\.rotary_emb\.inv_freq\Z")),

@@ -37,6 +37,9 @@ CASES: dict[str, Callable[[], Any]] = {
     "qwen2-moe-shared": lambda: transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24,
                                                             shared_expert_intermediate_size=40, num_experts=8,
                                                             num_experts_per_tok=2, **BASE),
+    "olmoe": lambda: transformers.OlmoeConfig(intermediate_size=24, num_experts=8, num_experts_per_tok=2, **BASE),
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=8,
+                                                     num_experts_per_tok=2, head_dim=12, norm_topk_prob=True, **BASE),
     "qwen2-moe-norm-topk": lambda: transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16,
                                                                shared_expert_intermediate_size=24, num_experts=4,
                                                                num_experts_per_tok=3, norm_topk_prob=True, **BASE),
@@ -107,6 +110,8 @@ EXPECTED = {
                     shared_experts=0, shared_gate=False, bias="none", sliding_window=0),
     "qwen2-moe-shared": dict(experts=8, top_k=2, norm_topk=False, d_ff=40, expert_d_ff=24, shared_experts=1,
                              shared_gate=True, bias="qkv"),
+    "olmoe": dict(experts=8, top_k=2, norm_topk=False, expert_d_ff=24, qk_norm="all", shared_experts=0, bias="none"),
+    "qwen3-moe": dict(experts=8, top_k=2, norm_topk=True, expert_d_ff=24, qk_norm="head", d_head=12, bias="none"),
     "qwen2-moe-norm-topk": dict(experts=4, top_k=3, norm_topk=True, expert_d_ff=16, d_ff=24),
 }
 
@@ -127,7 +132,7 @@ def _config(tmp_path: Path, cfg: dict[str, Any]) -> Path:
 
 
 @pytest.mark.parametrize("model_type, missing", [
-    ("deepseek_v3", "grouped routing"), ("gpt_oss", "clamped SwiGLU"), ("qwen3_moe", "QK-norm"), ("olmoe", "QK-norm")])
+    ("deepseek_v3", "grouped routing"), ("deepseek_v2", "grouped routing"), ("gpt_oss", "clamped SwiGLU")])
 def test_refused_families_name_what_is_missing(tmp_path: Path, model_type: str, missing: str) -> None:
     d = _config(tmp_path, dict(model_type=model_type, num_hidden_layers=2, hidden_size=32))
     with pytest.raises(SpecError, match=missing) as e:
@@ -189,7 +194,7 @@ def einshard_greedy(d: Path, mesh: str | None = None, experts: str | None = None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["mixtral", "qwen2-moe-shared"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2-moe-shared", "olmoe", "qwen3-moe"])
 def test_greedy_one_device(case: str, saved: Callable[[str], tuple[Path, Any]]) -> None:
     d, model = saved(case)
     want = [hf_greedy(model, p) for p in PROMPTS]
@@ -199,7 +204,8 @@ def test_greedy_one_device(case: str, saved: Callable[[str], tuple[Path, Any]]) 
 
 MESH_CASES = [("mixtral", "x"), ("qwen2-moe-shared", "x,y")]
 SLOW_MESH_CASES = [("mixtral", "x,y"), ("mixtral", "x,y,z"), ("mixtral", "none"), ("qwen2-moe-shared", "x"),
-                   ("qwen2-moe-shared", "x,y,z"), ("qwen2-moe-shared", "none")]
+                   ("qwen2-moe-shared", "x,y,z"), ("qwen2-moe-shared", "none"), ("olmoe", "x"), ("olmoe", "x,y,z"),
+                   ("qwen3-moe", "x,y")]
 
 
 def _greedy_on_mesh(case: str, experts: str, saved: Callable[[str], tuple[Path, Any]]) -> None:

@@ -108,3 +108,12 @@ def test_spmd_one_long_prompt_spreads_tokens_over_L(experts: str) -> None:
     assert sum(op.kind == "all_to_all" and "we_gate" in op.reason for op in ops) == 1
     got, ref = run_pair(sharded, model, 1, 8, 2, SpmdExecutor)
     assert rel_err(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "all"])
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_spmd_qk_norm(qk_norm: str, kv_heads: int) -> None:
+    """Qwen3's per-head and OLMoE's all-heads QK-norm under sharded heads (K over x, G over y, z)."""
+    model = moe_model(qk_norm=qk_norm, kv_heads=kv_heads, d_head=8)
+    got, ref = run_pair(compiled(model, MESH3, "1d-ws", "x"), model, 4, 3, 2, SpmdExecutor)
+    assert rel_err(got, ref) <= TOL

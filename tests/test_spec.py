@@ -211,7 +211,7 @@ def test_unknown_field() -> None:
         t.model:4:3: spec error: unknown field 'hedas' in model block
             hedas = 4
             ^~~~~
-          hint: did you mean 'heads'? valid choices: layers, d_model, heads, kv_heads, d_head, d_ff, vocab, block, mlp, norm, norm_eps, rope_theta, rotary_dim, rotary_style, bias, tie_embeddings, sliding_window
+          hint: did you mean 'heads'? valid choices: layers, d_model, heads, kv_heads, d_head, d_ff, vocab, block, mlp, norm, norm_eps, rope_theta, rotary_dim, rotary_style, bias, tie_embeddings, sliding_window, qk_norm, experts, top_k, router, norm_topk, expert_d_ff, shared_experts, shared_gate, router_bias
         """)
 
 
@@ -565,7 +565,7 @@ def test_override_unknown_field_and_section(gqa: Spec) -> None:
         <command line>:1:7: spec error: unknown field 'bach' in serve block
           serve.bach=8
                 ^~~~
-          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits, microbatches, pad""")
+          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits, microbatches, pad, expert_axes""")
     err = cli_error(gqa, sets=["srve.batch=8"])
     assert err.message == "unknown section 'srve'" and err.hint.startswith("did you mean 'serve'?")
     assert (err.loc.col, err.loc.length) == (1, 4)
