@@ -251,7 +251,15 @@ def global_array(shape: tuple[int, ...], dtype: Any, sharding: Any, fetch: Calla
     the indices of this process's devices, so a process reads only what it holds."""
     import jax
 
-    return jax.make_array_from_callback(shape, sharding, lambda idx: np.asarray(fetch(idx), dtype=dtype))
+    blocks: dict[tuple, np.ndarray] = {}  # JAX asks once per device: a block replicated over local devices is read once
+
+    def block(idx: Any) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)
+        if key not in blocks:
+            blocks[key] = np.asarray(fetch(idx), dtype=dtype)
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 def to_host(x: Any) -> np.ndarray:
