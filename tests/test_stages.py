@@ -278,3 +278,24 @@ def test_prefill_sends_only_the_last_position_across_stages() -> None:
     cfg, _, _, res = _compiled(spec)
     (e,) = [e for e in ledger(res.module) if e.function == "prefill" and e.kind == "all_reduce" and e.axes == ("stage",)]
     assert e.bytes_per_device == 2 * cfg.batch * 1 * (spec.model.d_model // 4) * 4
+
+
+@pytest.mark.slow  # ~1 min of XLA compile, cold
+def test_serving_engine_on_stages_gives_the_one_device_tokens() -> None:
+    """The serving engine (slots, chunked prefill, compaction, sampled and greedy rows, stop ids)
+    on stage=2,x=2,y=2 gives every request the tokens it gets alone on one device."""
+    from test_serving_engine import Clock, Model, replay, request
+
+    from runtime.serving.engine import Engine
+    from runtime.serving.scheduler import SchedulerConfig
+
+    staged, one = Model(MESHES[2], attn="batch"), Model("1")
+    rng = np.random.default_rng(3)
+    trace = [(t, request(i, rng.integers(0, 128, n), temp, k, p, i, m, stop))
+             for i, (t, n, temp, k, p, m, stop) in enumerate([
+                 (0, 20, 0.0, 0, 1.0, 9, ()), (0, 3, 0.7, 5, 1.0, 12, (3,)), (1, 13, 1.5, 0, 0.8, 4, ()),
+                 (2, 1, 0.0, 0, 1.0, 14, (37, 105)), (2, 24, 0.7, 0, 1.0, 6, ())])]
+    clock = Clock()
+    tokens, _ = replay(Engine(staged.runner, SchedulerConfig(slots=4, chunk=8, step_tokens=32), clock=clock),
+                       clock, trace)
+    assert {r.id: tokens[r.id] for _, r in trace} == {r.id: one.alone(r) for _, r in trace}
