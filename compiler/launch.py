@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from compiler.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
-from ir.errors import SpecError
+from ir.errors import FileError, SpecError
 
 #: Subcommands that take the multi-process flags.
 MULTIPROCESS_COMMANDS = ("run", "generate", "serve")
@@ -191,7 +191,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if log_dir is None:
         log_dir = Path(tempfile.mkdtemp(prefix="einshard-launch-"))
     else:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FileError(f"--log-dir '{log_dir}' cannot be a folder: {e.strerror or e}") from None
     pl = plan(args.command, args.launch_n, free_port(), log_dir, args.devices_per_process,
               args.launch_init_timeout)
     status = run_processes(pl, args.grace, args.timeout)
