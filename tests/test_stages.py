@@ -299,3 +299,30 @@ def test_serving_engine_on_stages_gives_the_one_device_tokens() -> None:
     tokens, _ = replay(Engine(staged.runner, SchedulerConfig(slots=4, chunk=8, step_tokens=32), clock=clock),
                        clock, trace)
     assert {r.id: tokens[r.id] for _, r in trace} == {r.id: one.alone(r) for _, r in trace}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_random_stage_configurations_equal_the_reference(seed: int) -> None:
+    """Random stage counts, inner meshes, layouts, models, batches and micro-batch counts that the
+    row blocks allow: the simulator equals the reference (float64) in prefill and decode."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):  # the first draw whose layout the model takes (refusals: test_layout_errors.py)
+        stages = int(rng.choice([2, 4]))
+        inner = "x=2,y=2" if stages == 2 else str(rng.choice(["x=2", "x=1"]))
+        example = str(rng.choice(["tiny-mqa", "tiny-gqa", "tiny-mha", "tiny-gptj"]))
+        ffn, attn = str(rng.choice(FFN_LAYOUTS)), str(rng.choice(["heads", "batch"]))
+        batch = int(rng.choice([4, 8, 12, 16]))
+        spec = apply_overrides(_spec(f"stage={stages},{inner}", ffn, attn, "auto", example), batch=batch)
+        try:
+            res = _compiled(spec)[3]
+            break
+        except LayoutError:
+            continue
+    else:
+        raise AssertionError("no legal configuration in 20 draws")
+    rows = [op for f in res.module.entries for op in f.ops if op.kind == "pipeline"]
+    m = int(rng.choice([d for d in range(1, batch + 1) if all(batch % (d * op.blocks) == 0 for op in rows)]))
+    spec = apply_overrides(spec, sets=[f"serve.microbatches={m}:{m}"])
+    got, ref = _logits(spec)
+    assert _rel(got, ref) < 1e-12, (stages, inner, example, ffn, attn, batch, m)
