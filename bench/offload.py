@@ -118,7 +118,7 @@ def run_one(a: argparse.Namespace) -> None:
         out["kv_bytes"] = runner.cache_bytes(a.batch)
         out["weight_bytes"] = runner.weight_bytes()
     else:
-        key = store_key(a.checkpoint, spec)
+        key = a.key or store_key(a.checkpoint, spec)  # the driver's: the store it had written
         orun = make_offload_runner(spec, a.store, key, context, parse_size(a.budget), a.batch,
                                      prefetch=a.one == "prefetch", evict_after_read=a.cache == "cold")
         gen = OffloadGenerator(orun)
@@ -153,7 +153,7 @@ def run_baseline() -> None:
 # ---- the driver -----------------------------------------------------------------------------------
 def child(a: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--checkpoint", str(a.checkpoint), "--store", str(a.store), "--budget", a.budget,
-           "--new", str(a.new), "--prompt-len", str(a.prompt_len), *extra]
+           "--new", str(a.new), "--prompt-len", str(a.prompt_len), *(["--key", a.key] if a.key else []), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     if r.returncode != 0 or not line:
@@ -170,8 +170,9 @@ def build_store(a: argparse.Namespace) -> None:
 
     ck = open_checkpoint(a.checkpoint)
     spec = Spec(ck.model_spec(), path=str(a.checkpoint))
-    ensure_store(spec, store_key(a.checkpoint, spec), a.store, lambda: ck.load_weights(spec.model, weight_types(spec)))
-    print("RESULT {}")
+    key = store_key(a.checkpoint, spec)
+    ensure_store(spec, key, a.store, lambda: ck.load_weights(spec.model, weight_types(spec)))
+    print("RESULT " + json.dumps({"key": key}))
 
 
 def mb(n: float) -> str:
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--build-store", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--key", help=argparse.SUPPRESS)
     ap.add_argument("--cache", choices=("cold", "warm"), default="warm", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "einshard" / "bench-offload"
@@ -208,7 +210,8 @@ def main() -> None:
     if a.one:
         return run_one(a)
 
-    child(a, "--build-store")  # once, in its own process (it loads the checkpoint as resident does)
+    # once, in its own process (it loads the checkpoint as resident does)
+    a.key = child(a, "--build-store")["key"]
     base = child(a, "--baseline")
     rows = []
     print(f"checkpoint {a.checkpoint}; budget {a.budget}; {a.new} tokens per row after a {a.prompt_len}-token prompt; "

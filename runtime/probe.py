@@ -94,3 +94,76 @@ def measure_cpu(cache_dir: Path | None = None, refresh: bool = False) -> dict:
     except OSError:
         pass  # an unwritable cache only costs a re-measurement
     return data
+
+
+# ---- host memory copy and disk read rates (for offloading; a separate, separately versioned cache)
+IO_PROBE_VERSION = 1
+
+
+def _measure_io(scratch: Path) -> dict:
+    """memcpy bytes/s (numpy copy of 64 MiB, median) and the read rate of a 256 MiB file from
+    the disk (its pages dropped first: cold) and from the page cache (warm), read in 16 MiB
+    blocks as the offload reader does."""
+    import numpy as np
+
+    src = np.ones(16 << 20, np.float32)
+    dst = np.empty_like(src)
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        ts.append(time.perf_counter() - t0)
+    memcpy = src.nbytes / statistics.median(ts)
+    path = scratch / "io-probe.bin"
+    block = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
+    n_blocks = 16
+    with open(path, "wb") as f:
+        for _ in range(n_blocks):
+            f.write(block.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    rates = {}
+    try:
+        for kind in ("cold", "warm"):
+            fd = os.open(str(path), os.O_RDONLY)
+            try:
+                if kind == "cold":
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                mv = memoryview(dst).cast("B")[: block.nbytes]
+                t0 = time.perf_counter()
+                for i in range(n_blocks):
+                    done = 0
+                    while done < len(mv):
+                        got = os.preadv(fd, [mv[done:]], i * len(mv) + done)
+                        if got <= 0:
+                            raise OSError(f"short read from {path}")
+                        done += got
+                rates[kind] = n_blocks * len(mv) / (time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    return {"memcpy_bw": memcpy, "disk_bw": rates["cold"], "page_cache_bw": rates["warm"],
+            "source": f"measured on {platform.machine()} by runtime/probe.py (memcpy of 64 MiB; a 256 MiB file "
+                      f"read cold after posix_fadvise DONTNEED, then warm)"}
+
+
+def measure_io(cache_dir: Path | None = None, refresh: bool = False) -> dict:
+    """This machine's memcpy, disk and page-cache read rates (bytes/s), cached in
+    ``io-probe.json`` beside the CPU probe (its own version: the CPU probe is not re-run)."""
+    d = cache_dir or default_cache_dir()
+    path = d / "io-probe.json"
+    if not refresh and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("version", None) == IO_PROBE_VERSION:
+                return data
+        except (OSError, ValueError):
+            pass
+    d.mkdir(parents=True, exist_ok=True)
+    data = _measure_io(d)
+    try:
+        path.write_text(json.dumps({**data, "version": IO_PROBE_VERSION}, indent=1))
+    except OSError:
+        pass
+    return data
