@@ -46,7 +46,7 @@ def minimal_params(runner_params: dict[str, Any]) -> dict[str, Any]:
         return [w.reshape(shape(w)) for w in p[name]]
 
     return {
-        "embed": p["embed"], "final": p["final_scale"],
+        "embed": p["embed"], "head": p.get("lm_head", p["embed"]), "final": p["final_scale"],
         "ln1": list(p["ln1_scale"]), "ln2": list(p["ln2_scale"]),
         "wq": layers("wq", lambda w: (w.shape[0], -1)), "wk": layers("wk", lambda w: (w.shape[0], -1)),
         "wv": layers("wv", lambda w: (w.shape[0], -1)), "wo": layers("wo", lambda w: (-1, w.shape[-1])),
@@ -93,7 +93,7 @@ def make_step(s: Shape) -> Callable:
             x = x + (jax.nn.silu(h @ p["gate"][i]) * (h @ p["up"][i])) @ p["down"][i]
             nk.append(kc)
             nv.append(vc)
-        logits = _rms(x, p["final"], s.eps) @ p["embed"].T
+        logits = _rms(x, p["final"], s.eps) @ p["head"].T
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), (nk, nv)
 
     return step
@@ -120,50 +120,62 @@ def shape_of(model: Any) -> Shape:
     return Shape(model.layers, model.heads, model.kv_heads, model.d_head, model.norm_eps, model.rope_theta)
 
 
-def ab_decode(runner: Any, model: Any, prompt: np.ndarray, steps: int, repeats: int) -> dict[str, Any]:
-    """einshard's on-device decode loop against the minimal decoder, interleaved in one process.
-
-    Both prefill the same prompt with einshard's prefill (so they start from the same cache and
-    first token), then decode ``steps`` greedy tokens on device; each repeat times one loop of
-    each. Returns per-step medians (ms), their ratio, and whether the tokens agree."""
-    from runtime.generator import GenerateRequest, Generator
+def minimal_run(runner: Any, gen: Any, model: Any, prompt: np.ndarray, steps: int) -> Callable[[], tuple[float, list[int]]]:
+    """A timed run of the minimal decoder: einshard's prefill (so it starts from the same cache
+    and first token), then ``steps`` greedy tokens on device. Returns (ms per step, row 0's
+    tokens) per call."""
     from runtime.model_runner import bucket
-    from runtime.sampling import SamplingParams
 
-    gen = Generator(runner)
-    B = prompt.shape[0]
-    req = GenerateRequest.of(prompt.tolist(), SamplingParams(), steps + 1, ())
-    gen.compile(req)
+    B, P = prompt.shape
+    ctx = runner.context_for(max(bucket(P), P + steps + 1))  # what Generator compiles for the same request
     loop = make_loop(shape_of(model), steps)
     mp = minimal_params(runner.params)
-    P = prompt.shape[1]
-    ctx = runner.context_for(max(bucket(P), P + steps + 1))  # what Generator compiles for req
 
-    def minimal_run() -> tuple[float, list[int]]:
+    def run() -> tuple[float, list[int]]:
         first, caches = _prefill_first(gen, runner, prompt, runner.empty_cache(B, ctx), ctx)
         caches = (list(caches[0]), list(caches[1]))
         jax.block_until_ready(caches)
         t0 = time.perf_counter()
         _, _, out = loop(mp, first, jnp.int32(P), caches)
         out = np.asarray(out)
-        dt = time.perf_counter() - t0
-        return dt / steps * 1e3, [int(first[0])] + out[0].tolist()
+        return (time.perf_counter() - t0) / steps * 1e3, [int(np.asarray(first)[0])] + out[0].tolist()
+
+    return run
+
+
+def ab_decode(runner: Any, model: Any, prompt: np.ndarray, steps: int, repeats: int) -> dict[str, Any]:
+    """einshard's decode (on-device loop and streamed) against the minimal decoder, interleaved
+    in one process: each repeat times one run of each. Returns per-step medians (ms) and whether
+    the tokens agree."""
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.sampling import SamplingParams
+
+    gen = Generator(runner)
+    req = GenerateRequest.of(prompt.tolist(), SamplingParams(), steps + 1, ())
+    gen.compile(req)
+    gen.compile(req, stream=True)
+    minimal = minimal_run(runner, gen, model, prompt, steps)
 
     def einshard_run() -> tuple[float, list[int]]:
         res = gen.generate(req)
         return res.decode_s / steps * 1e3, res.tokens[0]
 
-    einshard_run(), minimal_run()  # warm
-    ein, mini = [], []
+    def stream_run() -> float:
+        return gen.generate(req, stream=lambda b, t: None).step_ms_p50
+
+    einshard_run(), minimal(), stream_run()  # warm
+    ein, mini, streamed = [], [], []
     toks_e: list[int] = []
     toks_m: list[int] = []
     for _ in range(repeats):
         ms, toks_e = einshard_run()
         ein.append(ms)
-        ms, toks_m = minimal_run()
+        ms, toks_m = minimal()
         mini.append(ms)
+        streamed.append(stream_run())
     e, m = statistics.median(ein), statistics.median(mini)
     return {"einshard_ms": e, "minimal_ms": m, "minimal_over_einshard": m / e,
+            "stream_ms": statistics.median(streamed),
             "same_tokens": toks_e == toks_m[: len(toks_e)], "einshard_all": ein, "minimal_all": mini}
 
 
@@ -201,7 +213,7 @@ def main() -> None:
     r = ab_decode(runner, model, same_prompt(model.vocab, args.batch, args.prompt), args.steps, args.repeats)
     print(f"batch {args.batch}, context {context}: einshard {r['einshard_ms']:.2f} ms/step, minimal "
           f"{r['minimal_ms']:.2f} ms/step, einshard/minimal {r['einshard_ms'] / r['minimal_ms']:.2f}, "
-          f"same tokens {r['same_tokens']}")
+          f"same tokens {r['same_tokens']}; einshard streamed {r['stream_ms']:.2f} ms/step")
     print("einshard", " ".join(f"{x:.1f}" for x in r["einshard_all"]))
     print("minimal ", " ".join(f"{x:.1f}" for x in r["minimal_all"]))
 
