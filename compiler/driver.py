@@ -12,6 +12,7 @@ from pathlib import Path
 
 from compiler import hints, pipelines
 from compiler.cost.autolayout import resolve_auto, resolve_kv
+from compiler.cost.moe import resolve_expert_axes
 from compiler.pipelines import (WEIGHT_DTYPES, CompileResult, build_for, compile_config, compile_module,
                                 pad_options, run_config, settle_kv, unsharded_pipeline)
 from compiler.spec import Spec, load_spec
@@ -33,13 +34,14 @@ def load_input(path: str | Path) -> Spec | Module:
 
 def resolved(spec: Spec) -> Spec:
     """``spec`` with ``auto`` layouts replaced by the cost model's choice for its phase, then
-    ``kv = auto`` likewise (shard, replicate or pad the grouped-query heads). With a stage axis
+    ``kv = auto`` likewise (shard, replicate or pad the grouped-query heads), then a mixture of
+    experts' ``expert_axes = auto`` (compiler/cost/moe.py). With a stage axis
     they are decided for the devices of one stage (compiler/stages.py)."""
     if stage_pass(spec):
         return replace(resolved(inner_spec(spec)), mesh=spec.mesh)
     if spec.mesh.n_devices > 1 and (spec.serve.ffn == "auto" or spec.serve.attn == "auto"):
         spec = resolve_auto(spec)[0]
-    out = resolve_kv(settle_kv(spec))
+    out = resolve_expert_axes(resolve_kv(settle_kv(spec)))
     s = out.serve
     hints.record({"ffn": s.ffn, "attn": s.attn, "kv": s.kv, "weights": s.weights, "overlap": s.overlap,
                   "phase": s.phase})  # errors from here on do not suggest what is in force

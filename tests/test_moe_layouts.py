@@ -117,3 +117,31 @@ def test_spmd_qk_norm(qk_norm: str, kv_heads: int) -> None:
     model = moe_model(qk_norm=qk_norm, kv_heads=kv_heads, d_head=8)
     got, ref = run_pair(compiled(model, MESH3, "1d-ws", "x"), model, 4, 3, 2, SpmdExecutor)
     assert rel_err(got, ref) <= TOL
+
+
+def test_explain_prices_every_expert_layout_and_auto_takes_the_fastest() -> None:
+    """compiler/cost/moe.py: every subset of the mesh axes whose devices divide the experts, and
+    none; auto (compiler/driver.py resolved) keeps the fastest that fits."""
+    from dataclasses import replace
+
+    from compiler.cost.explain import explain, to_json
+    from compiler.cost.hardware import get_chip
+    from compiler.driver import resolved
+    from compiler.spec import MeshSpec, ServeSpec, Spec
+
+    model = moe_model(shared=False, experts=4, top_k=2, heads=4, kv_heads=4)
+    spec = Spec(model, MeshSpec((("x", 2), ("y", 2))), ServeSpec(phase="decode", batch=8, seq=16, ffn="1d-ws", attn="heads",
+                                                 hardware="tpu-v4"))
+    chip = get_chip("tpu-v4")
+    rows = to_json(spec, chip, explain(spec, chip, ("decode",)))["expert_layouts"]["decode"]
+    axes = {r["expert_axes"] for r in rows}
+    assert axes == {"none", "x", "y", "x+y"}
+    legal = [r for r in rows if r["legal"]]
+    assert [r["step_s"] for r in legal] == sorted(r["step_s"] for r in legal)
+    assert next(r for r in rows if r["expert_axes"] == "none")["all_to_all_bytes_per_step"] == 0
+    assert all(r["all_to_all_bytes_per_step"] > 0 for r in legal if r["expert_axes"] != "none")
+    assert all(r["dropless_padding"] == pytest.approx(4 / 2) for r in legal)  # X / k
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0] is legal[0]
+    assert resolved(spec).serve.expert_axes == legal[0]["expert_axes"]
+    assert resolved(replace(spec, serve=replace(spec.serve, expert_axes="y"))).serve.expert_axes == "y"

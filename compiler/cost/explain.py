@@ -23,6 +23,7 @@ from compiler.cost.autolayout import Candidate, Choice, evaluate
 from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
+from compiler.cost.moe import expert_rows, format_expert_rows, rows_json
 from compiler.spec import Spec
 from compiler.cost.staging import StageCandidate, stage_candidates, stage_json
 from compiler.stages import inner_mesh
@@ -41,6 +42,10 @@ class PhaseReport:
     #: With a stage axis in the mesh: the same chips as S stages x tensor parallelism
     #: (compiler/cost/staging.py), priced beside the layouts.
     stages: tuple = ()
+    #: Mixture of experts on a mesh: every choice of expert axes for the shown layout
+    #: (compiler/cost/moe.py), and the one in force.
+    experts: tuple = ()
+    expert_axes: str = ""
 
     @property
     def shown(self) -> Candidate | None:
@@ -85,6 +90,14 @@ def explain(spec: Spec, chip: Chip, phases: tuple[str, ...], kv_fraction: float 
         out.append(PhaseReport(ph, s, evaluate(s, chip, FFN_LAYOUTS, ATTN_LAYOUTS, model=model), kv_fraction, model))
         if STAGE_AXIS in s.mesh.names:
             out[-1] = replace(out[-1], stages=tuple(stage_candidates(s, chip, model)))
+        shown = out[-1].shown
+        if s.model.moe and s.mesh.n_devices > 1 and shown is not None:
+            rows = expert_rows(shown.spec, chip, model)
+            axes = s.serve.expert_axes
+            if axes == "auto":
+                fit = [r for r in rows if r.candidate.legal and r.candidate.fits]
+                axes = fit[0].axes if fit else ""
+            out[-1] = replace(out[-1], experts=rows, expert_axes=axes)
     return out
 
 
@@ -196,6 +209,7 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
         "max_context_by_phase": by_phase,
         "candidates": [candidate_json(r, c) for r in reports for c in r.choice.candidates],
         "pipeline_candidates": {r.phase: [stage_json(c) for c in r.stages] for r in reports if r.stages},
+        "expert_layouts": {r.phase: rows_json(r.experts, r.expert_axes) for r in reports if r.experts},
     }
 
 
@@ -314,6 +328,7 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
         if mc is not None:
             lines.append(f"  max context at batch {ss.batch} with {100 * r.kv_fraction:g}% of HBM for the KV cache: "
                          f"{mc} tokens")
+        lines += format_expert_rows(r.experts, r.expert_axes)
     for r in reports:
         lines += format_stages(list(r.stages), r.phase)
     return "\n".join(lines) + "\n"
