@@ -150,6 +150,34 @@ def run_baseline() -> None:
     print("RESULT " + json.dumps(vm_hwm()))
 
 
+def predict(a: argparse.Namespace, rows: list[dict]) -> None:
+    """The cost model's step times (compiler/cost/offload.py, ``cpu`` chip with the probed
+    disk and memcpy rates) beside the measured ones, and their ratio."""
+    use_cpu_devices(1)
+    from dataclasses import replace
+
+    from compiler.cost.hardware import get_chip
+    from compiler.cost.offload import estimate_offload
+    from compiler.spec import Spec
+    from runtime.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(a.checkpoint)
+    base = Spec(ck.model_spec(), path=str(a.checkpoint))
+    chip = get_chip("cpu")
+    print(f"{'batch':>5} {'mode':>9} {'cache':>5} {'meas ms':>8} {'pred ms':>8} {'meas/pred ratio':>15}")
+    memo: dict = {}
+    for r in rows:
+        B, cache = r["batch"], r["cache"]
+        key = (B, cache if r["mode"] != "resident" else "cold")
+        if key not in memo:
+            spec = replace(base, serve=replace(base.serve, batch=B, seq=64))
+            memo[key] = estimate_offload(spec, chip, "disk", B, cache=key[1])
+        e = memo[key]
+        pred = {"resident": e.resident_step_s, "stream": e.no_prefetch_step_s, "prefetch": e.offload_step_s}[r["mode"]]
+        print(f"{B:>5} {r['mode']:>9} {cache if r['mode'] != 'resident' else '-':>5} {r['step_ms']:>8.1f} "
+              f"{pred * 1e3:>8.1f} {r['step_ms'] / (pred * 1e3):>15.2f}")
+
+
 # ---- the driver -----------------------------------------------------------------------------------
 def child(a: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--checkpoint", str(a.checkpoint), "--store", str(a.store), "--budget", a.budget,
@@ -194,6 +222,7 @@ def main() -> None:
     ap.add_argument("--build-store", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--key", help=argparse.SUPPRESS)
+    ap.add_argument("--predict-from", type=Path, help="print the cost model's predictions for a saved --out file")
     ap.add_argument("--cache", choices=("cold", "warm"), default="warm", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "einshard" / "bench-offload"
@@ -205,6 +234,8 @@ def main() -> None:
     a.store = a.store or (a.checkpoint / ".einshard-offload")
     if a.baseline:
         return run_baseline()
+    if a.predict_from:
+        return predict(a, json.loads(a.predict_from.read_text())["rows"])
     if a.build_store:
         return build_store(a)
     if a.one:
@@ -250,6 +281,9 @@ def main() -> None:
           "the compute waited for a layer")
     if a.out:
         a.out.write_text(json.dumps({"baseline": base, "rows": rows}, indent=1))
+    print("cost model (compiler/cost/offload.py) against the measurements:")
+    sys.stdout.flush()
+    predict(a, rows)
     if not all(r["same"] for r in rows):
         raise SystemExit("streamed tokens differ from the resident run's")
 

@@ -136,6 +136,10 @@ def _args_explain(x: argparse.ArgumentParser) -> None:
                    help="calibrated: predictions with the chip's fitted efficiencies (default); bound: lower bounds")
     x.add_argument("--prompt-len", type=int, help="--phase generate: prompt tokens (default: serve.seq)")
     x.add_argument("--new-tokens", type=int, default=64, help="--phase generate: tokens generated (default 64)")
+    x.add_argument("--offload", choices=("host", "disk"),
+                   help="price decode with the layers' weights streamed from host memory or disk (ZeRO-Inference)")
+    x.add_argument("--offload-target", type=float, default=0.9,
+                   help="--offload: the fraction of resident throughput to find the batch for (default 0.9)")
 
 
 def _args_none(p: argparse.ArgumentParser) -> None:
@@ -368,6 +372,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return _explain_generation(args, _needs_spec(_spec_with_overrides(args), args))
     spec = _needs_spec(_spec_with_overrides(args), args)
     chip = _chip(args, spec)
+    if getattr(args, "offload", None):
+        from compiler.cost.offload import explain_offload
+
+        return explain_offload(spec, chip, args.offload, args.offload_target, args.cost_model, args.json)
     phases = (spec.serve.phase,) if args.phase else ("prefill", "decode")
     if args.pareto:
         from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep, warnings

@@ -39,6 +39,8 @@ Sources are given per chip. Users add a chip with a small TOML file (``--hardwar
     dcn_bw = 2.5e10          # optional: bytes/s per chip between hosts (InfiniBand, DCN)
     dcn_latency_s = 5e-6     # optional
     host_devices = 8         # optional: chips per host (consecutive in the mesh's device order)
+    host_bw = 2.5e10         # optional: bytes/s host memory -> chip (PCIe), for --offload host
+    disk_bw = 7.0e9          # optional: bytes/s disk -> host (NVMe), for --offload disk
 
     [efficiency]             # optional: the calibrated model's fit (compiler/cost/efficiency.py)
     flops = 0.7              # achieved fraction of peak FLOP/s on large matmuls
@@ -90,6 +92,10 @@ class Chip:
     dcn_bw: float = 0.0
     dcn_latency_s: float = 0.0
     host_devices: int = 0
+    #: Offloading (compiler/cost/offload.py): bytes/s from host memory to the chip (PCIe) and
+    #: from the disk (NVMe); 0: the offload model's LINKS table (or the probe, for ``cpu``).
+    host_bw: float = 0.0
+    disk_bw: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "flops", tuple(sorted(dict(self.flops).items())))  # hashable
@@ -177,7 +183,8 @@ CHIP_NAMES = (*CHIPS, "cpu")
 
 def chip_from_mapping(d: Mapping, where: str) -> Chip:
     known = {"name", "source", "flops_bf16", "flops_f32", "flops_int8", "hbm_bytes", "hbm_bw", "ici_bw",
-             "hop_latency_s", "topology", "op_overhead_s", "efficiency", "dcn_bw", "dcn_latency_s", "host_devices"}
+             "hop_latency_s", "topology", "op_overhead_s", "efficiency", "dcn_bw", "dcn_latency_s", "host_devices",
+             "host_bw", "disk_bw"}
     for k in d:
         if k not in known:
             raise CostError(f"{where}: unknown chip field {k!r}", hint=did_you_mean(k, sorted(known)))
@@ -195,7 +202,8 @@ def chip_from_mapping(d: Mapping, where: str) -> Chip:
                 _number(d, "hop_latency_s", where, 0.0), d.get("topology", "torus"), d.get("source", where),
                 _number(d, "op_overhead_s", where, 0.0), _efficiency(d.get("efficiency"), where),
                 _number(d, "dcn_bw", where, 0.0), _number(d, "dcn_latency_s", where, 0.0),
-                int(_number(d, "host_devices", where, 0.0)))
+                int(_number(d, "host_devices", where, 0.0)),
+                host_bw=_number(d, "host_bw", where, 0.0), disk_bw=_number(d, "disk_bw", where, 0.0))
 
 
 def _efficiency(table: object, where: str) -> Efficiency | None:

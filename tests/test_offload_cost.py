@@ -1,0 +1,64 @@
+"""``explain --offload`` (issue 15 §3): the streamed step is max(compute, transfer) per layer plus
+the exposed first layer; streaming approaches resident throughput as the batch grows; the link
+bandwidths come from the chip (file) or the table; the CLI reports the batch for a target."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from compiler.cli import main
+from compiler.cost.hardware import CHIPS, chip_from_mapping
+from compiler.cost.offload import LINKS, batch_for_fraction, estimate_offload, link_bandwidth
+from compiler.exit_codes import EXIT_OK
+from compiler.spec import load_spec
+from conftest import ROOT
+from ir.errors import CostError
+
+SPEC = ROOT / "examples" / "tiny-gqa.model"
+
+
+def _spec(batch: int = 1):
+    s = load_spec(str(SPEC))
+    return replace(s, mesh=replace(s.mesh, axes=()), serve=replace(s.serve, batch=batch, ffn="1d-ws", attn="heads"))
+
+
+def test_step_is_max_of_compute_and_transfer_plus_the_first_layer() -> None:
+    chip = CHIPS["a100-80g"]
+    e = estimate_offload(_spec(), chip, "host", 1)
+    c, t, o, n = e.compute_s, e.transfer_s, e.other_s, e.layers
+    assert e.link_bw == LINKS["a100-80g"][0] and t == pytest.approx(e.layer_bytes / e.link_bw)
+    assert e.offload_step_s == pytest.approx(t + (n - 1) * max(c, t) + c + o)
+    assert e.no_prefetch_step_s == pytest.approx(n * (c + t) + o) and e.no_prefetch_step_s >= e.offload_step_s
+    assert e.resident_step_s == pytest.approx(n * c + o)
+    assert e.layer_bytes > 0 and 0 < e.fraction <= 1
+
+
+def test_fraction_grows_with_batch_and_the_target_batch_is_the_first_to_reach_it() -> None:
+    chip = replace(CHIPS["a100-80g"], host_bw=2e9)  # a slow link, so small batches are transfer-bound
+    at, swept = batch_for_fraction(_spec(), chip, "host", 0.5, max_batch=1 << 14)
+    fr = [s.fraction for s in swept]
+    assert fr == sorted(fr) and fr[0] < 0.5
+    assert at is not None and swept[-1].batch == at and swept[-1].fraction >= 0.5 > swept[-2].fraction
+
+
+def test_link_bandwidths_from_chip_file_table_or_error() -> None:
+    d = {"name": "mine", "flops_bf16": 1e14, "hbm_bytes": 1 << 34, "hbm_bw": 1e12, "ici_bw": 1e11}
+    assert link_bandwidth(chip_from_mapping({**d, "disk_bw": 3e9}, "f"), "disk")[0] == 3e9
+    assert link_bandwidth(CHIPS["h200"], "host")[0] == LINKS["h200"][0]
+    with pytest.raises(CostError, match="host_bw"):
+        link_bandwidth(chip_from_mapping(d, "f"), "host")
+
+
+def test_cli_explain_offload(capsys) -> None:
+    argv = ["explain", str(SPEC), "--mesh", "1", "--ffn", "1d-ws", "--attn", "heads", "--hardware", "a100-80g",
+            "--offload", "host", "--batch", "4"]
+    assert main(argv + ["--json"]) == EXIT_OK
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "host" and r["batch"] == 4 and r["resident_fits"]
+    assert r["batch_for_target"] is None or r["sweep"][str(r["batch_for_target"])] >= 0.9
+    assert main(argv) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "offloading is not needed" in out and "per layer" in out
