@@ -44,11 +44,18 @@ def stage_layers(layers: int, stages: int) -> tuple[int, int]:
     return per, per * stages - layers
 
 
-def auto_microbatches(rows: int, stages: int, phase: str) -> int:
-    """The hybrid schedule's micro-batch count for ``rows`` batch rows per row block: the largest
-    divisor of ``rows`` not above ``stages`` (decode) or ``4 * stages`` (prefill)."""
+def auto_microbatches(batch: int, blocks: int, shards: int, stages: int, phase: str) -> int:
+    """The hybrid schedule's micro-batch count: the largest M not above ``stages`` (decode) or
+    ``4 * stages`` (prefill) that cuts ``batch`` into micro-batches of whole rows in each of the
+    ``blocks`` row blocks and whose micro-batch still divides over the ``shards`` devices that
+    shard B inside a layer."""
     cap = 4 * stages if phase == "prefill" else stages
-    return max(d for d in range(1, min(rows, cap) + 1) if rows % d == 0)
+    return max(d for d in range(1, min(batch, cap) + 1) if batch % (d * blocks) == 0 and (batch // d) % shards == 0)
+
+
+def batch_shards(fn: Function, mesh: dict[str, int]) -> int:
+    """The most devices any value of ``fn`` shards B over (its micro-batch must divide over them)."""
+    return math.lcm(1, *(math.prod(mesh[a] for a in t.dim("B").axes) for t in fn.value_types.values() if t.has("B")))
 
 
 def _micro(t: TensorType, m: int) -> TensorType:
@@ -100,12 +107,13 @@ class PipelineStages(Pass):
             blocks = math.lcm(*(math.prod(module.mesh_sizes[a] for a in types[o].dim("B").axes)
                                 for o in sc.operands if types[o].has("B")))
             m = {"prefill": self.prefill, "decode": self.decode}.get(e.name, 1)
+            shards = batch_shards(fns[sc.body.name], module.mesh_sizes)
             if m == 0:
-                m = auto_microbatches(types[sc.operands[0]].size("B") // blocks, self.stages, e.name)
+                m = auto_microbatches(types[sc.operands[0]].size("B"), blocks, shards, self.stages, e.name)
             xs = [types[o] for o in sc.operands[sc.carry + sc.consts:]]
             layers = xs[0].size("N") if xs else 1
             per, pad = stage_layers(layers, self.stages)
-            self._check_batch(e, types[sc.operands[0]], m, blocks)
+            self._check_batch(e, types[sc.operands[0]], m, blocks, shards)
             layer = fns[sc.body.name]
             fns[layer.name] = reinfer(layer, tuple(replace(p, type=_micro(p.type, m)) for p in layer.params),
                                       ModuleContext(staged.with_functions([*fns.values()])))
@@ -129,9 +137,14 @@ class PipelineStages(Pass):
                 order.append(fns[f"{f.name}_stage"])
         return PassResult(staged.with_functions(order), stats)
 
-    def _check_batch(self, e: Function, x: TensorType, m: int, blocks: int) -> None:
-        """Micro-batches are cut from ``blocks`` row blocks (the operands' B shardings)."""
+    def _check_batch(self, e: Function, x: TensorType, m: int, blocks: int, shards: int) -> None:
+        """Micro-batches are cut from ``blocks`` row blocks (the operands' B shardings), and one
+        must still divide over the ``shards`` devices that shard B inside a layer."""
         b = x.size("B")
+        if b % m == 0 and (b // m) % shards:
+            raise LayoutError(f"@{e.name}: a micro-batch of {b // m} rows ({b} in {m}) does not divide over the "
+                              f"{shards} devices that shard the batch inside a layer",
+                              hint="choose fewer micro-batches (serve.microbatches) or auto")
         if b % (m * blocks):
             raise LayoutError(f"@{e.name}: batch {b} does not split into {m} micro-batches"
                               + (f" in each of {blocks} row blocks (B is sharded over {blocks} devices)"
