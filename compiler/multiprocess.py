@@ -15,7 +15,7 @@ from ir.errors import SpecError
 from runtime.distributed import ProcessGroup
 
 DEFAULT_INIT_TIMEOUT = 60
-DEFAULT_PEER_TIMEOUT = 10
+DEFAULT_PEER_TIMEOUT = 30  # generous: a loaded machine must not look like a dead peer
 #: The argparse dests of the flags below (serve hands them on to the loader).
 MULTIPROCESS_DESTS = ("coordinator", "num_processes", "process_id", "init_timeout", "peer_timeout")
 

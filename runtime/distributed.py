@@ -44,7 +44,7 @@ class ProcessGroup:
     process_id: int
     local_devices: int  # simulated CPU devices of this process (ignored on accelerators)
     init_timeout: int = 60  # seconds for every process to register
-    peer_timeout: int = 10  # seconds without a sign of life after which a peer counts as dead
+    peer_timeout: int = 30  # seconds without a sign of life after which a peer counts as dead
 
     @property
     def name(self) -> str:
