@@ -127,6 +127,42 @@ def collective_table() -> str:
 
 
 
+MIXTRAL = ROOT / "examples" / "mixtral-8x7b.model"
+
+
+def _moe_layer(spec: Spec):
+    res = compile_module(build_for(spec, compile_config(spec)), default_pipeline(spec, rewrites=False))
+    return res.module
+
+
+def expert_table() -> str:
+    """The collectives of one Mixtral decode layer for every choice of expert axes."""
+    from compiler.cost.moe import expert_axes_choices
+
+    base = load_spec(MIXTRAL)
+    rows = ["| expert_axes | expert weights / device | collectives the router, dispatch, experts and combine "
+            "ask for (kind{axes}:dims) | bytes / device / layer (whole layer) |", "|---|---|---|---|"]
+    for axes in expert_axes_choices(base):
+        spec = apply_overrides(base, sets=[f"serve.expert_axes={axes}"])
+        m = _moe_layer(spec)
+        ents = [e for e in ledger(m) if e.function == "decode_layer"]
+        moe = [e for e in ents if any(k in e.reason for k in ("w_router", "dispatch", "we_", "combine"))]
+        seq = ", ".join(f"{e.kind}{{{','.join(e.axes)}}}:{e.dims}" for e in moe)
+        w = sum(p.type.local_nbytes(m.mesh_sizes) for p in m.function("decode").params_with_role("weight")
+                if p.type.has("X") and p.type.has("F"))
+        rows.append(f"| {axes} | {w / 2**30:.3f} GiB | {seq} | {sum(e.bytes_per_device for e in ents):,} |")
+    return "\n".join(rows)
+
+
+def moe_block() -> str:
+    """Mixtral's MoE block (router to combine) of @decode_layer, experts over x, sliced over y, z."""
+    spec = apply_overrides(load_spec(MIXTRAL), batch=64, sets=["serve.expert_axes=x"])
+    text = print_function(_moe_layer(spec).function("decode_layer")).splitlines()
+    start = next(i for i, ln in enumerate(text) if "w_router" in ln and "=" in ln.split("w_router")[0])
+    end = next(i for i, ln in enumerate(text) if " = combine(" in ln)
+    return "\n".join(["```", *[ln.strip() for ln in text[start - 1: end + 1]], "```"])
+
+
 def layouts_section() -> str:
     spec = load_spec(PALM)
     return layer_after_each_pass(spec, default_pipeline(spec, rewrites=False),
@@ -157,6 +193,24 @@ with the all-to-alls of §6.3). Norm statistics over a sharded E are a small all
 ## One layer of PaLM 540B (2d-ws, attn batch) after each pass
 
 {layouts_section()}
+
+## Expert layouts: Mixtral 8x7B
+
+`examples/mixtral-8x7b.model` (8 experts, top-2) on the same mesh, decode, batch 64, 1d-ws and
+attention over heads. `serve.expert_axes` names the mesh axes the expert dim X is sharded over
+(expert parallelism); the other axes slice each expert's d_ff (expert slicing); `none` slices
+every expert over all 64 chips. Attention and the router keep the dense layout. Each row is one
+compile; `einshard explain` prices them (`auto` takes the fastest).
+
+{expert_table()}
+
+The MoE block of one decode layer with `expert_axes = x`: the router (replicated, a few KiB) on
+the gathered activation, `top_k`, `dispatch` of the tokens' rows into the `[X, C, E]` buffer by
+index (C sharded like the tokens), one all-to-all to the experts (X over x), the experts as
+einsums over X with F over y, z, the F partial sum reduce-scattered onto E, one all-to-all back
+to the tokens, and `combine` with the router weights.
+
+{moe_block()}
 """
 
 

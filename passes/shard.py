@@ -432,6 +432,8 @@ def _dispatch(p: Propagation, op) -> list[str]:
     ea = p.layout.experts
     b = dividing_prefix(th.size("B"), ea, p.mesh)
     lay = {"B": b, "L": dividing_prefix(th.size("L"), ea[len(b):], p.mesh)}  # a long prompt: over L too
+    # the router already gathered the rows: slice that copy (free) rather than move h again
+    h = p.memo.get((h, retype(th, {})), h)
     h = p.to(h, retype(th, lay), "dispatch: tokens sliced over the expert axes, rows whole")
     idx = p.to(idx, retype(p.types[idx], lay), "dispatch: routes sliced like their tokens")
     return [h, idx]
