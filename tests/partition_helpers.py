@@ -96,13 +96,37 @@ def head_devices(mesh: Mesh, ffn: str, attn: str) -> int:
     return math.prod(dict(mesh)[a] for a in layout_axes(mesh, ffn)["wide"])
 
 
-def grouped_split(mesh: Mesh, ffn: str, K: int, kv: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def grouped_split(mesh: Mesh, ffn: str, K: int, kv: str, split: tuple[str, int] | None = None
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Grouped-query heads K x G jointly over the wide axes: K over the longest prefix of them
-    that K divides (none when the K/V heads are replicated), the query groups G over the rest."""
+    that K divides (none when the K/V heads are replicated), the query groups G over the rest.
+    ``split`` = (axis, g): attn=batch divided that axis into a major part of g devices and a
+    minor one (``<axis>_1``), which the prefix may cut between (:func:`batch_split`)."""
     wide, sizes = layout_axes(mesh, ffn)["wide"], dict(mesh)
+    if split and split[0] in wide:
+        a, g = split
+        sub = f"{a}_1"
+        wide = tuple(x for w in wide for x in ((a, sub) if w == a else (w,)))
+        sizes = {**sizes, a: g, sub: dict(mesh)[a] // g}
     i = 0 if kv == "replicate" else max(j for j in range(len(wide) + 1)
                                         if K % math.prod(sizes[a] for a in wide[:j]) == 0)
     return wide[:i], wide[i:]
+
+
+def batch_split(mesh: Mesh, ffn: str, attn: str, batch: int, pad: bool) -> tuple[str, int] | None:
+    """attn=batch in a weight-stationary layout: a batch (after padding, with ``pad``: to a
+    multiple of the smallest factor of the axis when it shares none with it) that shares only
+    part of the first cache axis's size divides that axis into sub-axes, g = gcd devices major."""
+    ax, sizes = layout_axes(mesh, ffn), dict(mesh)
+    if attn != "batch" or ax["batch"] or n_devices(mesh) == 1:
+        return None
+    a = (ax["wide"] + ax["narrow"])[0]
+    size = sizes[a]
+    if pad and math.gcd(batch, size) == 1 and size > 1:
+        p = next(q for q in range(2, size + 1) if size % q == 0)
+        batch = -(-batch // p) * p
+    g = math.gcd(batch, size)
+    return None if g in (1, size) else (a, g)
 
 
 def padded_grouped(mesh: Mesh, ffn: str, K: int, G: int) -> tuple[int, int]:
@@ -165,8 +189,15 @@ def expected_layout_problems(model: ModelSpec, batch: int, mesh: Mesh, ffn: str,
         K, G = model.kv_heads, model.heads // model.kv_heads
         if kv == "pad":
             K, G = padded_grouped(mesh, ffn, K, G)
-        _, g_axes = grouped_split(mesh, ffn, K, kv)
-        need("G", G, g_axes, "weights")  # K divides its prefix by construction
+        split = batch_split(mesh, ffn, attn, batch, pad)
+        _, g_axes = grouped_split(mesh, ffn, K, kv, split)
+        if split and split[0] + "_1" in g_axes:  # part of an axis: count its devices there
+            g_dev = math.prod({**sizes, split[0]: split[1], split[0] + "_1": sizes[split[0]] // split[1]}[a]
+                              for a in g_axes)
+            if G % g_dev:
+                out.append(Problem("G", G, frozenset(a.removesuffix("_1") for a in g_axes), "weights"))
+        else:
+            need("G", G, g_axes, "weights")  # K divides its prefix by construction
     else:
         need("H", heads, ax["wide"], "weights")  # wq/wo (and wk/wv, the cache under attn=heads, for MHA)
     if attn == "batch":
@@ -200,7 +231,8 @@ def check_layout_error(err: LayoutError, problems: list[Problem], mesh: Mesh) ->
     hit = [p for p in problems if (p.dim, p.size, p.axes) == (dim, size, axes)]
     assert hit, f"LayoutError names {dim}={size} over {sorted(axes)}, which the oracle does not predict; " \
                 f"predicted: {problems}; message: {err.message}"
-    assert devs == math.prod(dict(mesh)[a] for a in axes)
+    if not re.search(r"_\d+\b", m.group(3)):  # sub-axes of a split axis hold part of its devices
+        assert devs == math.prod(dict(mesh)[a] for a in axes)
     assert err.hint, f"LayoutError without a hint (options): {err.message}"
     return hit[0]
 
