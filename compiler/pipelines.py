@@ -139,6 +139,15 @@ def pad_options(spec: Spec) -> dict[str, int]:
             out["groups"] = g
     if m.vocab % n and spec.serve.pad:
         out["vocab"] = n
+    if m.qk_norm == "all" and {"multiple", "kv_heads", "groups"} & set(out):
+        raise LayoutError(f"{m.heads} query heads ({m.kv_heads} K/V) do not divide the devices that shard them, and "
+                          "the QK-norm over all heads (OLMoE) cannot be zero-padded: padded heads would change its "
+                          "statistics", hint="choose a mesh or layout whose head axes divide the heads, or "
+                          "--set serve.kv=replicate")
+    if out and not {"multiple", "kv_heads", "groups"} & out.keys():
+        # the vocabulary alone: a bare pad-heads would also pad the heads to the device count
+        # (G of an explicit kv = shard | replicate, or H that already divides its devices)
+        out = {"multiple": 1, **out}
     return out
 
 

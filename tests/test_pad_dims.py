@@ -131,7 +131,7 @@ def test_spmd_padding_with_the_rewrites(weights, overlap):
     model = tiny_model("mqa", heads=4, d_model=6, d_ff=10, vocab=30, block="parallel")
     spec = _spec(model, MESH_8, "2d-ws", "batch", 3, "decode", weights=weights, overlap=overlap)
     pipeline = default_pipeline(spec)
-    assert pipeline.startswith("pad-heads{vocab=8},pad-dims{d_ff=4,d_model=8,batch=2},fuse-parallel-block"), pipeline
+    assert pipeline.startswith("pad-heads{multiple=1,vocab=8},pad-dims{d_ff=4,d_model=8,batch=2},fuse-parallel-block"), pipeline
     raw = build(model, 3, 3, 5, MESH_8, dtype="bf16")
     sharded = compile_module(raw, pipeline).module
     same = compile_module(raw, unsharded_pipeline(pipeline)).module
