@@ -15,7 +15,7 @@ from typing import Callable
 from compiler.build import BuildConfig, build_module
 from compiler.spec import Spec
 from compiler.stages import inner_mesh, inner_spec, stage_pass
-from ir.errors import SpecError
+from ir.errors import LayoutError, SpecError
 from ir.module import Module
 from passes.layouts import Layout, padded_heads
 from passes.manager import Instrumentation, PassManager, PipelineRun
