@@ -240,6 +240,29 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         raise AssertionError("the disconnected request kept its slot")
 
 
+def test_disconnect_from_a_plain_request_aborts_it(server):
+    """A client that closes its connection while a non-streamed completion is generating: the
+    request is aborted and its slot freed, not generated to the end for nobody."""
+    aborted = metric(server, "einshard_requests_aborted_total")
+    generated = metric(server, "einshard_generated_tokens_total")
+    body = json.dumps({"model": MODEL, "prompt": [4, 4], "max_tokens": 120, "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        end = time.monotonic() + 30
+        while metric(server, "einshard_generated_tokens_total") < generated + 2 and time.monotonic() < end:
+            time.sleep(0.05)  # generating
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        if metric(server, "einshard_requests_aborted_total") > aborted and metric(server, "einshard_active_slots") == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the disconnected request kept its slot")
+    assert metric(server, "einshard_generated_tokens_total") < generated + 120
+
+
 def test_bad_json_and_bad_parameters_are_4xx_with_openai_error_bodies(server, client):
     cases = [
         ("{not json", 400, None),

@@ -47,7 +47,8 @@ class Engine:
                  sample: Callable[..., jax.Array] | None = None,
                  pad_token: int = 0, kernels: Kernels | None = None):
         if sample is None:
-            from runtime.sampling import sample
+            from runtime.sampling import sample as default_sample
+            sample = default_sample
         self.runner, self.cfg, self.clock = runner, config, clock
         self.pad_token = pad_token
         self.T = runner.cache_len
@@ -244,8 +245,8 @@ class Engine:
     def _chunks(self, events: list[Event]) -> None:
         cfg, table = self.cfg, self.table
         live = table.live()
-        pre = sorted((p for p in live if not table.slots[p].decoding),
-                     key=lambda p: self.arrival[table.slots[p].request.id])
+        pre = sorted((p for p in live if not table.at(p).decoding),
+                     key=lambda p: self.arrival[table.at(p).request.id])
         rows = chunk_rows(len(pre), len(live) - len(pre), cfg)
         if not rows:
             return
@@ -255,7 +256,7 @@ class Engine:
         pos = np.tile(np.arange(C, dtype=np.int32), (B, 1))
         ends, reqs = [], []
         for i, p in enumerate(sel):
-            s = table.slots[p]
+            s = table.at(p)
             prompt = s.request.prompt
             # the last chunk ends at the prompt's end: it re-reads a few cached tokens rather
             # than padding, so every chunk is C real tokens at positions below the context
@@ -274,9 +275,9 @@ class Engine:
             self._fail(sel, e, events)
             return
         self.metrics.inc("einshard_prefill_chunks_total", rows)
-        self.metrics.inc("einshard_prompt_tokens_total", sum(e - table.slots[p].prefilled for p, e in zip(sel, ends)))
+        self.metrics.inc("einshard_prompt_tokens_total", sum(e - table.at(p).prefilled for p, e in zip(sel, ends)))
         for i, (p, end) in enumerate(zip(sel, ends)):
-            s = table.slots[p]
+            s = table.at(p)
             s.prefilled = s.pos = end
             if s.decoding:
                 self._emit(p, int(nxt[i]), events)
@@ -295,7 +296,7 @@ class Engine:
 
     def _decode(self, events: list[Event]) -> None:
         table = self.table
-        dec = [p for p in table.live() if table.slots[p].decoding]
+        dec = [p for p in table.live() if table.at(p).decoding]
         if not dec:
             return
         w = max(self.static_width, table.width())

@@ -17,7 +17,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -161,7 +161,7 @@ class Server:
         return [Request(f"{rid}-{i}", p.prompt, SamplingParams(p.temperature, p.top_k, p.top_p, (base + i) % 2**32),
                         p.max_tokens, stop_ids) for i in range(p.n)]
 
-    async def _run(self, p: Params) -> AsyncIterator[tuple[int, str, list[int], str | None, str | None]]:
+    async def _run(self, p: Params) -> AsyncGenerator[tuple[int, str, list[int], str | None, str | None], None]:
         """Submits the n requests and yields (index, new text, new token ids, finish, error) as
         tokens arrive; stop strings end a choice (the text before them is kept); aborts every
         unfinished request when the consumer goes away."""
@@ -238,19 +238,31 @@ class Server:
         ids: list[list[int]] = [[] for _ in range(p.n)]
         reasons: list[str | None] = [None] * p.n
         item = first
-        while True:
-            i, new, toks, finish, error = item
-            if error:
-                await gen.aclose()
-                return error_response(500, f"generation failed: {error}", "internal_error")
-            texts[i] += new
-            ids[i] += toks
-            if finish:
-                reasons[i] = self._reason(finish)
-            try:
-                item = await gen.__anext__()
-            except StopAsyncIteration:
-                break
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while True:
+                i, new, toks, finish, error = item
+                if error:
+                    await gen.aclose()
+                    return error_response(500, f"generation failed: {error}", "internal_error")
+                texts[i] += new
+                ids[i] += toks
+                if finish:
+                    reasons[i] = self._reason(finish)
+                nxt = asyncio.ensure_future(gen.__anext__())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():  # the client went away: abort its requests, free their slots
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    await gen.aclose()
+                    return Response(status_code=499)
+                try:
+                    item = nxt.result()
+                except StopAsyncIteration:
+                    break
+        finally:
+            gone.cancel()
         choices = []
         for i in range(p.n):
             c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": None}
@@ -345,3 +357,10 @@ def make_app(engine: AsyncEngine, tokenizer: Any, model_name: str, context: int)
         Route("/metrics", s.metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Returns when the client of a request whose body was read goes away (ASGI servers send
+    ``http.disconnect`` then, or once the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

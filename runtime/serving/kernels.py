@@ -22,7 +22,7 @@ Caches = tuple[Any, ...]
 
 def cache_map(fn: Callable[..., jax.Array], caches: Caches, *others: Caches) -> Caches:
     """``fn(leaf, *other_leaves, axis=batch_axis)`` over every cache array, keeping the form."""
-    out = []
+    out: list[Any] = []
     for i, c in enumerate(caches):
         rest = [o[i] for o in others]
         if isinstance(c, (list, tuple)):

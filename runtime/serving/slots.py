@@ -57,6 +57,13 @@ class SlotTable:
     def live(self) -> list[int]:
         return [p for p, s in enumerate(self.slots) if s is not None]
 
+    def at(self, p: int) -> Slot:
+        """The request in slot ``p``, which must be live (a free slot here is a scheduler bug)."""
+        s = self.slots[p]
+        if s is None:
+            raise RuntimeError(f"slot {p} is free")
+        return s
+
     def free_count(self) -> int:
         return sum(s is None for s in self.slots)
 
