@@ -51,6 +51,12 @@ class JaxBackend:
     def scatter_rows(self, buf, i, j, rows):
         return buf.at[i, j].set(rows, mode="drop")
 
+    def count_dropped(self, n):
+        """Reported through a host callback (only emitted where a capacity can drop)."""
+        from runtime.kernels_moe import DROPPED
+
+        jax.debug.callback(DROPPED.add, n)
+
     def scan(self, body, carry, consts, xs):
         """``lax.scan`` over stacked layers; over per-layer lists (split_layers), a loop in the
         program that hands each layer its own buffers. XLA on CPU does not fuse the scan's

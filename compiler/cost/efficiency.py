@@ -6,7 +6,8 @@ The cost model has two modes (``explain --model``):
   bound on the measured time (the guarantee the model had before calibration);
 * ``calibrated`` (the default): the same pricing rules with the chip's fitted efficiencies: the
   achieved fraction of peak FLOP/s, which falls for matmuls whose smallest local dimension is
-  small (``flops * n / (n + matmul_half)``), the achieved HBM and link bandwidth, a latency per
+  small (``flops * n / (n + matmul_half)``; a looped collective einsum's n is that of the chunk
+  one loop step multiplies), the achieved HBM and link bandwidth, a latency per
   ring step of every collective (a K-way ring takes K - 1 steps), and a fixed overhead per layer.
 
 The constants are fitted by ``bench/calibrate.py`` to the eight rows of
@@ -72,9 +73,9 @@ CALIBRATED: dict[str, Efficiency] = {
     # at 0.20, which hides 2D's partly looped collectives less than 1D's fully looped ones and
     # flips 4 of the 8 published choices to 1D-WS.
     "tpu-v4": Efficiency(
-        flops=0.706, matmul_half=252.7, hbm=0.5351, link=1.0, step_latency_s=4.1e-08, layer_overhead_s=0.0,
+        flops=0.773, matmul_half=274.6, hbm=0.4552, link=1.0, step_latency_s=0.0, layer_overhead_s=0.0,
         source="bench/calibrate.py --fix link=1, 8 rows of paper-calibration.csv (looped): rms log residual "
-               "0.143, rows 0.79-1.20x"),
+               "0.128, rows 0.75-1.15x"),
 }
 
 

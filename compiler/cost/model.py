@@ -18,7 +18,8 @@ Everything is read off the compiled IR and its collective ledger, so whatever th
   chip's interconnect bandwidth (hardware.py states the one-constant convention), so that with
   nothing overlapped the layouts rank by the paper's volumes (Fig. 3's crossovers).
 * **Efficiencies** (compiler/cost/efficiency.py): the ``bound`` prices at the peaks with no
-  latencies; ``calibrated`` divides FLOP/s (by matmul shape), HBM and link bandwidth by their
+  latencies; ``calibrated`` divides FLOP/s (by matmul shape: for a looped collective einsum, the
+  shape of one step's chunk, its collective's dim 1/K as long), HBM and link bandwidth by their
   achieved fractions and adds a latency per ring step and a fixed cost per layer call.
 
 Combination rule (the physical overlap), per op: ``t = max(flops / peak, hbm_bytes / hbm_bw) +
@@ -159,11 +160,14 @@ def _collective_einsum(v: View) -> Cost:
         pairs = [(g, w) for w in ins[1:]]
     else:
         pairs = [(ins[0], ins[1])]
+    k = math.prod(v.mesh.get(ax, 1) for ax in op.axes)
     flops, smallest = 0.0, math.inf
     for spec, (a, b) in zip(specs, pairs):
         sizes = {**v.local(a), **v.local(b)}
         flops += einsum_flops(spec, sizes)
-        smallest = min(smallest, matmul_smallest_dim(spec, sizes))
+        # each of the K loop steps multiplies one chunk: the collective's dim is 1/K as long
+        chunk = {**sizes, op.dim: max(1, sizes[op.dim] // k)} if op.dim in sizes else sizes
+        smallest = min(smallest, matmul_smallest_dim(spec, chunk))
     return Cost(flops, v.reads(), v.writes(), op.type.dtype, smallest)
 
 
