@@ -134,6 +134,25 @@ def test_looped_collective_einsum_overlaps():
     assert op.time_s < work + op.comm_s  # overlapped, unlike an exposed collective
 
 
+def test_looped_collective_einsum_runs_at_its_chunks_efficiency():
+    """Each of the K loop steps multiplies one chunk, the gathered dim 1/K as long, so the
+    calibrated FLOP/s fraction is that of the chunk's smallest dim: here the contraction E / K =
+    256 (rows B = 2048, local columns F = 1024), not the gathered E = 1024."""
+    from compiler.cost.efficiency import Efficiency
+
+    B, E, F, K = 2048, 1024, 4096, 4
+
+    def build(b):
+        x = b.param("x", TensorType("bf16", (Dim("B", B), Dim("E", E, ("x",)))), "input")
+        w = b.param("w", TensorType("bf16", (Dim("E", E), Dim("F", F, ("x",)))), "weight")
+        return [b.emit(CollectiveEinsum, [x, w], "y", collective="all_gather", axes=("x",), dim="E",
+                       specs=("BE,EF->BF",))]
+
+    eff = Efficiency(flops=0.8, matmul_half=256.0, source="test")
+    (op,) = price(_module(build), V4_NO_LATENCY, eff=eff).ops
+    assert op.compute_s == pytest.approx(op.flops / (V4.peak("bf16") * 0.8 * 256 / (256 + 256)), rel=1e-12)
+
+
 def _gathered_weight_module(B: int, E: int, F: int, act_gather: bool):
     """x[B, E] @ all_gather(w[E, F{x}]) and, with ``act_gather``, x itself gathered over x first."""
 
