@@ -42,6 +42,9 @@ class BuildConfig:
     #: Prefill logits for the ``last`` prompt position only (what serving samples from; the
     #: ``[B, L, V]`` logits of a long batch outweigh the model on a chip) or for ``all`` (scoring).
     logits: str = "last"
+    #: Mixture of experts: 0 for dropless dispatch (C = the tokens), else C = the capacity factor x
+    #: tokens x top_k / experts (rounded up; compiler/pipelines.py build_for sets it from the spec).
+    capacity_factor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.prompt_len < 1 or self.cache_len < 1:
@@ -173,11 +176,21 @@ def _t(dtype: str, letters: str, sizes: dict[str, int]) -> TensorType:
     return TensorType(dtype, tuple(Dim(c, sizes[c]) for c in letters))
 
 
+def expert_capacity(model: ModelSpec, batch: int, length: int, factor: float) -> int:
+    """Slots per expert, C = batch x the slots of one sequence: its ``length`` tokens (dropless,
+    factor 0), else factor x length x top_k / experts rounded up (at most length: an expert gets
+    each token once). Per sequence, so a capacity drops the same tokens under every layout."""
+    if not factor:
+        return batch * length
+    return batch * max(1, min(length, math.ceil(factor * length * model.top_k / model.experts)))
+
+
 class _LayerEmitter:
     """Emits one transformer layer into a FunctionBuilder."""
 
-    def __init__(self, b: FunctionBuilder, model: ModelSpec, w: dict[str, str]):
+    def __init__(self, b: FunctionBuilder, model: ModelSpec, w: dict[str, str], capacity_factor: float = 0.0):
         self.b, self.m, self.w = b, model, w
+        self.capacity_factor = capacity_factor
 
     def norm(self, x: str, which: str) -> str:
         ops = [x, self.w[f"{which}_scale"]]
@@ -244,7 +257,7 @@ class _LayerEmitter:
                 w = b.emit(Binary, [w, total], "route_w", fn="div")
         hb = b.types[h]
         buf, slot = b.emit(Dispatch, [h, idx], ["expert_in", "slot"], experts=m.experts,
-                           capacity=hb.size("B") * hb.size("L"))
+                           capacity=expert_capacity(m, hb.size("B"), hb.size("L"), self.capacity_factor))
         g = b.emit(Einsum, [buf, self.w["we_gate"]], "expert_gate", spec="XCE,XEF->XCF")
         u = b.emit(Einsum, [buf, self.w["we_up"]], "expert_up", spec="XCE,XEF->XCF")
         g = b.emit(Unary, [g], "expert_gate", fn="silu")
@@ -303,7 +316,7 @@ def build_layer(model: ModelSpec, cfg: BuildConfig, phase: str, ctx: BuildContex
          for n, dims in layer_weights(model).items()}
     kc = b.param("k_cache", _t(cfg.dtype, f.cache(), sizes))
     vc = b.param("v_cache", _t(cfg.dtype, f.cache(), sizes))
-    out = _LayerEmitter(b, model, w).layer(x, pos, kc, vc)
+    out = _LayerEmitter(b, model, w, cfg.capacity_factor).layer(x, pos, kc, vc)
     return b.finish(out)
 
 

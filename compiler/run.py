@@ -59,6 +59,9 @@ class RunReport:
     spmd_max_rel_err: float | None = None
     tolerance: float | None = None
     ok: bool = True
+    #: Mixture of experts with a capacity: expert assignments dropped in the run (prefill + decode
+    #: steps, all layers), per executor (jax, reference); absent when nothing can drop.
+    moe_dropped: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         s = self.spec
@@ -69,6 +72,7 @@ class RunReport:
             "max_rel_err": self.max_rel_err,
             "tolerance": self.tolerance,
             "spmd_max_rel_err": self.spmd_max_rel_err,
+            **({"moe_dropped_assignments": self.moe_dropped} if self.moe_dropped else {}),
             "ledger": [e.to_json() for e in ledger(self.compiled.module)],
             "config": {
                 "spec": s.path,
@@ -102,6 +106,7 @@ def load_weights(spec: Spec, module, opts: RunOptions) -> dict[str, np.ndarray]:
 def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentation(),
             sink: Callable[[str], None] | None = None) -> RunReport:
     from runtime.generate import ReferenceExecutor, generate
+    from runtime.kernels_moe import DROPPED
     from runtime.lower_jax import JaxExecutor
     from runtime.weights import random_tokens, round_to
 
@@ -116,16 +121,23 @@ def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentati
     tokens = random_tokens(cfg.batch, cfg.prompt_len + opts.steps, spec.model.vocab, opts.seed)
     t0 = time.perf_counter()
     ex = JaxExecutor(compiled.module)
+    DROPPED.take()
     got = generate(ex, weights, tokens, cfg.prompt_len)
     report.timings["jax_first_run"] = time.perf_counter() - t0
+    capped = spec.model.moe and spec.serve.capacity_factor > 0
+    if capped:
+        report.moe_dropped["jax"] = DROPPED.take(sync=True)  # JAX reports them through host callbacks
     t0 = time.perf_counter()
     generate(ex, weights, tokens, cfg.prompt_len)
     report.timings["jax_warm_run"] = time.perf_counter() - t0
     report.last_tokens = [int(t) for t in np.argmax(got.logits[:, -1], axis=-1)]
     if opts.check:
         t0 = time.perf_counter()
+        DROPPED.take()
         ref = generate(ReferenceExecutor(module), weights, tokens, cfg.prompt_len)
         report.timings["reference"] = time.perf_counter() - t0
+        if capped:
+            report.moe_dropped["reference"] = DROPPED.take()
         diff = np.abs(got.logits.astype(np.float64) - ref.logits)
         scale = float(np.abs(ref.logits).max()) or 1.0
         report.max_abs_err = float(diff.max())
@@ -167,4 +179,7 @@ def format_run(r: RunReport) -> str:
                      f"(tolerance {r.tolerance:.1e}, vs numpy float64 reference)")
         if r.spmd_max_rel_err is not None:
             lines.append(f"spmd       numpy SPMD simulator max rel err {r.spmd_max_rel_err:.3e} (tolerance 1e-9)")
+    if r.moe_dropped:
+        lines.append(f"experts    capacity {s.serve.capacity}: dropped assignments "
+                     + ", ".join(f"{k} {v}" for k, v in r.moe_dropped.items()))
     return "\n".join(lines)

@@ -6,11 +6,12 @@ expert) at the slot its rank among the expert's tokens gives it, and ``combine``
 back and sums them with the router weights. The experts in between are ordinary einsums with
 an X dim, so expert parallelism (X sharded) and expert slicing (F sharded) are plain layouts.
 
-Slots are assigned per *token group*: the tokens one device holds when B or L is sharded. C is
-sharded like the tokens (each group owns C/groups slots of every expert), so an all-to-all from
-C to X is exactly expert parallelism's token exchange. Within a group the first choices of every
-token are placed before the second choices (r-major), so when a capacity is smaller than the
-group's tokens, the weakest assignments are the ones dropped.
+Slots are assigned per sequence: row b of the batch owns slots [b*c, (b+1)*c) of every expert
+(c = C / B), and within a row the first choices of every token are placed before the second
+choices (r-major), so when c is smaller than the row's tokens the weakest assignments are the
+ones dropped, whatever the layout. C is sharded like the tokens (B's axes, and L's for a
+dropless dispatch, where a device's part of a row gets the slots of its positions), so an
+all-to-all from C to X is exactly expert parallelism's token exchange.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class Dispatch(Op):
             raise fail("dispatch: the route dim R must be whole")
         if self.experts < 1 or self.capacity < 1:
             raise fail(f"dispatch: experts ({self.experts}) and capacity ({self.capacity}) must be positive")
+        b, l = h.size("B"), h.size("L")
+        if self.capacity % b or self.capacity > b * l:
+            raise fail(f"dispatch: capacity {self.capacity} must be batch ({b}) x the slots of one sequence "
+                       f"(at most its {l} tokens)")
+        if h.dim("L").axes and self.capacity != b * l:
+            raise fail("dispatch: a capacity below the tokens is per sequence; L must be whole")
         c = Dim("C", self.capacity, token_axes(h))
         buf = make_type("dispatch", h.dtype, (Dim("X", self.experts), c, h.dim("E")))
         return (buf, idx)

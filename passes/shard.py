@@ -431,7 +431,9 @@ def _dispatch(p: Propagation, op) -> list[str]:
     th = p.types[h]
     ea = p.layout.experts
     b = dividing_prefix(th.size("B"), ea, p.mesh)
-    lay = {"B": b, "L": dividing_prefix(th.size("L"), ea[len(b):], p.mesh)}  # a long prompt: over L too
+    # a long prompt spreads over L too, when dropless: a capacity is per sequence, kept whole
+    dropless = op.capacity == th.size("B") * th.size("L")
+    lay = {"B": b, "L": dividing_prefix(th.size("L"), ea[len(b):], p.mesh) if dropless else ()}
     # the router already gathered the rows: slice that copy (free) rather than move h again
     h = p.memo.get((h, retype(th, {})), h)
     h = p.to(h, retype(th, lay), "dispatch: tokens sliced over the expert axes, rows whole")

@@ -37,6 +37,9 @@ class Backend(Protocol):
     def scatter_rows(self, buf: Array, i: Array, j: Array, rows: Array) -> Array:
         """buf[i[n], j[n]] = rows[n], dropping pairs whose j is past buf's second dim."""
 
+    def count_dropped(self, n: Array) -> None:
+        """Adds ``n`` dropped expert assignments to runtime.kernels_moe.DROPPED."""
+
     def scan(self, body: Callable, carry: tuple, consts: tuple, xs: tuple) -> tuple[tuple, tuple]:
         """Runs body(carry, consts, x_slices) -> (carry, ys) over the leading dim of xs."""
 

@@ -8,6 +8,8 @@ indices. Both work on the local token group, so the sharded programs need no oth
 
 from __future__ import annotations
 
+import threading
+
 from runtime.kernels import rule
 
 
@@ -27,21 +29,55 @@ def local_capacity(op, t_h, be) -> int:
     return op.capacity // be.group_size(axes) if axes else op.capacity
 
 
+class DropCounter:
+    """Assignments dropped by capacity-limited dispatches since the last ``take`` (summed over
+    devices, layers and steps): the run reports it, so a capacity never drops silently."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def add(self, n: object) -> None:
+        with self.lock:
+            self.n += int(n)  # type: ignore[call-overload]
+
+    def take(self, sync: bool = False) -> int:
+        """The count so far, reset; ``sync`` waits for JAX's pending host callbacks first."""
+        if sync:
+            import jax
+
+            jax.effects_barrier()
+        with self.lock:
+            n, self.n = self.n, 0
+        return n
+
+
+DROPPED = DropCounter()
+
+
 @rule("dispatch")
 def _dispatch(op, xs, ts, be, interp):
     xp = be.xp
     h, idx = xs
     b, l, e = h.shape
     r = idx.shape[2]
-    t = b * l
     cap = local_capacity(op, ts[0], be)
-    flat = idx.reshape(t, r).T.reshape(-1)  # r-major: every token's first choice before any second
-    onehot = (flat[:, None] == xp.arange(op.experts, dtype=flat.dtype)[None, :]).astype(xp.int32)
-    rank = xp.cumsum(onehot, axis=0) - 1
-    slot_flat = xp.take_along_axis(rank, flat[:, None].astype(xp.int32), axis=1)[:, 0].astype(xp.int32)
-    rows = xp.tile(h.reshape(t, e), (r, 1))
-    buf = be.scatter_rows(xp.zeros((op.experts, cap, e), h.dtype), flat, slot_flat, rows)
-    return buf, slot_flat.reshape(r, t).T.reshape(b, l, r)
+    per_row = cap // b  # the slots of each (local part of a) sequence
+    order = xp.transpose(idx, (0, 2, 1)).reshape(b, r * l)  # per row, r-major: first choices first
+    onehot = (order[..., None] == xp.arange(op.experts, dtype=order.dtype)).astype(xp.int32)
+    rank = xp.take_along_axis(xp.cumsum(onehot, axis=1) - 1, order[..., None].astype(xp.int32), axis=2)[..., 0]
+    kept = rank < per_row
+    slot = xp.where(kept, xp.arange(b, dtype=xp.int32)[:, None] * per_row + rank, cap).astype(xp.int32)
+    rows = xp.broadcast_to(h[:, None], (b, r, l, e)).reshape(b * r * l, e)
+    buf = be.scatter_rows(xp.zeros((op.experts, cap, e), h.dtype), order.reshape(-1), slot.reshape(-1), rows)
+    if op.capacity < ts[0].size("B") * ts[0].size("L"):  # drops are possible: count them
+        n = (~kept).sum()
+        tok = set(ts[0].dim("B").axes + ts[0].dim("L").axes)
+        replicas = tuple(a for a in be.mesh if a not in tok)
+        if replicas:  # the devices holding the same tokens drop the same assignments: count one
+            n = xp.where(be.axis_index(replicas) == 0, n, 0)
+        be.count_dropped(n)
+    return buf, xp.transpose(slot.reshape(b, r, l), (0, 2, 1))
 
 
 @rule("combine")

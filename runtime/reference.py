@@ -43,6 +43,11 @@ class NumpyBackend:
         idx = np.argsort(-x, axis=-1, kind="stable")[..., :k]
         return np.take_along_axis(x, idx, axis=-1), idx
 
+    def count_dropped(self, n):
+        from runtime.kernels_moe import DROPPED
+
+        DROPPED.add(n)
+
     def scatter_rows(self, buf, i, j, rows):
         """buf[i[n], j[n]] = rows[n]; pairs with j beyond buf's second dim are dropped."""
         out = buf.copy()

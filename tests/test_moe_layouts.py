@@ -145,3 +145,84 @@ def test_explain_prices_every_expert_layout_and_auto_takes_the_fastest() -> None
     assert len(chosen) == 1 and chosen[0] is legal[0]
     assert resolved(spec).serve.expert_axes == legal[0]["expert_axes"]
     assert resolved(replace(spec, serve=replace(spec.serve, expert_axes="y"))).serve.expert_axes == "y"
+
+
+def test_capacity_drops_the_same_assignments_under_every_layout_and_counts_them() -> None:
+    """capacity = 0.5: each sequence gets ceil(0.5 x 4 tokens x 2 / 8) = 1 slot per expert, so
+    some assignments are dropped (the logits move away from the dropless ones); the count is
+    reported (runtime.kernels_moe.DROPPED), and since the capacity is per sequence the sharded
+    programs drop the same assignments as the reference: equal logits and equal counts."""
+    from compiler.build import BuildConfig, build_module
+    from runtime.generate import ReferenceExecutor, generate
+    from runtime.kernels_moe import DROPPED
+    from runtime.weights import random_tokens, random_weights
+
+    model = moe_model(shared=False)
+    batch, prompt, steps = 4, 4, 2
+    cfg = BuildConfig(batch, prompt, prompt + steps, ("prefill", "decode"), "f32", "all", capacity_factor=0.5)
+    ref_mod = build_module(model, cfg)
+    disp = next(op for op in ref_mod.function("prefill_layer").ops if op.kind == "dispatch")
+    assert disp.capacity == batch * 1
+    weights = random_weights(ref_mod.function("prefill"), seed=3)
+    tokens = random_tokens(batch, prompt + steps, model.vocab, seed=3)
+    dropless = generate(ReferenceExecutor(build(model, batch, prompt, prompt + steps)), weights, tokens, prompt)
+    assert DROPPED.take() == 0
+    ref = generate(ReferenceExecutor(ref_mod), weights, tokens, prompt)
+    dropped = DROPPED.take()
+    assert 0 < dropped < model.layers * batch * prompt * model.top_k
+    assert rel_err(ref.logits, dropless.logits) > 1e-3
+    for experts in ("x", "x+y+z", "none"):
+        mod = build_module(model, cfg, MESH3)
+        sharded = compile_module(mod, f"shard{{ffn=1d-ws,attn=heads,experts={experts}}},insert-collectives,cleanup")
+        got = generate(SpmdExecutor(sharded.module), weights, tokens, prompt)
+        assert rel_err(got.logits, ref.logits) <= TOL, experts
+        assert DROPPED.take() == dropped, experts
+
+
+CAPACITY_SPEC = """model capmoe {
+  layers = 2
+  d_model = 16
+  heads = 8
+  kv_heads = 8
+  d_head = 4
+  d_ff = 16
+  vocab = 32
+  mlp = swiglu
+  norm = rmsnorm
+  experts = 8
+  top_k = 2
+  expert_d_ff = 8
+}
+serve {
+  batch = 4
+  seq = 8
+  capacity = 0.5
+}
+"""
+
+
+@pytest.mark.slow  # one JAX compile of prefill + decode on 8 devices (~20 s on the loaded machine)
+def test_run_reports_the_drops_of_jax_and_the_reference(tmp_path, capsys) -> None:
+    import json
+
+    from compiler.cli import main
+
+    path = tmp_path / "cap.model"
+    path.write_text(CAPACITY_SPEC)
+    rc = main(["run", str(path), "--mesh", "x=2,y=2,z=2", "--set", "serve.expert_axes=x,y", "--check", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ok"]
+    dropped = out["moe_dropped_assignments"]
+    assert dropped["jax"] == dropped["reference"] > 0
+
+
+@pytest.mark.parametrize("value, ok", [("dropless", True), ("1.25", True), ("0", False), ("abc", False)])
+def test_capacity_setting(value: str, ok: bool) -> None:
+    from compiler.spec import ServeSpec
+    from ir.errors import SpecError
+
+    if ok:
+        assert ServeSpec(capacity=value).capacity == value
+    else:
+        with pytest.raises(SpecError, match="capacity must be dropless or a positive capacity factor"):
+            ServeSpec(capacity=value)
