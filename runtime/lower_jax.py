@@ -43,6 +43,15 @@ class JaxBackend:
         return cache.at[b, pos].set(new)
 
     def einsum(self, spec, *xs):
+        """A projection ``PC,CQ->PQ`` (the contracted letters trailing in one operand and leading
+        in the other) becomes a 2-D matmul between reshapes. Given as a multi-dim einsum, XLA's
+        CPU layout assignment sometimes transposes the weight instead of the activation (a full
+        copy of e.g. the attention output projection on every decode step)."""
+        mm = _as_matmul(spec, xs)
+        if mm is not None:
+            (p, c, q), (x, w) = mm, xs
+            y = jnp.matmul(x.reshape(p[0], c), w.reshape(c, q[0]), precision=self.precision)
+            return y.reshape(p[1] + q[1])
         return jnp.einsum(spec, *xs, precision=self.precision)
 
     def top_k(self, x, k):
@@ -135,6 +144,22 @@ class JaxBackend:
     def fori_loop(self, lo, hi, body, init):
         # a real loop in the HLO (not unrolled): the collective-permutes sit in a while body
         return lax.fori_loop(lo, hi, body, init) if hi > lo else init
+
+
+def _as_matmul(spec: str, xs: tuple) -> tuple | None:
+    """((P, P dims), C, (Q, Q dims)) when ``spec`` is ``PC,CQ->PQ`` over two operands with
+    letters in that order (no batch or summed-away letters), else None."""
+    ins, out = spec.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2 or len(xs) != 2:
+        return None
+    a, b = parts
+    n = next((k for k in range(len(b), 0, -1) if a.endswith(b[:k])), 0)
+    if n == 0 or out != a[: len(a) - n] + b[n:] or len(set(a + b)) != len(a) + len(b) - n:
+        return None
+    x, w = xs
+    pd, qd = tuple(x.shape[: x.ndim - n]), tuple(w.shape[n:])
+    return (int(np.prod(pd, dtype=np.int64)), pd), int(np.prod(w.shape[:n], dtype=np.int64)), (int(np.prod(qd, dtype=np.int64)), qd)
 
 
 def partition_spec(t: TensorType) -> PartitionSpec:
