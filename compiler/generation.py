@@ -49,8 +49,8 @@ def make_runner(spec: Spec, weights: Mapping[str, np.ndarray], cache_len: int, b
     """A runner for ``spec``'s model and layout (``auto`` resolved at decode x ``batch``)."""
     fixed = fixed_layout(spec, batch)
 
-    def build(phase: str, b: int, length: int) -> Module:
-        return module_for(fixed, phase, b, length, cache_len)
+    def build(phase: str, b: int, length: int, context: int | None = None) -> Module:
+        return module_for(fixed, phase, b, length, context or cache_len)
 
     return ModelRunner(build, weights, cache_len, spec.model.vocab, split_layers=split_layers)
 
