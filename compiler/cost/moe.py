@@ -92,8 +92,8 @@ def resolve_expert_axes(spec: Spec, chip: Chip | None = None) -> Spec:
         return spec
     rows = expert_rows(spec, chip or get_chip(spec.serve.hardware))
     fitting = [r for r in rows if r.candidate.legal and r.candidate.fits]
-    pick = (fitting or [r for r in rows if r.candidate.legal] or [None])[0]
-    return spec if pick is None else replace(spec, serve=replace(spec.serve, expert_axes=pick.axes))
+    legal = fitting or [r for r in rows if r.candidate.legal]
+    return replace(spec, serve=replace(spec.serve, expert_axes=legal[0].axes)) if legal else spec
 
 
 def _mib(n: int) -> str:
