@@ -79,10 +79,11 @@ VALUES: dict[str, list[str]] = {
     "--hardware": ["tpu-v4", "h100", "nope", "CHIP", "BADCHIP", "LATIN1CHIP", "MISSING", "DIR", "x.toml"],
     "--set": ["model.layers=2", "serve.batch=0", "model.heads=3", "bogus", "model.x=1", "serve.kv=pad",
               "serve.kv=replicate", "model.vocab=30", "model.d_model=18", "serve.logits=all", "model.layers=-1",
-              "mesh.x=2", "serve.seq=99999999999999999999"],
+              "mesh.x=2", "serve.seq=99999999999999999999", "serve.pad=false", "serve.pad=maybe", "model.d_ff=30"],
     "--passes": ["", "cleanup", "cleanp", "quantize-int8,pad-heads{multiple=3}", "shard{ffn=2d-ws}", "{",
                  "cleanup{max_rounds=1}", "pad-heads{multiple=0}", "shard,insert-collectives,cleanup", "cleanup,,",
-                 "fuse-parallel-block,quantize-int8", "collective-einsum"],
+                 "fuse-parallel-block,quantize-int8", "collective-einsum", "pad-dims{d_ff=3,d_model=4,batch=8}",
+                 "quantize-int8,pad-dims{d_ff=3}", "pad-dims{batch=-1}", "pad-dims,pad-heads"],
     "--print-ir-after": ["cleanup", "shard", "nope"],
     "--print-ir-before": ["cleanup", "shard", "nope"],
     "--dump-dir": ["DUMP", "FILE", "UNDER_FILE", "DIR"],
@@ -98,7 +99,7 @@ VALUES: dict[str, list[str]] = {
     "--batches": ["1,4", "0", "x", "", "1,,2", "-3"],
     "--checkpoint": ["DIR", "MISSING", "FILE", "HF"],
 }
-SWITCHES = ["--check", "--json", "--spmd", "--pass-stats", "--time-passes", "--print-ir-after-all",
+SWITCHES = ["--check", "--json", "--spmd", "--pass-stats", "--time-passes", "--print-ir-after-all", "--no-pad",
             "--no-verify-each", "--print-ir-after-change", "--help", "--bogus"]
 COMMANDS = ["compile", "compile", "compile", "run", "run", "explain", "passes", "spec-from-hf", "nonsense"]
 
