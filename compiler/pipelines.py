@@ -261,8 +261,8 @@ def compile_module(module: Module, pipeline: str, instr: Instrumentation = Instr
 def build_for(spec: Spec, cfg: BuildConfig) -> Module:
     """The unsharded module, its mesh the axes inside a stage (pipeline-stages adds the stage axis);
     a mixture of experts' capacity from the spec."""
-    if spec.serve.capacity_factor:
-        cfg = replace(cfg, capacity_factor=spec.serve.capacity_factor)
+    if spec.serve.moe_capacity:
+        cfg = replace(cfg, capacity_factor=spec.serve.moe_capacity)
     return build_module(spec.model, cfg, inner_mesh(spec))
 
 

@@ -124,7 +124,7 @@ def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentati
     DROPPED.take()
     got = generate(ex, weights, tokens, cfg.prompt_len)
     report.timings["jax_first_run"] = time.perf_counter() - t0
-    capped = spec.model.moe and spec.serve.capacity_factor > 0
+    capped = spec.model.moe and spec.serve.moe_capacity > 0
     if capped:
         report.moe_dropped["jax"] = DROPPED.take(sync=True)  # JAX reports them through host callbacks
     t0 = time.perf_counter()
@@ -180,6 +180,6 @@ def format_run(r: RunReport) -> str:
         if r.spmd_max_rel_err is not None:
             lines.append(f"spmd       numpy SPMD simulator max rel err {r.spmd_max_rel_err:.3e} (tolerance 1e-9)")
     if r.moe_dropped:
-        lines.append(f"experts    capacity {s.serve.capacity}: dropped assignments "
+        lines.append(f"experts    capacity_factor {s.serve.capacity_factor}: dropped assignments "
                      + ", ".join(f"{k} {v}" for k, v in r.moe_dropped.items()))
     return "\n".join(lines)

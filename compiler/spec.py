@@ -71,7 +71,7 @@ _SERVE_FIELDS: dict[str, _Field] = {
     "microbatches": _Field("microbatches"),
     "pad": _Field("bool"),
     "expert_axes": _Field("name"),
-    "capacity": _Field("name"),
+    "capacity_factor": _Field("name"),
 }
 _AXIS_SIZE = _Field("int")
 _REQUIRED = tuple(k for k, f in _MODEL_FIELDS.items() if f.required)
@@ -142,18 +142,19 @@ class ServeSpec:
     #: Mixture of experts: slots per expert for each sequence, ``dropless`` (every token fits) or a
     #: capacity factor (1.25: 1.25 x the sequence's tokens x top_k / experts; the weakest
     #: assignments beyond it are dropped, and counted by `einshard run`).
-    capacity: str = "dropless"
+    capacity_factor: str = "dropless"
 
     def __post_init__(self) -> None:
         _check_fields(self, _SERVE_FIELDS)
-        if self.capacity != "dropless" and not (_FLOAT_RE.match(self.capacity) and float(self.capacity) > 0):
-            raise _Invalid(f"capacity must be dropless or a positive capacity factor, got {self.capacity!r}",
-                           ("capacity",), "e.g. capacity = 1.25 (slots per expert: 1.25 x tokens x top_k / experts)")
+        cf = self.capacity_factor
+        if cf != "dropless" and not (_FLOAT_RE.match(cf) and float(cf) > 0):
+            raise _Invalid(f"capacity_factor must be dropless or a positive number, got {cf!r}", ("capacity_factor",),
+                           "e.g. capacity_factor = 1.25 (slots per expert: 1.25 x tokens x top_k / experts)")
 
     @property
-    def capacity_factor(self) -> float:
-        """0.0 for dropless dispatch, else the capacity factor."""
-        return 0.0 if self.capacity == "dropless" else float(self.capacity)
+    def moe_capacity(self) -> float:
+        """The capacity factor as a number; 0.0 for dropless dispatch."""
+        return 0.0 if self.capacity_factor == "dropless" else float(self.capacity_factor)
 
 
 @dataclass(frozen=True)
@@ -592,8 +593,8 @@ def format_spec(spec: Spec) -> str:
     # micro-batches mean something only with pipeline stages (a mesh axis named stage)
     staged = "stage" in spec.mesh.names or spec.serve.microbatches != "auto"
     # and expert axes only with experts
-    moe = m.experts > 0 or spec.serve.expert_axes != "auto" or spec.serve.capacity != "dropless"
+    moe = m.experts > 0 or spec.serve.expert_axes != "auto" or spec.serve.capacity_factor != "dropless"
     out += ["", *_fmt_block("serve", [(k, getattr(spec.serve, k)) for k in _SERVE_FIELDS
                                       if (k != "microbatches" or staged)
-                                      and (k not in ("expert_axes", "capacity") or moe)])]
+                                      and (k not in ("expert_axes", "capacity_factor") or moe)])]
     return "\n".join(out) + "\n"

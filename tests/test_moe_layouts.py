@@ -148,7 +148,7 @@ def test_explain_prices_every_expert_layout_and_auto_takes_the_fastest() -> None
 
 
 def test_capacity_drops_the_same_assignments_under_every_layout_and_counts_them() -> None:
-    """capacity = 0.5: each sequence gets ceil(0.5 x 4 tokens x 2 / 8) = 1 slot per expert, so
+    """capacity_factor = 0.5: each sequence gets ceil(0.5 x 4 tokens x 2 / 8) = 1 slot per expert, so
     some assignments are dropped (the logits move away from the dropless ones); the count is
     reported (runtime.kernels_moe.DROPPED), and since the capacity is per sequence the sharded
     programs drop the same assignments as the reference: equal logits and equal counts."""
@@ -196,7 +196,7 @@ CAPACITY_SPEC = """model capmoe {
 serve {
   batch = 4
   seq = 8
-  capacity = 0.5
+  capacity_factor = 0.5
 }
 """
 
@@ -222,7 +222,7 @@ def test_capacity_setting(value: str, ok: bool) -> None:
     from ir.errors import SpecError
 
     if ok:
-        assert ServeSpec(capacity=value).capacity == value
+        assert ServeSpec(capacity_factor=value).capacity_factor == value
     else:
-        with pytest.raises(SpecError, match="capacity must be dropless or a positive capacity factor"):
-            ServeSpec(capacity=value)
+        with pytest.raises(SpecError, match="capacity_factor must be dropless or a positive number"):
+            ServeSpec(capacity_factor=value)

@@ -565,7 +565,7 @@ def test_override_unknown_field_and_section(gqa: Spec) -> None:
         <command line>:1:7: spec error: unknown field 'bach' in serve block
           serve.bach=8
                 ^~~~
-          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits, microbatches, pad, expert_axes, capacity""")
+          hint: did you mean 'batch'? valid choices: phase, batch, seq, ffn, attn, weights, overlap, hardware, kv, logits, microbatches, pad, expert_axes, capacity_factor""")
     err = cli_error(gqa, sets=["srve.batch=8"])
     assert err.message == "unknown section 'srve'" and err.hint.startswith("did you mean 'serve'?")
     assert (err.loc.col, err.loc.length) == (1, 4)
