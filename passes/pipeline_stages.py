@@ -90,6 +90,9 @@ class PipelineStages(Pass):
     def run(self, module: Module) -> PassResult:
         if self.stages < 1:
             raise PassError(f"pipeline-stages needs stages >= 1, got {self.stages}")
+        if self.prefill < 0 or self.decode < 0:
+            raise PassError(f"pipeline-stages micro-batch counts are >= 1, or 0 for auto; got prefill={self.prefill}, "
+                            f"decode={self.decode}")
         if self.axis in module.mesh_sizes:
             raise PassError(f"pipeline-stages adds mesh axis '{self.axis}', which the module already has "
                             f"({', '.join(a for a, _ in module.mesh)}); the layouts must not use it")
