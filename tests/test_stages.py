@@ -198,6 +198,10 @@ def test_explain_prices_fastertransformer_configurations() -> None:
     # a stage axis of size 1 lists tensor parallelism over all the chips (and pipelines of them)
     tp = {mesh: stage_candidates(apply_overrides(base, mesh=f"stage=1,{mesh}"), a100, "bound")
           for mesh in ("x=16", "x=32")}
+    from compiler.cost.staging import fastest_stage
+
+    assert fastest_stage(list(pp.values())) is min((c for c in pp.values() if c.estimate and c.estimate.fits),
+                                                    key=lambda c: c.estimate.step_time_s)  # type: ignore[union-attr]
     for mesh, cands in tp.items():
         (c,) = [c for c in cands if c.stages == 1 and c.label == mesh]
         assert c.estimate is not None and c.estimate.fits

@@ -25,7 +25,7 @@ from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
 from compiler.cost.moe import expert_rows, format_expert_rows, rows_json
 from compiler.spec import Spec
-from compiler.cost.staging import StageCandidate, stage_candidates, stage_json
+from compiler.cost.staging import StageCandidate, fastest_stage, stage_candidates, stage_json
 from compiler.stages import inner_mesh
 from passes.pipeline_stages import STAGE_AXIS
 from ir.errors import LayoutError
@@ -209,6 +209,7 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
         "max_context_by_phase": by_phase,
         "candidates": [candidate_json(r, c) for r in reports for c in r.choice.candidates],
         "pipeline_candidates": {r.phase: [stage_json(c) for c in r.stages] for r in reports if r.stages},
+        "pipeline_chosen": {r.phase: getattr(fastest_stage(list(r.stages)), "label", None) for r in reports if r.stages},
         "expert_layouts": {r.phase: rows_json(r.experts, r.expert_axes) for r in reports if r.experts},
     }
 
@@ -240,8 +241,7 @@ def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
              f"    {'mesh':18}{'M':>4}{'steps':>6}{'bubble':>8}{'stage-step':>12}{'ppermute':>10}{'step':>11}"
              f"{'chip-ms/tok':>12}{'GiB/chip':>9}  fits" + (f"{'full':>9}" if phase == "decode" else "")]
     lines.append("  " + "-" * (len(lines[-1]) - 2))
-    fitting = [(c.estimate.step_time_s, i) for i, c in enumerate(cands) if c.estimate is not None and c.estimate.fits]
-    best = cands[min(fitting)[1]] if fitting else None
+    best = fastest_stage(cands)
     for c in cands:
         mark = "*" if c is best else " "
         if c.estimate is None:

@@ -123,6 +123,12 @@ def stage_candidates(spec: Spec, chip: Chip, model: str = "calibrated") -> list[
     return out
 
 
+def fastest_stage(cands: list[StageCandidate]) -> StageCandidate | None:
+    """The candidate with the shortest step among those that fit (the stage count to pick)."""
+    fitting = [(c.estimate.step_time_s, i) for i, c in enumerate(cands) if c.estimate is not None and c.estimate.fits]
+    return cands[min(fitting)[1]] if fitting else None
+
+
 def stage_json(c: StageCandidate) -> dict:
     d: dict = {"mesh": dict(c.mesh), "ffn": c.ffn, "attn": c.attn, "stages": c.stages, "legal": c.estimate is not None}
     if c.estimate is None:
