@@ -28,7 +28,7 @@ from ir.errors import FileError, SpecError
 
 #: Subcommands that take the multi-process flags.
 MULTIPROCESS_COMMANDS = ("run", "generate", "serve")
-DEFAULT_GRACE = 20.0
+DEFAULT_GRACE = 45.0  # longer than the default --peer-timeout, so survivors can name the dead process
 LOG_TAIL = 40
 
 
