@@ -257,3 +257,17 @@ def test_all_heads_qk_norm_is_not_padded(tmp_path: Path) -> None:
     spec = apply_overrides(spec_from_hf(_config(tmp_path, cfg)), mesh="x=2,y=2,z=2", phase="decode")
     with pytest.raises(LayoutError, match="QK-norm over all heads"):
         compile_module(build_module(spec.model, compile_config(spec), spec.mesh.axes), default_pipeline(spec))
+
+
+@pytest.mark.slow
+def test_generate_cli_with_a_checkpoint_on_8_devices(saved: Callable[[str], tuple[Path, Any]], capsys) -> None:
+    """`einshard generate --checkpoint DIR --mesh x=2,y=2,z=2` (expert axes auto) gives HF's greedy tokens."""
+    from compiler.cli import main
+
+    d, model = saved("qwen2-moe-shared")
+    prompt = PROMPTS[0]
+    rc = main(["generate", "--checkpoint", str(d), "--prompt-ids", ",".join(map(str, prompt)), "--mesh", "x=2,y=2,z=2",
+               "--max-new-tokens", str(NEW), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["tokens"][0] == hf_greedy(model, prompt)
