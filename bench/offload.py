@@ -140,6 +140,61 @@ def run_one(a: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def run_interleaved(a: argparse.Namespace) -> None:
+    """Step times of every configuration at one batch in ONE process, round-robin over rounds
+    (the machine is shared: configurations measured minutes apart see different loads). The cold
+    runs read their own copy of the store, whose pages they drop, so the warm runs stay warm."""
+    use_cpu_devices(1)
+    import shutil
+
+    from compiler.generation import make_runner, weight_types
+    from compiler.offload import make_offload_runner, parse_size
+    from compiler.spec import Spec
+    from runtime.checkpoint import open_checkpoint
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.model_runner import enable_compile_cache
+    from runtime.offload import OffloadGenerator
+    from runtime.offload_store import data_path, evict
+    from runtime.sampling import SamplingParams
+
+    enable_compile_cache()
+    cold_store = a.store.with_name(a.store.name + "-cold")
+    if not (cold_store / "store.json").is_file():
+        shutil.copytree(a.store, cold_store, dirs_exist_ok=True)
+    ck = open_checkpoint(a.checkpoint)
+    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    req = GenerateRequest.of([list(range(1, a.prompt_len + 1))] * a.batch, SamplingParams(), a.new)
+    res_runner = make_runner(spec, ck.load_weights(spec.model, weight_types(spec)), 64, batch=a.batch)
+    gens: dict = {("resident", "-"): Generator(res_runner)}
+    runners = {}
+    for cache, store in (("cold", cold_store), ("warm", a.store)):
+        for mode in ("stream", "prefetch"):
+            r = make_offload_runner(spec, store, a.key, 64, parse_size(a.budget), a.batch, prefetch=mode == "prefetch",
+                                    evict_after_read=cache == "cold")
+            runners[(mode, cache)] = r
+            gens[(mode, cache)] = OffloadGenerator(r)
+    for k, g in gens.items():
+        g.compile(req, batch=a.batch, **({"stream": True} if k[0] == "resident" else {}))
+    times: dict = {k: [] for k in gens}
+    tokens: dict = {}
+    order = list(gens)
+    for rnd in range(a.rounds):
+        for k in order[rnd % len(order):] + order[: rnd % len(order)]:
+            if k[1] == "cold":
+                evict(data_path(cold_store))
+            if k[0] == "resident":
+                res = gens[k].generate(req, stream=lambda r, t: False, batch=a.batch)
+            else:
+                res = gens[k].generate(req, batch=a.batch)
+            times[k].append(statistics.median(res.step_ms[1:] or res.step_ms))
+            tokens[k] = res.tokens[0]
+    for r in runners.values():
+        r.close()
+    out = [{"mode": k[0], "cache": k[1], "batch": a.batch, "step_ms": statistics.median(v), "rounds": v,
+            "same": tokens[k] == tokens[("resident", "-")]} for k, v in times.items()]
+    print("RESULT " + json.dumps(out))
+
+
 def run_baseline() -> None:
     """The runtime's floor: JAX imported and one small program compiled and run."""
     use_cpu_devices(1)
@@ -222,6 +277,9 @@ def main() -> None:
     ap.add_argument("--build-store", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--key", help=argparse.SUPPRESS)
+    ap.add_argument("--interleave", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-memory", action="store_true", help="skip the one-process-per-configuration peak memory runs")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per batch (step times: their median)")
     ap.add_argument("--predict-from", type=Path, help="print the cost model's predictions for a saved --out file")
     ap.add_argument("--cache", choices=("cold", "warm"), default="warm", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -235,11 +293,14 @@ def main() -> None:
     if a.baseline:
         return run_baseline()
     if a.predict_from:
-        return predict(a, json.loads(a.predict_from.read_text())["rows"])
+        saved = json.loads(a.predict_from.read_text())
+        return predict(a, saved.get("interleaved") or saved["rows"])
     if a.build_store:
         return build_store(a)
     if a.one:
         return run_one(a)
+    if a.interleave:
+        return run_interleaved(a)
 
     # once, in its own process (it loads the checkpoint as resident does)
     a.key = child(a, "--build-store")["key"]
@@ -251,40 +312,54 @@ def main() -> None:
     hdr = (f"{'batch':>5} {'mode':>9} {'cache':>5} {'step ms':>8} {'tok/s':>8} {'ratio':>6} {'peak MB':>8} "
            f"{'weights MB':>10} {'KV MB':>6} {'over MB':>7} {'read MB/s':>9} {'wait %':>6} same")
     print(hdr)
+    timed: list[dict] = []
     for B in [int(b) for b in a.batches.split(",")]:
-        res = child(a, "--one", "resident", "--batch", str(B))
-        res["held"] = res["weight_bytes"]
-        group = [res]
-        for cache in ("cold", "warm"):
-            for mode in ("stream", "prefetch"):
-                r = child(a, "--one", mode, "--batch", str(B), "--cache", cache)
-                r["held"] = r["resident_weight_bytes"] + r["pool_bytes"]
-                group.append(r)
-        for r in group:
-            r["ratio"] = r["tokens_per_s"] / res["tokens_per_s"]
-            r["same"] = r["tokens"] == res["tokens"]
-            r["overhead"] = r["VmHWM"] - r["held"] - r["kv_bytes"]
-            bw = r["bytes_read"] / r["read_s"] / 1e6 if r.get("read_s") else 0.0
-            wait = 100 * r["wait_s"] / max(r["step_ms"] * 1e-3 * (a.new - 1), 1e-9) if "wait_s" in r else 0.0
-            print(f"{B:>5} {r['mode']:>9} {r['cache'] if r['mode'] != 'resident' else '-':>5} {r['step_ms']:>8.1f} "
-                  f"{r['tokens_per_s']:>8.1f} {r['ratio']:>6.2f} {mb(r['VmHWM']):>8} {mb(r['held']):>10} "
-                  f"{mb(r['kv_bytes']):>6} {mb(r['overhead']):>7} {bw:>9.0f} {wait:>6.0f} {r['same']}")
-            rows.append(r)
+        if not a.no_memory:
+            res = child(a, "--one", "resident", "--batch", str(B))
+            res["held"] = res["weight_bytes"]
+            group = [res]
+            for cache in ("cold", "warm"):
+                for mode in ("stream", "prefetch"):
+                    r = child(a, "--one", mode, "--batch", str(B), "--cache", cache)
+                    r["held"] = r["resident_weight_bytes"] + r["pool_bytes"]
+                    group.append(r)
+            for r in group:
+                r["ratio"] = r["tokens_per_s"] / res["tokens_per_s"]
+                r["same"] = r["tokens"] == res["tokens"]
+                r["overhead"] = r["VmHWM"] - r["held"] - r["kv_bytes"]
+                bw = r["bytes_read"] / r["read_s"] / 1e6 if r.get("read_s") else 0.0
+                wait = 100 * r["wait_s"] / max(r["step_ms"] * 1e-3 * (a.new - 1), 1e-9) if "wait_s" in r else 0.0
+                print(f"{B:>5} {r['mode']:>9} {r['cache'] if r['mode'] != 'resident' else '-':>5} {r['step_ms']:>8.1f} "
+                      f"{r['tokens_per_s']:>8.1f} {r['ratio']:>6.2f} {mb(r['VmHWM']):>8} {mb(r['held']):>10} "
+                      f"{mb(r['kv_bytes']):>6} {mb(r['overhead']):>7} {bw:>9.0f} {wait:>6.0f} {r['same']}")
+                rows.append(r)
+            sys.stdout.flush()
+        t = child(a, "--interleave", "--batch", str(B), "--rounds", str(a.rounds))
+        ref = next(x for x in t if x["mode"] == "resident")
+        for x in t:
+            x["tokens_per_s"] = B / (x["step_ms"] / 1e3)
+            x["ratio"] = ref["step_ms"] / x["step_ms"]
+            print(f"{B:>5} {x['mode']:>9} {x['cache']:>5} {x['step_ms']:>8.1f} {x['tokens_per_s']:>8.1f} "
+                  f"{x['ratio']:>6.2f}  interleaved, {a.rounds} rounds: "
+                  + " ".join(f"{v:.0f}" for v in x["rounds"]) + f" ms; same tokens {x['same']}")
+        timed += t
         sys.stdout.flush()
-    budget = rows[1]["resident_weight_bytes"] + rows[1]["pool_bytes"]
-    print(f"weights {mb(rows[0]['weight_bytes'])} MB; budget {a.budget}: resident globals "
-          f"{mb(rows[1]['resident_weight_bytes'])} MB + {rows[1]['buffers']} layer buffers of "
-          f"{rows[1]['layer_bytes'] / 1e6:.1f} MB = {mb(budget)} MB "
-          f"({budget / rows[0]['weight_bytes']:.0%} of the weights)")
+    if rows:
+        budget = rows[1]["resident_weight_bytes"] + rows[1]["pool_bytes"]
+        print(f"weights {mb(rows[0]['weight_bytes'])} MB; budget {a.budget}: resident globals "
+              f"{mb(rows[1]['resident_weight_bytes'])} MB + {rows[1]['buffers']} layer buffers of "
+              f"{rows[1]['layer_bytes'] / 1e6:.1f} MB = {mb(budget)} MB "
+              f"({budget / rows[0]['weight_bytes']:.0%} of the weights)")
     print("peak = VmHWM of the configuration's process; over = peak - weights held - KV cache "
           "(the runtime: JAX, compiled programs, activations, Python); wait % = share of the decode time "
-          "the compute waited for a layer")
+          "the compute waited for a layer; rows marked 'interleaved' time every configuration in one process, "
+          "round-robin (their ratio is the figure to read on a shared machine)")
     if a.out:
-        a.out.write_text(json.dumps({"baseline": base, "rows": rows}, indent=1))
+        a.out.write_text(json.dumps({"baseline": base, "rows": rows, "interleaved": timed}, indent=1))
     print("cost model (compiler/cost/offload.py) against the measurements:")
     sys.stdout.flush()
-    predict(a, rows)
-    if not all(r["same"] for r in rows):
+    predict(a, timed)
+    if not all(r["same"] for r in rows + timed):
         raise SystemExit("streamed tokens differ from the resident run's")
 
 

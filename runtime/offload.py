@@ -28,10 +28,15 @@ from ir.module import Function, Module
 from runtime.generator import GenerateRequest, GenerateResult
 from runtime.kernels import Interpreter
 from runtime.lower_jax import JNP_DTYPES, JaxBackend, layer_split
-from runtime.model_runner import BuildFn, bucket, pack_prompts
+from runtime.model_runner import bucket, pack_prompts
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
 from runtime.sampling import SamplingArrays, SamplingParams, sample
+
+
+#: build(phase, batch, length) -> the compiled module with that one entry, its KV cache of the
+#: runner's cache_len positions.
+StreamBuildFn = Callable[[str, int, int], Module]
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,9 @@ class _Step:
     """The compiled pieces of one (phase, batch, length)."""
 
     staged: StagedEntry
-    before: Callable  # (resident, inputs) -> scan carry, consts, values the ops after use
-    layer: Callable  # (carry, consts, weights_i, caches_i) -> (carry, new caches_i)
-    after: Callable  # (resident, inputs, kept, carry, samp, first_pos) -> next tokens [B]
+    before: Any  # jitted or compiled: (resident, inputs) -> scan carry, consts, values the ops after use
+    layer: Any  # (carry, consts, weights_i, caches_i) -> (carry, new caches_i)
+    after: Any  # (resident, inputs, kept, carry, samp, first_pos) -> next tokens [B]
     cache_types: tuple[Any, ...]
 
 
@@ -113,7 +118,8 @@ def _compile_step(module: Module, phase: str, vocab: int, greedy: bool) -> _Step
         env = {**resident, **inputs, **dict(zip(kept, kept_vals)), **dict(zip(carry_out, carry))}
         _run_ops(interp, st.after, env, types)
         logits = env[st.fn.returns[0]][:, -1, :vocab].astype(jnp.float32)
-        return sample(logits, *samp, first_pos, greedy_only=greedy)
+        temperature, top_k, top_p, seed = samp
+        return sample(logits, temperature, top_k, top_p, seed, first_pos, greedy_only=greedy)
 
     cache_types = tuple(p.type for p in st.fn.params_with_role("cache"))
     return _Step(st, jax.jit(before), jax.jit(layer, donate_argnums=(3,)), jax.jit(after), cache_types)
@@ -163,7 +169,7 @@ def budget_slots(budget: int, layout: StoreLayout) -> int:
 class OffloadRunner:
     """Prefill and decode with streamed layers; compiled pieces cached per shape."""
 
-    build: BuildFn
+    build: StreamBuildFn
     store: Path
     key: str
     cache_len: int
@@ -295,30 +301,32 @@ class OffloadGenerator:
                                      jnp.asarray(lens)))
         ttft = time.perf_counter() - t0
         out = [[int(first[b])] for b in range(B)]
-        count = np.ones(B, np.int32)
+        count: np.ndarray = np.ones(B, np.int32)
         done = (count >= limit) | np.isin(first, eos)
         if stream is not None:
             for b in range(n):
                 if stream(b, out[b][0]):
                     done[b] = True
-        tok, p = first.astype(np.int32), lens.copy()
+        tok: np.ndarray = first.astype(np.int32)
+        at: np.ndarray = lens.copy()  # each row's position of ``tok``
         dec = r.step_fns("decode", B, 1, g) if not done.all() else None
         steps: list[float] = []
         t1 = time.perf_counter()
         while not done.all():
             ts = time.perf_counter()
-            nxt = np.asarray(r.forward(dec, {"tokens": jnp.asarray(tok[:, None]), "pos": jnp.asarray(p[:, None])},
-                                       caches, samp, jnp.asarray(p + 1)))
+            assert dec is not None
+            nxt = np.asarray(r.forward(dec, {"tokens": jnp.asarray(tok[:, None]), "pos": jnp.asarray(at[:, None])},
+                                       caches, samp, jnp.asarray(at + 1)))
             steps.append((time.perf_counter() - ts) * 1e3)
             live = ~done
             tok = np.where(live, nxt, tok).astype(np.int32)
-            p = np.where(live, p + 1, p).astype(np.int32)
+            at = np.where(live, at + 1, at).astype(np.int32)
             count = count + live
             done = done | (live & ((count >= limit) | np.isin(nxt, eos)))
-            for b in np.flatnonzero(live):
-                out[b].append(int(nxt[b]))
-                if stream is not None and b < n and stream(int(b), int(nxt[b])):
-                    done[b] = True
+            for row in np.flatnonzero(live).tolist():
+                out[row].append(int(nxt[row]))
+                if stream is not None and row < n and stream(row, int(nxt[row])):
+                    done[row] = True
         decode_s = time.perf_counter() - t1
         eos_set = set(req.eos_ids)
         reasons = ["eos" if o and o[-1] in eos_set else "length" for o in out[:n]]
@@ -331,7 +339,8 @@ def write_offload_store(module: Module, prepared: dict[str, Any], directory: str
     from runtime.offload_store import write_store
 
     fn = module.function("decode")
-    glob, layered = {}, {}
+    glob: dict[str, np.ndarray] = {}
+    layered: dict[str, np.ndarray] = {}
     for p in fn.params_with_role("weight"):
         a = np.asarray(jnp.asarray(prepared[p.name], dtype=JNP_DTYPES[p.type.dtype]))
         (layered if layer_split(p.type) else glob)[p.name] = a

@@ -171,7 +171,7 @@ def aligned_buffer(nbytes: int, align: int = BLOCK_ALIGN) -> np.ndarray:
 
 def read_into(fd: int, buf: np.ndarray, offset: int) -> None:
     """Fills ``buf`` from ``fd`` at ``offset`` (pread loop; releases the GIL while reading)."""
-    mv = memoryview(buf).cast("B")
+    mv = buf.data.cast("B")
     done = 0
     while done < len(mv):
         n = os.preadv(fd, [mv[done:]], offset + done)

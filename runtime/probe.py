@@ -129,7 +129,7 @@ def _measure_io(scratch: Path) -> dict:
             try:
                 if kind == "cold":
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                mv = memoryview(dst).cast("B")[: block.nbytes]
+                mv = dst.data.cast("B")[: block.nbytes]
                 t0 = time.perf_counter()
                 for i in range(n_blocks):
                     done = 0

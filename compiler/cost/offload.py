@@ -124,6 +124,7 @@ def estimate_offload(spec: Spec, chip: Chip, mode: str, batch: int, cost_model: 
         raise CostError(f"no legal layout for decode at batch {batch}: {choice.candidates[0].illegal}")
     cand = choice.chosen or legal[0]
     est, module = cand.est, cand.module
+    assert module is not None  # evaluate(keep_modules=True)
     n = est.layers
     c = est.per_layer.time
     o = max(est.step_time_s - n * c, 0.0)
