@@ -345,10 +345,11 @@ def main() -> None:
         timed += t
         sys.stdout.flush()
     if rows:
-        budget = rows[1]["resident_weight_bytes"] + rows[1]["pool_bytes"]
+        pf = next(r for r in rows if r["mode"] == "prefetch")  # the one that fills the budget with buffers
+        budget = pf["resident_weight_bytes"] + pf["pool_bytes"]
         print(f"weights {mb(rows[0]['weight_bytes'])} MB; budget {a.budget}: resident globals "
-              f"{mb(rows[1]['resident_weight_bytes'])} MB + {rows[1]['buffers']} layer buffers of "
-              f"{rows[1]['layer_bytes'] / 1e6:.1f} MB = {mb(budget)} MB "
+              f"{mb(pf['resident_weight_bytes'])} MB + {pf['buffers']} layer buffers of "
+              f"{pf['layer_bytes'] / 1e6:.1f} MB = {mb(budget)} MB "
               f"({budget / rows[0]['weight_bytes']:.0%} of the weights)")
     print("peak = VmHWM of the configuration's process; over = peak - weights held - KV cache "
           "(the runtime: JAX, compiled programs, activations, Python); wait % = share of the decode time "
