@@ -11,6 +11,8 @@ all-to-all). Tolerance 1e-9 normwise as in test_partition_spmd.py (observed ~1e-
 from __future__ import annotations
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from compiler.pipelines import compile_module
 from ir.model import ModelSpec
@@ -226,3 +228,46 @@ def test_capacity_setting(value: str, ok: bool) -> None:
     else:
         with pytest.raises(SpecError, match="capacity_factor must be dropless or a positive number"):
             ServeSpec(capacity_factor=value)
+
+
+@st.composite
+def moe_cases(draw):
+    """Random MoE models x meshes of up to 8 devices x FFN layouts x expert axes (any subset of the
+    mesh axes, or none) x batch; a dropless dispatch must equal the reference, a capacity too."""
+    axes = draw(st.sampled_from([(("x", 2),), (("x", 4),), (("x", 2), ("y", 2)), (("x", 2), ("y", 4)), MESH3]))
+    experts = draw(st.sampled_from([2, 4, 8]))
+    names = [a for a, _ in axes]
+    subset = [a for a in names if draw(st.booleans())]
+    model = moe_model(shared=draw(st.booleans()), experts=experts, top_k=draw(st.integers(1, min(3, experts))),
+                      router=draw(st.sampled_from(["softmax-topk", "topk-softmax", "sigmoid-topk"])),
+                      norm_topk=draw(st.booleans()), router_bias=draw(st.booleans()),
+                      expert_d_ff=draw(st.sampled_from([8, 16])))
+    return (model, axes, draw(st.sampled_from(["1d-ws", "2d-ws", "wg-x"])), "+".join(subset) or "none",
+            draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([0.0, 0.0, 0.75])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(moe_cases())
+def test_spmd_equals_reference_random(case) -> None:
+    from compiler.build import BuildConfig, build_module
+    from ir.errors import LayoutError
+    from runtime.generate import ReferenceExecutor, generate
+    from runtime.weights import random_tokens, random_weights
+
+    model, mesh, ffn, experts, batch, cf = case
+    cfg = BuildConfig(batch, 3, 5, ("prefill", "decode"), "f32", "all", capacity_factor=cf)
+    try:
+        sharded = compile_module(build_module(model, cfg, mesh),
+                                 f"shard{{ffn={ffn},attn=heads,experts={experts}}},insert-collectives,cleanup").module
+    except LayoutError as e:
+        # the experts do not divide their axes, or the batch / heads do not divide the layout's axes
+        assert f"{model.experts} experts do not divide" in e.message or "dim B=" in e.message, e.message
+        event("refused: " + ("experts" if "experts do not divide" in e.message else "batch"))
+        return
+    ref_mod = build_module(model, cfg)
+    weights = random_weights(ref_mod.function("prefill"), seed=batch)
+    tokens = random_tokens(batch, 5, model.vocab, seed=batch)
+    ref = generate(ReferenceExecutor(ref_mod), weights, tokens, 3)
+    got = generate(SpmdExecutor(sharded), weights, tokens, 3)
+    assert rel_err(got.logits, ref.logits) <= TOL
+    event(f"ran {ffn}, capacity {cf or 'dropless'}")
