@@ -175,3 +175,23 @@ def test_cli_compile_reports_and_dumps_the_padding(tmp_path, capsys):
     assert main(["compile", "examples/tiny-mha.model", "--set", "model.d_model=62", "--ffn", "2d-ws",
                  "--no-pad", "--emit", "none"]) == 1
     assert "dim E=62 does not divide" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # about 45 s of XLA compilation on the 2-core machine
+def test_generation_runner_with_padded_d_model_and_d_ff():
+    """The runner's modules (no batch padding) pad d_model 30 -> 32 and d_ff 50 -> 52/56 on 8
+    devices; their prepared weights are fitted at load; greedy tokens equal one device's."""
+    from compiler.build import BuildConfig, build_module
+    from compiler.generation import make_runner
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.sampling import SamplingParams
+
+    m = ModelSpec("g", layers=2, d_model=30, heads=4, kv_heads=2, d_head=8, d_ff=50, vocab=64, norm="rmsnorm",
+                  mlp="swiglu")
+    w = random_weights(build_module(m, BuildConfig(1, 1, 1, ("decode",), "f32")).function("decode"), 3)
+    req = GenerateRequest.of([(1, 2, 3), (4, 5, 6, 7)], SamplingParams(), 6)
+    one = Generator(make_runner(Spec(m, MeshSpec(()), ServeSpec()), w, 32, batch=2)).generate(req).tokens
+    for ffn, attn in [("1d-ws", "heads"), ("2d-ws", "batch")]:
+        spec = Spec(m, MeshSpec(MESH_8), ServeSpec(ffn=ffn, attn=attn, kv="pad"))
+        assert "pad-dims{" in default_pipeline(spec, pad_batch=False)
+        assert Generator(make_runner(spec, w, 32, batch=2)).generate(req).tokens == one
