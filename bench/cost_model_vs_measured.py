@@ -187,15 +187,19 @@ def _generation_cases(name: str, model, weights, cache_len: int, prompt: int, st
     return out
 
 
-def fit_generation(cases: list[Timed], chip: Chip, stat=statistics.median) -> Efficiency:
+def fit_generation(cases: list[Timed], chip: Chip, stat=statistics.median, shape: bool = False) -> Efficiency:
     """The cpu chip's achieved FLOP/s fraction, HBM fraction and per-layer-call cost that minimise
     the squared log ratio predicted / measured (median sample) over ``cases``. No matmul-shape
     term: a batch-1 decode matmul streams its weights at memory speed, which the HBM term prices;
     with the shape term a fit to overhead-bound cases charges it 1/50 of peak FLOP/s."""
     from scipy.optimize import least_squares
 
-    names = ("flops", "hbm", "layer_overhead_s")
+    names: tuple[str, ...] = ("flops", "hbm", "layer_overhead_s")
     hi = np.array([1.0, 1.0, 1e-2])  # a layer call on a loaded machine can take milliseconds
+    lo, z0 = np.array([0.01, 0.01, 0.0]), np.array([0.5, 0.5, 1e-5])
+    if shape:  # also the matmul-shape term (``shape``: a check of whether it helps, not the stored fit)
+        names, hi = (*names, "matmul_half"), np.append(hi, 4096.0)
+        lo, z0 = np.append(lo, 0.0), np.append(z0, 8.0)
 
     def eff(z: np.ndarray) -> Efficiency:
         return Efficiency(**dict(zip(names, (float(v) for v in z * hi))), source="")
@@ -204,7 +208,7 @@ def fit_generation(cases: list[Timed], chip: Chip, stat=statistics.median) -> Ef
         e = eff(z)
         return np.array([math.log(price(c.module, chip, eff=e).step_time_s / stat(c.samples)) for c in cases])
 
-    z = least_squares(residuals, np.array([0.5, 0.5, 1e-5]) / hi, bounds=(np.array([0.01, 0.01, 0.0]) / hi, hi / hi)).x
+    z = least_squares(residuals, z0 / hi, bounds=(lo / hi, hi / hi)).x
     e = eff(z)
     rms = math.sqrt(float(np.mean(residuals(z) ** 2)))
     return Efficiency(**{k: getattr(e, k) for k in names},
@@ -275,6 +279,11 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
     print(f"on the fastest sample of each shape instead of the median: SmolLM2 calibrated / measured "
           f"{' '.join(f'{q:.2f}' for q in quick)} (fit: flops {fast.flops:.3f}, hbm {fast.hbm:.3f}, layer overhead "
           f"{fast.layer_overhead_s * 1e6:.1f} us)")
+    shaped = fit_generation([c for c in cases if not c.held_out], chip, shape=True)
+    q = [price(c.module, chip, eff=shaped).step_time_s / statistics.median(c.samples) for c in cases if c.held_out]
+    print(f"with the matmul-shape term fitted too: SmolLM2 calibrated / measured {' '.join(f'{x:.2f}' for x in q)} "
+          f"(fit: flops {shaped.flops:.3f}, matmul_half {shaped.matmul_half:.1f}, hbm {shaped.hbm:.3f}, layer overhead "
+          f"{shaped.layer_overhead_s * 1e6:.1f} us)")
     return ratios
 
 
