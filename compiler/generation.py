@@ -27,8 +27,17 @@ def fixed_layout(spec: Spec, batch: int) -> Spec:
     if spec.mesh.n_devices > 1 and (s.ffn == "auto" or s.attn == "auto"):
         from compiler.cost.autolayout import resolve_auto
 
+        from compiler.pipelines import dim_pad_options
+
         probe = replace(inner_spec(spec), serve=replace(s, phase="decode", batch=batch))  # layouts: inside a stage
-        chosen = resolve_auto(probe)[0].serve
+        resolved, choice = resolve_auto(probe)
+        chosen = resolved.serve
+        # the runner does not pad the batch (module_for): keep the fastest fitting layout that
+        # takes this batch as it is, when the cost model's pick would need padded rows
+        if choice is not None and "batch" in dim_pad_options(resolved):
+            takes = [c for c in choice.candidates if c.legal and c.est.fits and "batch" not in dim_pad_options(c.spec)]
+            if takes:
+                chosen = takes[0].spec.serve
         return replace(spec, serve=replace(s, ffn=chosen.ffn, attn=chosen.attn))
     return spec
 

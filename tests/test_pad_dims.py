@@ -195,3 +195,20 @@ def test_generation_runner_with_padded_d_model_and_d_ff():
         spec = Spec(m, MeshSpec(MESH_8), ServeSpec(ffn=ffn, attn=attn, kv="pad"))
         assert "pad-dims{" in default_pipeline(spec, pad_batch=False)
         assert Generator(make_runner(spec, w, 32, batch=2)).generate(req).tokens == one
+
+
+def test_runner_auto_layout_takes_the_batch_as_it_is():
+    """The cost model prices padded layouts, but the runner does not pad the batch: at batch 3 on
+    x=2,y=2,z=2 (tpu-v4) the fastest, 2D-WS with a batch-sharded cache, would need 4 rows, so the
+    runner's auto layout is the fastest that takes 3 (2D-WS over heads)."""
+    from compiler.cost.autolayout import resolve_auto
+    from compiler.generation import fixed_layout
+    from compiler.pipelines import dim_pad_options
+
+    m = ModelSpec("g", layers=2, d_model=64, heads=8, kv_heads=1, d_head=8, d_ff=256, vocab=64)
+    spec = Spec(m, MeshSpec(MESH_8), ServeSpec(ffn="auto", attn="auto", hardware="tpu-v4", batch=3, phase="decode"))
+    best = resolve_auto(spec)[0]
+    assert dim_pad_options(best) == {"batch": 2}  # the test is not vacuous: the padded layout wins
+    fixed = fixed_layout(spec, 3)
+    assert "batch" not in dim_pad_options(fixed)
+    assert (fixed.serve.ffn, fixed.serve.attn) == ("2d-ws", "heads")
