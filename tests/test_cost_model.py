@@ -397,3 +397,13 @@ def test_cpu_fit_is_stored_with_its_probe_and_goes_stale_with_it(tmp_path):
     (tmp_path / "cpu-probe.json").write_text(_json.dumps({**probe, "version": PROBE_VERSION}))
     chip = get_chip("cpu", tmp_path)
     assert chip.efficiency == eff and efficiency_for(chip) == eff and efficiency_for(chip, "bound").is_bound
+
+
+def test_chip_description_keeps_four_significant_digits():
+    """explain's hardware line: a measured chip's figures in 4 significant digits like the
+    table's (18.81 GB/s, not 18.8139), the datasheet figures unchanged."""
+    cpu = chip_from_mapping({"name": "cpu", "flops_bf16": 4.68237e10, "hbm_bytes": 25276510208,
+                             "hbm_bw": 18813890162.3, "ici_bw": 3171728741.9, "topology": "shared-memory"}, "test")
+    assert cpu.describe() == ("cpu: 0.04682 TFLOP/s bf16, HBM 23.54 GiB at 18.81 GB/s, interconnect 3.172 GB/s "
+                              "(shared-memory)")
+    assert V4.describe() == "tpu-v4: 275 TFLOP/s bf16, HBM 32 GiB at 1200 GB/s, interconnect 270 GB/s (torus)"

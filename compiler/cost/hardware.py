@@ -142,9 +142,9 @@ class Chip:
         return max(nbytes / self.ici_bw, self.hops(axes, mesh) * self.hop_latency_s)
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.peak('bf16') / 1e12:g} TFLOP/s bf16, HBM {self.hbm_bytes / GiB:g} GiB at "
-                f"{self.hbm_bw / 1e9:g} GB/s, interconnect {self.ici_bw / 1e9:g} GB/s ({self.topology})"
-                + (f", {self.dcn_bw / 1e9:g} GB/s between hosts of {self.host_devices}" if self.dcn_bw else ""))
+        return (f"{self.name}: {self.peak('bf16') / 1e12:.4g} TFLOP/s bf16, HBM {self.hbm_bytes / GiB:.4g} GiB at "
+                f"{self.hbm_bw / 1e9:.4g} GB/s, interconnect {self.ici_bw / 1e9:.4g} GB/s ({self.topology})"
+                + (f", {self.dcn_bw / 1e9:.4g} GB/s between hosts of {self.host_devices}" if self.dcn_bw else ""))
 
 
 _SB = "scaling-book tpus.md"
