@@ -409,14 +409,14 @@ CASES: dict[str, tuple[str, str]] = {
           func @f(
               %a: f32[B=4]
           ) -> (f32[B=4]) {
-            %h = unary(%a) {fn = "sigmoid"} : f32[B=4]
+            %h = unary(%a) {fn = "softplus"} : f32[B=4]
             return %h
           }
         }
         """,
         """
-        case.ir:5:5: verify error: unknown unary function 'sigmoid'; valid: gelu, gelu_tanh, silu, relu, exp, tanh, rsqrt, neg, square
-              %h = unary(%a) {fn = "sigmoid"} : f32[B=4]
+        case.ir:5:5: verify error: unknown unary function 'softplus'; valid: gelu, gelu_tanh, silu, relu, exp, tanh, rsqrt, neg, square, sigmoid
+              %h = unary(%a) {fn = "softplus"} : f32[B=4]
               ^
         """),
 }
