@@ -180,6 +180,8 @@ def main() -> None:
                              *((("minimal JAX f32", statistics.median(mn)),) if mn else ())):
                 step = ms / 1e3
                 ein_rows.append((name, B, ms, B / step, hf_step / step, roof / step))
+                print(f"  {name} batch {B}: {ms:.2f} ms/step, {hf_step / step:.2f}x transformers "
+                      f"({hf_step * 1e3:.2f} ms/step interleaved), roofline {roof / step:.0%}", flush=True)
             decode_tps[(fmt, B)] = B / (statistics.median(st) / 1e3)
             decode_tps[(fmt + " on device", B)] = B / (statistics.median(dev) / 1e3)
             if mn:
