@@ -338,7 +338,8 @@ def main() -> None:
         ref = next(x for x in t if x["mode"] == "resident")
         for x in t:
             x["tokens_per_s"] = B / (x["step_ms"] / 1e3)
-            x["ratio"] = ref["step_ms"] / x["step_ms"]
+            # each round times every configuration close together: the median of the per-round ratios
+            x["ratio"] = statistics.median(r / v for r, v in zip(ref["rounds"], x["rounds"]))
             print(f"{B:>5} {x['mode']:>9} {x['cache']:>5} {x['step_ms']:>8.1f} {x['tokens_per_s']:>8.1f} "
                   f"{x['ratio']:>6.2f}  interleaved, {a.rounds} rounds: "
                   + " ".join(f"{v:.0f}" for v in x["rounds"]) + f" ms; same tokens {x['same']}")
