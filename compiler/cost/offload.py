@@ -140,7 +140,7 @@ def estimate_offload(spec: Spec, chip: Chip, mode: str, batch: int, cost_model: 
                            mem.total, streamed, chip.hbm_bytes, overlaps)
 
 
-def batch_for_fraction(spec: Spec, chip: Chip, mode: str, target: float = 0.9, max_batch: int = 4096,
+def batch_for_fraction(spec: Spec, chip: Chip, mode: str, target: float = 0.9, max_batch: int = 1 << 16,
                        cost_model: str = "calibrated", cache: str = "cold") -> tuple[int | None, list[OffloadEstimate]]:
     """The smallest power-of-two batch at which streaming reaches ``target`` of resident
     throughput (None up to ``max_batch``), and the estimates swept on the way."""
