@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from compiler.spec import Spec
-from ir.errors import SpecError
+from ir.errors import FileError, SpecError
 from ir.module import Module
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -144,8 +144,12 @@ def disk_generator(args, loaded, context: int, batch: int):
     assert budget is not None
     key = store_key(args.checkpoint, spec)
     directory = args.offload_dir or default_store_dir(key)
-    ensure_store(spec, key, directory, lambda: loaded.checkpoint.load_weights(spec.model, weight_types(spec)))
-    runner = make_offload_runner(spec, directory, key, context, budget, batch, prefetch=not args.no_prefetch)
+    try:
+        ensure_store(spec, key, directory, lambda: loaded.checkpoint.load_weights(spec.model, weight_types(spec)))
+        runner = make_offload_runner(spec, directory, key, context, budget, batch, prefetch=not args.no_prefetch)
+    except OSError as e:
+        raise FileError(f"cannot use the offload store in '{directory}': {e}",
+                        hint="give --offload-dir a writable directory") from None
     return runner, OffloadGenerator(runner)
 
 

@@ -178,3 +178,13 @@ def test_cli_offload_host(llama, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["tokens"] == [llama.want(PROMPTS[1], 8)]
     assert main(base + ["--offload", "host", "--memory-budget", "1MB"]) == EXIT_ERROR
     assert "--memory-budget is for --offload disk" in capsys.readouterr().err
+
+
+def test_cli_offload_dir_that_is_a_file_is_a_clear_error(llama, tmp_path, capsys) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    argv = ["generate", "--checkpoint", str(llama.path), "--prompt-ids", "1,2", "--max-new-tokens", "2",
+            "--offload", "disk", "--memory-budget", "1MB", "--offload-dir", str(f), "--json"]
+    assert main(argv) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "offload store" in err and "Traceback" not in err

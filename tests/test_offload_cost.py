@@ -62,3 +62,12 @@ def test_cli_explain_offload(capsys) -> None:
     assert main(argv) == EXIT_OK
     out = capsys.readouterr().out
     assert "offloading is not needed" in out and "per layer" in out
+
+
+def test_io_probe_measures_and_caches(tmp_path) -> None:
+    from runtime.probe import measure_io
+
+    io = measure_io(tmp_path)
+    assert all(io[k] > 0 for k in ("memcpy_bw", "disk_bw", "page_cache_bw"))
+    assert not list(tmp_path.glob("*.bin"))  # the scratch file is gone
+    assert measure_io(tmp_path) == io  # the second call reads the cache
