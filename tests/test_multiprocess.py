@@ -105,15 +105,27 @@ def test_launch_run_check_equals_reference(n, mesh, ffn, attn, model) -> None:
     assert rep["config"]["mesh"] == {"x": 2, "y": 2} and rep["ledger"]  # collectives crossed processes
 
 
-FULL = [(n, ffn, attn) for n in (2, 4) for ffn in FFN_LAYOUTS for attn in ATTN_LAYOUTS]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("n,ffn,attn", FULL, ids=[f"{n}p-{f}-{a}" for n, f, a in FULL])
-def test_launch_every_layout(n, ffn, attn) -> None:
-    """Every FFN x attention layout on x=2,y=2,z=2 over 2 processes x 4 devices and 4 x 2."""
-    rep = launched_run(n, str(EXAMPLES / "tiny-gqa.model"), "--mesh", "x=2,y=2,z=2", "--ffn", ffn, "--attn", attn)
-    assert rep["ok"] and rep["max_rel_err"] <= rep["tolerance"]
+@pytest.mark.parametrize("n", [2, 4])
+def test_every_layout(n, tmp_path, capfd) -> None:
+    """Every FFN x attention layout on x=2,y=2,z=2 over 2 processes x 4 devices and 4 x 2, all
+    checked against the reference inside one group (tests/mp_every_layout.py)."""
+    pl = plan(["run", str(EXAMPLES / "tiny-gqa.model"), "--mesh", "x=2,y=2,z=2"], n, free_port(), tmp_path)
+    worker = str(ROOT / "tests" / "mp_every_layout.py")
+    argvs = tuple(tuple(a if a != "-m" else worker for a in argv if a != "compiler.cli") for argv in pl.argvs)
+    assert all(worker in a for a in argvs)
+    assert run_processes(Plan(argvs, pl.logs), grace=10, timeout=LIMIT * 2) == 0
+    out = capfd.readouterr().out
+    dec, reports, i = json.JSONDecoder(), [], out.find("{")
+    while i >= 0:
+        rep, end = dec.raw_decode(out, i)
+        reports.append(rep)
+        i = out.find("{", end)
+    assert len(reports) == len(FFN_LAYOUTS) * len(ATTN_LAYOUTS)  # only process 0 printed
+    for rep in reports:
+        assert rep["ok"] and rep["checked"] and rep["max_rel_err"] <= rep["tolerance"], rep["config"]
+    assert {(r["config"]["serve"]["ffn"], r["config"]["serve"]["attn"]) for r in reports} == \
+        {(f, a) for f in FFN_LAYOUTS for a in ATTN_LAYOUTS}
 
 
 # ---- generate across processes ----------------------------------------------------------------
