@@ -24,6 +24,7 @@ SMALL = {
     "generate.py": ["--tiny", "--repeats", "1", "--steps", "4", "--prompt", "8", "--prefill", "16", "--batches", "1,2"],
     "offload.py": ["--tiny", "--batches", "2", "--new", "3", "--rounds", "1"],
     "multihost.py": ["--repeats", "1", "--sizes-kib", "64"],
+    "gpu_generate.py": ["--tiny"],
 }
 
 
