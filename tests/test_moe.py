@@ -211,7 +211,7 @@ def test_greedy_one_device(case: str, saved: Callable[[str], tuple[Path, Any]]) 
 
 MESH_CASES = [("mixtral", "x"), ("qwen2-moe-shared", "x,y")]
 SLOW_MESH_CASES = [("mixtral", "x,y"), ("mixtral", "x,y,z"), ("mixtral", "none"), ("qwen2-moe-shared", "x"),
-                   ("qwen2-moe-shared", "x,y,z"), ("qwen2-moe-shared", "none"), ("olmoe", "x"), ("olmoe", "x,y,z"),
+                   ("qwen2-moe-shared", "x,y,z"), ("qwen2-moe-shared", "none"), ("olmoe", "x"), ("olmoe", "x,y"), ("olmoe", "x,y,z"), ("olmoe", "none"),
                    ("qwen3-moe", "x,y")]
 
 
