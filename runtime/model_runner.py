@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,14 @@ from runtime.distributed import global_array, is_lazy
 from runtime.generate import prepared_weights
 from runtime.lower_jax import JNP_DTYPES, JaxExecutor, _spec, entry_program, layer_split
 
-#: build(phase, batch, length, context) -> the compiled module with that one entry ("prefill"
-#: with L = length, or "decode" with L = 1), its KV cache holding ``context`` positions (at most
-#: the runner's cache_len; builders may take ``context`` as optional, defaulting to cache_len).
-BuildFn = Callable[[str, int, int, int], Module]
+class BuildFn(Protocol):
+    """build(phase, batch, length, context) -> the compiled module with that one entry
+    ("prefill" with L = length, or "decode" with L = 1), its KV cache holding ``context``
+    positions (None: the runner's cache_len)."""
+
+    def __call__(self, phase: str, batch: int, length: int, context: int | None = None, /) -> Module: ...
+
+
 #: One entry per cache param (k, v); each a list of N per-layer arrays [B, T, ...].
 Caches = tuple[list[jax.Array], ...]
 StepFn = Callable[[dict[str, jax.Array], jax.Array, jax.Array, Caches], tuple[jax.Array, Caches]]
@@ -109,7 +113,7 @@ class ModelRunner:
     cache_len: int
     vocab: int
     params: dict[str, jax.Array] = field(default_factory=dict)
-    _compiled: dict[tuple[str, int, int], _Compiled] = field(default_factory=dict)
+    _compiled: dict[tuple[str, int, int, int], _Compiled] = field(default_factory=dict)
     _signature: tuple | None = None
     mesh: Any = None
     #: per-layer buffers instead of stacked ones (see runtime.lower_jax.entry_program)
