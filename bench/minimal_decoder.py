@@ -212,7 +212,7 @@ def main() -> None:
     runner = make_runner(spec, ck.load_weights(model, weight_types(spec)), context)
     r = ab_decode(runner, model, same_prompt(model.vocab, args.batch, args.prompt), args.steps, args.repeats)
     print(f"batch {args.batch}, context {context}: einshard {r['einshard_ms']:.2f} ms/step, minimal "
-          f"{r['minimal_ms']:.2f} ms/step, einshard/minimal {r['einshard_ms'] / r['minimal_ms']:.2f}, "
+          f"{r['minimal_ms']:.2f} ms/step, ratio einshard/minimal {r['einshard_ms'] / r['minimal_ms']:.2f}, "
           f"same tokens {r['same_tokens']}; einshard streamed {r['stream_ms']:.2f} ms/step")
     print("einshard", " ".join(f"{x:.1f}" for x in r["einshard_all"]))
     print("minimal ", " ".join(f"{x:.1f}" for x in r["minimal_all"]))

@@ -25,6 +25,7 @@ SMALL = {
     "offload.py": ["--tiny", "--batches", "2", "--new", "3", "--rounds", "1"],
     "multihost.py": ["--repeats", "1", "--sizes-kib", "64"],
     "gpu_generate.py": ["--tiny"],
+    "minimal_decoder.py": ["--prompt", "8", "--steps", "4", "--repeats", "1"],
 }
 
 
