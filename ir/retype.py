@@ -4,9 +4,11 @@ entry's scan bodies and then the entry, which passes that change weights share."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
+from ir.builder import FunctionBuilder
 from ir.errors import VerifyError
+from ir.fusion_ops import Split
 from ir.module import Function, Module, ModuleContext, Param
 from ir.ops import Scan
 
@@ -62,3 +64,23 @@ def reinfer(fn: Function, params: tuple[Param, ...], ctx: ModuleContext) -> Func
         ops.append(op.with_(types=new_types))
         types.update(zip(op.results, new_types))
     return Function(fn.name, params, tuple(ops), fn.returns, tuple(types[r] for r in fn.returns), fn.entry)
+
+
+def split_back(fn: Function, before: Function, ctx: ModuleContext, dims: Collection[str] | None = None) -> Function:
+    """``fn`` with each result that grew (in ``dims``; any dim when None) split back to its size
+    in ``before``, the padding dropped. A result typed like a cache param stays padded: it is
+    the next step's state."""
+    state = {p.type for p in fn.params if p.role == "cache"}
+    b = FunctionBuilder.over(fn, ctx)
+    b.ops.extend(fn.ops)
+    rets = []
+    for r, t, t0 in zip(fn.returns, fn.result_types, before.result_types):
+        if t != t0 and t not in state:
+            for d in [x.name for x in t.dims]:
+                if (dims is None or d in dims) and t.size(d) != t0.size(d):
+                    names = (b.namer.fresh(r), b.namer.fresh(r + "_pad"))
+                    r = b.append(Split(results=names, operands=(r,), types=(), dim=d, names=d + d,
+                                       sizes=(t0.size(d), t.size(d) - t0.size(d)), groups=1))[0]
+                    t = b.types[r]
+        rets.append(r)
+    return Function(fn.name, fn.params, tuple(b.ops), tuple(rets), tuple(b.types[r] for r in rets), fn.entry)

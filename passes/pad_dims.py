@@ -25,11 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ir.builder import Namer
 from ir.errors import PassError
-from ir.fusion_ops import Split
 from ir.module import Function, Module, ModuleContext, Param
-from ir.retype import reinfer, rewrite_entries
+from ir.retype import reinfer, rewrite_entries, split_back
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
 from passes.registry import register
@@ -103,7 +101,7 @@ class PadDims(Pass):
             return reinfer(_true_norms(fn, true), pad(fn.params), ctx)
 
         fns = rewrite_entries(module, lambda body, _, ctx: retype(body, ctx),
-                              lambda entry, ctx: _true_results(retype(entry, ctx), entry, ctx))
+                              lambda entry, ctx: split_back(retype(entry, ctx), entry, ctx))
         if module.prepare is not None:
             ctx = ModuleContext(module.with_functions(list(fns.values())))
             fns[module.prepare.name] = retype(module.prepare, ctx)
@@ -118,25 +116,3 @@ def _true_norms(fn: Function, true: dict[str, int]) -> Function:
     ops = tuple(op.with_(size=true[op.dim]) if op.kind == "norm" and op.dim in true and not op.size else op
                 for op in fn.ops)
     return Function(fn.name, fn.params, ops, fn.returns, fn.result_types, fn.entry)
-
-
-def _true_results(fn: Function, before: Function, ctx: ModuleContext) -> Function:
-    """Results whose dims grew are split back to their true sizes (the padding is dropped),
-    except state (a result typed like a cache param: it is the next step's input)."""
-    state = {p.type for p in fn.params if p.role == "cache"}
-    namer = Namer({p.name for p in fn.params} | {r for op in fn.ops for r in op.results})
-    ops, rets, types = list(fn.ops), [], []
-    for r, t, t0 in zip(fn.returns, fn.result_types, before.result_types):
-        for d in (d.name for d in t.dims):
-            if t == t0 or t in state:
-                break
-            if t.size(d) != t0.size(d):
-                n, extra = t0.size(d), t.size(d) - t0.size(d)
-                split = Split(results=(namer.fresh(r), namer.fresh(r + "_pad")), operands=(r,), types=(),
-                              dim=d, names=d + d, sizes=(n, extra), groups=1)
-                op = split.with_(types=split.infer((t,), ctx))
-                ops.append(op)
-                r, t = op.results[0], op.types[0]
-        rets.append(r)
-        types.append(t)
-    return Function(fn.name, fn.params, tuple(ops), tuple(rets), tuple(types), fn.entry)

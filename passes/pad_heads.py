@@ -30,11 +30,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ir.builder import Namer
 from ir.errors import PassError
-from ir.fusion_ops import Split
 from ir.module import Function, Module, ModuleContext, Param
-from ir.retype import reinfer, rewrite_entries
+from ir.retype import reinfer, rewrite_entries, split_back
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
 from passes.registry import register
@@ -120,27 +118,10 @@ class PadHeads(Pass):
                          for p in ps)
 
         fns = rewrite_entries(module, lambda body, _, ctx: reinfer(body, pad(body.params), ctx),
-                              lambda entry, ctx: _true_vocab(reinfer(entry, pad(entry.params), ctx), entry, ctx))
+                              lambda entry, ctx: split_back(reinfer(entry, pad(entry.params), ctx), entry, ctx, dims=("V",)))
         if module.prepare is not None:
             prep = module.prepare
             ctx = ModuleContext(module.with_functions(list(fns.values())))
             fns[prep.name] = reinfer(prep, pad(prep.params), ctx)
         stats["padded params"] = sum(any(p.type.has(d) for d in grown) for f in module.entries for p in f.params)
         return PassResult(module.with_functions([fns[f.name] for f in module.functions]), stats)
-
-
-def _true_vocab(fn: Function, before: Function, ctx: ModuleContext) -> Function:
-    """Results whose V grew are split back to the true V (the padded logits are dropped)."""
-    namer = Namer({p.name for p in fn.params} | {r for op in fn.ops for r in op.results})
-    ops, rets, types = list(fn.ops), [], []
-    for r, t, t0 in zip(fn.returns, fn.result_types, before.result_types):
-        if t.has("V") and t.size("V") != t0.size("V"):
-            v, extra = t0.size("V"), t.size("V") - t0.size("V")
-            split = Split(results=(namer.fresh(r), namer.fresh(r + "_pad")), operands=(r,), types=(),
-                          dim="V", names="VV", sizes=(v, extra), groups=1)
-            op = split.with_(types=split.infer((t,), ctx))
-            ops.append(op)
-            r, t = op.results[0], op.types[0]
-        rets.append(r)
-        types.append(t)
-    return Function(fn.name, fn.params, tuple(ops), tuple(rets), tuple(types), fn.entry)

@@ -25,8 +25,8 @@ from compiler.driver import compile_module, default_pipeline
 from compiler.spec import MeshSpec, ModelSpec, ServeSpec, Spec
 from ir.errors import LayoutError
 from ir.module import Module
+from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS  # the one list of layout names
 
-from passes.layouts import ATTN_LAYOUTS, FFN_LAYOUTS  # noqa: E402  (the one list)
 COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 Mesh = tuple[tuple[str, int], ...]

@@ -223,6 +223,16 @@ def test_stop_string_cuts_the_text(server, client):
     assert c.text == full[: full.index(stop)] and c.finish_reason == "stop"
 
 
+def wait_aborted(server, aborted: float) -> None:
+    """Waits (30 s at most) until one more request was aborted and no slot is active."""
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        if metric(server, "einshard_requests_aborted_total") > aborted and metric(server, "einshard_active_slots") == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the disconnected request kept its slot")
+
+
 def test_disconnect_mid_stream_frees_the_slot(server):
     aborted = metric(server, "einshard_requests_aborted_total")
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
@@ -231,13 +241,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         it = r.iter_lines()
         got = [next(it) for _ in range(4)]
     assert any(g.startswith("data: ") for g in got)
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        if metric(server, "einshard_requests_aborted_total") > aborted and metric(server, "einshard_active_slots") == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the disconnected request kept its slot")
+    wait_aborted(server, aborted)
 
 
 def test_disconnect_from_a_plain_request_aborts_it(server):
@@ -253,13 +257,7 @@ def test_disconnect_from_a_plain_request_aborts_it(server):
         end = time.monotonic() + 30
         while metric(server, "einshard_generated_tokens_total") < generated + 2 and time.monotonic() < end:
             time.sleep(0.05)  # generating
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        if metric(server, "einshard_requests_aborted_total") > aborted and metric(server, "einshard_active_slots") == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the disconnected request kept its slot")
+    wait_aborted(server, aborted)
     assert metric(server, "einshard_generated_tokens_total") < generated + 120
 
 
