@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 import torch
 import transformers
@@ -146,3 +148,30 @@ def checkpoint_with_tokenizer(directory: Path, family: str = "llama", vocab: int
     m.save_pretrained(directory)
     write_tokenizer(directory, vocab, corpus)
     return m
+
+
+def hf_logits(model: Any, tokens: np.ndarray, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' logits for ``tokens`` [B, L] in float64: the full-sequence forward, and its
+    own prefill of ``prompt_len`` tokens followed by KV-cache decode steps (both [B, L, V])."""
+    ids = torch.tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits.double().numpy()
+        cache = transformers.DynamicCache(config=model.config)
+        out = model(ids[:, :prompt_len], cache=cache, use_cache=True)
+        steps = [out.logits]
+        for t in range(prompt_len, tokens.shape[1]):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    return full, torch.cat(steps, dim=1).double().numpy()
+
+
+def saved_once(root: Path, save: Callable[[str, Path], tuple[Path, Any]]) -> Callable[[str], tuple[Path, Any]]:
+    """``save(name, root)`` memoized by name: each test checkpoint is written once per module."""
+    cache: dict[str, tuple[Path, Any]] = {}
+
+    def get(name: str) -> tuple[Path, Any]:
+        if name not in cache:
+            cache[name] = save(name, root)
+        return cache[name]
+
+    return get

@@ -31,6 +31,7 @@ from compiler.hf import spec_from_hf
 from compiler.spec import format_spec, parse_spec
 from ir.errors import SpecError, WeightsError
 from runtime.checkpoint import load_hf_weights
+from gen_helpers import hf_logits, saved_once
 from runtime.generate import ReferenceExecutor, generate
 
 P, S, B = 5, 3, 2  # prompt tokens, decode steps, batch
@@ -111,28 +112,7 @@ def _save_case(name: str, root: Path) -> tuple[Path, Any]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Any]]:
     root = tmp_path_factory.mktemp("hf")
-    cache: dict[str, tuple[Path, Any]] = {}
-
-    def get(name: str) -> tuple[Path, Any]:
-        if name not in cache:
-            cache[name] = _save_case(name, root)
-        return cache[name]
-
-    return get
-
-
-def _hf_logits(model: Any, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(full-sequence forward logits, logits of HF's own prefill + KV-cache decode), both [B, P+S, V]."""
-    ids = torch.tensor(tokens, dtype=torch.long)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits.double().numpy()
-        cache = transformers.DynamicCache(config=model.config)
-        out = model(ids[:, :P], cache=cache, use_cache=True)
-        steps = [out.logits]
-        for t in range(P, tokens.shape[1]):
-            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-    return full, torch.cat(steps, dim=1).double().numpy()
+    return saved_once(root, _save_case)
 
 
 def _einshard(d: Path, tokens: np.ndarray) -> tuple[Any, Any, dict[str, np.ndarray]]:
@@ -153,7 +133,7 @@ def test_matches_hf(case: str, saved: Callable[[str], tuple[Path, Any]]) -> None
     d, model = saved(case)
     spec, module, weights = _einshard(d, np.zeros((1, 1)))
     tokens = np.random.default_rng(7).integers(0, spec.model.vocab, (B, P + S)).astype(np.int32)
-    full, stepped = _hf_logits(model, tokens)
+    full, stepped = hf_logits(model, tokens, P)
     assert np.abs(full).max() > 1.0, "logits too small to be a discriminating test"
     assert _rel_err(stepped, full) < RTOL_OF_MAX  # HF agrees with itself
     for ex in (ReferenceExecutor(module), JaxExecutor(module)):
@@ -447,7 +427,7 @@ def test_sliding_window_is_discriminating(saved: Callable[[str], tuple[Path, Any
     spec, module, weights = _einshard(d, np.zeros((1, 1)))
     assert any(getattr(op, "window", 0) == 3 for op in module.function("prefill_layer").ops)
     tokens = np.random.default_rng(7).integers(0, spec.model.vocab, (B, P + S)).astype(np.int32)
-    full, _ = _hf_logits(model, tokens)
+    full, _ = hf_logits(model, tokens, P)
     no_window = dataclasses.replace(spec.model, sliding_window=0)
     plain = build_module(no_window, BuildConfig(batch=B, prompt_len=P, cache_len=P + S, logits="all"))
     got = generate(ReferenceExecutor(plain), weights, tokens, P).logits

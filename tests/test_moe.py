@@ -23,6 +23,7 @@ from compiler.hf import spec_from_hf
 from compiler.spec import format_spec, parse_spec
 from ir.errors import LayoutError, SpecError, WeightsError
 from runtime.checkpoint import load_hf_weights
+from gen_helpers import hf_logits, saved_once
 from runtime.generate import ReferenceExecutor, generate
 
 P, S, B = 5, 3, 2
@@ -67,27 +68,7 @@ def save_case(name: str, root: Path) -> tuple[Path, Any]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Any]]:
     root = tmp_path_factory.mktemp("moe")
-    cache: dict[str, tuple[Path, Any]] = {}
-
-    def get(name: str) -> tuple[Path, Any]:
-        if name not in cache:
-            cache[name] = save_case(name, root)
-        return cache[name]
-
-    return get
-
-
-def hf_logits(model: Any, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = torch.tensor(tokens, dtype=torch.long)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits.double().numpy()
-        cache = transformers.DynamicCache(config=model.config)
-        out = model(ids[:, :P], cache=cache, use_cache=True)
-        steps = [out.logits]
-        for t in range(P, tokens.shape[1]):
-            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-    return full, torch.cat(steps, dim=1).double().numpy()
+    return saved_once(root, save_case)
 
 
 def rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -104,7 +85,7 @@ def test_matches_hf(case: str, saved: Callable[[str], tuple[Path, Any]]) -> None
     types = {p.name: p.type for p in module.function("prefill").params_with_role("weight")}
     weights = load_hf_weights(d, spec.model, types)
     tokens = np.random.default_rng(7).integers(0, spec.model.vocab, (B, P + S)).astype(np.int32)
-    full, stepped = hf_logits(model, tokens)
+    full, stepped = hf_logits(model, tokens, P)
     assert np.abs(full).max() > 1.0
     for ex in (ReferenceExecutor(module), JaxExecutor(module)):
         got = generate(ex, weights, tokens, P).logits
