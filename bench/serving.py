@@ -247,6 +247,12 @@ def table(runs: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def write_json(args: argparse.Namespace, runs: list[RunResult]) -> None:
+    args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs],
+                                     "config": {k: (str(v) if isinstance(v, Path) else v)
+                                                for k, v in vars(args).items()}}, indent=2))
+
+
 def plot(runs: list[RunResult], path: Path, title: str) -> None:
     import matplotlib
 
@@ -355,11 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {name}: {args.slots} slots x {args.context} positions; compiled in {warm:.1f} s; "
               f"full decode step {step_s * 1e3:.1f} ms -> capacity ~{capacity:.2f} requests/s", flush=True)
     rates = dict(zip(LOADS, args.rates)) if args.rates else {k: f * capacity for k, f in LOADS.items()}
+    print("rates (requests/s): " + ", ".join(f"{k} {v:.6f}" for k, v in rates.items()), flush=True)
 
     traces: list[tuple[str, float, list[TraceItem]]] = []
     for kind in args.traces:
         if kind == "poisson":
-            for load, rate in ((k, v) for k, v in rates.items() if k in args.loads):
+            for load, rate in ((k, rates[k]) for k in args.loads):  # in the order asked
                 traces.append((f"poisson-{load}", rate, make_trace("poisson", rate, args.requests, args.seed,
                                                                     args.prompt_len, args.output_len, vocab)))
         elif kind == "constant":
@@ -380,13 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             r = replay(runner, kernels, s, args.slots, trace, args, tname, rate)
             runs.append(r)
             print(table([r]).splitlines()[-1], flush=True)
+            if args.json:  # after every run, so a long matrix stopped early keeps what it measured
+                write_json(args, runs)
 
     print()
     print(table(runs))
     if args.json:
-        args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs],
-                                         "config": {k: (str(v) if isinstance(v, Path) else v)
-                                                    for k, v in vars(args).items()}}, indent=2))
+        write_json(args, runs)
     if args.plot:
         plot(runs, args.plot, f"{'http' if args.url else name}: {args.requests} requests, {args.slots} slots")
     near = {r.scheduler: r for r in runs if r.trace == "poisson-near-saturation"}
