@@ -28,7 +28,7 @@ from ir.module import Function, Module
 from runtime.generator import GenerateRequest, GenerateResult
 from runtime.kernels import Interpreter
 from runtime.lower_jax import JNP_DTYPES, JaxBackend, layer_split
-from runtime.model_runner import bucket, pack_prompts
+from runtime.model_runner import Caches, bucket, pack_prompts
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
 from runtime.sampling import SamplingArrays, SamplingParams, sample
@@ -80,18 +80,26 @@ def _run_ops(interp: Interpreter, ops: Sequence[Any], env: dict[str, Any], types
         env.update(zip(op.results, outs))
 
 
-@dataclass
-class _Step:
-    """The compiled pieces of one (phase, batch, length)."""
+@dataclass(frozen=True)
+class StreamPieces:
+    """The traceable pieces of one streamed entry, for callers that compose them in their own
+    jitted functions (the serving engine's kernels wrap ``layer`` with their cache access)."""
 
     staged: StagedEntry
-    before: Any  # jitted or compiled: (resident, inputs) -> scan carry, consts, values the ops after use
-    layer: Any  # (carry, consts, weights_i, caches_i) -> (carry, new caches_i)
-    after: Any  # (resident, inputs, kept, carry, samp, first_pos) -> next tokens [B]
+    #: (resident, inputs) -> (scan carry, scan consts, values the ops after the scan use)
+    before: Callable[[dict, dict], tuple[tuple, tuple, tuple]]
+    #: (carry, consts, weights_i, caches_i) -> (carry, new caches_i): one layer
+    layer: Callable[[tuple, tuple, tuple, tuple], tuple[tuple, tuple]]
+    #: (resident, inputs, kept, carry) -> logits [B, V] f32 of each row's last column
+    logits: Callable[[dict, dict, tuple, tuple], jax.Array]
+    #: (resident, inputs, kept, carry) -> the entry's first result (every column's logits when
+    #: the module was built with ``logits = all``)
+    outputs: Callable[[dict, dict, tuple, tuple], jax.Array]
     cache_types: tuple[Any, ...]
 
 
-def _compile_step(module: Module, phase: str, vocab: int, greedy: bool) -> _Step:
+def stream_pieces(module: Module, phase: str, vocab: int) -> StreamPieces:
+    """Splits ``module``'s ``phase`` entry at its layer scan into traceable pieces."""
     st = stage_entry(module, phase)
     interp = Interpreter(module, JaxBackend())
     types = st.fn.value_types
@@ -113,16 +121,37 @@ def _compile_step(module: Module, phase: str, vocab: int, greedy: bool) -> _Step
         outs = interp.call(st.body, (*carry, *consts, *weights, *caches))
         return tuple(outs[: sc.carry]), tuple(outs[sc.carry:])
 
-    def after(resident: dict, inputs: dict, kept_vals: tuple, carry: tuple, samp: tuple,
-              first_pos: jax.Array) -> jax.Array:
+    def outputs(resident: dict, inputs: dict, kept_vals: tuple, carry: tuple) -> jax.Array:
         env = {**resident, **inputs, **dict(zip(kept, kept_vals)), **dict(zip(carry_out, carry))}
         _run_ops(interp, st.after, env, types)
-        logits = env[st.fn.returns[0]][:, -1, :vocab].astype(jnp.float32)
-        temperature, top_k, top_p, seed = samp
-        return sample(logits, temperature, top_k, top_p, seed, first_pos, greedy_only=greedy)
+        return env[st.fn.returns[0]]
+
+    def logits(resident: dict, inputs: dict, kept_vals: tuple, carry: tuple) -> jax.Array:
+        return outputs(resident, inputs, kept_vals, carry)[:, -1, :vocab].astype(jnp.float32)
 
     cache_types = tuple(p.type for p in st.fn.params_with_role("cache"))
-    return _Step(st, jax.jit(before), jax.jit(layer, donate_argnums=(3,)), jax.jit(after), cache_types)
+    return StreamPieces(st, before, layer, logits, outputs, cache_types)
+
+
+@dataclass
+class _Step:
+    """The compiled pieces of one (phase, batch, length)."""
+
+    staged: StagedEntry
+    before: Any  # jitted or compiled: (resident, inputs) -> scan carry, consts, values the ops after use
+    layer: Any  # (carry, consts, weights_i, caches_i) -> (carry, new caches_i)
+    after: Any  # (resident, inputs, kept, carry, samp, first_pos) -> next tokens [B]
+    cache_types: tuple[Any, ...]
+
+
+def _compile_step(p: StreamPieces, greedy: bool) -> _Step:
+    def after(resident: dict, inputs: dict, kept_vals: tuple, carry: tuple, samp: tuple,
+              first_pos: jax.Array) -> jax.Array:
+        temperature, top_k, top_p, seed = samp
+        return sample(p.logits(resident, inputs, kept_vals, carry), temperature, top_k, top_p, seed, first_pos,
+                      greedy_only=greedy)
+
+    return _Step(p.staged, jax.jit(p.before), jax.jit(p.layer, donate_argnums=(3,)), jax.jit(after), p.cache_types)
 
 
 def _sds(t: Any, per_layer: bool = False) -> jax.ShapeDtypeStruct:
@@ -179,6 +208,7 @@ class OffloadRunner:
     evict_after_read: bool = False
     poison: bool = False
     _steps: dict[tuple, _Step] = field(default_factory=dict)
+    _pieces: dict[tuple, StreamPieces] = field(default_factory=dict)
     mesh: Any = None  # one device (the ModelRunner interface reports callers read)
 
     def __post_init__(self) -> None:
@@ -200,52 +230,81 @@ class OffloadRunner:
     def close(self) -> None:
         self.pool.close()
 
+    @property
+    def params(self) -> dict[str, jax.Array]:
+        """No device parameters: the ModelRunner interface's ``params`` (which the serving engine
+        hands its kernels) is empty; the streamed kernels read the resident globals and the store."""
+        return {}
+
+    def valid_batch(self, batch: int) -> bool:
+        """One device: every batch runs."""
+        return batch >= 1
+
+    def pieces(self, phase: str, batch: int, length: int) -> StreamPieces:
+        """The traceable pieces of ``phase`` at this shape (checked against the store), cached."""
+        key = (phase, batch, length)
+        if key not in self._pieces:
+            p = stream_pieces(self.build(phase, batch, length), phase, self.vocab)
+            if tuple(p.staged.caches) != tuple(q.name for q in p.staged.fn.params_with_role("cache")):
+                raise SpecError(f"@{phase}: every KV cache must be a per-layer operand of the layer scan")
+            names = {sl.name for sl in self.layout.layer}
+            missing = [n for n in p.staged.streamed if n not in names]
+            missing += [k for k in p.staged.resident if k not in self.resident]
+            if missing:
+                raise WeightsError(f"the offload store lacks weights the {phase} program takes: {', '.join(missing)}")
+            self._pieces[key] = p
+        return self._pieces[key]
+
     def step_fns(self, phase: str, batch: int, length: int, greedy: bool) -> _Step:
         key = (phase, batch, length, greedy)
         if key not in self._steps:
-            module = self.build(phase, batch, length)
-            s = _compile_step(module, phase, self.vocab, greedy)
-            if tuple(s.staged.caches) != tuple(p.name for p in s.staged.fn.params_with_role("cache")):
-                raise SpecError(f"@{phase}: every KV cache must be a per-layer operand of the layer scan")
-            s = _aot(s, self.resident, batch)
-            names = {sl.name for sl in self.layout.layer}
-            missing = [n for n in s.staged.streamed if n not in names]
-            if missing or s.staged.resident != tuple(k for k in s.staged.resident if k in self.resident):
-                raise WeightsError(f"the offload store lacks weights the {phase} program takes: "
-                                   f"{', '.join(missing + [k for k in s.staged.resident if k not in self.resident])}")
-            self._steps[key] = s
+            self._steps[key] = _aot(_compile_step(self.pieces(phase, batch, length), greedy), self.resident, batch)
         return self._steps[key]
 
-    def empty_cache(self, batch: int) -> list[tuple[jax.Array, ...]]:
-        """Per-layer KV caches (a tuple of the cache params' slices per layer), zero."""
-        s = self.step_fns("decode", batch, 1, True)
-        one = [jnp.zeros(t.shape[1:], JNP_DTYPES[t.dtype]) for t in s.cache_types]
-        return [tuple(jnp.zeros_like(a) for a in one) for _ in range(self.layout.layers)]
+    def empty_cache(self, batch: int, context: int | None = None) -> Caches:
+        """Zero KV caches as ModelRunner lays them out: per cache param, a list of per-layer
+        [B, T, ...] arrays (``context`` is accepted for the interface; always ``cache_len``)."""
+        p = self.pieces("decode", batch, 1)
+        return tuple([jnp.zeros(t.shape[1:], JNP_DTYPES[t.dtype]) for _ in range(self.layout.layers)]
+                     for t in p.cache_types)
 
     def cache_bytes(self, batch: int, context: int | None = None) -> int:
         """Bytes of the resident KV caches (``context`` is accepted for the ModelRunner
         interface; the streamed runner's caches always hold ``cache_len`` positions)."""
-        s = self.step_fns("decode", batch, 1, True)
-        return sum(int(np.prod(t.shape)) * jnp.dtype(JNP_DTYPES[t.dtype]).itemsize for t in s.cache_types)
+        p = self.pieces("decode", batch, 1)
+        return sum(int(np.prod(t.shape)) * jnp.dtype(JNP_DTYPES[t.dtype]).itemsize for t in p.cache_types)
 
-    def forward(self, s: _Step, inputs: dict, caches: list, samp: tuple, first_pos: jax.Array) -> jax.Array:
-        """One pass over every layer; ``caches`` (per layer) are replaced in place in the list."""
-        carry, consts, kept = s.before(self.resident, inputs)
+    def run_layers(self, names: Sequence[str], layer: Callable[[int, tuple[jax.Array, ...]], Any]) -> None:
+        """Calls ``layer(i, weights_i)`` for i = 0..N-1 with the weights ``names`` of layer i read
+        from the pool; blocks on what it returns before the layer's buffer is reused (on CPU the
+        weights alias the buffer). After a failure the pool is restarted (its reader ran ahead)."""
         slots = self.layout.layer
         try:
             for i in range(self.layout.layers):
                 buf = self.pool.acquire(i)
                 views = {sl.name: sl.view(buf) for sl in slots}
                 # device_put of an aligned host buffer is zero-copy on CPU: the layer reads the pool
-                weights = tuple(jax.device_put(views[n]) for n in s.staged.streamed)
-                carry, caches[i] = s.layer(carry, consts, weights, caches[i])
-                # the layer has read its buffer only once its outputs exist: only then reuse it
-                jax.block_until_ready((carry, caches[i]))
+                weights = tuple(jax.device_put(views[n]) for n in names)
+                jax.block_until_ready(layer(i, weights))
                 self.pool.release(i)
         except BaseException:
-            self.pool.close()  # the reader ran ahead of an aborted pass: start a fresh pool
+            self.pool.close()
             self.pool = self._new_pool()
             raise
+
+    def forward(self, s: _Step, inputs: dict, caches: Caches, samp: tuple, first_pos: jax.Array) -> jax.Array:
+        """One pass over every layer; ``caches`` (ModelRunner's form) are replaced in place in
+        their per-layer lists."""
+        carry, consts, kept = s.before(self.resident, inputs)
+
+        def layer(i: int, weights: tuple) -> Any:
+            nonlocal carry
+            carry, new = s.layer(carry, consts, weights, tuple(c[i] for c in caches))
+            for c, n in zip(caches, new):
+                c[i] = n
+            return carry, new
+
+        self.run_layers(s.staged.streamed, layer)
         return s.after(self.resident, inputs, kept, carry, samp, first_pos)
 
     def weight_bytes(self) -> int:
