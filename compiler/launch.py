@@ -101,6 +101,17 @@ def _status(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
 
+def describe_exit(rc: int) -> str:
+    """A Popen return code in words: "exited with 1", "was killed by signal 9 (SIGKILL)"."""
+    if rc >= 0:
+        return f"exited with {rc}"
+    try:
+        name = f" ({signal.Signals(-rc).name})"
+    except ValueError:
+        name = ""
+    return f"was killed by signal {-rc}{name}"
+
+
 def _kill(procs: Sequence[subprocess.Popen], sig: int) -> None:
     for p in procs:
         if p.poll() is None:
@@ -110,14 +121,10 @@ def _kill(procs: Sequence[subprocess.Popen], sig: int) -> None:
                 pass
 
 
-#: Exit status of a process that JAX's distributed service aborted (SIGABRT): it lost a peer.
-ABORTED = 128 + signal.SIGABRT
-
-
-def _show_log(i: int, status: int | None, log: Path | None) -> None:
-    what = "was killed" if status is None else f"exited with {status}"
-    if status == ABORTED:
-        what += " (aborted by JAX's distributed service: it lost contact with another process)"
+def _show_log(i: int, rc: int | None, log: Path | None) -> None:
+    what = "was killed by launch" if rc is None else describe_exit(rc)
+    if rc == -signal.SIGABRT:
+        what += " (an abort: JAX's distributed runtime lost contact with another process)"
     if log is None:
         print(f"launch: process {i} {what} (its output is above)", file=sys.stderr)
         return
@@ -151,7 +158,7 @@ def run_processes(pl: Plan, grace: float, timeout: float | None) -> int:
             failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed and first_fail is None:
                 first_fail = now
-                print(f"launch: process {failed[0]} exited with {_status(procs[failed[0]].returncode)}; "
+                print(f"launch: process {failed[0]} {describe_exit(procs[failed[0]].returncode)}; "
                       f"the others get {grace:g} s to finish", file=sys.stderr)
             late = first_fail is not None and now - first_fail > grace
             if late or (timeout is not None and now - start > timeout):
@@ -178,9 +185,9 @@ def run_processes(pl: Plan, grace: float, timeout: float | None) -> int:
         for f in files:
             f.close()
     statuses = [_status(p.returncode) for p in procs]
-    for i, st in enumerate(statuses):
+    for i, (st, p) in enumerate(zip(statuses, procs)):
         if st != 0:
-            _show_log(i, None if i in killed else st, pl.logs[i])
+            _show_log(i, None if i in killed else p.returncode, pl.logs[i])
     return max(statuses) if statuses else EXIT_OK
 
 

@@ -7,9 +7,11 @@ spans them unchanged. Inputs are built with :func:`global_array`, which asks a c
 the slices this process's devices hold, and results come back with :func:`to_host`, which
 all-gathers a global array to every process (process 0 alone prints).
 
-Faults must not hang: JAX aborts a process (SIGABRT, a C++ log line) when peers do not register
-in time, so a watchdog thread fires first with a :class:`DistributedError` naming the process;
-a collective whose peer died raises in Python and :func:`collective_errors` retypes it.
+Faults must not hang and must name the process that died: a watchdog thread bounds joining; a
+peer monitor (counters in the coordinator's key-value store) names a silent process or a lost
+coordinator; a collective whose peer died raises in Python and :func:`collective_errors`
+retypes it; and JAX's own abort (its reaction to a lost coordinator, often the first) is caught
+by runtime/abort_guard.py and reported the same way. Every path exits with status 1.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ir.errors import DistributedError
+from runtime import abort_guard
 
 #: Exit status of a process whose watchdog fired (the CLI's documented-error status).
 WATCHDOG_EXIT = 1
@@ -124,7 +127,7 @@ def initialize(group: ProcessGroup) -> None:
 
     DistributedError when the coordinator cannot start (port in use) or the peers do not all
     register within ``group.init_timeout`` seconds (then the watchdog ends the process)."""
-    global _group
+    global _group, _monitor
     import jax
 
     if _group is not None:
@@ -141,6 +144,7 @@ def initialize(group: ProcessGroup) -> None:
         f"within {group.init_timeout} s (--init-timeout)",
         hint="start every process with the same --coordinator and --num-processes, and distinct "
              f"--process-id 0..{group.num_processes - 1}; process 0 must be among them").render())
+    abort_guard.install(lambda: _abort_report(group), WATCHDOG_EXIT)  # JAX's abort names the dead process
     try:
         # JAX's own deadline a little later than the watchdog's: its abort is a C++ log line
         # JAX's heartbeat deadline well after the peer monitor's, which names the lost process
@@ -161,7 +165,8 @@ def initialize(group: ProcessGroup) -> None:
     from jax._src import distributed as jd
 
     if jd.global_state.client is not None:
-        _PeerMonitor(group, jd.global_state.client).start()
+        _monitor = _PeerMonitor(group, jd.global_state.client)
+        _monitor.start()
         atexit.register(_stopping.set)  # runs before JAX's shutdown, registered earlier
     n = jax.device_count()
     if jax.local_device_count() * group.num_processes != n:
@@ -171,17 +176,23 @@ def initialize(group: ProcessGroup) -> None:
 
 class _PeerMonitor(threading.Thread):
     """Every process writes a counter to the coordinator's key-value store each ``period`` s and
-    watches the others'; a counter that stops for ``peer_timeout`` s names the dead process. JAX
-    notices a dead peer too, but only by aborting (SIGABRT and a C++ fatal log line that names
-    no process), so its heartbeat timeout is set well above this one."""
+    watches the others'; a counter that stops for ``peer_timeout`` s names the dead process, and
+    a store that stops answering means the coordinator (process 0) is gone. JAX notices a dead
+    peer too, but only by aborting, so its heartbeat timeout is set well above this one (and its
+    abort for a lost coordinator is reported by :func:`_abort_report`)."""
 
     def __init__(self, group: ProcessGroup, client: Any, period: float = 1.0):
         super().__init__(name="einshard-peer-monitor", daemon=True)
         self.group, self.client, self.period = group, client, period
+        self._seen: dict[int, tuple[str, float]] = {}  # process -> (last counter, when it changed)
+
+    def silent(self) -> dict[int, float]:
+        """Seconds since each other process's counter last changed."""
+        now = time.monotonic()
+        return {pid: now - t for pid, (_, t) in list(self._seen.items())}
 
     def run(self) -> None:
         g, prefix = self.group, "einshard/alive/"
-        seen: dict[int, tuple[str, float]] = {}
         beat = 0
         while True:
             now = time.monotonic()
@@ -191,25 +202,70 @@ class _PeerMonitor(threading.Thread):
             except Exception as e:  # the coordinator (process 0) is gone, or shut down at the end
                 if _stopping.is_set():
                     return
-                self._fail(f"{g.name}: lost the coordinator (process 0) at {g.coordinator}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _fail(f"{g.name}: {_coordinator_died(g)} (its key-value store stopped answering: {first})")
             beat += 1
             for pid in range(g.num_processes):
                 if pid == g.process_id:
                     continue
                 v = values.get(f"{prefix}{pid}", "")
-                if pid not in seen or seen[pid][0] != v:
-                    seen[pid] = (v, now)
-                elif now - seen[pid][1] > g.peer_timeout and not _stopping.is_set():
-                    self._fail(f"{g.name}: process {pid} stopped responding (no sign of life for "
-                               f"{g.peer_timeout} s, --peer-timeout); it has probably died")
+                if pid not in self._seen or self._seen[pid][0] != v:
+                    self._seen[pid] = (v, now)
+                elif now - self._seen[pid][1] > g.peer_timeout and not _stopping.is_set():
+                    _fail(f"{g.name}: process {pid} has died (no sign of life for {g.peer_timeout} s, "
+                          f"--peer-timeout)")
             time.sleep(self.period)
 
-    @staticmethod
-    def _fail(message: str) -> None:
-        sys.stderr.write(DistributedError(message, hint="see the other processes' output "
-                                                          "(einshard launch shows it)").render() + "\n")
-        abandon()
+
+_monitor: _PeerMonitor | None = None
+_HINT_OTHERS = "see the other processes' output (einshard launch shows it)"
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(DistributedError(message, hint=_HINT_OTHERS).render() + "\n")
+    abandon()
+
+
+def _coordinator_died(g: ProcessGroup) -> str:
+    return f"process 0 (the coordinator at {g.coordinator}) has died"
+
+
+def _coordinator_up(g: ProcessGroup, timeout: float = 1.0) -> bool:
+    """Whether process 0's coordinator port still accepts connections (a live process accepts
+    even while busy: the kernel completes the handshake)."""
+    host, _, port = g.coordinator.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def lost_process(g: ProcessGroup, wait: float = 0.0) -> str | None:
+    """Which other process has died, as a phrase (\"process 0 (the coordinator ...) has died\"),
+    looking for up to ``wait`` s: a coordinator whose port is closed, else the process the peer
+    monitor has heard nothing from for ``peer_timeout`` s (for ``wait=0``: the quietest one
+    silent for over 3 beats). None when no process can be named."""
+    deadline = time.monotonic() + wait
+    while True:
+        if not g.is_primary and not _coordinator_up(g):
+            return _coordinator_died(g)
+        silent = _monitor.silent() if _monitor is not None else {}
+        limit = g.peer_timeout if wait else 3 * (_monitor.period if _monitor else 1.0)
+        quiet = {pid: s for pid, s in silent.items() if s > limit}
+        if quiet:
+            pid = max(quiet, key=quiet.__getitem__)
+            return f"process {pid} has died (no sign of life for {quiet[pid]:.0f} s)"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.25)
+
+
+def _abort_report(g: ProcessGroup) -> str:
+    """The message for JAX's own abort (runtime/abort_guard.py): who died, as far as we can tell."""
+    who = lost_process(g) or "another process has failed, or this one lost its network"
+    return DistributedError(f"{g.name}: {who}; JAX's distributed runtime aborted this process "
+                            f"(its log line is above)", hint=_HINT_OTHERS).render()
 
 
 #: Substrings of the errors JAX raises when a collective's peer is gone.
@@ -220,15 +276,17 @@ _PEER_LOST = ("Gloo", "Connection closed by peer", "Connection reset", "heartbea
 @contextmanager
 def collective_errors() -> Iterator[None]:
     """Retypes a collective that failed because a peer died as a DistributedError naming this
-    process (inside a multi-process run; elsewhere errors pass through untouched)."""
+    process and, once the peer monitor can tell (up to ``peer_timeout`` s), the one that died
+    (inside a multi-process run; elsewhere errors pass through untouched)."""
     try:
         yield
     except Exception as e:
         if _group is None or isinstance(e, DistributedError) or not any(s in str(e) for s in _PEER_LOST):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistributedError(f"{_group.name}: a collective failed, another process has probably died: {first}",
-                               hint="see the other processes' output (einshard launch shows it)") from None
+        who = lost_process(_group, wait=_group.peer_timeout + 2.0) or "another process has probably died"
+        raise DistributedError(f"{_group.name}: a collective failed because {who}: {first}",
+                               hint=_HINT_OTHERS) from None
 
 
 def abandon(status: int = WATCHDOG_EXIT) -> None:
