@@ -134,6 +134,64 @@ def test_one_mixed_trace_equals_generated_alone(one_device):
     assert c["einshard_prefill_chunks_total"] > 0 and c["einshard_compactions_total"] > 0
 
 
+class Spy:
+    """The engine's kernels, logging each program call as (kind, shape)."""
+
+    def __init__(self, kernels) -> None:
+        self.k, self.log = kernels, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.k, name)
+        if name not in ("decode", "chunk", "mixed", "prefill", "compact"):
+            return attr
+
+        def shaped(*shape):
+            fn = attr(*shape)
+
+            def call(*args):
+                self.log.append((name, shape))
+                return fn(*args)
+            return call
+        return shaped
+
+
+def test_chunked_prefill_is_one_forward_with_the_decodes(one_device):
+    """Dynamic SplitFuse: a prompt over the chunk budget is not prefilled at admission; each
+    iteration runs ONE model program in which the decode window (w rows) and the prompt's
+    next chunk (budget - w tokens) share the token budget; the tokens equal generated alone."""
+    rng = np.random.default_rng(5)
+    short = request(0, rng.integers(0, 128, 3), max_new=14)
+    long = request(1, rng.integers(0, 128, 27), temp=0.7, seed=2, max_new=5)
+    clock = Clock()
+    engine = Engine(one_device.runner, SchedulerConfig(slots=4, chunk=8), clock=clock)
+    spy = engine.kernels = Spy(engine.kernels)
+    tokens: dict[str, list[int]] = {"0": [], "1": []}
+    per_iter = []
+    for it in range(40):
+        clock.t = float(it)
+        engine.submit(short) if it == 0 else engine.submit(long) if it == 2 else None
+        spy.log.clear()
+        for e in engine.step():
+            if e.token is not None:
+                tokens[e.request_id].append(e.token)
+        per_iter.append([c for c in spy.log if c[0] != "compact"])
+        if it > 2 and not engine.has_work():
+            break
+    assert tokens == {"0": one_device.alone(short), "1": one_device.alone(long)}
+    assert all(len([c for c in calls if c[0] != "prefill"]) <= 1 for calls in per_iter)  # one forward each
+    assert ("prefill", (1, 8)) in per_iter[0] and not any(c[0] == "prefill" for c in per_iter[2])
+    mixed = [c for calls in per_iter for c in calls if c[0] == "mixed"]
+    # 27 prompt tokens in chunks of 8 - 2 beside a 2-row window: 5 forwards, the last re-reading 3
+    assert mixed == [("mixed", (2, 1, 6))] * 5
+    c = engine.metrics.counters
+    assert c["einshard_fused_chunk_steps_total"] == 5 and c["einshard_prompt_tokens_total"] == 3 + 27
+
+
+def test_a_chunk_budget_must_leave_room_beside_the_decode_rows(one_device):
+    with pytest.raises(RequestError, match="must exceed"):
+        Engine(one_device.runner, SchedulerConfig(slots=8, chunk=8))
+
+
 @pytest.mark.slow
 @settings(max_examples=40)
 @given(trace=traces(), cfg=configs)

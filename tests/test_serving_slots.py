@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from runtime.sampling import SamplingParams
 from runtime.serving.request import Request
-from runtime.serving.scheduler import (SchedulerConfig, batch_bucket, choose_admissions, chunk_rows,
-                                       prompt_bucket)
+from runtime.serving.scheduler import (SchedulerConfig, admitted_length, batch_bucket, choose_admissions,
+                                       chunk_length, prompt_bucket)
 from runtime.serving.slots import Slot, SlotTable
 
 
@@ -79,7 +79,14 @@ def test_buckets_and_admission_budget():
     assert choose_admissions(waiting[:3], 4, 0, 1.0, static, 128) == 3  # ... or the timeout
     assert choose_admissions(waiting, 4, 1, 9.0, static, 128) == 0  # never while a batch runs
     chunked = SchedulerConfig(chunk=16, step_tokens=64)
-    assert chunk_rows(5, 40, chunked) == 1 and chunk_rows(5, 0, chunked) == 4 and chunk_rows(0, 0, chunked) == 0
+    # Dynamic SplitFuse: one forward = the window's decode rows + a chunk of the rest of the budget
+    assert [chunk_length(w, chunked) for w in (0, 1, 4, 8)] == [16, 15, 12, 8]
+    assert chunk_length(4, SchedulerConfig()) == 0
+    with pytest.raises(ValueError, match="no room"):
+        chunk_length(16, chunked)
+    # a prompt over the budget is not prefilled at admission (its chunks ride in the forwards)
+    assert [admitted_length(req(0, n), chunked) for n in (3, 16, 17)] == [3, 16, 0]
+    assert choose_admissions([req(0, 100), req(1, 200)], 8, 0, 0.0, chunked, 256) == 2
 
 
 def test_bad_configs_are_refused():

@@ -22,7 +22,7 @@ from runtime.serving.kernels import Caches, Kernels, cache_leaves
 from runtime.serving.metrics import Metrics
 from runtime.serving.request import Event, Request
 from runtime.serving.scheduler import (SchedulerConfig, admitted_length, batch_bucket, choose_admissions,
-                                       chunk_rows, pow2_at_least, prompt_bucket)
+                                       chunk_length, pow2_at_least, prompt_bucket)
 from runtime.serving.slots import Slot, SlotTable
 
 
@@ -61,6 +61,9 @@ class Engine:
         groups = batch_groups(self.caches)
         widths = _widths(S // groups, groups, runner.valid_batch)
         self.table = SlotTable(S, groups, widths)
+        if config.chunk and config.chunk <= self.table.per:
+            raise RequestError(f"a chunk budget of {config.chunk} tokens must exceed the {self.table.per} slots "
+                               "per device (the decode rows share it)", param="chunk")
         if kernels is not None and (kernels.runner is not runner or kernels.slots != S or kernels.groups != groups):
             raise ValueError("kernels were built for another runner or slot buffer")
         self.kernels = kernels or Kernels(runner, S, groups, sample)  # shared: compiled programs are reused
@@ -137,7 +140,6 @@ class Engine:
     def step(self) -> list[Event]:
         events, self.pending = self.pending, []
         self._admit(events)
-        self._chunks(events)
         if self.cfg.compact and self.cfg.policy == "fused":
             self._compact(events)
         self._decode(events)
@@ -214,17 +216,22 @@ class Engine:
         k = choose_admissions(list(self.waiting), table.free_count(), len(table.live()), waited, cfg, self.T)
         if not k:
             return
-        reqs = [self.waiting.popleft() for _ in range(k)]
+        admitted = [(p, self.waiting.popleft()) for p in table.alloc(k)]
+        for p, r in admitted:  # a prompt longer than the chunk budget: a slot now, its chunks later
+            n = admitted_length(r, cfg)
+            table.slots[p] = Slot(r, pos=n, prefilled=n)
+        if cfg.policy == "static":
+            self.static_width = table.width()
+        dst = [p for p, r in admitted if admitted_length(r, cfg)]
+        reqs = [r for _, r in admitted if admitted_length(r, cfg)]
+        if not reqs:
+            return
+        k = len(reqs)
         lens = [admitted_length(r, cfg) for r in reqs]
         L = prompt_bucket(max(lens), self.T, cfg.min_bucket)
         B = batch_bucket(k, self.runner.valid_batch, max(cfg.slots, pow2_at_least(k)))
         prompts = [r.prompt[:n] for r, n in zip(reqs, lens)] + [(self.pad_token,)] * (B - k)
         tokens, pos = pack_prompts(prompts, L)
-        dst = table.alloc(k)
-        for p, r, n in zip(dst, reqs, lens):
-            table.slots[p] = Slot(r, pos=n, prefilled=n)
-        if cfg.policy == "static":
-            self.static_width = table.width()
         dst_arr = np.array(dst + [cfg.slots] * (B - k), np.int32)
         sample_pos = np.array([len(r.prompt) for r in reqs] + [1] * (B - k), np.int32)
         try:
@@ -242,45 +249,27 @@ class Engine:
             if s is not None and s.decoding:
                 self._emit(p, int(first[i]), events)
 
-    def _chunks(self, events: list[Event]) -> None:
+    def _chunk_args(self, pre: list[int], C: int) -> tuple[list[int], list[int], tuple]:
+        """The prompt chunk rows of one forward: the oldest prefilling slots, as many as the
+        layout's smallest batch holds (1 on one device), C tokens each; their arguments."""
         cfg, table = self.cfg, self.table
-        live = table.live()
-        pre = sorted((p for p in live if not table.at(p).decoding),
-                     key=lambda p: self.arrival[table.at(p).request.id])
-        rows = chunk_rows(len(pre), len(live) - len(pre), cfg)
-        if not rows:
-            return
-        sel, C = pre[:rows], cfg.chunk
-        B = batch_bucket(rows, self.runner.valid_batch, max(cfg.slots, pow2_at_least(rows)))
+        B = batch_bucket(1, self.runner.valid_batch, max(cfg.slots, 1))
+        sel = pre[:B]
         tokens = np.full((B, C), self.pad_token, np.int32)
         pos = np.tile(np.arange(C, dtype=np.int32), (B, 1))
         ends, reqs = [], []
         for i, p in enumerate(sel):
-            s = table.at(p)
-            prompt = s.request.prompt
+            prompt = table.at(p).request.prompt
             # the last chunk ends at the prompt's end: it re-reads a few cached tokens rather
             # than padding, so every chunk is C real tokens at positions below the context
-            start = min(s.prefilled, len(prompt) - C)
+            start = min(table.at(p).prefilled, len(prompt) - C)
             tokens[i] = prompt[start:start + C]
             pos[i] = np.arange(start, start + C)
             ends.append(start + C)
-            reqs.append(s.request)
-        src = np.array(sel + [cfg.slots] * (B - rows), np.int32)
-        sample_pos = np.array([len(r.prompt) for r in reqs] + [1] * (B - rows), np.int32)
-        try:
-            nxt, self.caches = self.kernels.chunk(B, C)(self.runner.params, self.caches, src, tokens, pos,
-                                                        *self._sampling_rows(reqs, B), sample_pos)
-            nxt = np.asarray(nxt)
-        except Exception as e:
-            self._fail(sel, e, events)
-            return
-        self.metrics.inc("einshard_prefill_chunks_total", rows)
-        self.metrics.inc("einshard_prompt_tokens_total", sum(e - table.at(p).prefilled for p, e in zip(sel, ends)))
-        for i, (p, end) in enumerate(zip(sel, ends)):
-            s = table.at(p)
-            s.prefilled = s.pos = end
-            if s.decoding:
-                self._emit(p, int(nxt[i]), events)
+            reqs.append(table.at(p).request)
+        src = np.array(sel + [cfg.slots] * (B - len(sel)), np.int32)
+        sample_pos = np.array([len(r.prompt) for r in reqs] + [1] * (B - len(sel)), np.int32)
+        return sel, ends, (src, tokens, pos, *self._sampling_rows(reqs, B), sample_pos)
 
     def _compact(self, events: list[Event]) -> None:
         perm = self.table.plan_compaction()
@@ -295,11 +284,19 @@ class Engine:
         self.metrics.inc("einshard_compactions_total")
 
     def _decode(self, events: list[Event]) -> None:
+        """One forward over the decode window; under chunking, the oldest waiting prompt's next
+        chunk (the budget minus the window's rows per device) rides in the same program."""
         table = self.table
-        dec = [p for p in table.live() if table.at(p).decoding]
-        if not dec:
+        live = table.live()
+        dec = [p for p in live if table.at(p).decoding]
+        pre = sorted((p for p in live if not table.at(p).decoding), key=lambda p: self.arrival[table.at(p).request.id])
+        if not dec and not pre:
             return
-        w = max(self.static_width, table.width())
+        w = max(self.static_width, table.width()) if dec else 0
+        sel: list[int] = []
+        if pre:
+            C = chunk_length(w, self.cfg)
+            sel, ends, cargs = self._chunk_args(pre, C)
         win = table.window(w)
         W = len(win)
         tokens = np.full(W, self.pad_token, np.int32)
@@ -312,18 +309,36 @@ class Engine:
             pos[r] = s.pos  # a prefilling slot's write here is rewritten by its next chunk
             if s.decoding:
                 tokens[r], reqs[r] = s.last_token, s.request
+        dargs = (tokens, pos, *self._sampling_rows(reqs, W))
+        params, k = self.runner.params, self.kernels
         try:
-            nxt, self.caches = self.kernels.decode(w)(self.runner.params, self.caches, tokens, pos,
-                                                      *self._sampling_rows(reqs, W))
-            nxt = np.asarray(nxt)
+            if not sel:
+                nxt, self.caches = k.decode(w)(params, self.caches, *dargs)
+            elif not dec:
+                first, self.caches = k.chunk(len(cargs[0]), C)(params, self.caches, *cargs)
+            else:
+                nxt, first, self.caches = k.mixed(w, len(cargs[0]), C)(params, self.caches, *dargs, *cargs)
+            nxt_h = np.asarray(nxt) if dec else np.zeros(0, np.int32)
+            first_h = np.asarray(first) if sel else np.zeros(0, np.int32)
         except Exception as e:
-            self._fail(dec, e, events)
+            self._fail(dec + sel, e, events)
             return
-        self.metrics.inc("einshard_decode_rows_total", W)
-        self.metrics.inc("einshard_decode_useful_rows_total", len(dec))
-        self.metrics.set("einshard_window_slots", W)
-        for r, p in enumerate(win):
-            s = table.slots[p]
-            if s is not None and s.decoding and reqs[r] is not None:
-                s.pos += 1
-                self._emit(p, int(nxt[r]), events)
+        m = self.metrics
+        if dec:
+            m.inc("einshard_decode_rows_total", W)
+            m.inc("einshard_decode_useful_rows_total", len(dec))
+            m.set("einshard_window_slots", W)
+            for r, p in enumerate(win):
+                s = table.slots[p]
+                if s is not None and s.decoding and reqs[r] is not None:
+                    s.pos += 1
+                    self._emit(p, int(nxt_h[r]), events)
+        if sel:
+            m.inc("einshard_prefill_chunks_total", len(sel))
+            m.inc("einshard_fused_chunk_steps_total", 1 if dec else 0)
+            m.inc("einshard_prompt_tokens_total", sum(e - table.at(p).prefilled for p, e in zip(sel, ends)))
+            for i, (p, end) in enumerate(zip(sel, ends)):
+                s = table.at(p)
+                s.prefilled = s.pos = end
+                if s.decoding:
+                    self._emit(p, int(first_h[i]), events)

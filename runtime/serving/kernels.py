@@ -80,21 +80,22 @@ class Kernels:
             fn = self._cache[key] = build()
         return fn
 
+    def _decode_body(self, w: int) -> Callable:
+        G = self.groups
+        step = self.runner.step("decode", G * w, 1)
+
+        def fn(params, caches, tokens, pos, temp, top_k, top_p, seeds):
+            win = cache_map(lambda c, axis: take_window(c, G, w, axis), caches)
+            logits, new = step(params, tokens[:, None], pos[:, None], win)
+            out = cache_map(lambda c, n, axis: put_window(c, n, G, w, axis), caches, new)
+            return self.sample(logits, temp, top_k, top_p, seeds, pos + 1), out
+
+        return fn
+
     def decode(self, w: int) -> Callable:
         """(params, caches, tokens[W], pos[W], temp, top_k, top_p, seeds) -> (next[W], caches):
         one fused decode step over the window, every row at its own position."""
-        def build() -> Callable:
-            G = self.groups
-            step = self.runner.step("decode", G * w, 1)
-
-            def fn(params, caches, tokens, pos, temp, top_k, top_p, seeds):
-                win = cache_map(lambda c, axis: take_window(c, G, w, axis), caches)
-                logits, new = step(params, tokens[:, None], pos[:, None], win)
-                out = cache_map(lambda c, n, axis: put_window(c, n, G, w, axis), caches, new)
-                return self.sample(logits, temp, top_k, top_p, seeds, pos + 1), out
-
-            return jax.jit(fn, donate_argnums=(1,))
-        return self._get(("decode", w), build)
+        return self._get(("decode", w), lambda: jax.jit(self._decode_body(w), donate_argnums=(1,)))
 
     def prefill(self, batch: int, length: int) -> Callable:
         """(params, caches, tokens[B, L], pos[B, L], dst[B], temp, top_k, top_p, seeds,
@@ -126,20 +127,45 @@ class Kernels:
         """(params, caches, src[B], tokens[B, L], pos[B, L], temp, top_k, top_p, seeds,
         sample_pos[B]) -> (next[B], caches): continues the prompts of slots ``src`` in place
         (Dynamic SplitFuse); rows with src = S are padding (they read slot 0, write nothing)."""
-        def build() -> Callable:
-            step = self.runner.step("prefill", batch, length)
-            S = self.slots
+        return self._get(("chunk", batch, length),
+                         lambda: jax.jit(self._chunk_body(batch, length), donate_argnums=(1,)))
 
-            def fn(params, caches, src, tokens, pos, temp, top_k, top_p, seeds, sample_pos):
-                safe = jnp.where(src < S, src, 0)
-                rows = cache_map(lambda c, axis: jnp.take(c, safe, axis=axis), caches)
-                logits, new = step(params, tokens, pos, rows)
-                out = cache_map(lambda c, n, axis: c.at[_at(axis, src)].set(n.astype(c.dtype), mode="drop"),
-                                caches, new)
-                return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
+    def _chunk_body(self, batch: int, length: int) -> Callable:
+        step = self.runner.step("prefill", batch, length)
+        S = self.slots
+
+        def fn(params, caches, src, tokens, pos, temp, top_k, top_p, seeds, sample_pos):
+            safe = jnp.where(src < S, src, 0)
+            rows = cache_map(lambda c, axis: jnp.take(c, safe, axis=axis), caches)
+            logits, new = step(params, tokens, pos, rows)
+            out = cache_map(lambda c, n, axis: c.at[_at(axis, src)].set(n.astype(c.dtype), mode="drop"),
+                            caches, new)
+            return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
+
+        return fn
+
+    def mixed(self, w: int, batch: int, length: int) -> Callable:
+        """Dynamic SplitFuse in one program: (params, caches, *decode args of ``decode(w)``,
+        *chunk args of ``chunk(batch, length)`` after the caches) -> (next[W], next[B], caches).
+
+        The decode rows of the window and a prompt chunk share one compiled program, one
+        dispatch and one donated cache, so a chunk costs the iteration ``length`` more tokens
+        instead of a second call. The decode part runs first: a prefilling slot inside the
+        window gets a junk write at its ``pos``, which the chunk (covering that position) then
+        overwrites before attending. Inside, the model runs twice (at 1 and at ``length``
+        columns): the IR's attention reads one cache row per batch row, so a flat ragged batch
+        of both would need a new attention op."""
+        def build() -> Callable:
+            dec, chk = self._decode_body(w), self._chunk_body(batch, length)
+
+            def fn(params, caches, tokens, pos, temp, top_k, top_p, seeds,
+                   src, ctokens, cpos, ctemp, ctop_k, ctop_p, cseeds, sample_pos):
+                nxt, caches = dec(params, caches, tokens, pos, temp, top_k, top_p, seeds)
+                first, caches = chk(params, caches, src, ctokens, cpos, ctemp, ctop_k, ctop_p, cseeds, sample_pos)
+                return nxt, first, caches
 
             return jax.jit(fn, donate_argnums=(1,))
-        return self._get(("chunk", batch, length), build)
+        return self._get(("mixed", w, batch, length), build)
 
     def compact(self) -> Callable:
         """(caches, perm[S]) -> caches with slot p holding old slot perm[p]: Flover's move map

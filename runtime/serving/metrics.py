@@ -58,7 +58,8 @@ class Metrics:
         "einshard_decode_useful_rows_total": "decode-step rows that produced a token for a live request",
         "einshard_compactions_total": "slot compactions (Flover buffer reordering)",
         "einshard_prefills_total": "admission prefill calls",
-        "einshard_prefill_chunks_total": "chunked-prefill continuation rows",
+        "einshard_prefill_chunks_total": "chunked-prefill rows (Dynamic SplitFuse prompt chunks)",
+        "einshard_fused_chunk_steps_total": "forwards whose one program carried decode rows and a prompt chunk",
     }
     GAUGES = {
         "einshard_queue_depth": "requests waiting for a slot",

@@ -18,9 +18,11 @@ class SchedulerConfig:
     """``policy``: ``fused`` (temporal fusion: admit whenever a slot is free) or ``static``
     (FasterTransformer-style dynamic batching: wait for ``slots`` requests or ``static_timeout``,
     then run the batch until its longest member ends). ``compact``: Flover's compaction (else
-    finished rows are masked in place). ``chunk``: Dynamic SplitFuse chunk length (0 = off).
-    ``step_tokens``: the token budget of one iteration (decode rows + prompt chunks), and of one
-    admission prefill. ``max_queue``: waiting requests beyond it are refused (HTTP 503)."""
+    finished rows are masked in place). ``chunk``: Dynamic SplitFuse (0 = off): the token budget
+    of one fused forward per device, its decode rows plus a prompt chunk of the rest; prompts
+    longer than it are prefilled chunk by chunk inside the decode step's program instead of by
+    an admission prefill. ``step_tokens``: the token budget of one admission prefill.
+    ``max_queue``: waiting requests beyond it are refused (HTTP 503)."""
 
     slots: int = 8
     policy: str = "fused"
@@ -60,9 +62,10 @@ def batch_bucket(n: int, valid: Callable[[int], bool], limit: int) -> int:
 
 
 def admitted_length(req: Request, cfg: SchedulerConfig) -> int:
-    """Prompt tokens the admission prefill covers (the first chunk when chunking)."""
+    """Prompt tokens the admission prefill covers: all, or none for a prompt longer than the
+    chunk budget (its chunks run inside the fused forwards that follow)."""
     n = len(req.prompt)
-    return min(n, cfg.chunk) if cfg.chunk and n > cfg.chunk else n
+    return 0 if cfg.chunk and n > cfg.chunk else n
 
 
 def choose_admissions(waiting: Sequence[Request], free: int, live: int, waited: float,
@@ -86,9 +89,13 @@ def choose_admissions(waiting: Sequence[Request], free: int, live: int, waited: 
     return n
 
 
-def chunk_rows(prefilling: int, decoding: int, cfg: SchedulerConfig) -> int:
-    """Prompt chunks to run this iteration: what the token budget leaves after the decode rows
-    (at least one, so a long prompt always progresses)."""
-    if not prefilling or not cfg.chunk:
+def chunk_length(width: int, cfg: SchedulerConfig) -> int:
+    """Dynamic SplitFuse: the prompt chunk one forward takes beside a decode window of ``width``
+    rows per device (0 when none decode): what the chunk budget leaves, so the forward's tokens
+    are the same every iteration and there is one chunk program per window width."""
+    if not cfg.chunk:
         return 0
-    return min(prefilling, max(1, (cfg.step_tokens - decoding) // cfg.chunk))
+    if width >= cfg.chunk:
+        raise ValueError(f"a chunk budget of {cfg.chunk} tokens leaves no room for a prompt chunk beside "
+                         f"{width} decode rows per device (use a budget above the slots per device)")
+    return cfg.chunk - width
