@@ -16,9 +16,14 @@ import numpy as np
 from compiler.build import BuildConfig, build_module
 from compiler.driver import WEIGHT_DTYPES, compile_module, default_pipeline
 from compiler.spec import Spec
-from compiler.stages import inner_mesh, inner_spec
+from compiler.stages import inner_mesh, inner_spec, stage_pass
+from ir.errors import SpecError
 from ir.module import Module
 from runtime.model_runner import ModelRunner
+
+
+#: Runner phases of the K-token generation program (length = K): sampled, and every row greedy.
+GENERATE_PHASES = ("generate", "generate_greedy")
 
 
 def fixed_layout(spec: Spec, batch: int) -> Spec:
@@ -44,13 +49,24 @@ def fixed_layout(spec: Spec, batch: int) -> Spec:
 
 def module_for(spec: Spec, phase: str, batch: int, length: int, cache_len: int, logits: str = "last") -> Module:
     """The compiled module with one entry: ``phase`` at ``batch`` x ``length`` over a cache of
-    ``cache_len`` positions, through the spec's default pipeline."""
+    ``cache_len`` positions, through the spec's default pipeline. On a mesh with stages,
+    ``generate`` (``generate_greedy``: every row greedy) is the decode entry that makes
+    ``length`` tokens per row in one call with the pipeline kept full across them
+    (passes/pipeline_generate.py)."""
+    gen = phase in GENERATE_PHASES
+    if gen and not stage_pass(spec):
+        raise SpecError(f"the {phase} program needs a mesh with a stage axis")
+    greedy, tokens = phase == "generate_greedy", length if gen else 0
+    phase, length = ("decode", 1) if gen else (phase, length)
     s = replace(spec.serve, phase=phase, batch=batch, seq=length if phase == "prefill" else cache_len)
     sp = replace(spec, serve=s)
     cfg = BuildConfig(batch, length, cache_len, (phase,), WEIGHT_DTYPES[s.weights], logits)
     module = build_module(spec.model, cfg, inner_mesh(spec))  # pipeline-stages adds the stage axis
     # the runner and the serving engine choose their batches (ModelRunner.valid_batch): no padded rows
-    return compile_module(module, default_pipeline(sp, pad_batch=False)).module
+    passes = default_pipeline(sp, pad_batch=False)
+    if gen:
+        passes = ",".join((default_pipeline(inner_spec(sp), pad_batch=False), stage_pass(sp, tokens, greedy)))
+    return compile_module(module, passes).module
 
 
 def make_runner(spec: Spec, weights: Mapping[str, np.ndarray], cache_len: int, batch: int = 1,

@@ -40,9 +40,12 @@ def microbatch_options(spec: Spec) -> tuple[int, int]:
     return int(p), int(d)
 
 
-def stage_pass(spec: Spec) -> str:
-    """The ``pipeline-stages`` pass for ``spec`` ('' without a stage axis)."""
+def stage_pass(spec: Spec, tokens: int = 0, greedy: bool = False) -> str:
+    """The ``pipeline-stages`` pass for ``spec`` ('' without a stage axis). ``tokens`` > 0: the
+    decode entry makes that many tokens per row in one call, the pipeline kept full across
+    them (``greedy``: without the sampling branch); see passes/pipeline_generate.py."""
     if STAGE_AXIS not in spec.mesh.names:
         return ""
     p, d = microbatch_options(spec)
-    return f"pipeline-stages{{stages={stages_of(spec)},prefill={p},decode={d}}}"
+    gen = f",tokens={tokens},greedy={int(greedy)}" if tokens else ""
+    return f"pipeline-stages{{stages={stages_of(spec)},prefill={p},decode={d}{gen}}}"

@@ -504,3 +504,4 @@ import ir.fusion_ops  # registers concat, split, flatten, unflatten
 import ir.quant_ops  # registers quantize, dequantize
 import ir.pipeline_ops  # registers ppermute, pipeline
 import ir.moe_ops  # registers top_k, dispatch, combine
+import ir.sample_ops  # registers sample

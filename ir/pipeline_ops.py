@@ -121,3 +121,100 @@ class Pipeline(Op):
     def steps(self, stages: int) -> int:
         """Schedule length: every stage runs its body this many times per call."""
         return self.microbatches + stages - 1
+
+
+#: Operands of ``pipeline_generate`` before the weights: per-row tokens, positions and sampling.
+GENERATE_ROWS = ("tokens", "pos", "temperature", "top_k", "top_p", "seed")
+
+
+@op_kind("pipeline_generate")
+@dataclass(frozen=True, kw_only=True)
+class PipelineGenerate(Op):
+    """DeepSpeed Inference's generation schedule: ``tokens`` new tokens for every row with the
+    pipeline kept full across tokens.
+
+    Work item w = r * slots + m (slots = max(M, S)) is round r of micro-batch m; stage s works on
+    item t - s at step t, so every stage holds a different micro-batch's token in every step. At
+    stage 0 an item starts with ``embed`` on its micro-batch's latest token; its activation
+    passes the ``body`` of each stage (the layers, then the ring ``ppermute``); when the last
+    stage's output arrives back at stage 0 (the same step), ``head`` turns it into the next
+    token (final norm, logits, sampling), which is that micro-batch's input for its next round.
+    With M >= S the token is there exactly when the micro-batch's next item is due: no bubble
+    but the fill and drain of the whole call, (tokens - 1) * slots + M + S - 1 steps.
+
+    Operands: the six per-row values of :data:`GENERATE_ROWS` (tokens and positions [B, L=1],
+    sampling parameters [B]), ``embed_args`` weights of ``embed``, ``head_args`` weights of
+    ``head``, then the body's operands after its activation and positions (stacked weights,
+    KV caches; the last k are updated). Bodies: ``embed(tokens, pos, w...) -> x``,
+    ``body(x, pos, ...) -> (x_next, k updates)`` as for ``pipeline``, ``head(x, pos,
+    temperature, top_k, top_p, seed, w...) -> token [B, L=1]``. Results: the new tokens
+    [B, L=tokens] as a partial sum over ``axis`` (stage 0 holds them), and the k updates."""
+
+    embed: Symbol
+    body: Symbol
+    head: Symbol
+    axis: str
+    microbatches: int
+    tokens: int
+    embed_args: int
+    head_args: int
+    blocks: int = field(default=1, metadata={"omit_default": True})
+    arity = (6, None)
+
+    def infer(self, ins, ctx):
+        if self.axis not in ctx.mesh:
+            raise fail(f"pipeline_generate over mesh axis '{self.axis}', which the mesh lacks")
+        if self.microbatches < 1 or self.tokens < 1:
+            raise fail(f"pipeline_generate needs micro-batches and tokens >= 1, got {self.microbatches} and "
+                       f"{self.tokens}")
+        stages = ctx.mesh[self.axis]
+        nw = 6 + self.embed_args + self.head_args
+        if len(ins) < nw:
+            raise fail(f"pipeline_generate: {len(ins)} operands, fewer than the {nw} rows and weights")
+        for t in ins[:6]:
+            require_not_partial("pipeline_generate", t)
+            if t.mesh_axes or not t.has("B"):
+                raise fail(f"pipeline_generate: the per-row operands must be replicated with a B dim, got {t}")
+        for t in ins:
+            if t.has("B"):
+                k = math.prod(ctx.mesh[a] for a in t.dim("B").axes)
+                if self.blocks % k or t.size("B") % (self.blocks * self.microbatches):
+                    raise fail(f"pipeline_generate: B of {t} does not cut into {self.microbatches} micro-batches "
+                               f"over {self.blocks} row blocks")
+        view = [stage_view(t, self.axis, stages, self.microbatches) for t in ins]
+        rows, ew = view[:6], view[6:6 + self.embed_args]
+        hw, rest = view[6 + self.embed_args:nw], view[nw:]
+        emb = self._fn(ctx, self.embed, (rows[0], rows[1], *ew))
+        if len(emb.result_types) != 1:
+            raise fail(f"pipeline_generate: @{emb.name} must return one activation")
+        x = emb.result_types[0]
+        body = self._fn(ctx, self.body, (x, rows[1], *rest))
+        outs = body.result_types
+        k = len(outs) - 1
+        if k < 0 or k > len(rest) or outs[0] != x or (k and outs[1:] != tuple(rest[len(rest) - k:])):
+            raise fail(f"pipeline_generate: @{body.name} must return the next stage's activation ({x}) "
+                       "followed by updates of the last operands")
+        head = self._fn(ctx, self.head, (x, *rows[1:], *hw))
+        if head.result_types != (rows[0],):
+            raise fail(f"pipeline_generate: @{head.name} must return one token per row ({rows[0]}), "
+                       f"got ({', '.join(map(str, head.result_types))})")
+        tok = ins[0]
+        out = TensorType(tok.dtype, (tok.dims[0], Dim("L", self.tokens)), frozenset({self.axis}))
+        return (out, *ins[len(ins) - k:])
+
+    @staticmethod
+    def _fn(ctx, sym: Symbol, expect: tuple[TensorType, ...]):
+        fn = ctx.function(sym.name)
+        got = tuple(p.type for p in fn.params)
+        if got != expect:
+            raise fail(f"pipeline_generate: @{fn.name} takes ({', '.join(map(str, got))}) but is given "
+                       f"({', '.join(map(str, expect))})")
+        return fn
+
+    def slots(self, stages: int) -> int:
+        """Items per round: a micro-batch's next token is due ``slots`` steps after its last."""
+        return max(self.microbatches, stages)
+
+    def steps(self, stages: int) -> int:
+        """Schedule length: every stage runs its bodies this many times per call."""
+        return (self.tokens - 1) * self.slots(stages) + self.microbatches + stages - 1

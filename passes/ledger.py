@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from ir.module import PREPARE, Module
 from ir.ops import Scan
-from ir.pipeline_ops import Pipeline
+from ir.pipeline_ops import Pipeline, PipelineGenerate
 from ir.types import DTYPE_BYTES, TensorType
 
 
@@ -68,6 +68,11 @@ def repeats_of(module: Module) -> dict[str, int]:
                 n = xs[0].size("N") if xs and xs[0].has("N") else 1
             elif isinstance(op, Pipeline):
                 n = op.steps(module.mesh_sizes[op.axis])
+            elif isinstance(op, PipelineGenerate):  # embed, stage body and head: once per step each
+                n = op.steps(module.mesh_sizes[op.axis])
+                for sym in (op.embed, op.head):
+                    out[sym.name] = out[f.name] * n
+                    todo.append(module.function(sym.name))
             else:
                 continue
             out[op.body.name] = out[f.name] * n

@@ -29,10 +29,11 @@ from ir.collectives import AllReduce
 from ir.errors import LayoutError, PassError
 from ir.module import Function, Module, ModuleContext, Param
 from ir.ops import Op, Scan, Symbol
-from ir.pipeline_ops import Pipeline, Ppermute, stage_view
+from ir.pipeline_ops import Pipeline, PipelineGenerate, Ppermute, stage_view
 from ir.retype import reinfer
 from ir.types import Dim, TensorType
 from passes.base import Pass, PassResult
+from passes.pipeline_generate import generation_entry
 from passes.registry import register
 
 STAGE_AXIS = "stage"
@@ -83,6 +84,11 @@ class PipelineStages(Pass):
     axis: str = STAGE_AXIS
     prefill: int = 1
     decode: int = 1
+    #: > 0: the decode entry makes this many tokens per row in one call, with the pipeline kept
+    #: full across tokens (passes/pipeline_generate.py); 0: one token's logits per call.
+    tokens: int = 0
+    #: With ``tokens``: every row is greedy (the program leaves out the sampling branch).
+    greedy: int = 0
     name = "pipeline-stages"
     summary = "layer stack -> contiguous stages over a stage mesh axis, micro-batched, ppermute between stages"
     runs_after = ("shard", "insert-collectives", "cleanup", "collective-einsum")
@@ -90,6 +96,9 @@ class PipelineStages(Pass):
     def run(self, module: Module) -> PassResult:
         if self.stages < 1:
             raise PassError(f"pipeline-stages needs stages >= 1, got {self.stages}")
+        if self.tokens < 0 or self.greedy not in (0, 1):
+            raise PassError(f"pipeline-stages tokens is >= 0 and greedy 0 or 1; got tokens={self.tokens}, "
+                            f"greedy={self.greedy}")
         if self.prefill < 0 or self.decode < 0:
             raise PassError(f"pipeline-stages micro-batch counts are >= 1, or 0 for auto; got prefill={self.prefill}, "
                             f"decode={self.decode}")
@@ -128,6 +137,10 @@ class PipelineStages(Pass):
             fns[e.name] = self._entry(e, sc, params, m, blocks, stage_fn, staged, fns)
             stats[f"@{e.name} micro-batches"] = m
             stats[f"@{e.name} schedule steps"] = m + self.stages - 1
+            if e.name == "decode" and self.tokens > 0:
+                steps = self._generation(fns, staged)
+                stats["@decode tokens per call"] = self.tokens
+                stats["@decode schedule steps"] = steps
             stats["layers per stage"] = per
             stats["identity layers added"] = pad
         prep = module.prepare
@@ -137,7 +150,7 @@ class PipelineStages(Pass):
         for f in module.functions:
             order.append(fns[f.name])
             if f.entry:
-                order.append(fns[f"{f.name}_stage"])
+                order.extend(fns[n] for n in (f"{f.name}_embed", f"{f.name}_stage", f"{f.name}_head") if n in fns)
         return PassResult(staged.with_functions(order), stats)
 
     def _check_batch(self, e: Function, x: TensorType, m: int, blocks: int, shards: int) -> None:
@@ -201,6 +214,16 @@ class PipelineStages(Pass):
                                      reason=reason))
         ctx = ModuleContext(staged.with_functions([*fns.values()]))
         return reinfer(e.with_ops(ops), params, ctx)
+
+    def _generation(self, fns: dict[str, Function], staged: Module) -> int:
+        """The decode entry as the K-token generation schedule (passes/pipeline_generate.py);
+        returns its schedule length in stage steps."""
+        entry, embed, head = generation_entry(fns["decode"], self.axis, self.stages, self.tokens, bool(self.greedy),
+                                              ModuleContext(staged.with_functions([*fns.values()])))
+        fns[embed.name], fns[head.name] = embed, head
+        fns["decode"] = reinfer(entry, entry.params, ModuleContext(staged.with_functions([*fns.values()])))
+        gen = next(op for op in entry.ops if isinstance(op, PipelineGenerate))
+        return gen.steps(self.stages)
 
     def _prepare(self, prep: Function, staged: Module, fns: dict[str, Function], module: Module) -> Function:
         """@prepare's stacked params take the padded, stage-sharded N of the entries' weights."""
