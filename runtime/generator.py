@@ -9,6 +9,10 @@ the same iteration function, so they give the same tokens.
 Rows of different prompt lengths share one prefill (runtime.model_runner.pack_prompts) and
 then decode each at its own position; each row stops on its own (end-of-sequence token or its
 token budget). Stop strings are text, so they are applied by the caller on the decoded text.
+
+On a mesh with pipeline stages the non-streaming decode is one call that makes every row's
+remaining tokens with the pipeline kept full across them (runtime/pipelined_generate.py); the
+host cuts each row where this loop would have stopped it, so the tokens are the same.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from ir.errors import SpecError
 from runtime.model_runner import ModelRunner, bucket, pack_prompts
+from runtime.pipelined_generate import PipelinedDecode, cut_rows, is_pipelined
 from runtime.sampling import SamplingArrays, SamplingParams, sample
 
 
@@ -85,6 +90,7 @@ class Generator:
         self._iterate: dict[tuple[int, bool, int | None], Callable] = {}
         self._loop: dict[tuple[int, int, bool, int | None], Callable] = {}
         self._compiled: dict[tuple, Callable] = {}  # ahead-of-time compiled, by shape
+        self.pipelined = PipelinedDecode(runner)  # used on meshes with pipeline stages
 
     # ---- compiled pieces -----------------------------------------------------------------
     def prefill_fn(self, batch: int, length: int, greedy: bool = False, context: int | None = None) -> Callable:
@@ -196,6 +202,9 @@ class Generator:
         self._aot(("prefill", B, L, g, ctx), self.prefill_fn(B, L, g, ctx), r.params, caches, tok, tok, samp, z)
         if stream:
             self._aot(("iterate", B, g, ctx), self.iterate_fn(B, g, ctx), r.params, caches, state, samp, eos, z)
+        elif max_new > 1 and is_pipelined(r):  # stages: K tokens per call (runtime/pipelined_generate.py)
+            self._aot(("pipelined", B, max_new - 1, g, ctx), self.pipelined.fn(B, max_new - 1, g, ctx), r.params,
+                      caches, z, z, samp)
         elif max_new > 1:
             self._aot(("loop", B, max_new, g, ctx), self.loop_fn(B, max_new, g, ctx), r.params, caches, state, samp,
                       eos, z)
@@ -244,7 +253,15 @@ class Generator:
             state = (state[0], state[1], jnp.asarray(done), state[3])
         steps: list[float] = []
         t1 = time.perf_counter()
-        if stream is None:
+        if stream is None and not done.all() and max_new > 1 and is_pipelined(r):
+            # stages: every row's remaining tokens in one call, the pipeline kept full across them
+            K = max_new - 1
+            run = self._call(("pipelined", B, K, g, ctx), self.pipelined.fn(B, K, g, ctx))
+            made, caches = run(r.params, caches, state[0], state[1], samp)
+            out = cut_rows(first_h, np.asarray(made), limit, req.eos_ids)
+            dt = time.perf_counter() - t1
+            steps = [dt / K * 1e3]
+        elif stream is None:
             if not done.all():
                 loop = self._call(("loop", B, max_new, g, ctx), self.loop_fn(B, max_new, g, ctx))
                 caches, state, buf = loop(r.params, caches, state, samp, eos, jnp.asarray(limit))

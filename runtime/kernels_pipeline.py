@@ -133,6 +133,9 @@ def _pipeline_generate(op, xs, ts, be, interp):
     return (out, *upd)
 
 
+_JITTED: dict = {}
+
+
 @rule("sample")
 def _sample(op, xs, ts, be, interp):
     """runtime/sampling.py's token choice on [B, L, V] logits; the numpy backends take the
@@ -141,10 +144,14 @@ def _sample(op, xs, ts, be, interp):
     B, L, V = logits.shape
     if be.xp is np and (op.greedy or not np.any(temp > 0)):
         return (np.argmax(logits, axis=-1).astype(np.int32),)
+    import jax
     import jax.numpy as jnp
     from jax import lax
 
     from runtime.sampling import sample
+
+    if be.xp is np:  # eager calls: one compiled sampler, not a trace per call
+        sample = _JITTED.setdefault("sample", jax.jit(sample, static_argnames="greedy_only"))
 
     def rows(a):
         return jnp.repeat(jnp.asarray(a), L, axis=0)
