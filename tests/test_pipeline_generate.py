@@ -171,3 +171,24 @@ def test_generation_program_needs_stages() -> None:
 
     with pytest.raises(SpecError, match="stage axis"):
         module_for(_spec("x=2"), "generate", 4, 3, CTX)
+
+
+@pytest.mark.slow  # ~40 s of XLA compile, cold
+def test_generator_on_stages_gives_the_one_device_tokens(tmp_path) -> None:
+    """`generate --mesh stage=..`'s loop (JAX): greedy and sampled rows of different prompt
+    lengths, budgets and a stop id give one device's tokens, made by one K-token call."""
+    from compiler.generation import make_runner
+    from gen_helpers import PROMPTS, tiny
+    from runtime.generator import GenerateRequest, Generator
+    from runtime.sampling import SamplingParams
+
+    llama = tiny("llama", tmp_path)
+    prompts = [PROMPTS[i % len(PROMPTS)][: 3 + i] for i in range(8)]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.9, top_k=(0, 8)[i % 2], seed=i) for i in range(8)]
+    budgets = [9, 9, 3, 9, 1, 9, 6, 9]
+    want = llama.gen.generate(GenerateRequest.of(prompts, params, budgets, (7,)))
+    spec = apply_overrides(llama.spec, mesh="stage=4,x=2", ffn="1d-ws", attn="heads")
+    gen = Generator(make_runner(spec, llama.weights, 64, batch=8))
+    got = gen.generate(GenerateRequest.of(prompts, params, budgets, (7,)))
+    assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+    assert list(gen.pipelined.steps.values()) == [(9 - 2) * 4 + 4 + 4 - 1]  # one call made all 8 tokens per row
