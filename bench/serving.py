@@ -120,7 +120,7 @@ def warm_up(kernels, runner, slots: int, args: argparse.Namespace, max_prompt: i
 
     from runtime.model_runner import pack_prompts
     from runtime.serving.engine import Engine
-    from runtime.serving.scheduler import prompt_bucket
+    from runtime.serving.scheduler import batch_bucket, prompt_bucket
 
     t0 = time.perf_counter()
     eng = Engine(runner, config_for("fused", slots, args), kernels=kernels)
@@ -146,12 +146,18 @@ def warm_up(kernels, runner, slots: int, args: argparse.Namespace, max_prompt: i
                                                     np.full(B, S, np.int32), *samp(B), np.full(B, L, np.int32))
     C = args.chunk
     if C and C < max_prompt and "fused-chunked" in args.schedulers:
-        for B in batches:
-            if B * C > args.step_tokens and B > 1:
-                break
-            nxt, eng.caches = kernels.chunk(B, C)(runner.params, eng.caches, np.full(B, S, np.int32),
-                                                  np.zeros((B, C), np.int32), np.tile(np.arange(C, dtype=np.int32), (B, 1)),
-                                                  *samp(B), np.full(B, C, np.int32))
+        # Dynamic SplitFuse: a chunk of the whole budget alone, or of budget - w beside a w-row window
+        R = batch_bucket(1, runner.valid_batch, S)
+
+        def chunk_args(c):
+            return (np.full(R, S, np.int32), np.zeros((R, c), np.int32),
+                    np.tile(np.arange(c, dtype=np.int32), (R, 1)), *samp(R), np.full(R, c, np.int32))
+
+        nxt, eng.caches = kernels.chunk(R, C)(runner.params, eng.caches, *chunk_args(C))
+        for w in eng.table.widths:
+            W = w * eng.table.groups
+            *_, eng.caches = kernels.mixed(w, R, C - w)(runner.params, eng.caches, np.zeros(W, np.int32),
+                                                        np.zeros(W, np.int32), *samp(W), *chunk_args(C - w))
     eng.caches = kernels.compact()(eng.caches, np.arange(S, dtype=np.int32))
     jax.block_until_ready(eng.caches)
     return time.perf_counter() - t0
@@ -191,7 +197,8 @@ def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], 
     c = eng.metrics.counters
     r.useful_row_fraction = c["einshard_decode_useful_rows_total"] / max(c["einshard_decode_rows_total"], 1)
     r.compactions = int(c["einshard_compactions_total"])
-    prefill_rows = max((k[1] for k in kernels._cache if k[0] in ("prefill", "chunk")), default=0)
+    prefill_rows = max((k[2] if k[0] == "mixed" else k[1] for k in kernels._cache if k[0] in ("prefill", "chunk", "mixed")),
+                       default=0)
     r.kv_peak_bytes = sum(x.nbytes for x, _ in cache_leaves(eng.caches)) + (runner.cache_bytes(prefill_rows) if prefill_rows else 0)
     return r
 
@@ -289,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS)
     ap.add_argument("--traces", nargs="+", default=["poisson", "constant", "fixed"],
                     choices=["poisson", "constant", "fixed"])
-    ap.add_argument("--chunk", type=int, default=64, help="chunk length of fused-chunked")
+    ap.add_argument("--chunk", type=int, default=64,
+                    help="fused-chunked: tokens of one forward (decode rows + a prompt chunk of the rest)")
     ap.add_argument("--step-tokens", type=int, default=1024)
     ap.add_argument("--min-bucket", type=int, default=16,
                     help="shortest prefill length (prompts are padded to a power of two at least this)")

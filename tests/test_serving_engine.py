@@ -118,7 +118,8 @@ def check_trace(model: Model, cfg: SchedulerConfig, trace) -> Engine:
 
 
 configs = st.builds(SchedulerConfig, slots=st.sampled_from([2, 4]), compact=st.booleans(),
-                    chunk=st.sampled_from([0, 8]), step_tokens=st.sampled_from([16, 2048]))
+                    chunk=st.sampled_from([0, 8, 16]), step_tokens=st.sampled_from([16, 2048]),
+                    policy=st.sampled_from(["fused", "fused", "static"]))
 
 
 def test_one_mixed_trace_equals_generated_alone(one_device):
@@ -185,6 +186,18 @@ def test_chunked_prefill_is_one_forward_with_the_decodes(one_device):
     assert mixed == [("mixed", (2, 1, 6))] * 5
     c = engine.metrics.counters
     assert c["einshard_fused_chunk_steps_total"] == 5 and c["einshard_prompt_tokens_total"] == 3 + 27
+
+
+@pytest.mark.slow
+def test_chunked_prefill_in_one_forward_on_8_devices(eight_devices):
+    """The same on 16 slots sharded over 8 devices: the chunk rows are the smallest batch the
+    layout takes (8, one per device), beside 1 or 2 decode rows per device."""
+    rng = np.random.default_rng(7)
+    trace = [(t, request(i, rng.integers(0, 128, n), temp, 0, 1.0, i, m))
+             for i, (t, n, temp, m) in enumerate([(0, 4, 0.0, 12), (0, 22, 0.7, 5), (1, 17, 0.0, 6),
+                                                   (3, 2, 1.5, 9), (4, 30, 0.0, 4)])]
+    engine = check_trace(eight_devices, SchedulerConfig(slots=16, chunk=8), trace)
+    assert engine.metrics.counters["einshard_fused_chunk_steps_total"] > 0
 
 
 def test_a_chunk_budget_must_leave_room_beside_the_decode_rows(one_device):
