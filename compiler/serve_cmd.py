@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from compiler.multiprocess import add_multiprocess_args
 
     add_multiprocess_args(p)
+    from compiler.offload import add_offload_args
+
+    add_offload_args(p)
     s = p.add_argument_group("engine")
     s.add_argument("--slots", type=int, help="KV slots = requests decoded together "
                    f"(default: what {DEFAULT_KV_BUDGET >> 30} GiB of KV cache holds, at most {MAX_DEFAULT_SLOTS})")
@@ -43,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fused: temporal fusion (default); static: FasterTransformer-style batches")
     s.add_argument("--no-compact", dest="compact", action="store_false",
                    help="mask finished slots in place instead of compacting the live ones")
-    s.add_argument("--chunk", type=int, default=0, help="chunked prefill: prompt chunk length, a power of two (0: off)")
+    s.add_argument("--chunk", type=int, default=0, help="chunked prefill (Dynamic SplitFuse): tokens of one forward per device, the decode rows "
+                   "plus a chunk of a longer prompt; a power of two above the slots per device (0: off)")
     s.add_argument("--step-tokens", type=int, default=2048, help="token budget of one iteration / one admission prefill")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get HTTP 503")
     s.add_argument("--no-warmup", dest="warmup", action="store_false", help="open the port before compiling")
@@ -52,17 +56,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = None, ffn: str | None = None,
                attn: str | None = None, weights: str | None = None, sets: tuple[str, ...] = (), context: int = 1024,
                slots: int | None = None, devices: int | None = None,
-               process: argparse.Namespace | None = None) -> tuple[Any, Any, Any, int]:
+               process: argparse.Namespace | None = None,
+               offload: argparse.Namespace | None = None) -> tuple[Any, Any, Any, int]:
     """(spec, runner, tokenizer, slots) for a checkpoint: its model (checked against ``spec``
     when given), the layout the overrides give, weights on device, and the slot count (given,
     or what the KV budget holds). Loading is ``einshard generate``'s (compiler.generate_cmd);
-    ``process`` carries the multi-process flags (compiler.multiprocess), if any."""
+    ``process`` carries the multi-process flags (compiler.multiprocess), if any; ``offload`` the
+    offload flags (compiler.offload): a streamed runner (disk) or pinned-host weights (host)."""
     from compiler.generate_cmd import load
     from compiler.multiprocess import MULTIPROCESS_DESTS
 
     mp = {d: getattr(process, d, None) for d in MULTIPROCESS_DESTS} if process is not None else {}
+    mode = getattr(offload, "offload", None)
     ld = load(argparse.Namespace(checkpoint=checkpoint, spec=spec, mesh=mesh, ffn=ffn, attn=attn, weights=weights,
-                                 sets=list(sets), devices=devices, **mp))
+                                 sets=list(sets), devices=devices, **mp), with_weights=mode != "disk")
     from compiler.generation import make_runner  # JAX only now: load() has set up the devices
 
     m = ld.spec.model
@@ -71,7 +78,16 @@ def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = 
         slots = 1
         while slots * 2 <= MAX_DEFAULT_SLOTS and slots * 2 * per_slot <= DEFAULT_KV_BUDGET:
             slots *= 2
-    runner = make_runner(ld.spec, ld.weights, context, batch=slots)
+    if mode == "disk":
+        from compiler.offload import disk_runner
+
+        runner = disk_runner(offload, ld, context, slots)
+    elif mode == "host":
+        from compiler.offload import host_runner
+
+        runner = host_runner(ld, context, slots)
+    else:
+        runner = make_runner(ld.spec, ld.weights, context, batch=slots)
     return ld.spec, runner, ld.tokenizer, slots
 
 
@@ -85,9 +101,13 @@ def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
         SchedulerConfig(slots=args.slots or 1, policy=args.policy, chunk=args.chunk, max_queue=args.max_queue)
     except ValueError as e:  # before minutes of loading
         raise SpecError(str(e)) from None
+    from compiler.offload import check_offload_args
+
+    check_offload_args(args)
     spec, runner, tok, slots = load_model(args.checkpoint, spec=args.spec, mesh=args.mesh, ffn=args.ffn, attn=args.attn,
                                           weights=args.weights, sets=tuple(args.sets), context=args.context,
-                                          slots=args.slots, devices=args.devices, process=args)
+                                          slots=args.slots, devices=args.devices, process=args,
+                                          offload=args)
     from runtime.sampling import SamplingParams
     from runtime.serving.async_engine import AsyncEngine
     from runtime.serving.engine import Engine
@@ -99,7 +119,13 @@ def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
                               step_tokens=args.step_tokens, max_queue=args.max_queue)
     except ValueError as e:
         raise SpecError(str(e)) from None
-    engine = Engine(runner, cfg, pad_token=tok.eos_token_ids[0] if tok.eos_token_ids else 0)
+    kernels = None
+    if args.offload == "disk":  # layers streamed from the store: host-looped programs
+        from runtime.sampling import sample
+        from runtime.serving.kernels_streamed import StreamedKernels
+
+        kernels = StreamedKernels(runner, slots, 1, sample)
+    engine = Engine(runner, cfg, pad_token=tok.eos_token_ids[0] if tok.eos_token_ids else 0, kernels=kernels)
     if args.warmup:
         engine.submit(Request("warmup", (tok.bos_token_id or 0,), SamplingParams(), 2))
         engine.run()
