@@ -116,8 +116,9 @@ def load(args: argparse.Namespace, need_tokenizer: bool = True, with_weights: bo
     from compiler.generation import weight_types
 
     from runtime.checkpoint import HFCheckpoint
+    from runtime.gguf import GGUFCheckpoint
 
-    if with_weights and group is not None and isinstance(ck, HFCheckpoint):
+    if with_weights and group is not None and isinstance(ck, (HFCheckpoint, GGUFCheckpoint)):
         from runtime.sliced_weights import lazy_weights  # each process reads only its devices' blocks
 
         return Loaded(spec, ck, tok, lazy_weights(ck, spec.model, weight_types(spec)))

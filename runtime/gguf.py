@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from functools import cached_property, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -81,6 +81,50 @@ def _dequantize(t: "ReaderTensor", where: Path, permute_heads: int = 0) -> np.nd
             from None
     arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))
     return unpermute_rows(arr, permute_heads) if permute_heads else arr
+
+
+def read_box(t: "ReaderTensor", where: Path, permute_heads: int,
+             box: tuple[slice, ...]) -> tuple[np.ndarray, int]:
+    """One box (contiguous ranges) of a tensor in its HF shape, float32, and the file bytes read.
+
+    Only the rows of the box are touched, and of each row only the quantization blocks that
+    cover its columns (a block runs along the row, GGUF's contiguous dim): the memory map pages
+    in just those bytes. llama q/k rows are read as whole heads, unpermuted, then cut."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    shape = tuple(int(n) for n in reversed(t.shape))
+    r0, r1, _ = box[0].indices(shape[0])
+    r1 = max(r0, r1)
+    a, b = r0, r1
+    if permute_heads:  # llama.cpp interleaved each head's rows: read whole heads
+        rows_per_head = shape[0] // permute_heads
+        a, b = r0 // rows_per_head * rows_per_head, -(-r1 // rows_per_head) * rows_per_head
+    data = t.data
+    cut: tuple[slice, ...]
+    if len(shape) == 1:  # norms and biases (f32): the range; a quantized one whole
+        raw = data if data.dtype == np.uint8 else data[a:b]
+        first = 0 if data.dtype == np.uint8 else a
+        cut = (slice(r0 - first, r1 - first),)
+    else:
+        c0, c1, _ = (box[1] if len(box) > 1 else slice(None)).indices(shape[1])
+        c1 = max(c0, c1)
+        if data.dtype == np.uint8:  # quantized (or bf16): each row is type_size bytes per block
+            block, size = GGML_QUANT_SIZES[t.tensor_type]
+            k0, k1 = c0 // block, -(-c1 // block)
+            raw, first = data[a:b, k0 * size:k1 * size], k0 * block
+        else:  # f32/f16: one element per column
+            raw, first = data[a:b, c0:c1], c0
+        cut = (slice(r0 - a, r1 - a), slice(c0 - first, c1 - first))
+    from gguf.quants import dequantize
+
+    try:
+        arr = np.asarray(dequantize(np.ascontiguousarray(raw), t.tensor_type), dtype=np.float32)
+    except Exception as e:  # NotImplementedError, or a corrupt block
+        raise WeightsError(f"cannot dequantize GGUF tensor '{t.name}' ({t.tensor_type.name}) in '{where}': {e}") \
+            from None
+    if permute_heads:
+        arr = unpermute_rows(arr, (b - a) // (shape[0] // permute_heads))
+    return arr[cut], int(raw.nbytes)
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -182,8 +226,16 @@ class GGUFCheckpoint(Checkpoint):
 
     def tensor_index(self, model: ModelSpec) -> dict[str, TensorInfo]:
         """HF name → TensorInfo of every tensor in the file (q/k rows unpermuted for llama files)."""
-        permute = self.architecture() == "llama"
         index: dict[str, TensorInfo] = {}
+        for name, t, heads in self._tensors(model):
+            shape = tuple(int(n) for n in reversed(t.shape))
+            index[name] = TensorInfo(self.path, t.tensor_type.name, shape, partial(_dequantize, t, self.path, heads))
+        return index
+
+    def _tensors(self, model: ModelSpec) -> list[tuple[str, "ReaderTensor", int]]:
+        """(HF name, tensor, heads whose q/k rows llama.cpp permuted, else 0) for every tensor."""
+        permute = self.architecture() == "llama"
+        out, names = [], set()
         for t in self.reader.tensors:
             name = hf_name(t.name)
             heads = 0
@@ -191,11 +243,16 @@ class GGUFCheckpoint(Checkpoint):
                 heads = model.heads
             elif permute and name.endswith("self_attn.k_proj.weight"):
                 heads = model.kv_heads
-            if name in index:
+            if name in names:
                 raise WeightsError(f"tensor '{t.name}' appears twice in '{self.path}'")
-            shape = tuple(int(n) for n in reversed(t.shape))
-            index[name] = TensorInfo(self.path, t.tensor_type.name, shape, partial(_dequantize, t, self.path, heads))
-        return index
+            names.add(name)
+            out.append((name, t, heads))
+        return out
+
+    def box_readers(self, model: ModelSpec) -> dict[str, Callable[[tuple[slice, ...]], tuple[np.ndarray, int]]]:
+        """HF name → a reader of one box of that tensor (runtime/sliced_weights.py): each
+        process of a multi-process run reads only the rows and blocks its devices hold."""
+        return {name: partial(read_box, t, self.path, heads) for name, t, heads in self._tensors(model)}
 
     def load_weights(self, model: ModelSpec, types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
         try:

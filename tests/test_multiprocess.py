@@ -131,19 +131,34 @@ def test_every_layout(n, tmp_path, capfd) -> None:
 # ---- generate across processes ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+@pytest.fixture(scope="module", params=["safetensors", "gguf"])
+def tiny_llama(request, tmp_path_factory):
+    """A tiny Llama saved by transformers, or written as a GGUF (every storage type, q/k rows
+    permuted: tests/test_gguf.py) and read back by transformers' GGUF loader for the oracle."""
+    import torch
+    import transformers
+
     from gen_helpers import PROMPTS, hf_greedy, hf_model
 
     d = tmp_path_factory.mktemp("mp-llama")
-    m = hf_model("llama")
-    m.save_pretrained(d)
-    return d, PROMPTS[0], hf_greedy(m, PROMPTS[0], 8)
+    if request.param == "gguf":
+        from test_gguf import _write_tiny_gguf
+
+        _write_tiny_gguf(d / "tiny.gguf", tied=False)
+        m = transformers.AutoModelForCausalLM.from_pretrained(str(d), gguf_file="tiny.gguf",
+                                                              dtype=torch.float32).eval()
+        d = d / "tiny.gguf"
+    else:
+        m = hf_model("llama")
+        m.save_pretrained(d)
+    prompt = [t % 96 for t in PROMPTS[0]]  # inside the GGUF's vocabulary
+    return d, prompt, hf_greedy(m, prompt, 8)
 
 
 def test_launch_generate_equals_transformers(tiny_llama) -> None:
     """Two processes x two devices give transformers' greedy tokens (as one process does:
-    test_generate_cli.py)."""
+    test_generate_cli.py), each process reading only its devices' blocks of the safetensors
+    or GGUF file (runtime/sliced_weights.py)."""
     d, prompt, want = tiny_llama
     r = einshard("launch", "-n", "2", "--", "generate", "--checkpoint", str(d), "--prompt-ids",
                  ",".join(map(str, prompt)), "--max-new-tokens", "8", "--mesh", "x=2,y=2", "--json")

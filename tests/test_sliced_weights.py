@@ -17,16 +17,23 @@ def _load(family: str, tmp_path_factory):
     from gen_helpers import hf_model
 
     d = tmp_path_factory.mktemp(f"sliced-{family}")
-    hf_model(family).save_pretrained(d)
+    if family == "gguf":  # every storage type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), q/k permuted
+        from test_gguf import _write_tiny_gguf
+
+        d = d / "tiny.gguf"
+        _write_tiny_gguf(d, tied=False)
+    else:
+        hf_model(family).save_pretrained(d)
     ck = open_checkpoint(d)
     spec = apply_overrides(Spec(ck.model_spec(), path=str(d)), mesh="x=2,y=2")
     types = weight_types(spec)
     return ck, spec, types, ck.load_weights(spec.model, types)
 
 
-@pytest.fixture(scope="module", params=["llama", "falcon"])
+@pytest.fixture(scope="module", params=["llama", "falcon", "gguf"])
 def ckpt(request, tmp_path_factory):
-    """Llama: every weight a plain tensor (sliced on disk); Falcon: fused qkv (read per layer)."""
+    """Llama: every weight a plain tensor (sliced on disk); Falcon: fused qkv (read per layer);
+    GGUF: rows and quantization blocks of a memory-mapped file."""
     return _load(request.param, tmp_path_factory)
 
 
@@ -67,3 +74,15 @@ def test_a_head_block_reads_only_its_rows(llama, monkeypatch) -> None:
     block = w[:, :, : K // 2]
     assert np.array_equal(block, full["wq"][:, :, : K // 2])
     assert sum(read) == block.size == full["wq"].size // 2
+
+
+def test_a_gguf_head_block_reads_only_its_rows(tmp_path_factory) -> None:
+    """Half of wq's K heads reads half of the quantized q rows (Q4_0 in the tiny file): the bytes
+    counted are the file's, and no other tensor is touched."""
+    ck, spec, types, full = _load("gguf", tmp_path_factory)
+    w = lazy_weights(ck, spec.model, types)["wq"]
+    K = w.shape[2]
+    before = sliced_weights.STATS.bytes
+    assert np.array_equal(w[:, :, : K // 2], full["wq"][:, :, : K // 2])
+    q = [t for t in ck.reader.tensors if t.name.endswith("attn_q.weight")]
+    assert sliced_weights.STATS.bytes - before == sum(int(t.n_bytes) for t in q) // 2
