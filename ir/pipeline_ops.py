@@ -217,4 +217,10 @@ class PipelineGenerate(Op):
 
     def steps(self, stages: int) -> int:
         """Schedule length: every stage runs its bodies this many times per call."""
-        return (self.tokens - 1) * self.slots(stages) + self.microbatches + stages - 1
+        return generate_steps(self.tokens, self.microbatches, stages)
+
+
+def generate_steps(tokens: int, microbatches: int, stages: int) -> int:
+    """Stage steps of ``pipeline_generate``: the last micro-batch's last token leaves the last
+    stage at step (tokens - 1) * max(M, S) + M + S - 2."""
+    return (tokens - 1) * max(microbatches, stages) + microbatches + stages - 1

@@ -192,3 +192,26 @@ def test_generator_on_stages_gives_the_one_device_tokens(tmp_path) -> None:
     got = gen.generate(GenerateRequest.of(prompts, params, budgets, (7,)))
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
     assert list(gen.pipelined.steps.values()) == [(9 - 2) * 4 + 4 + 4 - 1]  # one call made all 8 tokens per row
+
+
+def test_explain_prices_the_schedule_generate_runs() -> None:
+    """explain's decode on stages is per token of the K-token call (fill and drain once per call,
+    the head every step) and `--phase generate` prices its G tokens as that one call."""
+    from compiler.cost.generation import estimate_generation
+    from compiler.cost.hardware import CHIPS
+    from compiler.cost.staging import GENERATE_TOKENS, stage_candidates
+    from ir.pipeline_ops import generate_steps
+
+    a100 = CHIPS["a100-80g"]
+    base = apply_overrides(load_spec(ROOT / "examples" / "mt-nlg-530b.model"), mesh="stage=3,x=8", phase="decode",
+                           batch=64, seq=148, ffn="1d-ws", attn="heads")
+    pp3 = {c.label: c for c in stage_candidates(base, a100, "bound")}["stage=3,x=8"]
+    K = GENERATE_TOKENS
+    assert pp3.gen_steps() == (K - 1) * 3 + 2 + 3 - 1  # M = 2 < S = 3: a bubble slot per round
+    assert pp3.gen_bubble() == pytest.approx(1 - K * 2 / pp3.gen_steps())
+    assert 0 < pp3.head_s < 0.05 * pp3.stage_step_s
+    assert pp3.gen_token_s() == pytest.approx(pp3.gen_steps() * (pp3.stage_step_s + pp3.head_s) / K)
+    assert pp3.gen_token_s() < 0.8 * pp3.estimate.step_time_s  # the one-token call: 4 steps per token
+    g = estimate_generation(base, a100, 128, 20, "bound")
+    assert g.decode_s == pytest.approx(generate_steps(20, 2, 3) * (pp3.stage_step_s + pp3.head_s), rel=1e-6)
+

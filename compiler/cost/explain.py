@@ -25,7 +25,7 @@ from compiler.cost.hardware import Chip, GiB
 from compiler.cost.model import Components, Estimate
 from compiler.cost.moe import expert_rows, format_expert_rows, rows_json
 from compiler.spec import Spec
-from compiler.cost.staging import StageCandidate, fastest_stage, stage_candidates, stage_json
+from compiler.cost.staging import GENERATE_TOKENS, StageCandidate, fastest_stage, stage_candidates, stage_json
 from compiler.stages import inner_mesh
 from passes.pipeline_stages import STAGE_AXIS
 from ir.errors import LayoutError
@@ -239,7 +239,7 @@ def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
     lines = ["", f"{phase}: pipeline candidates ({c0.ffn}/{c0.attn} inside each stage; stage=1 is tensor "
              "parallelism over all chips); times in ms per step",
              f"    {'mesh':18}{'M':>4}{'steps':>6}{'bubble':>8}{'stage-step':>12}{'ppermute':>10}{'step':>11}"
-             f"{'chip-ms/tok':>12}{'GiB/chip':>9}  fits" + (f"{'full':>9}" if phase == "decode" else "")]
+             f"{'chip-ms/tok':>12}{'GiB/chip':>9}  fits" + (f"{'gen/tok':>9}" if phase == "decode" else "")]
     lines.append("  " + "-" * (len(lines[-1]) - 2))
     best = fastest_stage(cands)
     for c in cands:
@@ -251,10 +251,12 @@ def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
         lines.append(f"  {mark} {c.label:18}{c.microbatches:>4}{c.steps:>6}{100 * c.bubble:7.1f}%"
                      f"{_ms(c.stage_step_s):>12}{_ms(c.ppermute_s):>10}{_ms(e.step_time_s):>11}"
                      f"{_sig(e.cost_chip_ms_per_token):>12}{_sig(e.memory.total / 2**30):>9}  "
-                     f"{'yes' if e.fits else 'no ':4}" + (f"{_ms(c.steady_s):>8}" if phase == "decode" else ""))
+                     f"{'yes' if e.fits else 'no ':4}" + (f"{_ms(c.gen_token_s()):>8}" if phase == "decode" else ""))
     if phase == "decode":
-        lines.append("  full: the step with the pipeline kept full across tokens, max(M, S) stage steps "
-                     "(DeepSpeed's generation schedule; einshard's decode calls fill and drain each token)")
+        lines.append(f"  gen/tok: per token as `generate` runs decode on stages, one call of {GENERATE_TOKENS} tokens "
+                     f"per row with the pipeline kept full across them ((K-1) max(M,S) + M + S - 1 stage steps, "
+                     "each a stage body plus the embedding and head); step: one token per call (the serving "
+                     "engine), filling and draining the pipeline every token")
     return lines
 
 

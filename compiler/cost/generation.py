@@ -9,6 +9,9 @@ from P to P + G, each phase with its own automatic layout, and the reshard betwe
   G x the mean of the steps at T = P + 1 and T = P + G (exact for an affine cost; the per-op
   max of the roofline makes it convex, so the mean of the ends is an upper bound). The layout
   is chosen where the cache is largest (T = P + G), the context it must fit.
+* **On pipeline stages** decode is the one call ``generate`` makes: G tokens per row with the
+  pipeline kept full across them (compiler/cost/staging.py ``generation_call_s``), priced at
+  T = P + G (the cache the call is compiled for).
 * **Reshard** between the phases: the paper stores the weights of 2D weight-stationary and of
   every weight-gathered layout alike (E over X, F / heads over YZ), so switching between them
   moves no weights; 1D-WS stores them otherwise, and switching to or from it moves all of a
@@ -27,7 +30,9 @@ from dataclasses import dataclass, replace
 from compiler.cost.autolayout import Candidate, evaluate
 from compiler.cost.efficiency import efficiency_for
 from compiler.cost.hardware import Chip
+from compiler.cost.staging import generation_call_s, schedule_of
 from compiler.spec import Spec
+from passes.pipeline_stages import STAGE_AXIS
 from ir.errors import CostError, SpecError
 
 
@@ -144,9 +149,16 @@ def estimate_generation(spec: Spec, chip: Chip, prompt_len: int, new_tokens: int
         raise CostError(f"decode at context {prompt_len + 1}: {dec.ffn}/{dec.attn} is illegal: {first.illegal}")
     mean_step = (first.est.step_time_s + dec.est.step_time_s) / 2
     de = dec.est
+    decode_s = new_tokens * mean_step
+    if STAGE_AXIS in spec.mesh.names:
+        # on stages `generate` makes the tokens in one call, the pipeline kept full across them
+        kept = evaluate(end, chip, (dec.ffn,), (dec.attn,), keep_modules=True, model=model).candidates[0]
+        if kept.module is not None and schedule_of(kept.module, "decode")[0] > 1:
+            decode_s = generation_call_s(kept.module, kept.est, new_tokens)
+            mean_step = decode_s / new_tokens
     decode = PhaseChoice(dec.ffn, dec.attn, mean_step, de.memory.total, de.fits)
     return GenerationEstimate(s.batch, prompt_len, new_tokens, pe.n_devices, pe.n_params, pe.peak_flops, prefill,
-                              decode, pe.step_time_s, new_tokens * mean_step, reshard_seconds(chip, model, pre, dec),
+                              decode, pe.step_time_s, decode_s, reshard_seconds(chip, model, pre, dec),
                               model)
 
 

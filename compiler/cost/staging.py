@@ -6,7 +6,10 @@ the layer count and at most 8) is compiled with the spec's layout inside each st
 by the cost model: the schedule (micro-batches M, M + S - 1 steps, bubble fraction (S - 1) /
 (M + S - 1) of every chip's time), one stage's time per step, the ppermute between stages (over
 the host links when stages span hosts: hardware.py ``crosses_hosts``), the whole step, memory,
-and for decode the step with the pipeline kept full across tokens (``steady_s``).
+and for decode the time per token of the schedule ``generate`` runs (``gen_token_s``): one call
+that makes K tokens per row with the pipeline kept full across them (``pipeline_generate``,
+passes/pipeline_generate.py), (K - 1) max(M, S) + M + S - 1 stage steps, each a stage body
+plus the embedding and the head, which every stage runs (SPMD) while stage 0's result is kept.
 S = 1 is plain tensor parallelism over all the chips, priced the same way beside them.
 """
 
@@ -23,12 +26,15 @@ from compiler.spec import MeshSpec, Spec
 from compiler.stages import inner_mesh
 from ir.errors import LayoutError
 from ir.module import Module
-from ir.pipeline_ops import Pipeline
+from ir.pipeline_ops import Pipeline, generate_steps
 from passes.ledger import repeats_of
 from passes.pipeline_stages import STAGE_AXIS
 
 #: Largest stage count explain lists (more stages than this only add bubbles at these scales).
 MAX_STAGES = 8
+#: Tokens per row of the ``generate`` call explain prices decode on stages at (the CLI's default
+#: ``--new-tokens``): the fill and drain of the pipeline are paid once per call.
+GENERATE_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class StageCandidate:
     stage_step_s: float = 0.0  # one stage's body once (its layers on one micro-batch, then the ppermute)
     ppermute_s: float = 0.0  # all the step's ppermutes on one chip
     illegal: str = ""
+    head_s: float = 0.0  # the embedding, final norm, logits and their collectives once (one micro-batch each)
 
     @property
     def steps(self) -> int:
@@ -52,14 +59,24 @@ class StageCandidate:
         """Fraction of every chip's schedule spent on steps without a real micro-batch."""
         return (self.stages - 1) / self.steps
 
-    @property
-    def steady_s(self) -> float:
-        """Decode with the pipeline kept full across tokens (DeepSpeed's generation schedule: a
-        micro-batch's next token enters stage 0 as its last one leaves the last stage): a token
-        for every row each max(M, S) stage steps. einshard's decode entry is one token per call,
-        so it fills and drains every call (``estimate.step_time_s``); this is what overlapping
-        consecutive calls would reach."""
-        return max(self.microbatches, self.stages) * self.stage_step_s
+    def gen_steps(self, tokens: int = GENERATE_TOKENS) -> int:
+        """Stage steps of ``generate``'s call that makes ``tokens`` tokens per row."""
+        return generate_steps(tokens, self.microbatches, self.stages)
+
+    def gen_token_s(self, tokens: int = GENERATE_TOKENS) -> float:
+        """Decode time per token (every row) as ``generate`` runs it on stages: one call of
+        :meth:`gen_steps` steps, each a stage body and, on every stage, the embedding and head
+        (DeepSpeed's generation schedule: a micro-batch's next token enters stage 0 as its last
+        one leaves the last stage). Without stages, the one-token step."""
+        if self.estimate is None:
+            return 0.0
+        if self.stages == 1:
+            return self.estimate.step_time_s
+        return self.gen_steps(tokens) * (self.stage_step_s + self.head_s) / tokens
+
+    def gen_bubble(self, tokens: int = GENERATE_TOKENS) -> float:
+        """Fraction of the K-token call's stage steps without a real micro-batch."""
+        return 1 - tokens * self.microbatches / self.gen_steps(tokens)
 
     @property
     def label(self) -> str:
@@ -86,6 +103,24 @@ def schedule_of(module: Module, entry: str) -> tuple[int, int]:
         if isinstance(op, Pipeline):
             return module.mesh_sizes[op.axis], op.microbatches
     return 1, 1
+
+
+def head_seconds(module: Module, est: Estimate) -> float:
+    """The entry's own ops once, but the all_reduce that hands the last stage's activations to
+    every stage: the embedding, final norm, logits and their collectives of one call. The
+    generation schedule runs them every step on one micro-batch; at decode batches they are
+    bound by reading the output embedding, which does not shrink with the rows, so the whole
+    batch's time is the price (an upper bound)."""
+    entry = module.entries[0]
+    handoff = {op.result for op in entry.ops if op.kind == "all_reduce" and STAGE_AXIS in op.axes}
+    return sum(o.time_s for o in est.ops if o.function == entry.name and o.value not in handoff)
+
+
+def generation_call_s(module: Module, est: Estimate, tokens: int) -> float:
+    """Seconds of ``generate``'s call that makes ``tokens`` tokens per row on stages, from the
+    priced one-token decode module: its schedule's steps, each a stage body plus the head."""
+    stages, m = schedule_of(module, module.entries[0].name)
+    return generate_steps(tokens, m, stages) * (price_stages(module, est)[0] + head_seconds(module, est))
 
 
 def price_stages(module: Module, est: Estimate) -> tuple[float, float]:
@@ -119,7 +154,7 @@ def stage_candidates(spec: Spec, chip: Chip, model: str = "calibrated") -> list[
         est = price(module, chip, nominal_params(m0), eff, s.overlap)
         stage_s, perm_s = price_stages(module, est)
         out.append(StageCandidate(mesh, ffn, attn, stages, schedule_of(module, module.entries[0].name)[1], est,
-                                  stage_s, perm_s))
+                                  stage_s, perm_s, head_s=head_seconds(module, est) if stages > 1 else 0.0))
     return out
 
 
@@ -136,7 +171,7 @@ def stage_json(c: StageCandidate) -> dict:
         return d
     e = c.estimate
     d.update(microbatches=c.microbatches, steps=c.steps, bubble=c.bubble, stage_step_s=c.stage_step_s,
-             steady_step_s=c.steady_s,
+             generate_tokens=GENERATE_TOKENS, generate_steps=c.gen_steps(), generate_token_s=c.gen_token_s(),
              ppermute_s=c.ppermute_s, step_time_s=e.step_time_s, cost_chip_ms_per_token=e.cost_chip_ms_per_token,
              memory_per_chip_bytes=e.memory.total, fits=e.fits)
     return d
