@@ -197,8 +197,8 @@ def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], 
     c = eng.metrics.counters
     r.useful_row_fraction = c["einshard_decode_useful_rows_total"] / max(c["einshard_decode_rows_total"], 1)
     r.compactions = int(c["einshard_compactions_total"])
-    prefill_rows = max((k[2] if k[0] == "mixed" else k[1] for k in kernels._cache if k[0] in ("prefill", "chunk", "mixed")),
-                       default=0)
+    prefill_rows = max((k[2] if k[0] == "mixed" else k[1] for k in kernels._cache
+                        if k[0] in ("prefill", "chunk", "mixed")), default=0)
     r.kv_peak_bytes = sum(x.nbytes for x, _ in cache_leaves(eng.caches)) + (runner.cache_bytes(prefill_rows) if prefill_rows else 0)
     return r
 
@@ -310,7 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--url", help="replay over HTTP against a live `einshard serve` instead")
     ap.add_argument("--model", help="with --url: the model id to send")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="report (table, --json, --plot) the runs of earlier --json files together; runs nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        loaded = [json.loads(f.read_text()) for f in args.merge]
+        merged = [RunResult(**r) for d in loaded for r in d["runs"]]
+        c = loaded[0]["config"]
+        report(merged, args, f"{Path(c['checkpoint']).name}: {c['requests']} requests, {c['slots']} slots")
+        return 0
     if args.small:
         args.requests, args.slots, args.context = min(args.requests, 16), 4, 64
         args.prompt_len, args.output_len, args.fixed_output, args.chunk, args.step_tokens = (2, 24), (2, 24), 12, 8, 64
@@ -398,12 +406,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:  # after every run, so a long matrix stopped early keeps what it measured
                 write_json(args, runs)
 
+    report(runs, args, f"{'http' if args.url else name}: {args.requests} requests, {args.slots} slots")
+    return 0
+
+
+def report(runs: list[RunResult], args: argparse.Namespace, title: str) -> None:
+    """The table, ``--json``, ``--plot`` and the closing X / Y line."""
     print()
     print(table(runs))
     if args.json:
         write_json(args, runs)
     if args.plot:
-        plot(runs, args.plot, f"{'http' if args.url else name}: {args.requests} requests, {args.slots} slots")
+        plot(runs, args.plot, title)
     near = {r.scheduler: r for r in runs if r.trace == "poisson-near-saturation"}
     if "static" in near and "fused-compact" in near:
         x = near["fused-compact"].throughput_tok_s / near["static"].throughput_tok_s
@@ -414,7 +428,6 @@ def main(argv: list[str] | None = None) -> int:
         r = next(iter(near.values()))
         print(f"near saturation ({r.rate:.2f} requests/s): {r.scheduler} throughput {r.throughput_tok_s:.1f} tok/s, "
               f"mean latency {r.latency_mean_s:.2f} s (no static run to form a ratio)")
-    return 0
 
 
 if __name__ == "__main__":
