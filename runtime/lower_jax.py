@@ -22,7 +22,8 @@ from ir.errors import LoweringError
 from ir.module import Function, Module
 from ir.types import TensorType
 from runtime.distributed import global_array, is_lazy, to_host
-from runtime.kernels import Interpreter
+from runtime.kernels import RULES, Interpreter
+from runtime.projections import Layouts, Sources, permute_spec, projection
 
 JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16,
               "i32": jnp.int32, "i8": jnp.int8, "bool": jnp.bool_}
@@ -31,9 +32,15 @@ JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16
 class JaxBackend:
     xp = jnp
 
-    def __init__(self, precision: Any = lax.Precision.HIGHEST, mesh: dict[str, int] | None = None):
+    def __init__(self, precision: Any = lax.Precision.HIGHEST, mesh: dict[str, int] | None = None,
+                 upcast: bool | None = None):
         self.precision = precision
         self.mesh = dict(mesh or {})
+        #: stored [out, in] weights and dequantized int8 weights met while tracing (projections.py)
+        self.sources = Sources()
+        #: bf16 projections multiply in f32 (XLA's CPU bf16 dot is 2-7x slower than f32's, and
+        #: the bf16 -> f32 convert fuses into an [out, in] weight's dot); default: on CPU
+        self.upcast = jax.default_backend() == "cpu" if upcast is None else upcast
 
     def erf(self, x):
         return jax.scipy.special.erf(x)
@@ -43,16 +50,29 @@ class JaxBackend:
         return cache.at[b, pos].set(new)
 
     def einsum(self, spec, *xs):
-        """A projection ``PC,CQ->PQ`` (the contracted letters trailing in one operand and leading
-        in the other) becomes a 2-D matmul between reshapes. Given as a multi-dim einsum, XLA's
-        CPU layout assignment sometimes transposes the weight instead of the activation (a full
-        copy of e.g. the attention output projection on every decode step)."""
-        mm = _as_matmul(spec, xs)
-        if mm is not None:
-            (p, c, q), (x, w) = mm, xs
-            y = jnp.matmul(x.reshape(p[0], c), w.reshape(c, q[0]), precision=self.precision)
-            return y.reshape(p[1] + q[1])
-        return jnp.einsum(spec, *xs, precision=self.precision)
+        """A projection ``PC,CQ->PQ`` or ``PC,QC->PQ`` becomes a 2-D matmul between reshapes.
+        Given as a multi-dim einsum, XLA's CPU layout assignment sometimes transposes the weight
+        instead of the activation (a full copy of e.g. the attention output projection on every
+        decode step). A weight stored ``[out, in]`` (runtime/projections.py) is read as stored,
+        an int8 one with its convert inside the dot and its scales on the product's columns."""
+        pr = projection(spec, xs[0].shape, xs[1].shape) if len(xs) == 2 else None
+        if pr is None:
+            return jnp.einsum(spec, *xs, precision=self.precision)
+        x, w = xs
+        out = jnp.result_type(x.dtype, w.dtype)
+        ct = jnp.float32 if self.upcast and out == jnp.bfloat16 else out
+        x2 = x.reshape(pr.p[0], pr.c).astype(ct)
+        src = None if pr.out_in else self.sources.out_in(w, pr.n)
+        if pr.out_in:
+            y = jnp.matmul(x2, w.reshape(pr.q[0], pr.c).astype(ct).T, precision=self.precision)
+        elif src is not None:
+            stored, scale = src
+            y = jnp.matmul(x2, stored.reshape(pr.q[0], pr.c).astype(ct).T, precision=self.precision)
+            if scale is not None:
+                y = y * scale.reshape(pr.q[0]).astype(ct)
+        else:
+            y = jnp.matmul(x2, w.reshape(pr.c, pr.q[0]).astype(ct), precision=self.precision)
+        return y.astype(out).reshape(pr.p[1] + pr.q[1])
 
     def top_k(self, x, k):
         return lax.top_k(x, k)
@@ -146,22 +166,6 @@ class JaxBackend:
         return lax.fori_loop(lo, hi, body, init) if hi > lo else init
 
 
-def _as_matmul(spec: str, xs: tuple) -> tuple | None:
-    """((P, P dims), C, (Q, Q dims)) when ``spec`` is ``PC,CQ->PQ`` over two operands with
-    letters in that order (no batch or summed-away letters), else None."""
-    ins, out = spec.split("->")
-    parts = ins.split(",")
-    if len(parts) != 2 or len(xs) != 2:
-        return None
-    a, b = parts
-    n = next((k for k in range(len(b), 0, -1) if a.endswith(b[:k])), 0)
-    if n == 0 or out != a[: len(a) - n] + b[n:] or len(set(a + b)) != len(a) + len(b) - n:
-        return None
-    x, w = xs
-    pd, qd = tuple(x.shape[: x.ndim - n]), tuple(w.shape[n:])
-    return (int(np.prod(pd, dtype=np.int64)), pd), int(np.prod(w.shape[:n], dtype=np.int64)), (int(np.prod(qd, dtype=np.int64)), qd)
-
-
 def partition_spec(t: TensorType) -> PartitionSpec:
     """The PartitionSpec of a (non-partial) type: one entry per dim, major axes first."""
     return PartitionSpec(*[None if not d.axes else d.axes[0] if len(d.axes) == 1 else tuple(d.axes)
@@ -214,7 +218,7 @@ def _spec(t: TensorType, split: bool) -> PartitionSpec:
 
 
 def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
-                  split_layers: bool = False) -> tuple[Any, Mesh | None]:
+                  split_layers: bool = False, stored: Layouts | None = None) -> tuple[Any, Mesh | None]:
     """The traceable (not jitted) program of one entry, positional in its params, and its mesh.
     On a mesh of more than one device the function runs inside ``jax.shard_map`` on per-device
     blocks, with the in/out specs read off the param and result types (``check_vma`` on).
@@ -222,12 +226,23 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
 
     ``split_layers``: per-layer params (weights, KV caches; see :func:`layer_split`) are taken,
     and per-layer results returned, as lists of N arrays, and the layer loop is unrolled over
-    them, so no layer's weights or cache are sliced out of (and copied from) a stacked array."""
+    them, so no layer's weights or cache are sliced out of (and copied from) a stacked array.
+
+    ``stored``: weights passed in another physical layout, ``stored = logical.transpose(perm)``
+    per param (runtime/projections.py: projection weights ``[out, in]``)."""
     fn = module.function(entry)
     be = backend or JaxBackend(mesh=module.mesh_sizes)
-    interp = Interpreter(module, be)
+    interp = Interpreter(module, be, {**RULES, "dequantize": _noted_dequantize})
+    layouts = dict(stored or {})
+
+    def restore(a, perm):
+        if perm is None:
+            return a
+        return [be.sources.restore(x, perm, jnp) for x in a] if isinstance(a, list) else be.sources.restore(a, perm, jnp)
 
     def program(*args):
+        if layouts:
+            args = tuple(restore(a, layouts.get(p.name)) for p, a in zip(fn.params, args))
         return interp.call(fn, args)
 
     mesh = make_mesh(module)
@@ -241,11 +256,21 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
         # modules with such loops run with check_vma off.
         # A pipeline schedule (runtime/kernels_pipeline.py) carries stage-varying values through its
         # loop from invariant zeros: likewise unchecked.
-        looped = any(op.kind in ("collective_einsum", "pipeline", "pipeline_generate") for f in module.functions for op in f.ops)
-        program = jax.shard_map(program, mesh=mesh, in_specs=tuple(_spec(p.type, split_layers) for p in fn.params),
+        looped = any(op.kind in ("collective_einsum", "pipeline") for f in module.functions for op in f.ops)
+        program = jax.shard_map(program, mesh=mesh, in_specs=tuple(permute_spec(_spec(p.type, split_layers), layouts.get(p.name))
+                                                                   for p in fn.params),
                                 out_specs=tuple(_spec(t, split_layers) for t in fn.result_types),
                                 check_vma=not looped)
     return program, mesh
+
+
+def _noted_dequantize(op, xs, ts, be, interp):
+    """The shared dequantize rule, with the result remembered as ``q * scale`` (for the
+    projection that reads it: JaxBackend.einsum)."""
+    out = RULES["dequantize"](op, xs, ts, be, interp)
+    if not op.segments and isinstance(be, JaxBackend):
+        be.sources.dequantized(out[0], xs[0], xs[1], op.reduce, ts[0].names)
+    return out
 
 
 def lower_entry(module: Module, entry: str, backend: JaxBackend | None = None) -> JaxEntry:

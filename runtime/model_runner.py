@@ -27,6 +27,7 @@ from ir.module import Function, Module
 from runtime.distributed import global_array, is_lazy
 from runtime.generate import prepared_weights
 from runtime.lower_jax import JNP_DTYPES, JaxExecutor, _spec, entry_program, layer_split
+from runtime.projections import Layouts, out_in_layouts, permute_spec, transpose_host
 
 class BuildFn(Protocol):
     """build(phase, batch, length, context) -> the compiled module with that one entry
@@ -122,6 +123,10 @@ class ModelRunner:
     #: where the prepared weights are placed (params, the entry) -> params
     backend: Any = None
     place: Callable[[dict, Function], dict] | None = None
+    #: keep projection weights [out, in] on device (runtime/projections.py); the layouts chosen
+    #: at the first compiled shape hold for every shape, as the weights do
+    out_in: bool = True
+    layouts: Layouts = field(default_factory=dict)
 
     def context_for(self, positions: int) -> int:
         """The compiled KV-cache length for a request that writes ``positions`` positions: the
@@ -154,13 +159,17 @@ class ModelRunner:
             raise SpecError(f"a prefill of {length} tokens does not fit the KV cache of {ctx} positions")
         module = self.build(phase, batch, length, ctx)
         fn = module.function(phase)
-        program, mesh = entry_program(module, phase, self.backend, split_layers=self.split_layers)
+        if self._signature is None and self.out_in and jax.process_count() == 1:
+            self.layouts = out_in_layouts(module, phase, self.split_layers)
+        program, mesh = entry_program(module, phase, self.backend, split_layers=self.split_layers,
+                                      stored=self.layouts)
         self.mesh = mesh
         weight_names = tuple(p.name for p in fn.params_with_role("weight"))
         sig = tuple((p.name, str(p.type)) for p in fn.params_with_role("weight"))
         if self._signature is None:
             host = prepared_weights(JaxExecutor(module), self.weights)  # through @prepare, once
-            self.params = {p.name: _put(host[p.name], p.type, mesh, self.split_layers) for p in fn.params_with_role("weight")}
+            self.params = {p.name: _put(host[p.name], p.type, mesh, self.split_layers, self.layouts.get(p.name))
+                           for p in fn.params_with_role("weight")}
             if self.place is not None:
                 self.params = self.place(self.params, fn)
             self._signature = sig
@@ -210,22 +219,24 @@ def _np_dtype(dtype: str) -> Any:
     return jnp.dtype(JNP_DTYPES[dtype])
 
 
-def _put(a: Any, t: Any, mesh: Any, split: bool = True) -> Any:
+def _put(a: Any, t: Any, mesh: Any, split: bool = True, perm: tuple[int, ...] | None = None) -> Any:
     """A host array onto the device(s), as the param type lays it out; a per-layer (N-stacked)
-    value becomes a list of N arrays (see runtime.lower_jax.entry_program's split_layers)."""
+    value becomes a list of N arrays (see runtime.lower_jax.entry_program's split_layers).
+    ``perm``: stored as ``transpose(perm)`` of that (of each layer's array when split)."""
     x = a if is_lazy(a) else np.asarray(a)  # a lazy weight is read block by block in _put_one
     if layer_split(t) and split:
-        return [_put_one(x[i], t, mesh) for i in range(x.shape[0])]
-    return _put_one(x, t, mesh)
+        return [_put_one(x[i], t, mesh, perm) for i in range(x.shape[0])]
+    return _put_one(x, t, mesh, perm)
 
 
-def _put_one(x: np.ndarray, t: Any, mesh: Any) -> jax.Array:
+def _put_one(x: np.ndarray, t: Any, mesh: Any, perm: tuple[int, ...] | None = None) -> jax.Array:
     if mesh is not None and jax.process_count() > 1:  # each process builds only its devices' shards
         spec = _spec(t, layer_split(t) and x.ndim < len(t.dims))
         return global_array(x.shape, JNP_DTYPES[t.dtype], NamedSharding(mesh, spec), x.__getitem__)
-    y = jnp.asarray(x, dtype=JNP_DTYPES[t.dtype])
+    split = layer_split(t) and x.ndim < len(t.dims)
+    y = jnp.asarray(transpose_host(x, perm), dtype=JNP_DTYPES[t.dtype])
     if mesh is not None:
-        y = jax.device_put(y, NamedSharding(mesh, _spec(t, layer_split(t) and y.ndim < len(t.dims))))
+        y = jax.device_put(y, NamedSharding(mesh, permute_spec(_spec(t, split), perm)))
     return y
 
 

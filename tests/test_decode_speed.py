@@ -6,22 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runtime.lower_jax import JaxBackend, _as_matmul
+from runtime.lower_jax import JaxBackend
 from runtime.model_runner import ModelRunner
+from runtime.projections import projection
 
 
 @pytest.mark.parametrize("spec,shapes,matmul", [
     ("BLKGD,KGDE->BLE", [(2, 1, 3, 2, 4), (3, 2, 4, 5)], True),  # attention output projection
     ("BLE,EKGD->BLKGD", [(2, 3, 5), (5, 3, 2, 4)], True),
     ("BLF,FE->BLE", [(1, 2, 6), (6, 5)], True),
-    ("BLE,VE->BLV", [(1, 2, 5), (7, 5)], False),  # contracted letter trailing in both
+    ("BLE,VE->BLV", [(1, 2, 5), (7, 5)], True),  # contracted letter trailing in both: [out, in]
     ("BKGLT,BTKD->BLKGD", [(1, 3, 2, 1, 4), (1, 4, 3, 5)], False),  # batch letters
     ("BLE,EF->BF", [(1, 2, 5), (5, 3)], False),  # L summed away
 ])
 def test_projections_lower_to_a_matmul_with_einsum_values(spec, shapes, matmul) -> None:
     rng = np.random.default_rng(0)
     xs = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
-    assert (_as_matmul(spec, xs) is not None) == matmul
+    assert (projection(spec, xs[0].shape, xs[1].shape) is not None) == matmul
     got = np.asarray(JaxBackend().einsum(spec, *xs))
     want = np.einsum(spec, *[np.asarray(x, np.float64) for x in xs])
     assert got.shape == want.shape
