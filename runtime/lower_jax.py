@@ -256,7 +256,7 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
         # modules with such loops run with check_vma off.
         # A pipeline schedule (runtime/kernels_pipeline.py) carries stage-varying values through its
         # loop from invariant zeros: likewise unchecked.
-        looped = any(op.kind in ("collective_einsum", "pipeline") for f in module.functions for op in f.ops)
+        looped = any(op.kind in ("collective_einsum", "pipeline", "pipeline_generate") for f in module.functions for op in f.ops)
         program = jax.shard_map(program, mesh=mesh, in_specs=tuple(permute_spec(_spec(p.type, split_layers), layouts.get(p.name))
                                                                    for p in fn.params),
                                 out_specs=tuple(_spec(t, split_layers) for t in fn.result_types),
