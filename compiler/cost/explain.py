@@ -209,7 +209,8 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
         "max_context_by_phase": by_phase,
         "candidates": [candidate_json(r, c) for r in reports for c in r.choice.candidates],
         "pipeline_candidates": {r.phase: [stage_json(c) for c in r.stages] for r in reports if r.stages},
-        "pipeline_chosen": {r.phase: getattr(fastest_stage(list(r.stages)), "label", None) for r in reports if r.stages},
+        "pipeline_chosen": {r.phase: getattr(fastest_stage(list(r.stages), r.phase), "label", None)
+                            for r in reports if r.stages},
         "expert_layouts": {r.phase: rows_json(r.experts, r.expert_axes) for r in reports if r.experts},
     }
 
@@ -232,7 +233,8 @@ def _ms(s: float) -> str:
 
 
 def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
-    """The pipeline candidates of one phase (compiler/cost/staging.py) as a table; ``*`` the fastest that fits."""
+    """The pipeline candidates of one phase (compiler/cost/staging.py) as a table; ``*`` the stage
+    count auto picks (the fastest that fits; decode by the schedule ``generate`` runs)."""
     if not cands:
         return []
     c0 = cands[0]
@@ -241,7 +243,7 @@ def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
              f"    {'mesh':18}{'M':>4}{'steps':>6}{'bubble':>8}{'stage-step':>12}{'ppermute':>10}{'step':>11}"
              f"{'chip-ms/tok':>12}{'GiB/chip':>9}  fits" + (f"{'gen/tok':>9}" if phase == "decode" else "")]
     lines.append("  " + "-" * (len(lines[-1]) - 2))
-    best = fastest_stage(cands)
+    best = fastest_stage(cands, phase)
     for c in cands:
         mark = "*" if c is best else " "
         if c.estimate is None:
@@ -257,6 +259,9 @@ def format_stages(cands: list[StageCandidate], phase: str) -> list[str]:
                      f"per row with the pipeline kept full across them ((K-1) max(M,S) + M + S - 1 stage steps, "
                      "each a stage body plus the embedding and head); step: one token per call (the serving "
                      "engine), filling and draining the pipeline every token")
+    if best is not None:
+        lines.append(f"  auto picks {best.label} (*): the fastest that fits, by "
+                     f"{'gen/tok' if phase == 'decode' else 'step'}")
     return lines
 
 

@@ -158,9 +158,14 @@ def stage_candidates(spec: Spec, chip: Chip, model: str = "calibrated") -> list[
     return out
 
 
-def fastest_stage(cands: list[StageCandidate]) -> StageCandidate | None:
-    """The candidate with the shortest step among those that fit (the stage count to pick)."""
-    fitting = [(c.estimate.step_time_s, i) for i, c in enumerate(cands) if c.estimate is not None and c.estimate.fits]
+def fastest_stage(cands: list[StageCandidate], phase: str = "prefill") -> StageCandidate | None:
+    """The stage count ``auto`` picks: the fastest candidate that fits, by the step for prefill and
+    for decode by the time per token of the schedule ``generate`` runs (:meth:`gen_token_s`)."""
+    def time(c: StageCandidate) -> float:
+        assert c.estimate is not None
+        return c.gen_token_s() if phase == "decode" else c.estimate.step_time_s
+
+    fitting = [(time(c), i) for i, c in enumerate(cands) if c.estimate is not None and c.estimate.fits]
     return cands[min(fitting)[1]] if fitting else None
 
 
