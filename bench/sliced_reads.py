@@ -1,12 +1,15 @@
-"""Checkpoint bytes each process of a multi-process run reads: N real processes (jax.distributed
-over loopback) each build ``generate``'s runner from lazy weights (runtime/sliced_weights.py)
-and place them on its devices, as ``generate``/``serve`` do; each reports the bytes it read
-(file bytes: quantized blocks for a GGUF).
+"""Weight bytes each process of a multi-process run reads or makes: N real processes
+(jax.distributed over loopback) each place the weights on their devices as the commands do and
+report their share.
 
     python bench/sliced_reads.py CHECKPOINT --mesh x=2,y=2 [-n 2]
+    python bench/sliced_reads.py SPEC.model --mesh x=2,y=2 [-n 2]
 
-CHECKPOINT is a Hugging Face directory (safetensors) or a ``.gguf`` file; the total is the sum
-of the checkpoint's tensor bytes, which one process reads whole.
+CHECKPOINT (a Hugging Face directory or a ``.gguf`` file): ``generate``'s runner from lazy
+weights (runtime/sliced_weights.py); the figure is the file bytes read (quantized blocks for a
+GGUF) against the sum of the checkpoint's tensor bytes, which one process reads whole.
+SPEC.model: ``run``'s random weights made block by block (runtime/random_blocks.py) and placed
+for its prefill entry; the figure is the float32 bytes made against the whole weights.
 """
 
 from __future__ import annotations
@@ -19,6 +22,32 @@ import sys
 from pathlib import Path
 
 from _harness import ROOT
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """One process of ``run``: places the prefill entry's random weights, prints the bytes made."""
+    from compiler.driver import build_for, compile_module, default_pipeline, run_config
+    from compiler.spec import apply_overrides, load_spec
+    from runtime.distributed import ProcessGroup, initialize
+    from runtime.generate import generate
+    from runtime.random_blocks import BUILT, lazy_random_weights
+    from runtime.weights import random_tokens
+
+    spec = apply_overrides(load_spec(args.checkpoint), mesh=args.mesh)
+    n_dev = spec.mesh.n_devices
+    initialize(ProcessGroup(args.coordinator, args.num_processes, args.process_id, n_dev // args.num_processes,
+                            120))
+    from runtime.lower_jax import JaxExecutor
+
+    cfg = run_config(spec, 4, None)
+    module = build_for(spec, cfg)
+    weights = lazy_random_weights(module.function("prefill"), 0, cfg.dtype)
+    ex = JaxExecutor(compile_module(module, default_pipeline(spec)).module)
+    tokens = random_tokens(cfg.batch, cfg.prompt_len, spec.model.vocab)
+    generate(ex, weights, tokens, cfg.prompt_len)  # one prefill call: the weights placed once
+    total = sum(4 * int(_prod(w.shape)) for w in weights.values())
+    print(json.dumps({"process": args.process_id, "bytes": BUILT.bytes, "reads": BUILT.reads, "total": total}),
+          flush=True)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -90,15 +119,17 @@ def main() -> None:
     ap.add_argument("--coordinator", help=argparse.SUPPRESS)
     ap.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    spec = args.checkpoint.suffix == ".model"
     if args.worker:
-        worker(args)
+        (run_worker if spec else worker)(args)
         return
-    total = total_bytes(args.checkpoint)
-    print(f"{args.checkpoint.name}, mesh {args.mesh} over {args.num_processes} processes: "
-          f"checkpoint tensors {total:,} bytes")
-    for rep in measure(args.checkpoint, args.mesh, args.num_processes):
-        print(f"  process {rep['process']}: read {rep['bytes']:,} bytes ({rep['bytes'] / total:.1%}) "
-              f"in {rep['reads']} reads")
+    reports = measure(args.checkpoint, args.mesh, args.num_processes)
+    total = reports[0]["total"] if spec else total_bytes(args.checkpoint)
+    what = "random weights (float32)" if spec else "checkpoint tensors"
+    print(f"{args.checkpoint.name}, mesh {args.mesh} over {args.num_processes} processes: {what} {total:,} bytes")
+    for rep in reports:
+        print(f"  process {rep['process']}: {'made' if spec else 'read'} {rep['bytes']:,} bytes "
+              f"({rep['bytes'] / total:.1%}) in {rep['reads']} blocks")
 
 
 if __name__ == "__main__":

@@ -91,10 +91,16 @@ class RunReport:
         }
 
 
-def load_weights(spec: Spec, module, opts: RunOptions) -> dict[str, np.ndarray]:
+def load_weights(spec: Spec, module, opts: RunOptions) -> dict[str, Any]:
+    from runtime.distributed import current
     from runtime.weights import random_weights
 
     fn = module.function("prefill")
+    if opts.weights_dir is None and current() is not None:
+        # across processes: each process makes only its devices' blocks (runtime/random_blocks.py)
+        from runtime.random_blocks import lazy_random_weights
+
+        return lazy_random_weights(fn, opts.seed, run_config(spec, opts.steps, opts.prompt_len).dtype)
     if opts.weights_dir is None:
         return random_weights(fn, opts.seed)
     from runtime.checkpoint import open_checkpoint
@@ -106,6 +112,7 @@ def load_weights(spec: Spec, module, opts: RunOptions) -> dict[str, np.ndarray]:
 def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentation(),
             sink: Callable[[str], None] | None = None) -> RunReport:
     from runtime.generate import ReferenceExecutor, generate
+    from runtime.distributed import is_lazy
     from runtime.kernels_moe import DROPPED
     from runtime.lower_jax import JaxExecutor
     from runtime.weights import random_tokens, round_to
@@ -117,7 +124,9 @@ def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentati
     compiled = compile_module(module, pipeline, instr, sink)
     report = RunReport(spec, opts, compiled, cfg.batch, cfg.prompt_len, cfg.cache_len)
     report.timings["compile_ir"] = time.perf_counter() - t0
-    weights = round_to(load_weights(spec, module, opts), cfg.dtype)
+    weights = load_weights(spec, module, opts)
+    lazy = any(is_lazy(w) for w in weights.values())  # rounded as made, read block by block
+    weights = weights if lazy else round_to(weights, cfg.dtype)
     tokens = random_tokens(cfg.batch, cfg.prompt_len + opts.steps, spec.model.vocab, opts.seed)
     t0 = time.perf_counter()
     ex = JaxExecutor(compiled.module)
@@ -134,6 +143,8 @@ def execute(spec: Spec, opts: RunOptions, instr: Instrumentation = Instrumentati
     if opts.check:
         t0 = time.perf_counter()
         DROPPED.take()
+        if lazy:  # the reference needs them whole: made once, here (process 0 only)
+            weights = {k: np.asarray(w) for k, w in weights.items()}
         ref = generate(ReferenceExecutor(module), weights, tokens, cfg.prompt_len)
         report.timings["reference"] = time.perf_counter() - t0
         if capped:
