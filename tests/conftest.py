@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import pytest
 from hypothesis import HealthCheck, settings  # after the environment above, on purpose
 
 settings.register_profile(
@@ -28,3 +29,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 ROOT = _ROOT
 EXAMPLES = _ROOT / "examples"
 GOLDEN = _ROOT / "tests" / "golden"
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` hands out the costliest files first (tests/xdist_schedule.py)."""
+    from xdist_schedule import make_scheduler
+
+    return make_scheduler(config, log)

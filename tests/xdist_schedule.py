@@ -1,0 +1,78 @@
+"""`pytest -n N --dist loadfile` with the most expensive work first (CI runs on 2 cores).
+
+xdist's loadfile hands out whole files, largest test *count* first. Test counts say little here:
+one SmolLM2 or pipeline-stage file costs minutes with a few dozen tests, while hundreds of
+hypothesis and golden cases cost seconds. A costly file that starts last leaves the other worker
+idle until it ends. This scheduler orders the work units by their measured cost instead
+(longest-processing-time-first, which keeps the two workers' end times close), and cuts the
+files listed in ``SPLIT`` into one unit per test function: their costly tests share no
+module-scoped fixture, so the two workers may run them side by side.
+
+``COST_S`` holds seconds per file from `--durations=0` of a cold-cache run (JAX's persistent
+cache empty) on the 2-core machine; a file that is not listed is priced by its number of tests.
+Stale figures only cost balance, never correctness: every test still runs exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from xdist.scheduler import LoadFileScheduling
+
+#: cold-cache seconds per test file (the sum of its tests' setup + call + teardown), or per
+#: ``file::function`` of a ``SPLIT`` file
+COST_S: dict[str, float] = {}
+
+#: files whose test functions are separate work units (no module-scoped fixture between them)
+SPLIT: frozenset[str] = frozenset()
+
+#: price of a test in a file COST_S does not list
+DEFAULT_TEST_S = 0.3
+
+
+def _file(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+
+
+class CostOrderedScheduling(LoadFileScheduling):
+    """loadfile, with units ordered by cost (largest first) and the ``SPLIT`` files cut by function."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        if _file(path) in SPLIT:
+            return nodeid.split("[", 1)[0]  # file::function (its parametrizations stay together)
+        return path
+
+    def schedule(self) -> None:
+        if self.collection is None and self.collection_is_completed:
+            self.config.option.loadscopereorder = False  # the base class keeps our order
+            for node, ids in list(self.registered_collections.items()):
+                self.registered_collections[node] = self._ordered(ids)
+        super().schedule()
+
+    def _ordered(self, ids: list[str]) -> list[str]:
+        units: OrderedDict[str, list[str]] = OrderedDict()
+        for nodeid in ids:
+            units.setdefault(self._split_scope(nodeid), []).append(nodeid)
+        counts: dict[str, int] = {}
+        for scope in units:
+            counts[_file(scope)] = counts.get(_file(scope), 0) + len(units[scope])
+
+        def cost(scope: str) -> float:
+            f, key = _file(scope), _file(scope) + scope[len(scope.split("::", 1)[0]):]
+            if key in COST_S:  # file::function of a split file
+                return COST_S[key]
+            if f in COST_S:  # a split file's cost shared by its units in proportion to their tests
+                return COST_S[f] * len(units[scope]) / counts[f]
+            return DEFAULT_TEST_S * len(units[scope])
+
+        order = sorted(units, key=cost, reverse=True)  # stable: ties keep collection order
+        return [nodeid for scope in order for nodeid in units[scope]]
+
+
+def make_scheduler(config: Any, log: Any) -> CostOrderedScheduling | None:
+    """The scheduler for `--dist loadfile`; None (xdist's own) for every other mode."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    return CostOrderedScheduling(config, log)
