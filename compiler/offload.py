@@ -132,10 +132,9 @@ def check_offload_args(args) -> int | None:
     return budget
 
 
-def disk_generator(args, loaded, context: int, batch: int):
-    """(runner, generator) for ``--offload disk``: the store is written first when missing."""
+def disk_runner(args, loaded, context: int, batch: int):
+    """The OffloadRunner for ``--offload disk``: the store is written first when missing."""
     from compiler.generation import weight_types
-    from runtime.offload import OffloadGenerator
 
     spec = loaded.spec
     if spec.mesh.n_devices > 1:
@@ -146,10 +145,17 @@ def disk_generator(args, loaded, context: int, batch: int):
     directory = args.offload_dir or default_store_dir(key)
     try:
         ensure_store(spec, key, directory, lambda: loaded.checkpoint.load_weights(spec.model, weight_types(spec)))
-        runner = make_offload_runner(spec, directory, key, context, budget, batch, prefetch=not args.no_prefetch)
+        return make_offload_runner(spec, directory, key, context, budget, batch, prefetch=not args.no_prefetch)
     except OSError as e:
         raise FileError(f"cannot use the offload store in '{directory}': {e}",
                         hint="give --offload-dir a writable directory") from None
+
+
+def disk_generator(args, loaded, context: int, batch: int):
+    """(runner, generator) for ``--offload disk``."""
+    from runtime.offload import OffloadGenerator
+
+    runner = disk_runner(args, loaded, context, batch)
     return runner, OffloadGenerator(runner)
 
 
@@ -162,15 +168,22 @@ def offload_report(runner) -> dict:
             "read_s": st.read_s, "wait_s": st.wait_s}
 
 
-def host_generator(loaded, context: int, batch: int):
-    """(runner, generator) for ``--offload host``: the ordinary runner with per-layer weights in
-    pinned host memory and a device_put per layer inside the compiled step."""
+def host_runner(loaded, context: int, batch: int):
+    """The ordinary runner with per-layer weights in pinned host memory and a device_put per
+    layer inside the compiled step (``--offload host``)."""
     from compiler.generation import make_runner
-    from runtime.generator import Generator
     from runtime.offload_host import HostOffloadBackend, place_on_host
 
     if loaded.spec.mesh.n_devices > 1:
         raise SpecError("--offload host moves layers to one device; drop --mesh")
     runner = make_runner(loaded.spec, loaded.weights, context, batch=batch)
     runner.backend, runner.place = HostOffloadBackend(), place_on_host
+    return runner
+
+
+def host_generator(loaded, context: int, batch: int):
+    """(runner, generator) for ``--offload host``."""
+    from runtime.generator import Generator
+
+    runner = host_runner(loaded, context, batch)
     return runner, Generator(runner)
