@@ -27,6 +27,7 @@ _harness.use_cpu_devices(1)
 import argparse
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +143,12 @@ class Timed:
 
 
 def _generation_cases(name: str, model, weights, cache_len: int, prompt: int, steps: int, prefill: int,
-                      held_out: bool, batches: tuple[int, ...] = (1, 8)) -> list[Timed]:
+                      held_out: bool, batches: tuple[int, ...] = (1, 8), fmt: str = "f32") -> list[Timed]:
     """Decode at each batch (per-step time of Generator's streamed loop, as bench/generate.py
-    times it: one sample is the median step of one request) and one prefill, for one model."""
+    times it: one sample is the median step of one request) and one prefill (none when
+    ``prefill`` is 0), for one model. Each decode is priced over the KV cache the Generator
+    compiles for the request (ModelRunner.context_for: prompt + budget, bucketed), not the
+    runner's whole context: decode attends over every compiled position, no more."""
     import time
 
     import jax
@@ -155,8 +159,12 @@ def _generation_cases(name: str, model, weights, cache_len: int, prompt: int, st
     from runtime.generator import GenerateRequest, Generator
     from runtime.sampling import SamplingArrays, SamplingParams
 
-    spec = apply_overrides(Spec(model), weights="f32")
+    from runtime.model_runner import bucket
+
+    spec = apply_overrides(Spec(model), weights=fmt)
     runner = make_runner(spec, weights, cache_len)
+    context = runner.context_for(max(bucket(prompt), prompt + steps + 1))  # as Generator._shapes sizes it
+    tag = "" if fmt == "f32" else f" {fmt}"
     gen = Generator(runner)
     out = []
     for B in batches:
@@ -168,7 +176,10 @@ def _generation_cases(name: str, model, weights, cache_len: int, prompt: int, st
         def decode(req=req) -> float:
             return statistics.median(gen.generate(req, stream=lambda b, t: None).step_ms) / 1e3
 
-        out.append(Timed(f"{name} decode B={B}", decode, module_for(spec, "decode", B, 1, cache_len), held_out, []))
+        out.append(Timed(f"{name}{tag} decode B={B}", decode, module_for(spec, "decode", B, 1, context), held_out,
+                         []))
+    if not prefill:
+        return out
     fn = gen.prefill_fn(1, prefill)
     samp = tuple(jnp.asarray(a) for a in SamplingArrays.of([SamplingParams()]).as_tuple())
     p = jnp.asarray(np.random.default_rng(1).integers(0, model.vocab, (1, prefill)), jnp.int32)
@@ -216,22 +227,32 @@ def fit_generation(cases: list[Timed], chip: Chip, stat=statistics.median, shape
                              f"random Llama-shaped models on this machine, rms log residual {rms:.3f}")
 
 
+def _load() -> tuple[float, int]:
+    """The 1-minute load average and the processes running now (/proc/loadavg's 4th field)."""
+    try:
+        f = Path("/proc/loadavg").read_text().split()
+        return float(f[0]), int(f[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0], 0
+
+
 def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps: int = 16,
-                  prefill: int = 512) -> list[float]:
+                  prefill: int = 512, int8: bool = True) -> list[float]:
     """The issue's CPU goal, fitted, measured and predicted in one run: the cpu chip's
     efficiencies are fitted to decode (batch 1 and 8) and prefill of two Llama-shaped models
     unlike SmolLM2, then SmolLM2 f32 decode at batch 1 and 8 and prefill of ``prefill`` tokens
-    are predicted and compared with their measurements. All shapes are sampled round-robin
-    (one sample of each per round), so the load of the shared machine falls on the fit and the
-    check alike; the load average is printed. The fit is stored beside the probe's cache, where
-    ``--hardware cpu`` finds it."""
-    import os
-
+    are predicted and compared with their measurements (and int8 decode at batch 1, priced from
+    its int8 bytes). All shapes and the probe (runtime/probe.py's kernels: matmul FLOP/s, memory
+    bandwidth, per-kernel overhead) are sampled round-robin (one sample of each per round), so
+    the load of the shared machine falls on the probe, the fit and the check alike; the chip is
+    the probe's median over the rounds, and the load is printed. The in-run probe and the fit
+    are stored, where ``--hardware cpu`` finds them."""
     from compiler.build import BuildConfig, build_module
     from compiler.generation import weight_types
     from compiler.spec import ModelSpec, Spec
     from runtime.checkpoint import open_checkpoint
     from runtime.model_runner import bucket, enable_compile_cache
+    from runtime.probe import CpuProbe, chip_fields, store_cpu
 
     enable_compile_cache(str(ROOT / ".jax_cache"))
     cache_len = max(bucket(prompt) + bucket(steps + 1), bucket(prefill))  # as bench/generate.py sizes it
@@ -245,45 +266,68 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
     model = ck.model_spec()
     weights = ck.load_weights(model, weight_types(apply_overrides(Spec(model), weights="f32")))
     cases += _generation_cases("SmolLM2", model, weights, cache_len, prompt, steps, prefill, True)
-    load = [os.getloadavg()[0]]
+    if int8:
+        w8 = ck.load_weights(model, weight_types(apply_overrides(Spec(model), weights="int8")))
+        cases += _generation_cases("SmolLM2", model, w8, cache_len, prompt, steps, 0, True, (1,), "int8")
+    cpu_probe = CpuProbe()
+    cpu_probe.sample(1)  # warm
+    figures: list[dict] = []
+    load = [_load()]
     for _ in range(rounds):
+        figures.append(cpu_probe.sample(3))
         for c in cases:
             c.samples.append(c.run())  # type: ignore[operator]
-        load.append(os.getloadavg()[0])
+        load.append(_load())
+    in_run = chip_fields({k: statistics.median(f[k] for f in figures) for k in figures[0]})
+    in_run["source"] += f", median of {rounds} samples taken between the benchmark's"
+    chip = chip_from_mapping(in_run, "cpu probe, in this run")
+    print(f"\nprobe in this run (median of {rounds} rounds): {chip.peak('f32') / 1e9:.1f} GFLOP/s f32 matmul, "
+          f"{chip.hbm_bw / 1e9:.2f} GB/s memory, {chip.op_overhead_s * 1e6:.2f} us per kernel; cached before this "
+          f"run: {probe['flops_f32'] / 1e9:.1f} GFLOP/s, {probe['hbm_bw'] / 1e9:.2f} GB/s, "
+          f"{probe['op_overhead_s'] * 1e6:.2f} us")
+    spread = {k: (max(f[k] for f in figures) - min(f[k] for f in figures)) / in_run[k]
+              for k in ("flops_f32", "hbm_bw", "op_overhead_s")}
+    print("probe spread over the rounds (max - min over median): "
+          + ", ".join(f"{k} {v:.0%}" for k, v in spread.items()))
+    la = [x for x, _ in load]
+    running = [r for _, r in load]
+    print(f"fit and check in one run: {rounds} rounds, load average {min(la):.1f}-{max(la):.1f} (median "
+          f"{statistics.median(la):.1f}) on {os.cpu_count()} cores, {min(running)}-{max(running)} "
+          f"processes running (1-minute /proc/loadavg, sampled each round); decode prompt {prompt}, {steps} steps, "
+          f"runner cache {cache_len}, f32 weights unless marked")
     eff = fit_generation([c for c in cases if not c.held_out], chip)
-    save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe, eff)
-    print(f"\nfit and check in one run: {rounds} rounds, load average {min(load):.1f}-{max(load):.1f} on "
-          f"{os.cpu_count()} cores (1-minute, sampled each round); decode prompt {prompt}, {steps} steps, cache "
-          f"{cache_len}, f32 weights")
-    print(f"fitted and stored ({default_cache_dir() / CPU_FIT_FILE}): flops {eff.flops:.3f}, hbm {eff.hbm:.3f}, "
-          f"layer overhead {eff.layer_overhead_s * 1e6:.1f} us ({eff.source})")
-    head = (f"{'case':31} {'bound ms':>10} {'calibrated':>11} {'measured ms':>12} {'fastest ms':>11} {'spread':>7} "
-            f"{'ratio':>6}")
+    store_cpu(in_run)
+    save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, in_run, eff)
+    print(f"fitted and stored with the in-run probe ({default_cache_dir() / CPU_FIT_FILE}): flops {eff.flops:.3f}, "
+          f"hbm {eff.hbm:.3f}, layer overhead {eff.layer_overhead_s * 1e6:.1f} us ({eff.source})")
+    head = (f"{'case':36} {'bound ms':>9} {'predicted':>10} {'measured ms':>12} {'fastest ms':>11} {'spread':>7} "
+            f"{'meas/pred':>9} {'pred/meas':>9}")
     print(head)
     print("-" * len(head))
     ratios = []
     for c in cases:
         measured = statistics.median(c.samples)
         bound, cal = (price(c.module, chip, eff=e).step_time_s for e in (BOUND, eff))
-        spread = (max(c.samples) - min(c.samples)) / measured
-        if c.held_out:
+        spread_c = (max(c.samples) - min(c.samples)) / measured
+        if c.held_out and " int8 " not in c.label:
             ratios.append(cal / measured)
-        print(f"{c.label + (' (held out)' if c.held_out else ''):31} {bound * 1e3:10.2f} {cal * 1e3:11.2f} "
-              f"{measured * 1e3:12.2f} {min(c.samples) * 1e3:11.2f} {spread:7.0%} {cal / measured:6.2f}")
+        print(f"{c.label + (' (held out)' if c.held_out else ''):36} {bound * 1e3:9.2f} {cal * 1e3:10.2f} "
+              f"{measured * 1e3:12.2f} {min(c.samples) * 1e3:11.2f} {spread_c:7.0%} {measured / cal:9.2f} "
+              f"{cal / measured:9.2f}")
     ok = all(0.7 <= q <= 1.4 for q in ratios)
-    print(f"SmolLM2 calibrated / measured: {min(ratios):.2f}-{max(ratios):.2f} ({'within' if ok else 'outside'} the "
-          f"goal 0.7-1.4)")
+    print(f"SmolLM2 f32 predicted / measured: {' / '.join(f'{q:.2f}' for q in ratios)} (decode B=1 / B=8 / prefill "
+          f"{prefill}; {'within' if ok else 'outside'} the goal 0.7-1.4)")
     # the same fit and check on each shape's fastest sample, the least disturbed by the load
     fast = fit_generation([c for c in cases if not c.held_out], chip, min)
     quick = [price(c.module, chip, eff=fast).step_time_s / min(c.samples) for c in cases if c.held_out]
-    print(f"on the fastest sample of each shape instead of the median: SmolLM2 calibrated / measured "
+    print(f"on the fastest sample of each shape instead of the median: SmolLM2 predicted / measured "
           f"{' '.join(f'{q:.2f}' for q in quick)} (fit: flops {fast.flops:.3f}, hbm {fast.hbm:.3f}, layer overhead "
           f"{fast.layer_overhead_s * 1e6:.1f} us)")
-    shaped = fit_generation([c for c in cases if not c.held_out], chip, shape=True)
-    q = [price(c.module, chip, eff=shaped).step_time_s / statistics.median(c.samples) for c in cases if c.held_out]
-    print(f"with the matmul-shape term fitted too: SmolLM2 calibrated / measured {' '.join(f'{x:.2f}' for x in q)} "
-          f"(fit: flops {shaped.flops:.3f}, matmul_half {shaped.matmul_half:.1f}, hbm {shaped.hbm:.3f}, layer overhead "
-          f"{shaped.layer_overhead_s * 1e6:.1f} us)")
+    cached = chip_from_mapping(probe, "cpu probe, cached")
+    stale = fit_generation([c for c in cases if not c.held_out], cached)
+    q = [price(c.module, cached, eff=stale).step_time_s / statistics.median(c.samples) for c in cases if c.held_out]
+    print(f"priced with the probe cached before the run instead (fitted to it): SmolLM2 predicted / measured "
+          f"{' '.join(f'{x:.2f}' for x in q)}")
     return ratios
 
 
@@ -309,6 +353,7 @@ def main() -> None:
                          "the fit")
     ap.add_argument("--rounds", type=int, default=5, help="--smollm2: samples of each shape (default 5)")
     ap.add_argument("--only-smollm2", action="store_true", help="with --smollm2: skip the tiny models")
+    ap.add_argument("--no-int8", action="store_true", help="with --smollm2: skip SmolLM2 int8 decode")
     ap.add_argument("--generation", type=Path, metavar="JSON",
                     help="also compare with bench/generate.py --json JSON (SmolLM2 decode and prefill)")
     a = ap.parse_args()
@@ -368,7 +413,7 @@ def main() -> None:
     if a.generation:
         generation_check(a.generation, chip, eff)
     if a.smollm2:
-        smollm2_check(chip, probe, a.rounds)
+        smollm2_check(chip, probe, a.rounds, int8=not a.no_int8)
 
 
 if __name__ == "__main__":

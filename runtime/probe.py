@@ -40,40 +40,66 @@ def _median_time(fn, *args, repeats: int = 7) -> float:
     return statistics.median(ts)
 
 
-def _measure() -> dict:
-    import jax
-    import jax.numpy as jnp
+class CpuProbe:
+    """The probe's kernels, compiled once, so that a benchmark can sample the machine between its
+    own measurements (``sample``): on a shared machine the load then inflates the probe's figures
+    and the benchmark's times alike, instead of the probe seeing a quieter (or busier) moment."""
 
-    cpu = jax.devices("cpu")[0]
-    n = 1024
-    with jax.default_device(cpu):
-        a = jnp.ones((n, n), jnp.float32)
-        b = jnp.ones((n, n), jnp.float32)
-        mm = jax.jit(lambda x, y: x @ y)
-        flops_f32 = 2 * n**3 / _median_time(mm, a, b)
-        ab = a.astype(jnp.bfloat16)
-        flops_bf16 = 2 * n**3 / _median_time(mm, ab, ab)
-        big = jnp.ones((16 << 20,), jnp.float32)  # 64 MiB
-        copy = jax.jit(lambda x: x * 1.0001)
-        copy_bw = 2 * big.nbytes / _median_time(copy, big)
-        read_bw = big.nbytes / _median_time(jax.jit(jnp.sum), big)
-        bw = max(copy_bw, read_bw)
-        small = jnp.ones((8, 8), jnp.float32)
+    def __init__(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        self._cpu = jax.devices("cpu")[0]
+        n = self._n = 1024
+        with jax.default_device(self._cpu):
+            self._a = jnp.ones((n, n), jnp.float32)
+            self._ab = self._a.astype(jnp.bfloat16)
+            self._big = jnp.ones((16 << 20,), jnp.float32)  # 64 MiB
+            self._small = jnp.ones((8, 8), jnp.float32)
+        self._mm = jax.jit(lambda x, y: x @ y)
+        self._copy = jax.jit(lambda x: x * 1.0001)
+        self._sum = jax.jit(jnp.sum)
 
         def chain(x):
             for _ in range(64):
                 x = jnp.tanh(x @ x)  # dots do not fuse with each other: 64 kernels
             return x
 
-        empty = jax.jit(lambda x: x + 1.0)
-        overhead = max(0.0, _median_time(jax.jit(chain), small, repeats=21)
-                       - _median_time(empty, small, repeats=21)) / 64
+        self._chain = jax.jit(chain)
+        self._empty = jax.jit(lambda x: x + 1.0)
+
+    def sample(self, repeats: int = 7) -> dict:
+        """One measurement of every figure (each the median of ``repeats`` warm runs)."""
+        n, r = self._n, repeats
+        flops_f32 = 2 * n**3 / _median_time(self._mm, self._a, self._a, repeats=r)
+        flops_bf16 = 2 * n**3 / _median_time(self._mm, self._ab, self._ab, repeats=r)
+        copy_bw = 2 * self._big.nbytes / _median_time(self._copy, self._big, repeats=r)
+        read_bw = self._big.nbytes / _median_time(self._sum, self._big, repeats=r)
+        overhead = max(0.0, _median_time(self._chain, self._small, repeats=3 * r)
+                       - _median_time(self._empty, self._small, repeats=3 * r)) / 64
+        return {"flops_f32": flops_f32, "flops_bf16": flops_bf16, "hbm_bw": max(copy_bw, read_bw),
+                "ici_bw": copy_bw, "op_overhead_s": overhead}
+
+
+def chip_fields(figures: dict) -> dict:
+    """The cpu chip's fields (see compiler/cost/hardware.py) from a probe's figures."""
+    import jax
+
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 8 << 30
-    return {"name": "cpu", "flops_f32": flops_f32, "flops_bf16": flops_bf16, "hbm_bw": bw, "ici_bw": copy_bw,
-            "hbm_bytes": int(total), "hop_latency_s": 0.0, "topology": "shared-memory",
-            "op_overhead_s": overhead,
+    return {"name": "cpu", **figures, "hbm_bytes": int(total), "hop_latency_s": 0.0, "topology": "shared-memory",
             "source": f"measured on {platform.machine()} ({os.cpu_count()} cores) by runtime/probe.py, "
                       f"jax {jax.__version__}"}
+
+
+def _measure() -> dict:
+    return chip_fields(CpuProbe().sample())
+
+
+def store_cpu(data: dict, cache_dir: Path | None = None) -> None:
+    """Caches ``data`` as the probe's figures (a benchmark that measured them in its own run)."""
+    d = cache_dir or default_cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cpu-probe.json").write_text(json.dumps({**data, "version": PROBE_VERSION}, indent=1))
 
 
 def measure_cpu(cache_dir: Path | None = None, refresh: bool = False) -> dict:

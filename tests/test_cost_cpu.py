@@ -1,0 +1,98 @@
+"""What the cost model charges a CPU decode step, checked against what the step holds.
+
+bench/cost_model_vs_measured.py --smollm2 compares predictions with measured SmolLM2 steps; these
+tests pin the byte counts that comparison rests on: every weight is read once per decode step
+(int8 weights as int8 bytes plus their scales), the tied embedding table once more by the
+logits, and the KV cache over the compiled context only. And the probe that the benchmark
+samples between its own measurements (runtime/probe.py's CpuProbe) can be stored as the cached
+chip the fit is keyed to.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compiler.cost.efficiency import CPU_FIT_FILE, Efficiency, load_cpu_fit, save_cpu_fit
+from compiler.cost.hardware import chip_from_mapping
+from compiler.cost.model import price
+from compiler.generation import module_for
+from compiler.spec import ModelSpec, Spec, apply_overrides
+
+MODEL = ModelSpec(name="llama-small", layers=3, d_model=64, heads=4, kv_heads=2, d_head=16, d_ff=128, vocab=512,
+                  block="serial", mlp="swiglu", norm="rmsnorm", tie_embeddings=True)
+CHIP = chip_from_mapping({"name": "cpu", "flops_f32": 1e11, "flops_bf16": 5e10, "hbm_bw": 2e10, "ici_bw": 5e9,
+                          "hbm_bytes": 8 << 30, "topology": "shared-memory", "op_overhead_s": 2e-6}, "test")
+
+
+def step_bytes(module, cls: str) -> float:
+    """Bytes of class ``cls`` one step reads and writes, layer bodies counted once per layer."""
+    e = price(module, CHIP)
+    entry = module.entries[0].name
+    return sum(o.bytes.get(cls, 0.0) * (1 if o.function == entry else e.layers) for o in e.ops)
+
+
+def weight_params(module) -> dict[str, int]:
+    fn = module.entries[0]
+    return {p.name: p.type.local_nbytes(module.mesh_sizes) for p in fn.params_with_role("weight")}
+
+
+@pytest.mark.parametrize("fmt", ["f32", "int8"])
+def test_decode_reads_every_weight_once_and_the_tied_table_for_the_logits(fmt):
+    m = module_for(apply_overrides(Spec(MODEL), weights=fmt), "decode", 1, 1, 64)
+    held = weight_params(m)
+    embed_type = next(p.type for p in m.entries[0].params if p.name == "embed")
+    row = embed_type.local_nbytes(m.mesh_sizes) // MODEL.vocab
+    # the norms' scales are fused into the einsums after them and not charged (0.01% of SmolLM2's bytes)
+    norms = sum(held.pop(n) for n in ("ln1_scale", "ln2_scale", "final_scale"))
+    assert norms < sum(held.values()) / 100
+    # the logits read the whole tied table, the embedding gather one row of it
+    assert step_bytes(m, "weight") == pytest.approx(sum(held.values()) + row)
+
+
+def test_int8_weights_are_priced_from_their_int8_bytes():
+    f32 = module_for(apply_overrides(Spec(MODEL), weights="f32"), "decode", 1, 1, 64)
+    i8 = module_for(apply_overrides(Spec(MODEL), weights="int8"), "decode", 1, 1, 64)
+    held = weight_params(i8)
+    i8_types = {p.name: p.type for p in i8.entries[0].params_with_role("weight")}
+    projections = [n for n, t in i8_types.items() if t.dtype == "i8"]
+    assert {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"} <= set(projections)
+    n_i8 = sum(held[n] for n in projections)
+    f32_held = weight_params(f32)
+    # one byte per int8 element against four per f32 element of the same projections
+    assert n_i8 * 4 == sum(f32_held[n] for n in projections)
+    assert step_bytes(i8, "weight") < step_bytes(f32, "weight") / 2
+    assert price(i8, CHIP).per_step.weights < price(f32, CHIP).per_step.weights / 2
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_kv_bytes_follow_the_compiled_context(batch):
+    spec = apply_overrides(Spec(MODEL), weights="f32")
+    per_position = 2 * MODEL.layers * batch * MODEL.kv_heads * MODEL.d_head * 4  # K and V, f32
+    for context in (64, 512):
+        m = module_for(spec, "decode", batch, 1, context)
+        written = 2 * MODEL.layers * batch * MODEL.kv_heads * MODEL.d_head * 4  # the new position, in place
+        assert step_bytes(m, "kv") == pytest.approx(per_position * context + written, rel=0.02)
+    short, long = (price(module_for(spec, "decode", batch, 1, c), CHIP).step_time_s for c in (64, 512))
+    assert short < long
+
+
+def test_probe_sampled_in_a_run_is_stored_as_the_cached_chip(tmp_path, monkeypatch):
+    from runtime import probe
+
+    p = probe.CpuProbe()
+    figures = p.sample(1)
+    for k in ("flops_f32", "flops_bf16", "hbm_bw", "ici_bw"):
+        assert figures[k] > 0, k
+    assert figures["hbm_bw"] >= figures["ici_bw"] and figures["op_overhead_s"] >= 0
+    data = probe.chip_fields(figures)
+    probe.store_cpu(data, tmp_path)
+    monkeypatch.setattr(probe, "_measure", lambda: pytest.fail("measured again although a probe was stored"))
+    assert probe.measure_cpu(tmp_path) == json.loads(json.dumps(data))
+    chip_from_mapping(data, "stored")  # a valid chip
+    # a fit stored against these figures is found; against others it is stale
+    eff = Efficiency(flops=0.5, hbm=0.4, layer_overhead_s=1e-5, source="test")
+    save_cpu_fit(tmp_path / CPU_FIT_FILE, data, eff)
+    assert load_cpu_fit(tmp_path / CPU_FIT_FILE, data) == eff
+    assert load_cpu_fit(tmp_path / CPU_FIT_FILE, {**data, "hbm_bw": data["hbm_bw"] * 2}) is None
