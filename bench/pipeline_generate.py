@@ -55,8 +55,11 @@ def main(argv: list[str]) -> int:
     gen = Generator(make_runner(spec, weights, a.prompt + a.new, batch=a.batch))
     pipelined = generator.is_pipelined
 
+    def one_token(runner: object) -> bool:
+        return False
+
     def run(kept_full: bool):
-        generator.is_pipelined = pipelined if kept_full else (lambda r: False)
+        generator.is_pipelined = pipelined if kept_full else one_token
         try:
             res = gen.generate(req)
         finally:

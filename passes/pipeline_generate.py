@@ -19,8 +19,8 @@ from dataclasses import replace
 from ir.builder import FunctionBuilder, Namer
 from ir.collectives import AllGather, AllReduce
 from ir.errors import PassError
-from ir.module import Function, Param
-from ir.ops import InferContext, Op, Symbol
+from ir.module import Function, ModuleContext, Param
+from ir.ops import Op, Symbol
 from ir.pipeline_ops import GENERATE_ROWS, Pipeline, PipelineGenerate, stage_view
 from ir.retype import reinfer
 from ir.sample_ops import Sample
@@ -50,7 +50,7 @@ def _whole(b: FunctionBuilder, v: str, why: str) -> str:
 
 
 def generation_entry(e: Function, axis: str, stages: int, tokens: int, greedy: bool,
-                     ctx: InferContext) -> tuple[Function, Function, Function]:
+                     ctx: ModuleContext) -> tuple[Function, Function, Function]:
     """(the K-token entry, ``@<entry>_embed``, ``@<entry>_head``) for a staged decode entry; the
     caller re-infers the entry's types in a module that holds the two new functions."""
     idx = [i for i, op in enumerate(e.ops) if isinstance(op, Pipeline)]

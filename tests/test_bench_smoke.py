@@ -26,6 +26,7 @@ SMALL = {
     "multihost.py": ["--repeats", "1", "--sizes-kib", "64"],
     "gpu_generate.py": ["--tiny"],
     "minimal_decoder.py": ["--prompt", "8", "--steps", "4", "--repeats", "1"],
+    "pipeline_generate.py": ["--mesh", "stage=2,x=2", "--batch", "4", "--prompt", "4", "--new", "4", "--rounds", "1"],
 }
 
 
