@@ -71,6 +71,9 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--text", type=Path, required=True, help="the text file to score")
     p.add_argument("--window", type=int, default=512, help="tokens per scoring window (default 512)")
+    from compiler.offload import add_offload_args
+
+    add_offload_args(p)
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,10 @@ def run_score(args: argparse.Namespace) -> int:
         text = args.text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise FileError(f"cannot read text file '{args.text}': {e}") from None
-    ld = load(args)
+    from compiler.offload import check_offload_args
+
+    check_offload_args(args)
+    ld = load(args, with_weights=args.offload != "disk")
     ids = ld.tokenizer.encode(text)
     if len(ids) < 2:
         raise SpecError(f"'{args.text}' has {len(ids)} tokens; scoring needs at least 2")
@@ -318,10 +324,32 @@ def run_score(args: argparse.Namespace) -> int:
     def build(length: int) -> Any:
         return module_for(ld.spec, "prefill", 1, length, length, logits="all")
 
-    res = score_tokens(build, ld.weights, ids, args.window)
+    offload = None
+    if args.offload == "disk":  # layers streamed from the offload store through the budget
+        from compiler.offload import offload_report, score_runner
+        from runtime.offload import stream_logits
+        from runtime.scoring import score_with
+
+        runner = score_runner(args, ld, args.window)
+        try:
+            res = score_with(stream_logits(runner), ids, args.window)
+            offload = offload_report(runner)
+        finally:
+            runner.close()
+    elif args.offload == "host":  # per-layer weights in pinned host memory
+        if ld.spec.mesh.n_devices > 1:
+            raise SpecError("--offload host moves layers to one device; drop --mesh")
+        from runtime.offload_host import host_logits
+        from runtime.scoring import score_with
+
+        res = score_with(host_logits(build, ld.weights), ids, args.window)
+    else:
+        res = score_tokens(build, ld.weights, ids, args.window)
     report = {"tokens": len(ids), "scored": res.count, "mean_nll": res.mean_nll, "perplexity": math.exp(res.mean_nll),
               "windows": res.windows, "window": args.window, "weights": ld.spec.serve.weights,
               "seconds": time.perf_counter() - t0}
+    if offload is not None:
+        report["offload"] = offload
     if args.json:
         print(json.dumps(report, indent=2))
     else:

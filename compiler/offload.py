@@ -151,6 +151,17 @@ def disk_runner(args, loaded, context: int, batch: int):
                         hint="give --offload-dir a writable directory") from None
 
 
+def score_runner(args, loaded, window: int):
+    """An OffloadRunner for ``score --offload disk``: the store ``generate`` uses (same key),
+    its prefill modules built with every position's logits and a KV cache of the window."""
+    from compiler.generation import module_for
+
+    spec = loaded.spec
+    runner = disk_runner(args, loaded, window, 1)
+    runner.build = lambda phase, b, length: module_for(spec, "prefill", b, length, length, logits="all")
+    return runner
+
+
 def disk_generator(args, loaded, context: int, batch: int):
     """(runner, generator) for ``--offload disk``."""
     from runtime.offload import OffloadGenerator

@@ -404,3 +404,35 @@ def write_offload_store(module: Module, prepared: dict[str, Any], directory: str
         a = np.asarray(jnp.asarray(prepared[p.name], dtype=JNP_DTYPES[p.type.dtype]))
         (layered if layer_split(p.type) else glob)[p.name] = a
     return write_store(directory, key, glob, layered)
+
+
+def stream_logits(runner: OffloadRunner) -> Callable[[np.ndarray], np.ndarray]:
+    """``logits_of`` for runtime.scoring.score_with with the layers streamed: every position's
+    logits [L, V] of a fresh prefill of ``tokens`` [1, L]. The runner's ``build`` must give
+    prefill modules with ``logits = all``; each layer's KV cache is zeros made inside its
+    program and dropped (scoring attends only within the window)."""
+    progs: dict[int, tuple[StreamPieces, Any, Any, Any]] = {}
+
+    def logits_of(tokens: np.ndarray) -> np.ndarray:
+        L = int(tokens.shape[1])
+        if L not in progs:
+            p = runner.pieces("prefill", 1, L)
+            shapes = [(t.shape[1:], JNP_DTYPES[t.dtype]) for t in p.cache_types]
+
+            def layer(carry: tuple, consts: tuple, weights: tuple, p: StreamPieces = p) -> tuple:
+                return p.layer(carry, consts, weights, tuple(jnp.zeros(s, d) for s, d in shapes))[0]
+
+            progs[L] = (p, jax.jit(p.before), jax.jit(layer), jax.jit(p.outputs))
+        p, before, layer_fn, outputs = progs[L]
+        ins = {"tokens": jnp.asarray(tokens, jnp.int32), "pos": jnp.arange(L, dtype=jnp.int32)[None, :]}
+        carry, consts, kept = before(runner.resident, ins)
+
+        def one(i: int, weights: tuple) -> Any:
+            nonlocal carry
+            carry = layer_fn(carry, consts, weights)
+            return carry
+
+        runner.run_layers(p.staged.streamed, one)
+        return np.asarray(outputs(runner.resident, ins, kept, carry))[0, :, :runner.vocab]
+
+    return logits_of

@@ -12,12 +12,14 @@ so the path is tested for equality here and measured where a GPU is lent.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from ir.errors import SpecError
-from ir.module import Function
+from ir.module import Function, Module
 from runtime.lower_jax import JaxBackend, layer_split
 
 
@@ -57,3 +59,39 @@ def host_bytes(params: dict) -> int:
     """Bytes of the weights held in host memory."""
     return sum(int(a.size) * a.dtype.itemsize for v in params.values() if isinstance(v, list) for a in v
                if a.sharding.memory_kind == "pinned_host")
+
+
+def host_logits(build: Callable[[int], Module], weights: Mapping[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """``logits_of`` for runtime.scoring.score_with with per-layer weights in pinned host memory
+    (moved to the device layer by layer inside each program): ``build(L)`` gives the prefill
+    module of length L with ``logits = all``; weights are prepared once, for the first one."""
+    from runtime.generate import prepared_weights
+    from runtime.lower_jax import JNP_DTYPES, JaxExecutor, entry_program
+
+    progs: dict[int, tuple[Function, Any, dict]] = {}
+    params: dict[str, Any] = {}
+
+    def split(x: Any, t: Any) -> Any:
+        a = np.asarray(x)
+        dt = JNP_DTYPES[t.dtype]
+        return [jnp.asarray(a[i], dt) for i in range(a.shape[0])] if layer_split(t) else jnp.asarray(a, dt)
+
+    def logits_of(tokens: np.ndarray) -> np.ndarray:
+        L = int(tokens.shape[1])
+        if L not in progs:
+            module = build(L)
+            fn = module.function("prefill")
+            if not params:
+                host = prepared_weights(JaxExecutor(module), weights)
+                params.update(place_on_host({p.name: split(host[p.name], p.type)
+                                             for p in fn.params_with_role("weight")}, fn))
+            program, _ = entry_program(module, "prefill", HostOffloadBackend(), split_layers=True)
+            caches = {p.name: split(np.zeros(p.type.shape, JNP_DTYPES[p.type.dtype]), p.type)
+                      for p in fn.params_with_role("cache")}
+            progs[L] = (fn, jax.jit(program), caches)
+        fn, prog, caches = progs[L]
+        env = {**params, **caches, "tokens": jnp.asarray(tokens, jnp.int32),
+               "pos": jnp.arange(L, dtype=jnp.int32)[None, :]}
+        return np.asarray(prog(*[env[p.name] for p in fn.params])[0])[0]
+
+    return logits_of

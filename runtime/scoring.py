@@ -47,20 +47,31 @@ def score_tokens(build: Callable[[int], Module], weights: Mapping[str, np.ndarra
                  window: int) -> Score:
     """Mean NLL of ``ids`` under the model; ``build(L)`` gives the prefill module of length L
     with ``logits = all``. One compiled program per distinct window length (at most two)."""
-    total, count = 0.0, 0
-    spans = windows(len(ids), window)
     executors: dict[int, tuple[JaxExecutor, dict]] = {}
-    for s, e in spans:
-        L = e - s
+
+    def logits_of(toks: np.ndarray) -> np.ndarray:
+        L = toks.shape[1]
         if L not in executors:
             ex = JaxExecutor(build(L))
             executors[L] = (ex, prepared_weights(ex, weights))
         ex, w = executors[L]
-        toks = np.asarray(ids[s:e], np.int32)[None, :]
         pos = np.arange(L, dtype=np.int32)[None, :]
         out = ex.call("prefill", {**w, **zero_caches(ex.module, "prefill"), "tokens": toks, "pos": pos})
-        logits = ex.to_host(out[0])[0]  # [L, V]
-        lp = log_softmax(logits[:-1])
+        return ex.to_host(out[0])[0]
+
+    return score_with(logits_of, ids, window)
+
+
+def score_with(logits_of: Callable[[np.ndarray], np.ndarray], ids: Sequence[int], window: int) -> Score:
+    """Mean NLL of ``ids`` given ``logits_of(tokens[1, L]) -> [L, V]`` (every position's logits
+    of a fresh prefill at positions 0..L-1), over :func:`windows`; shared by the resident and
+    the offloaded (runtime/offload.py, runtime/offload_host.py) scorers."""
+    total, count = 0.0, 0
+    spans = windows(len(ids), window)
+    for s, e in spans:
+        L = e - s
+        toks = np.asarray(ids[s:e], np.int32)[None, :]
+        lp = log_softmax(logits_of(toks)[:-1])
         total -= float(lp[np.arange(L - 1), toks[0, 1:]].sum())
         count += L - 1
     return Score(total, count, len(spans))

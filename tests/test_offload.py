@@ -188,3 +188,32 @@ def test_cli_offload_dir_that_is_a_file_is_a_clear_error(llama, tmp_path, capsys
     assert main(argv) == EXIT_ERROR
     err = capsys.readouterr().err
     assert "offload store" in err and "Traceback" not in err
+
+
+def test_score_offload_disk_and_host_equal_resident(tmp_path, capsys) -> None:
+    """`score --offload disk|host`: the perplexity of the resident run, over two window lengths
+    (the disk run through a budget of one layer buffer, so every layer is read per window)."""
+    from gen_helpers import checkpoint_with_tokenizer
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    checkpoint_with_tokenizer(d)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 5)
+    base = ["score", "--checkpoint", str(d), "--text", str(text), "--window", "16", "--json"]
+    assert main(base) == EXIT_OK
+    resident = json.loads(capsys.readouterr().out)
+    store = tmp_path / "store"
+    assert main(base + ["--offload", "disk", "--memory-budget", "1MB", "--offload-dir", str(store)]) == EXIT_OK
+    disk = json.loads(capsys.readouterr().out)
+    layout = read_layout(store)
+    budget = layout.globals_bytes + layout.layer_bytes
+    assert main(base + ["--offload", "disk", "--memory-budget", str(budget), "--offload-dir", str(store)]) == EXIT_OK
+    one = json.loads(capsys.readouterr().out)
+    assert main(base + ["--offload", "host"]) == EXIT_OK
+    host = json.loads(capsys.readouterr().out)
+    assert resident["windows"] >= 3 and resident["tokens"] % 16 not in (0, 1)  # two window lengths
+    assert one["offload"]["buffers"] == 1 and one["offload"]["layers_read"] >= resident["windows"] * layout.layers
+    for r in (disk, one, host):
+        assert r["scored"] == resident["scored"]
+        assert r["mean_nll"] == resident["mean_nll"]  # the same ops, layer by layer: bit-identical here
