@@ -215,3 +215,22 @@ def test_explain_prices_the_schedule_generate_runs() -> None:
     g = estimate_generation(base, a100, 128, 20, "bound")
     assert g.decode_s == pytest.approx(generate_steps(20, 2, 3) * (pp3.stage_step_s + pp3.head_s), rel=1e-6)
 
+
+
+@pytest.mark.slow  # ~10-25 s of XLA compile on this loaded CPU
+def test_jax_equals_the_simulator() -> None:
+    """The JAX lowering (shard_map, fori_loop, ppermute) runs the schedule the simulator runs:
+    the same greedy tokens on two stages."""
+    from runtime.lower_jax import JaxExecutor
+
+    B, K = 2, 3
+    spec = _spec("stage=2")
+    gen = module_for(spec, "generate_greedy", B, K, CTX)
+    pre = module_for(spec, "prefill", B, PROMPT, CTX)
+    samp = _samp(B, 0.0)
+    prompt, w, first, want, _ = _one_device("tiny-mqa", B, K, samp, seed=2)
+    _, caches = _prefill(SpmdExecutor(pre), w, prompt)
+    ex = JaxExecutor(gen)
+    out = ex.call("decode", {**prepared_weights(ex, w), **{n: np.asarray(c, np.float32) for n, c in caches.items()},
+                             **samp, "tokens": first[:, None], "pos": np.full((B, 1), PROMPT, np.int32)})
+    assert (np.asarray(out[0]) == want).all()
