@@ -1,6 +1,7 @@
-"""Rules of the pipeline ops (ir/pipeline_ops.py): the ``ppermute`` ring and the ``pipeline``
-micro-batch schedule, over the backend's axis_index, dynamic slices and fori_loop, so the numpy
-SPMD simulator and the JAX lowering run the same schedule.
+"""Rules of the pipeline ops (ir/pipeline_ops.py): the ``ppermute`` ring, the ``pipeline``
+micro-batch schedule and the ``pipeline_generate`` schedule that keeps the pipeline full across
+tokens (with ``sample``, ir/sample_ops.py), over the backend's axis_index, dynamic slices and
+fori_loop, so the numpy SPMD simulator and the JAX lowering run the same schedules.
 
 Each device runs the schedule of its own stage: at step t stage s takes micro-batch t - s
 (stage 0 takes it from the op's input, the others from what the previous stage sent), runs the
