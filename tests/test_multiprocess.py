@@ -131,10 +131,13 @@ def test_every_layout(n, tmp_path, capfd) -> None:
 # ---- generate across processes ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["safetensors", "gguf"])
+@pytest.fixture(scope="module", params=[pytest.param("safetensors", marks=pytest.mark.slow), "gguf"])
 def tiny_llama(request, tmp_path_factory):
     """A tiny Llama saved by transformers, or written as a GGUF (every storage type, q/k rows
-    permuted: tests/test_gguf.py) and read back by transformers' GGUF loader for the oracle."""
+    permuted: tests/test_gguf.py) and read back by transformers' GGUF loader for the oracle.
+    CI launches the GGUF only (each launch costs ~25 s here): the lazy, per-process path from
+    generate to make_array_from_callback is the same for both, and tests/test_sliced_weights.py
+    checks safetensors blocks."""
     import torch
     import transformers
 
