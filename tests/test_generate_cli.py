@@ -233,6 +233,7 @@ def test_smollm2_32_tokens_cli_and_api_equal_transformers(smol_hf, smol_tok, cap
     from compiler.spec import Spec
     from runtime.checkpoint import open_checkpoint
     from runtime.generator import GenerateRequest, Generator
+    from runtime.model_runner import bucket
     from runtime.sampling import SamplingParams
 
     ids = smol_tok(SMOL_PROMPT)["input_ids"]
@@ -243,7 +244,8 @@ def test_smollm2_32_tokens_cli_and_api_equal_transformers(smol_hf, smol_tok, cap
     assert r["text"][0] == smol_tok.decode(want, skip_special_tokens=True)
     ck = open_checkpoint(GGUF)
     spec = Spec(ck.model_spec(), path=str(GGUF))
-    runner = make_runner(spec, ck.load_weights(spec.model, weight_types(spec)), 128)
+    # the context the CLI chose (generate_cmd), so these programs come from the compilation cache
+    runner = make_runner(spec, ck.load_weights(spec.model, weight_types(spec)), bucket(len(ids)) + bucket(32))
     got = Generator(runner).generate(GenerateRequest.of([ids], SamplingParams(), 32))
     assert got.tokens == [want]
 
