@@ -234,6 +234,21 @@ def test_a_process_dies(dead, me, match) -> None:
     assert took < 60
 
 
+def test_abort_guard_reports_instead_of_an_abort() -> None:
+    """The mechanism behind the coordinator-dies case, without JAX: an abort() from a native call
+    on another thread (as JAX's error poll aborts) prints our message and exits 1, not 134."""
+    code = textwrap.dedent("""
+        import ctypes, threading, time
+        from runtime import abort_guard
+        assert abort_guard.install(lambda: "distributed error: process 1 of 2: process 0 has died", 1)
+        threading.Thread(target=ctypes.CDLL(None).abort).start()
+        time.sleep(30)
+    """)
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().endswith("distributed error: process 1 of 2: process 0 has died")
+
+
 def test_launch_shows_a_failing_process_and_its_status() -> None:
     r = einshard("launch", "-n", "2", "--", *RUN, "--ffn", "no-such-layout")
     assert r.returncode == 1
