@@ -70,9 +70,14 @@ def offload_builder(spec: Spec, cache_len: int, batch: int = 1) -> Callable[[str
     return build
 
 
-def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[], Mapping[str, np.ndarray]]) -> bool:
-    """Writes the offload store unless a matching one is there; True when it was written now."""
-    from runtime.offload import write_offload_store
+def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[], Mapping[str, np.ndarray]],
+                 budget: int | None = None) -> bool:
+    """Writes the offload store unless a matching one is there; True when it was written now.
+
+    ``load_weights`` may give lazy weights (runtime/sliced_weights.py): the conversion reads and
+    writes one @prepare group (one layer of it) at a time (runtime/offload_convert.py), so its
+    memory is about one tensor's, not the model's. A ``budget`` too small for the resident
+    weights and one layer is refused before anything is read."""
     from runtime.offload_store import read_layout
     from ir.errors import WeightsError
 
@@ -82,13 +87,25 @@ def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[
     except WeightsError:
         pass
     from compiler.generation import module_for
-    from runtime.generate import prepared_weights
-    from runtime.lower_jax import JaxExecutor
+    from runtime.offload import budget_slots
+    from runtime.offload_convert import convert_to_store, prepare_groups, store_plan
 
     module = module_for(spec, "decode", 1, 1, 8)
-    weights = load_weights()
-    prepared = prepared_weights(JaxExecutor(module), weights)
-    write_offload_store(module, dict(prepared), directory, key)
+    layout = store_plan(module, key)
+    if budget is not None:
+        budget_slots(budget, layout)
+    one = module_for(replace(spec, model=replace(spec.model, layers=1)), "decode", 1, 1, 8)
+    try:
+        prepare_groups(one)
+    except ValueError:  # a @prepare that mixes layers and globals: convert the whole model at once
+        from runtime.generate import prepared_weights
+        from runtime.lower_jax import JaxExecutor
+        from runtime.offload import write_offload_store
+
+        weights = {k: np.asarray(v) for k, v in load_weights().items()}
+        write_offload_store(module, dict(prepared_weights(JaxExecutor(module), weights)), directory, key)
+        return True
+    convert_to_store(one, layout, load_weights(), directory)
     return True
 
 
@@ -134,8 +151,6 @@ def check_offload_args(args) -> int | None:
 
 def disk_runner(args, loaded, context: int, batch: int):
     """The OffloadRunner for ``--offload disk``: the store is written first when missing."""
-    from compiler.generation import weight_types
-
     spec = loaded.spec
     if spec.mesh.n_devices > 1:
         raise SpecError("--offload disk streams layers on one device; drop --mesh")
@@ -144,7 +159,7 @@ def disk_runner(args, loaded, context: int, batch: int):
     key = store_key(args.checkpoint, spec)
     directory = args.offload_dir or default_store_dir(key)
     try:
-        ensure_store(spec, key, directory, lambda: loaded.checkpoint.load_weights(spec.model, weight_types(spec)))
+        ensure_store(spec, key, directory, lambda: _lazy(loaded.checkpoint, spec), budget)
         return make_offload_runner(spec, directory, key, context, budget, batch, prefetch=not args.no_prefetch)
     except OSError as e:
         raise FileError(f"cannot use the offload store in '{directory}': {e}",
@@ -160,6 +175,18 @@ def score_runner(args, loaded, window: int):
     runner = disk_runner(args, loaded, window, 1)
     runner.build = lambda phase, b, length: module_for(spec, "prefill", b, length, length, logits="all")
     return runner
+
+
+def _lazy(checkpoint, spec: Spec) -> Mapping:
+    """The checkpoint's weights, read only when indexed (a layer at a time) where the format allows."""
+    from compiler.generation import weight_types
+    from runtime.checkpoint import HFCheckpoint
+    from runtime.gguf import GGUFCheckpoint
+    from runtime.sliced_weights import lazy_weights
+
+    if isinstance(checkpoint, (HFCheckpoint, GGUFCheckpoint)):
+        return lazy_weights(checkpoint, spec.model, weight_types(spec))
+    return checkpoint.load_weights(spec.model, weight_types(spec))
 
 
 def disk_generator(args, loaded, context: int, batch: int):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ from ir.errors import SpecError, WeightsError
 from ir.module import Function, Module
 from runtime.generator import GenerateRequest, GenerateResult
 from runtime.kernels import Interpreter
-from runtime.lower_jax import JNP_DTYPES, JaxBackend, layer_split
+from runtime.kernels import RULES
+from runtime.lower_jax import JNP_DTYPES, JaxBackend, _noted_dequantize
 from runtime.model_runner import Caches, bucket, pack_prompts
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
@@ -98,10 +99,21 @@ class StreamPieces:
     cache_types: tuple[Any, ...]
 
 
-def stream_pieces(module: Module, phase: str, vocab: int) -> StreamPieces:
-    """Splits ``module``'s ``phase`` entry at its layer scan into traceable pieces."""
+def stream_pieces(module: Module, phase: str, vocab: int,
+                  perms: Mapping[str, tuple[int, ...]] | None = None) -> StreamPieces:
+    """Splits ``module``'s ``phase`` entry at its layer scan into traceable pieces. ``perms``:
+    weights given as ``logical.transpose(perm)`` (the store's [out, in] projections), read
+    as the resident program reads them (runtime/projections.py), so the numbers are its own."""
     st = stage_entry(module, phase)
-    interp = Interpreter(module, JaxBackend())
+    be = JaxBackend()
+    interp = Interpreter(module, be, {**RULES, "dequantize": _noted_dequantize})
+    perm = dict(perms or {})
+
+    def restore(name: str, a: Any) -> Any:
+        return a if perm.get(name) is None else be.sources.restore(a, perm[name], jnp)
+
+    def global_env(resident: dict) -> dict:
+        return {k: restore(k, v) for k, v in resident.items()}
     types = st.fn.value_types
     sc = st.scan
     carry_in = sc.operands[: sc.carry]
@@ -113,16 +125,17 @@ def stream_pieces(module: Module, phase: str, vocab: int) -> StreamPieces:
         raise SpecError(f"@{phase} uses per-layer scan results after the scan; streaming cannot split it")
 
     def before(resident: dict, inputs: dict) -> tuple[tuple, tuple, tuple]:
-        env = {**resident, **inputs}
+        env = {**global_env(resident), **inputs}
         _run_ops(interp, st.before, env, types)
         return (tuple(env[n] for n in carry_in), tuple(env[n] for n in consts_in), tuple(env[n] for n in kept))
 
     def layer(carry: tuple, consts: tuple, weights: tuple, caches: tuple) -> tuple[tuple, tuple]:
+        weights = tuple(restore(n, w) for n, w in zip(st.streamed, weights))
         outs = interp.call(st.body, (*carry, *consts, *weights, *caches))
         return tuple(outs[: sc.carry]), tuple(outs[sc.carry:])
 
     def outputs(resident: dict, inputs: dict, kept_vals: tuple, carry: tuple) -> jax.Array:
-        env = {**resident, **inputs, **dict(zip(kept, kept_vals)), **dict(zip(carry_out, carry))}
+        env = {**global_env(resident), **inputs, **dict(zip(kept, kept_vals)), **dict(zip(carry_out, carry))}
         _run_ops(interp, st.after, env, types)
         return env[st.fn.returns[0]]
 
@@ -158,15 +171,17 @@ def _sds(t: Any, per_layer: bool = False) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(t.shape[1:] if per_layer else t.shape), JNP_DTYPES[t.dtype])
 
 
-def _aot(s: _Step, resident: dict, batch: int) -> _Step:
+def _aot(s: _Step, resident: dict, batch: int, layout: StoreLayout) -> _Step:
     """The step with its three pieces compiled ahead of time (XLA compile outside the timed
-    loop), from the shapes alone: the entry's params, eval_shape through the pieces."""
+    loop), from the shapes alone: the entry's params and the store's (stored) weight shapes,
+    eval_shape through the pieces."""
     fn = s.staged.fn
     types = {p.name: p.type for p in fn.params}
     inputs = {p.name: _sds(p.type) for p in fn.params_with_role("input")}
     res = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in resident.items()}
     carry, consts, kept = jax.eval_shape(s.before, res, inputs)
-    weights = tuple(_sds(types[n], True) for n in s.staged.streamed)
+    slots = {sl.name: sl for sl in layout.layer}
+    weights = tuple(jax.ShapeDtypeStruct(slots[n].shape, JNP_DTYPES[types[n].dtype]) for n in s.staged.streamed)
     caches = tuple(_sds(types[n], True) for n in s.staged.caches)
     samp = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in SamplingArrays.of([SamplingParams()] * batch).as_tuple())
     first = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -244,7 +259,7 @@ class OffloadRunner:
         """The traceable pieces of ``phase`` at this shape (checked against the store), cached."""
         key = (phase, batch, length)
         if key not in self._pieces:
-            p = stream_pieces(self.build(phase, batch, length), phase, self.vocab)
+            p = stream_pieces(self.build(phase, batch, length), phase, self.vocab, dict(self.layout.perms))
             if tuple(p.staged.caches) != tuple(q.name for q in p.staged.fn.params_with_role("cache")):
                 raise SpecError(f"@{phase}: every KV cache must be a per-layer operand of the layer scan")
             names = {sl.name for sl in self.layout.layer}
@@ -258,7 +273,8 @@ class OffloadRunner:
     def step_fns(self, phase: str, batch: int, length: int, greedy: bool) -> _Step:
         key = (phase, batch, length, greedy)
         if key not in self._steps:
-            self._steps[key] = _aot(_compile_step(self.pieces(phase, batch, length), greedy), self.resident, batch)
+            self._steps[key] = _aot(_compile_step(self.pieces(phase, batch, length), greedy), self.resident, batch,
+                                     self.layout)
         return self._steps[key]
 
     def empty_cache(self, batch: int, context: int | None = None) -> Caches:
@@ -394,16 +410,10 @@ class OffloadGenerator:
 
 def write_offload_store(module: Module, prepared: dict[str, Any], directory: str | Path, key: str) -> StoreLayout:
     """Writes the prepared weights of ``module``'s decode entry to a store in ``directory``, in
-    the dtypes the entry declares (per-layer weights split into layer blocks)."""
-    from runtime.offload_store import write_store
+    the dtypes and stored layouts the resident runner uses (runtime/offload_convert.py)."""
+    from runtime.offload_convert import write_prepared
 
-    fn = module.function("decode")
-    glob: dict[str, np.ndarray] = {}
-    layered: dict[str, np.ndarray] = {}
-    for p in fn.params_with_role("weight"):
-        a = np.asarray(jnp.asarray(prepared[p.name], dtype=JNP_DTYPES[p.type.dtype]))
-        (layered if layer_split(p.type) else glob)[p.name] = a
-    return write_store(directory, key, glob, layered)
+    return write_prepared(module, prepared, directory, key)
 
 
 def stream_logits(runner: OffloadRunner) -> Callable[[np.ndarray], np.ndarray]:

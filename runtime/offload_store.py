@@ -26,7 +26,7 @@ import numpy as np
 
 from ir.errors import WeightsError
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: projection weights stored [out, in] (perms in the header)
 TENSOR_ALIGN = 64
 BLOCK_ALIGN = 4096
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
@@ -75,6 +75,12 @@ class StoreLayout:
     globals_bytes: int
     layer: tuple[TensorSlot, ...]
     stride: int
+    #: (name, perm): tensors held as ``logical.transpose(perm)`` (of one layer for per-layer
+    #: tensors): projection weights [out, in], as the resident runner keeps them
+    perms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def perm(self, name: str) -> tuple[int, ...] | None:
+        return dict(self.perms).get(name)
 
     @property
     def layer_bytes(self) -> int:
@@ -97,36 +103,89 @@ def _slots_of(rows: list[dict]) -> tuple[TensorSlot, ...]:
     return tuple(TensorSlot(r["name"], r["dtype"], tuple(r["shape"]), int(r["offset"])) for r in rows)
 
 
+def plan_store(key: str, layers: int, global_types: Mapping[str, tuple[str, tuple[int, ...]]],
+               layer_types: Mapping[str, tuple[str, tuple[int, ...]]],
+               perms: Mapping[str, tuple[int, ...]] | None = None) -> StoreLayout:
+    """The layout of a store from (dtype name, stored shape) per tensor (per-layer shapes
+    without N): known before any weight is read, so the budget is checked before converting."""
+    g_slots, g_bytes = _layout(global_types)
+    l_slots, stride = _layout(layer_types)
+    return StoreLayout(key, layers, g_slots, g_bytes, l_slots, stride,
+                       tuple((k, tuple(int(i) for i in v)) for k, v in sorted((perms or {}).items())))
+
+
+class StoreWriter:
+    """Writes a planned store one tensor at a time (``pwrite`` at its offset), so converting a
+    checkpoint holds one tensor, not the model; ``finish`` publishes it (header last)."""
+
+    def __init__(self, directory: str | Path, layout: StoreLayout):
+        self.dir, self.layout = Path(directory), layout
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dir / "weights.bin.tmp"
+        self.fd = os.open(str(self.tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, layout.file_bytes)  # unwritten padding reads as zeros
+        self._globals = {s.name: s for s in layout.globals_}
+        self._layer = {s.name: s for s in layout.layer}
+        self.written: set[tuple[str, int | None]] = set()
+
+    def _put(self, s: TensorSlot, base: int, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=_DTYPES[s.dtype])
+        if a.shape != s.shape:
+            raise WeightsError(f"offload store: '{s.name}' has shape {a.shape}, the layout says {s.shape}")
+        mv = a.reshape(-1).view(np.uint8).data
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self.fd, mv[done:], base + s.offset + done)
+
+    def put_global(self, name: str, a: np.ndarray) -> None:
+        self._put(self._globals[name], 0, a)
+        self.written.add((name, None))
+
+    def put_layer(self, i: int, name: str, a: np.ndarray) -> None:
+        self._put(self._layer[name], self.layout.layer_offset(i), a)
+        self.written.add((name, i))
+
+    def finish(self) -> StoreLayout:
+        want: set[tuple[str, int | None]] = {(s.name, None) for s in self.layout.globals_}
+        want |= {(s.name, i) for s in self.layout.layer for i in range(self.layout.layers)}
+        if want - self.written:
+            os.close(self.fd)
+            raise WeightsError(f"offload store: {len(want - self.written)} tensors were not written "
+                               f"(first: {sorted(want - self.written, key=str)[0]})")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        os.replace(self.tmp, self.dir / "weights.bin")
+        L = self.layout
+        header = {"version": STORE_VERSION, "key": L.key, "layers": L.layers, "globals_bytes": L.globals_bytes,
+                  "stride": L.stride, "globals": _slots_json(L.globals_), "layer": _slots_json(L.layer),
+                  "perms": {k: list(v) for k, v in L.perms}}
+        (self.dir / "store.json").write_text(json.dumps(header, indent=1))
+        return L
+
+    def abort(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_store(directory: str | Path, key: str, global_weights: Mapping[str, np.ndarray],
                 layer_weights: Mapping[str, np.ndarray]) -> StoreLayout:
     """Writes the store: ``layer_weights`` are stacked [N, ...] arrays (each layer's slice goes to
     its block), ``global_weights`` are written once. Arrays must already have their served dtypes."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     stacked = {k: np.asarray(v) for k, v in layer_weights.items()}
     ns = {a.shape[0] for a in stacked.values()}
     if len(ns) != 1:
         raise WeightsError(f"offload store: per-layer weights disagree on the layer count: {sorted(ns)}")
     n = ns.pop()
-    g_slots, g_bytes = _layout({k: (np.asarray(v).dtype.name, np.asarray(v).shape) for k, v in global_weights.items()})
-    l_slots, stride = _layout({k: (a.dtype.name, a.shape[1:]) for k, a in stacked.items()})
-    layout = StoreLayout(key, n, g_slots, g_bytes, l_slots, stride)
-    tmp = d / "weights.bin.tmp"
-    with open(tmp, "wb") as f:
-        block = bytearray(g_bytes)
-        for s in g_slots:
-            s.view(memoryview(block))[...] = np.asarray(global_weights[s.name])
-        f.write(block)
-        for i in range(n):
-            block = bytearray(stride)
-            for s in l_slots:
-                s.view(memoryview(block))[...] = stacked[s.name][i]
-            f.write(block)
-    os.replace(tmp, d / "weights.bin")
-    header = {"version": STORE_VERSION, "key": key, "layers": n, "globals_bytes": g_bytes, "stride": stride,
-              "globals": _slots_json(g_slots), "layer": _slots_json(l_slots)}
-    (d / "store.json").write_text(json.dumps(header, indent=1))
-    return layout
+    glob = {k: np.asarray(v) for k, v in global_weights.items()}
+    layout = plan_store(key, n, {k: (v.dtype.name, v.shape) for k, v in glob.items()},
+                        {k: (a.dtype.name, a.shape[1:]) for k, a in stacked.items()})
+    w = StoreWriter(directory, layout)
+    for k, v in glob.items():
+        w.put_global(k, v)
+    for i in range(n):
+        for k, a in stacked.items():
+            w.put_layer(i, k, a[i])
+    return w.finish()
 
 
 def read_layout(directory: str | Path, key: str | None = None) -> StoreLayout:
@@ -142,7 +201,8 @@ def read_layout(directory: str | Path, key: str | None = None) -> StoreLayout:
     if key is not None and h.get("key") != key:
         raise WeightsError(f"offload store '{d}' holds other weights (key {h.get('key')}, wanted {key})")
     layout = StoreLayout(h["key"], int(h["layers"]), _slots_of(h["globals"]), int(h["globals_bytes"]),
-                         _slots_of(h["layer"]), int(h["stride"]))
+                         _slots_of(h["layer"]), int(h["stride"]),
+                         tuple((k, tuple(v)) for k, v in sorted(h.get("perms", {}).items())))
     size = (d / "weights.bin").stat().st_size if (d / "weights.bin").exists() else -1
     if size != layout.file_bytes:
         raise WeightsError(f"offload store '{d}': weights.bin has {size} bytes, the header says {layout.file_bytes}",
