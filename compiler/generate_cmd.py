@@ -281,6 +281,9 @@ def run_generate(args: argparse.Namespace) -> int:
     }
     report["weight_bytes"] = runner.weight_bytes()
     report["roofline_fraction"] = roofline_fraction(runner, res.step_ms_p50, B, res.context or None)
+    schedules = getattr(getattr(gen, "pipelined", None), "schedules", None)
+    if schedules:  # pipeline stages: decode as one call kept full (runtime/pipelined_generate.py)
+        report["decode_schedule"] = list(schedules.values())[-1]
     if args.offload == "disk":
         from compiler.offload import offload_report
 

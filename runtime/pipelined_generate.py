@@ -38,6 +38,8 @@ class PipelinedDecode:
         self.runner = runner
         self._fns: dict[tuple[int, int, bool, int | None], Callable] = {}
         self.steps: dict[tuple[int, int, bool, int | None], int] = {}
+        #: per compiled program: stages, micro-batches, tokens per call, stage steps (and per token)
+        self.schedules: dict[tuple[int, int, bool, int | None], dict[str, float]] = {}
 
     def fn(self, batch: int, tokens: int, greedy: bool, context: int | None = None) -> Callable:
         """(params, caches, tok [B], pos [B], samp) -> (new tokens [B, K], caches): ``tok`` at
@@ -50,7 +52,11 @@ class PipelinedDecode:
             module = r.build("generate_greedy" if greedy else "generate", batch, tokens, ctx)
             fn = module.function("decode")
             gen = next(op for op in fn.ops if op.kind == "pipeline_generate")
-            self.steps[key] = gen.steps(module.mesh_sizes[gen.axis])
+            S, M, steps = module.mesh_sizes[gen.axis], gen.microbatches, gen.steps(module.mesh_sizes[gen.axis])
+            self.steps[key] = steps
+            self.schedules[key] = {"stages": S, "microbatches": M, "tokens_per_call": tokens, "stage_steps": steps,
+                                   "stage_steps_per_token": steps / tokens, "one_token_call_steps": M + S - 1,
+                                   "bubble": 1 - tokens * M / steps}
             program, _ = entry_program(module, "decode", r.backend, split_layers=r.split_layers)
             names = [p.name for p in fn.params]
             caches_of = [p.name for p in fn.params_with_role("cache")]

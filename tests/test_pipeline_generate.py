@@ -192,6 +192,8 @@ def test_generator_on_stages_gives_the_one_device_tokens(tmp_path) -> None:
     got = gen.generate(GenerateRequest.of(prompts, params, budgets, (7,)))
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
     assert list(gen.pipelined.steps.values()) == [(9 - 2) * 4 + 4 + 4 - 1]  # one call made all 8 tokens per row
+    (sched,) = gen.pipelined.schedules.values()  # what `generate --json` reports as decode_schedule
+    assert sched["stage_steps_per_token"] == pytest.approx(35 / 8) and sched["one_token_call_steps"] == 7
 
 
 def test_explain_prices_the_schedule_generate_runs() -> None:
