@@ -223,7 +223,9 @@ def _put(a: Any, t: Any, mesh: Any, split: bool = True, perm: tuple[int, ...] | 
     """A host array onto the device(s), as the param type lays it out; a per-layer (N-stacked)
     value becomes a list of N arrays (see runtime.lower_jax.entry_program's split_layers).
     ``perm``: stored as ``transpose(perm)`` of that (of each layer's array when split)."""
-    x = a if is_lazy(a) else np.asarray(a)  # a lazy weight is read block by block in _put_one
+    # a lazy weight is read block by block in _put_one; a device array (made by @prepare, int8)
+    # stays on device: across processes it cannot be read back whole
+    x = a if is_lazy(a) or (isinstance(a, jax.Array) and not a.is_fully_addressable) else np.asarray(a)
     if layer_split(t) and split:
         return [_put_one(x[i], t, mesh, perm) for i in range(x.shape[0])]
     return _put_one(x, t, mesh, perm)
@@ -232,6 +234,8 @@ def _put(a: Any, t: Any, mesh: Any, split: bool = True, perm: tuple[int, ...] | 
 def _put_one(x: np.ndarray, t: Any, mesh: Any, perm: tuple[int, ...] | None = None) -> jax.Array:
     if mesh is not None and jax.process_count() > 1:  # each process builds only its devices' shards
         spec = _spec(t, layer_split(t) and x.ndim < len(t.dims))
+        if isinstance(x, jax.Array):  # relaid out on device, by every process together
+            return jax.jit(lambda y: y.astype(JNP_DTYPES[t.dtype]), out_shardings=NamedSharding(mesh, spec))(x)
         return global_array(x.shape, JNP_DTYPES[t.dtype], NamedSharding(mesh, spec), x.__getitem__)
     split = layer_split(t) and x.ndim < len(t.dims)
     y = jnp.asarray(transpose_host(x, perm), dtype=JNP_DTYPES[t.dtype])

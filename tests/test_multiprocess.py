@@ -169,6 +169,20 @@ def test_launch_generate_equals_transformers(tiny_llama) -> None:
     assert json.loads(r.stdout)["tokens"] == [want]
 
 
+@pytest.mark.slow
+def test_launch_generate_int8_equals_one_process(tmp_path) -> None:
+    """int8 weights are quantized on device by @prepare; across processes they stay there (a
+    global array cannot be read back whole) and give one process's tokens."""
+    from test_gguf import _write_tiny_gguf
+
+    _write_tiny_gguf(tmp_path / "tiny.gguf", tied=False)
+    argv = ["generate", "--checkpoint", str(tmp_path / "tiny.gguf"), "--prompt-ids", "1,5,7,9,11",
+            "--max-new-tokens", "8", "--mesh", "x=2,y=2", "--weights", "int8", "--json"]
+    one, two = einshard(*argv), einshard("launch", "-n", "2", "--", *argv)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    assert json.loads(two.stdout)["tokens"] == json.loads(one.stdout)["tokens"]
+
+
 # ---- faults: every process ends, in bounded time, naming itself --------------------------------
 
 
