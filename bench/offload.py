@@ -246,15 +246,15 @@ def child(a: argparse.Namespace, *extra: str) -> dict:
 
 def build_store(a: argparse.Namespace) -> None:
     use_cpu_devices(1)
-    from compiler.generation import weight_types
-    from compiler.offload import ensure_store, store_key
+    from compiler.offload import checkpoint_weights, ensure_store, parse_size, store_key
     from compiler.spec import Spec
     from runtime.checkpoint import open_checkpoint
 
     ck = open_checkpoint(a.checkpoint)
     spec = Spec(ck.model_spec(), path=str(a.checkpoint))
     key = store_key(a.checkpoint, spec)
-    ensure_store(spec, key, a.store, lambda: ck.load_weights(spec.model, weight_types(spec)))
+    # the conversion reads the checkpoint a layer at a time (runtime/offload_convert.py)
+    ensure_store(spec, key, a.store, lambda: checkpoint_weights(ck, spec), parse_size(a.budget))
     print("RESULT " + json.dumps({"key": key}))
 
 

@@ -159,7 +159,7 @@ def disk_runner(args, loaded, context: int, batch: int):
     key = store_key(args.checkpoint, spec)
     directory = args.offload_dir or default_store_dir(key)
     try:
-        ensure_store(spec, key, directory, lambda: _lazy(loaded.checkpoint, spec), budget)
+        ensure_store(spec, key, directory, lambda: checkpoint_weights(loaded.checkpoint, spec), budget)
         return make_offload_runner(spec, directory, key, context, budget, batch, prefetch=not args.no_prefetch)
     except OSError as e:
         raise FileError(f"cannot use the offload store in '{directory}': {e}",
@@ -177,7 +177,7 @@ def score_runner(args, loaded, window: int):
     return runner
 
 
-def _lazy(checkpoint, spec: Spec) -> Mapping:
+def checkpoint_weights(checkpoint, spec: Spec) -> Mapping:
     """The checkpoint's weights, read only when indexed (a layer at a time) where the format allows."""
     from compiler.generation import weight_types
     from runtime.checkpoint import HFCheckpoint
