@@ -220,6 +220,10 @@ def test_score_offload_disk_and_host_equal_resident(tmp_path, capsys) -> None:
         # the store keeps projections [out, in] as the generation runner does (resident score
         # multiplies [in, out]): the f32 dots sum in another order, ~1e-9 apart
         assert r["mean_nll"] == pytest.approx(resident["mean_nll"], rel=1e-7)
+    for mode in (["disk", "--memory-budget", "1MB", "--offload-dir", str(store)], ["host"]):  # one device only
+        assert main(base + ["--mesh", "x=2", "--offload", *mode]) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert "one device; drop --mesh" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("family,weights", [("llama", "f32"), ("llama", "int8"), ("falcon", "f32")])
