@@ -195,6 +195,65 @@ def run_interleaved(a: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def run_serve(a: argparse.Namespace) -> None:
+    """The serving engine on the streamed runner against the resident one: ``--serve R`` requests
+    (8-token prompts, ``--new`` tokens each, greedy) submitted at once into ``--batch`` slots;
+    generated tokens per second of a second, compiled run, resident and streamed interleaved
+    over ``--rounds``. Every fused iteration is one pass over the store, so more slots share
+    each fetched layer."""
+    use_cpu_devices(1)
+    import numpy as np
+
+    from compiler.generation import make_runner, weight_types
+    from compiler.offload import make_offload_runner, parse_size, store_key
+    from compiler.spec import Spec
+    from runtime.checkpoint import open_checkpoint
+    from runtime.model_runner import enable_compile_cache
+    from runtime.sampling import SamplingParams, sample
+    from runtime.serving.engine import Engine
+    from runtime.serving.kernels_streamed import StreamedKernels
+    from runtime.serving.request import Request
+    from runtime.serving.scheduler import SchedulerConfig
+
+    enable_compile_cache()
+    ck = open_checkpoint(a.checkpoint)
+    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    context, S = 64, a.batch
+    key = a.key or store_key(a.checkpoint, spec)
+    engines = {
+        "resident": Engine(make_runner(spec, ck.load_weights(spec.model, weight_types(spec)), context, batch=S),
+                           SchedulerConfig(slots=S)),
+    }
+    orun = make_offload_runner(spec, a.store, key, context, parse_size(a.budget), S)
+    engines["streamed"] = Engine(orun, SchedulerConfig(slots=S), kernels=StreamedKernels(orun, S, 1, sample))
+    reqs = [Request(str(i), tuple(int(t) for t in (np.arange(8) * 37 + i * 11) % spec.model.vocab), SamplingParams(), a.new)
+            for i in range(a.serve)]
+
+    def once(e: Engine) -> tuple[float, dict]:
+        for r in reqs:
+            e.submit(r)
+        t0 = time.perf_counter()
+        toks: dict[str, list[int]] = {}
+        for ev in e.run():
+            if ev.token is not None:
+                toks.setdefault(ev.request_id, []).append(ev.token)
+        return time.perf_counter() - t0, toks
+
+    want = {n: once(e)[1] for n, e in engines.items()}  # compiles every shape
+    times: dict[str, list[float]] = {n: [] for n in engines}
+    for _ in range(a.rounds):
+        for n, e in engines.items():
+            dt, toks = once(e)
+            assert toks == want[n]
+            times[n].append(dt)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    out = {"requests": a.serve, "slots": S, "new": a.new, "same_tokens": want["streamed"] == want["resident"],
+           **{f"{n}_tok_s": a.serve * a.new / med[n] for n in med},
+           "fraction": med["resident"] / med["streamed"], "buffers": orun.slots}
+    orun.close()
+    print("RESULT " + json.dumps(out))
+
+
 def run_baseline() -> None:
     """The runtime's floor: JAX imported and one small program compiled and run."""
     use_cpu_devices(1)
@@ -282,6 +341,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per batch (step times: their median)")
     ap.add_argument("--predict-from", type=Path, help="print the cost model's predictions for a saved --out file")
     ap.add_argument("--cache", choices=("cold", "warm"), default="warm", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", type=int, help="serving engine: this many requests into --batch slots, "
+                    "resident vs streamed (warm page cache), tokens/s")
     a = ap.parse_args()
     work = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "einshard" / "bench-offload"
     if a.tiny:
@@ -297,6 +358,10 @@ def main() -> None:
         return predict(a, saved.get("interleaved") or saved["rows"])
     if a.build_store:
         return build_store(a)
+    if a.serve:
+        if not (a.store / "store.json").exists():
+            a.key = child(a, "--build-store")["key"]
+        return run_serve(a)
     if a.one:
         return run_one(a)
     if a.interleave:
