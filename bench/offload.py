@@ -18,6 +18,7 @@ median decode time (tokens/s = batch / step). The streamed tokens must equal the
 
     python bench/offload.py                    # SmolLM2-135M as f32 safetensors (written once from the GGUF), 200MB
     python bench/offload.py --tiny             # a tiny random Llama (smoke test)
+    python bench/offload.py --serve 16 --batch 16   # the serving engine, 16 requests in 16 slots
 
 The machine is shared: run the configurations interleaved (they are, batch by batch) and read
 the ratios, not the absolute times.
