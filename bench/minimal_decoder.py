@@ -38,9 +38,14 @@ class Shape:
     theta: float
 
 
-def minimal_params(runner_params: dict[str, Any]) -> dict[str, Any]:
-    """The runner's device weights as plain per-layer 2-D matrices (reshapes: no copies)."""
-    p = runner_params
+def minimal_params(runner_params: dict[str, Any], layouts: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """The runner's device weights as plain per-layer 2-D matrices (reshapes: no copies). Weights
+    the runner stores ``[out, in]`` (``layouts``: runtime/projections.py) are transposed back
+    once, here, so that this decoder stays the plain ``x @ W[in, out]`` one."""
+    p = dict(runner_params)
+    for name, perm in (layouts or {}).items():
+        inv = tuple(int(i) for i in np.argsort(perm))
+        p[name] = [jnp.transpose(w, inv) for w in p[name]] if isinstance(p[name], list) else jnp.transpose(p[name], inv)
 
     def layers(name: str, shape: Callable[[Any], tuple[int, ...]]) -> list[jax.Array]:
         return [w.reshape(shape(w)) for w in p[name]]
@@ -129,7 +134,7 @@ def minimal_run(runner: Any, gen: Any, model: Any, prompt: np.ndarray, steps: in
     B, P = prompt.shape
     ctx = runner.context_for(max(bucket(P), P + steps + 1))  # what Generator compiles for the same request
     loop = make_loop(shape_of(model), steps)
-    mp = minimal_params(runner.params)
+    mp = minimal_params(runner.params, runner.layouts)
 
     def run() -> tuple[float, list[int]]:
         first, caches = _prefill_first(gen, runner, prompt, runner.empty_cache(B, ctx), ctx)
