@@ -81,8 +81,28 @@ def _function(nodeid: str) -> str:
     return _key(nodeid).split("[", 1)[0]
 
 
+class _CostQueue(OrderedDict):
+    """xdist's work queue (scope -> {nodeid: done}) whose next unit is the costliest one left.
+
+    The base class fills it in one go, then takes units with ``popitem(last=False)``; the order
+    is settled at the first take. (Reordering the collections instead would break xdist, which
+    sends workers indices into their own collection.)"""
+
+    def popitem(self, last: bool = True) -> tuple[Any, Any]:
+        if not getattr(self, "_sorted", False):
+            self._sorted = True
+            costs = unit_costs({scope: list(tests) for scope, tests in self.items()})
+            for scope in sorted(self, key=lambda s: costs[s], reverse=True):  # stable for ties
+                self.move_to_end(scope)
+        return super().popitem(last=last)
+
+
 class CostOrderedScheduling(LoadFileScheduling):
-    """loadfile, with units ordered by cost (largest first) and the ``SPLIT`` files cut by function."""
+    """loadfile, with units taken costliest first and the ``SPLIT``/``PER_TEST`` files cut finer."""
+
+    def __init__(self, config: Any, log: Any = None) -> None:
+        super().__init__(config, log)
+        self.workqueue = _CostQueue()
 
     def _split_scope(self, nodeid: str) -> str:
         path = nodeid.split("::", 1)[0]
@@ -92,32 +112,19 @@ class CostOrderedScheduling(LoadFileScheduling):
             return nodeid.split("[", 1)[0]  # file::function (its parametrizations stay together)
         return path
 
-    def schedule(self) -> None:
-        if self.collection is None and self.collection_is_completed:
-            self.config.option.loadscopereorder = False  # the base class keeps our order
-            for node, ids in list(self.registered_collections.items()):
-                self.registered_collections[node] = self._ordered(ids)
-        super().schedule()
 
-    def _ordered(self, ids: list[str]) -> list[str]:
-        units: OrderedDict[str, list[str]] = OrderedDict()
-        for nodeid in ids:
-            units.setdefault(self._split_scope(nodeid), []).append(nodeid)
+def unit_costs(units: dict[str, list[str]]) -> dict[str, float]:
+    """Each unit's share of the COST_S figures that price its tests."""
+    def key(nodeid: str) -> str | None:
+        """The most specific COST_S key that prices this test."""
+        return next((k for k in (_key(nodeid), _function(nodeid), _file(nodeid)) if k in COST_S), None)
 
-        def key(nodeid: str) -> str | None:
-            """The most specific COST_S key that prices this test."""
-            return next((k for k in (_key(nodeid), _function(nodeid), _file(nodeid)) if k in COST_S), None)
-
-        priced_by: dict[str | None, int] = {}  # tests per key (a file's cost is shared by the rest)
+    priced_by: dict[str | None, int] = {}  # tests per key (a file's cost is shared by the rest)
+    for ids in units.values():
         for nodeid in ids:
             priced_by[key(nodeid)] = priced_by.get(key(nodeid), 0) + 1
-
-        def cost(scope: str) -> float:
-            """The unit's share of the costs that price its tests."""
-            return sum(DEFAULT_TEST_S if (k := key(n)) is None else COST_S[k] / priced_by[k] for n in units[scope])
-
-        order = sorted(units, key=cost, reverse=True)  # stable: ties keep collection order
-        return [nodeid for scope in order for nodeid in units[scope]]
+    return {scope: sum(DEFAULT_TEST_S if (k := key(n)) is None else COST_S[k] / priced_by[k] for n in ids)
+            for scope, ids in units.items()}
 
 
 def make_scheduler(config: Any, log: Any) -> CostOrderedScheduling | None:
