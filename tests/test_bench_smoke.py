@@ -21,7 +21,7 @@ SMALL = {
     "serving.py": ["--small", "--schedulers", "static", "fused-compact", "--traces", "poisson",
                    "--loads", "near-saturation"],
     "calibrate.py": ["--max-evals", "2", "--fix", "link=1"],
-    "generate.py": ["--tiny", "--repeats", "1", "--steps", "4", "--prompt", "8", "--prefill", "16", "--batches", "1,2"],
+    "generate.py": ["--tiny", "--repeats", "1", "--steps", "4", "--prompt", "8", "--prefill", "16", "--batches", "2"],
     "offload.py": ["--tiny", "--batches", "2", "--new", "3", "--rounds", "1"],
     "multihost.py": ["--repeats", "1", "--sizes-kib", "64"],
     "gpu_generate.py": ["--tiny"],
