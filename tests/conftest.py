@@ -1,12 +1,17 @@
 """Test set-up: simulated CPU devices, a persistent JAX compilation cache, hypothesis profiles."""
 
 import os
+import sys
 from pathlib import Path
 
 # Must happen before JAX is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _ROOT = Path(__file__).resolve().parent.parent
+# This checkout's packages, not another's: the console script `pytest` puts no working directory
+# on sys.path, so a copy of the repository that shares a venv installed editable from another
+# tree would test that tree's compiler/runtime (seen: copies "failing" on a live tree's edits).
+sys.path.insert(0, str(_ROOT))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,3 +42,14 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist_schedule import make_scheduler
 
     return make_scheduler(config, log)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fails the run at once when the packages under test come from another tree."""
+    import compiler
+    import runtime
+
+    for mod in (compiler, runtime):
+        where = Path(mod.__file__ or "").resolve()
+        if _ROOT not in where.parents:
+            raise pytest.UsageError(f"{mod.__name__} imported from {where}, not from this checkout {_ROOT}")
