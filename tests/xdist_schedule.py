@@ -3,14 +3,16 @@
 xdist's loadfile hands out whole files, largest test *count* first. Test counts say little here:
 one SmolLM2 or pipeline-stage file costs minutes with a few dozen tests, while hundreds of
 hypothesis and golden cases cost seconds. A costly file that starts last leaves the other worker
-idle until it ends. This scheduler orders the work units by their measured cost instead
+idle until it ends. This scheduler orders the work units by their estimated cost instead
 (longest-processing-time-first, which keeps the two workers' end times close), and cuts the
 files listed in ``SPLIT`` into one unit per test function: their costly tests share no
 module-scoped fixture, so the two workers may run them side by side (the files in ``PER_TEST``:
 one unit per test, e.g. one bench script per subprocess).
 
-``COST_S`` holds seconds per file from `--durations=0` of a cold-cache run (JAX's persistent
-cache empty) on the 2-core machine; a file that is not listed is priced by its number of tests.
+``COST_S`` holds estimated CPU seconds per file (or function, or test) of a cold-cache run (JAX's
+persistent cache empty): per-test wall times of cold runs on the loaded 2-core machine scaled by
+their CPU/wall ratio (about 1/3.5), and the tests' own notes. A file that is not listed is
+priced by its number of tests.
 Stale figures only cost balance, never correctness: every test still runs exactly once.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 from xdist.scheduler import LoadFileScheduling
 
-#: cold-cache seconds per test file (the sum of its tests' setup + call + teardown), per
+#: cold-cache CPU seconds per test file (the sum of its tests' setup + call + teardown), per
 #: ``file::function`` (shared by its parametrizations) or per test (``file::function[params]``);
 #: a file's figure covers its tests that no function or test entry prices
 COST_S: dict[str, float] = {
@@ -31,11 +33,14 @@ COST_S: dict[str, float] = {
     "test_partition_jax.py": 60.0,
     "test_generate_cli.py": 330.0,  # SmolLM2: 32 tokens, chat, x=2,y=2 and x=2,y=2,z=2
     "test_multiprocess.py": 330.0,
-    "test_bench_smoke.py": 280.0,
+    "test_bench_smoke.py::test_bench_script_runs[gpu_generate.py]": 62.0,
+    "test_bench_smoke.py::test_bench_script_runs[cost_model_vs_measured.py]": 58.0,
+    "test_bench_smoke.py::test_bench_script_runs[generate.py]": 50.0,
+    "test_bench_smoke.py": 110.0,
     "test_moe.py": 180.0,
     "test_stages.py::test_serving_engine_on_stages_gives_the_one_device_tokens": 40.0,
     "test_stages.py": 135.0,
-    "test_generate.py": 190.0,
+    "test_generate.py": 290.0,
     "test_moe_layouts.py": 160.0,
     "test_serving_engine.py": 150.0,
     "test_partition_spmd.py": 120.0,
