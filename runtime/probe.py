@@ -95,13 +95,6 @@ def _measure() -> dict:
     return chip_fields(CpuProbe().sample())
 
 
-def store_cpu(data: dict, cache_dir: Path | None = None) -> None:
-    """Caches ``data`` as the probe's figures (a benchmark that measured them in its own run)."""
-    d = cache_dir or default_cache_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "cpu-probe.json").write_text(json.dumps({**data, "version": PROBE_VERSION}, indent=1))
-
-
 def measure_cpu(cache_dir: Path | None = None, refresh: bool = False) -> dict:
     """The cpu chip's fields (see compiler/cost/hardware.py), from the cache or measured now."""
     d = cache_dir or default_cache_dir()

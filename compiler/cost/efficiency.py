@@ -59,8 +59,12 @@ class Efficiency:
                 self.layer_overhead_s) == (1.0, 0.0, 1.0, 1.0, 0.0, 0.0)
 
     def flops_fraction(self, smallest_dim: float) -> float:
-        """Achieved fraction of peak for a matmul whose smallest local dimension is ``smallest_dim``."""
-        if self.matmul_half <= 0 or math.isinf(smallest_dim):  # inf: a one-operand einsum (a sum, no matmul)
+        """Achieved fraction of peak for a matmul whose smallest local dimension is ``smallest_dim``.
+        A matrix-vector product (one row or column) is its own kernel, bound by the memory it
+        streams (XLA CPU's gemv; on a TPU one row costs what streaming the weight does), so it
+        keeps ``flops``: priced by the shape curve, a CPU fit could not make an 8-row decode
+        matmul slower than a 1-row one, as XLA CPU runs them (2-3x)."""
+        if self.matmul_half <= 0 or math.isinf(smallest_dim) or smallest_dim <= 1:  # inf: a sum, no matmul
             return self.flops
         return self.flops * smallest_dim / (smallest_dim + self.matmul_half)
 
