@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ir.ops import Op, Symbol, fail, op_kind, require_not_partial
+from ir.ops import InferContext, Op, Symbol, fail, op_kind, require_not_partial
 from ir.types import Dim, TensorType
 
 
@@ -64,6 +64,19 @@ def stage_view(t: TensorType, axis: str, stages: int, microbatches: int) -> Tens
     return TensorType(t.dtype, tuple(dims), t.partial)
 
 
+def check_row_blocks(kind: str, ins: tuple[TensorType, ...], ctx: InferContext, blocks: int,
+                     microbatches: int) -> None:
+    """Every operand with a batch dim must cut into the same micro-batch rows on every device:
+    ``blocks`` a multiple of B's shards, B a multiple of ``blocks * microbatches`` (shared by
+    ``pipeline`` and ``pipeline_generate``, whose schedules slice rows the same way)."""
+    for t in ins:
+        if t.has("B"):
+            k = math.prod(ctx.mesh[a] for a in t.dim("B").axes)
+            if blocks % k or t.size("B") % (blocks * microbatches):
+                raise fail(f"{kind}: B of {t} does not cut into {microbatches} micro-batches over "
+                           f"{blocks} row blocks (blocks must be a multiple of B's {k} shards)")
+
+
 @op_kind("pipeline")
 @dataclass(frozen=True, kw_only=True)
 class Pipeline(Op):
@@ -97,12 +110,7 @@ class Pipeline(Op):
         require_not_partial("pipeline", x)
         if self.axis in x.mesh_axes:
             raise fail(f"pipeline: the activation must be replicated over '{self.axis}', got {x}")
-        for t in ins:
-            if t.has("B"):
-                k = math.prod(ctx.mesh[a] for a in t.dim("B").axes)
-                if self.blocks % k or t.size("B") % (self.blocks * self.microbatches):
-                    raise fail(f"pipeline: B of {t} does not cut into {self.microbatches} micro-batches over "
-                               f"{self.blocks} row blocks (blocks must be a multiple of B's {k} shards)")
+        check_row_blocks("pipeline", ins, ctx, self.blocks, self.microbatches)
         expect = tuple(stage_view(t, self.axis, stages, self.microbatches) for t in ins)
         got = tuple(p.type for p in fn.params)
         if expect != got:
@@ -175,12 +183,7 @@ class PipelineGenerate(Op):
             require_not_partial("pipeline_generate", t)
             if t.mesh_axes or not t.has("B"):
                 raise fail(f"pipeline_generate: the per-row operands must be replicated with a B dim, got {t}")
-        for t in ins:
-            if t.has("B"):
-                k = math.prod(ctx.mesh[a] for a in t.dim("B").axes)
-                if self.blocks % k or t.size("B") % (self.blocks * self.microbatches):
-                    raise fail(f"pipeline_generate: B of {t} does not cut into {self.microbatches} micro-batches "
-                               f"over {self.blocks} row blocks")
+        check_row_blocks("pipeline_generate", ins, ctx, self.blocks, self.microbatches)
         view = [stage_view(t, self.axis, stages, self.microbatches) for t in ins]
         rows, ew = view[:6], view[6:6 + self.embed_args]
         hw, rest = view[6 + self.embed_args:nw], view[nw:]
