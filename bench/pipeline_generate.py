@@ -12,16 +12,12 @@ stage-body runs per token), not the overlap a real multi-chip pipeline gets.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from _harness import ROOT, use_cpu_devices
+
+use_cpu_devices(8)  # before JAX is imported
 
 
 def main(argv: list[str]) -> int:
