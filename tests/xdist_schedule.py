@@ -33,14 +33,20 @@ COST_S: dict[str, float] = {
     "test_partition_jax.py": 60.0,
     "test_generate_cli.py": 330.0,  # SmolLM2: 32 tokens, chat, x=2,y=2 and x=2,y=2,z=2
     "test_multiprocess.py": 330.0,
+    # bench smoke, one subprocess per script (cold run under load: 70-90 s of wall time per
+    # minute of CPU); minimal_decoder.py and generate.py compile SmolLM2 or three weight formats
+    "test_bench_smoke.py::test_bench_script_runs[offload.py]": 69.0,
     "test_bench_smoke.py::test_bench_script_runs[gpu_generate.py]": 62.0,
+    "test_bench_smoke.py::test_bench_script_runs[minimal_decoder.py]": 59.0,
     "test_bench_smoke.py::test_bench_script_runs[cost_model_vs_measured.py]": 58.0,
     "test_bench_smoke.py::test_bench_script_runs[generate.py]": 50.0,
-    "test_bench_smoke.py": 110.0,
-    "test_moe.py": 180.0,
+    "test_bench_smoke.py::test_bench_script_runs[pipeline_generate.py]": 15.0,
+    "test_bench_smoke.py::test_bench_script_runs[multihost.py]": 6.0,
+    "test_bench_smoke.py": 45.0,
+    "test_moe.py": 140.0,
     "test_stages.py::test_serving_engine_on_stages_gives_the_one_device_tokens": 40.0,
     "test_stages.py": 135.0,
-    "test_generate.py": 290.0,
+    "test_generate.py": 260.0,
     "test_moe_layouts.py": 160.0,
     "test_serving_engine.py": 150.0,
     "test_partition_spmd.py": 120.0,
