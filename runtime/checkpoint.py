@@ -175,13 +175,18 @@ class HFCheckpoint(Checkpoint):
     def model_spec(self) -> ModelSpec:
         return model_from_config(self.config())
 
-    def load_weights(self, model: ModelSpec, types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
+    def described(self) -> tuple[HFConfig, str, ModelSpec]:
+        """The config, family and model this directory describes, for the eager and the lazy
+        (runtime/sliced_weights.py) loaders alike; a config einshard cannot take is a WeightsError
+        here (the checkpoint is what is wrong, not the spec)."""
         try:
             cfg = self.config()
-            family = hf_family(cfg)
-            described = model_from_config(cfg)
+            return cfg, hf_family(cfg), model_from_config(cfg)
         except SpecError as e:
             raise WeightsError(e.message, e.loc, e.hint) from None
+
+    def load_weights(self, model: ModelSpec, types: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
+        cfg, family, described = self.described()
         check_same_model(model, described, cfg.path.name, str(self.path))
         layout = falcon_qkv_layout(cfg) if family == "falcon" else ""
         index = read_safetensors_index(self.path)

@@ -29,7 +29,7 @@ from ir.errors import SpecError, WeightsError
 from ir.model import ModelSpec
 from ir.types import TensorType
 from runtime.checkpoint import FLOAT_DTYPES, Checkpoint, HFCheckpoint, check_same_model, read_safetensors_index
-from runtime.hf_config import falcon_qkv_layout, hf_family, model_from_config
+from runtime.hf_config import falcon_qkv_layout
 from runtime.recipes import TensorInfo, _check_tensors, _expand, _linear, _out_dtype, _same, recipes_for
 
 #: (layer or None, block index within the per-layer shape) -> the block, float32
@@ -193,12 +193,7 @@ def lazy_weights(ck: Checkpoint, model: ModelSpec, types: Mapping[str, TensorTyp
         index = ck.tensor_index(model)
         get = _gguf_get(ck.box_readers(model))
     elif isinstance(ck, HFCheckpoint):
-        try:
-            cfg = ck.config()
-            family = hf_family(cfg)
-            described = model_from_config(cfg)
-        except SpecError as e:
-            raise WeightsError(e.message, e.loc, e.hint) from None
+        cfg, family, described = ck.described()
         where, accepted = cfg.path.name, FLOAT_DTYPES
         layout = falcon_qkv_layout(cfg) if family == "falcon" else ""
         index = read_safetensors_index(ck.path)
