@@ -130,6 +130,7 @@ def main() -> None:
     for rep in reports:
         print(f"  process {rep['process']}: {'made' if spec else 'read'} {rep['bytes']:,} bytes "
               f"({rep['bytes'] / total:.1%}) in {rep['reads']} blocks")
+    print(f"ratio of the largest process's share to the whole: {max(r['bytes'] for r in reports) / total:.3f}")
 
 
 if __name__ == "__main__":

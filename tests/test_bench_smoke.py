@@ -27,6 +27,7 @@ SMALL = {
     "gpu_generate.py": ["--tiny"],
     "minimal_decoder.py": ["--prompt", "8", "--steps", "4", "--repeats", "1"],
     "pipeline_generate.py": ["--mesh", "stage=2,x=2", "--batch", "4", "--prompt", "4", "--new", "4", "--rounds", "1"],
+    "sliced_reads.py": ["examples/tiny-mqa.model", "--mesh", "x=2", "-n", "2"],  # 2 processes, ~6 s
 }
 
 
