@@ -220,7 +220,9 @@ def fit_generation(cases: list[Timed], chip: Chip, stat=statistics.median, shape
         e = eff(z)
         return np.array([math.log(price(c.module, chip, eff=e).step_time_s / stat(c.samples)) for c in cases])
 
-    z = least_squares(residuals, z0 / hi, bounds=(lo / hi, hi / hi)).x
+    starts = [z0] + ([np.append(z0[:-1], h) for h in (32.0, 128.0)] if shape else [])
+    # the squared log residuals have local minima (the shape term stuck at 0): keep the best start
+    z = min((least_squares(residuals, z / hi, bounds=(lo / hi, hi / hi)) for z in starts), key=lambda r: r.cost).x
     e = eff(z)
     rms = math.sqrt(float(np.mean(residuals(z) ** 2)))
     return Efficiency(**{k: getattr(e, k) for k in names},
