@@ -156,7 +156,10 @@ class Generator:
                 caches, state, out = jax.lax.while_loop(cond, body, (caches, state, out))
                 return caches, state, out
 
-            self._loop[key] = jax.jit(loop, donate_argnums=(1,))
+            # XLA would hoist each int8/bf16 weight's convert out of the loop (loop-invariant code
+            # motion): an f32 copy of every weight read on every step, which int8 must not make
+            self._loop[key] = jax.jit(loop, donate_argnums=(1,),
+                                      compiler_options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})
         return self._loop[key]
 
     # ---- generation ----------------------------------------------------------------------

@@ -116,6 +116,15 @@ def _entry_float_shapes(r) -> set[tuple[int, ...]]:
     return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= (?:f32|bf16)\[([\d,]+)\]", entry)}
 
 
+def _loop_float_shapes(g: Generator) -> set[tuple[int, ...]]:
+    """Shapes of the float arrays the on-device decode loop makes outside its while loop."""
+    req = GenerateRequest.of(PROMPTS[:1], SamplingParams(), NEW)
+    g.compile(req)
+    hlo = next(c for k, c in g._compiled.items() if k[0] == "loop").as_text()
+    entry = hlo[hlo.index("\nENTRY "):]
+    return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= (?:f32|bf16)\[([\d,]+)\]", entry)}
+
+
 def test_no_dequantized_weight_is_materialized(models) -> None:
     m = models["int8"]
     r = m.gen.runner
@@ -129,5 +138,7 @@ def test_no_dequantized_weight_is_materialized(models) -> None:
         shapes |= {stored, logical, (q, c), (c, q)}
     assert len(shapes) >= 4
     assert _entry_float_shapes(r) & shapes == set()
+    # nor in the on-device loop: its converts are not hoisted out of the while (runtime/generator.py)
+    assert _loop_float_shapes(m.gen) & shapes == set()
     # the IR's [in, out] layout: XLA converts int8 weights to float before the dots
     assert _entry_float_shapes(_runner(m, False)) & shapes
