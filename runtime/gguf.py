@@ -71,15 +71,20 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(t: "ReaderTensor", where: Path, permute_heads: int = 0) -> np.ndarray:
+def _dequantize_raw(t: "ReaderTensor", raw: np.ndarray, where: Path) -> np.ndarray:
+    """gguf's own dequantizer over ``raw`` (all or a box of ``t``'s bytes), float32; its two
+    failures (a type it does not implement, bytes that are not whole blocks) as a WeightsError."""
     from gguf.quants import dequantize
 
     try:
-        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-    except Exception as e:  # NotImplementedError, or a corrupt block
+        return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)
+    except (NotImplementedError, ValueError) as e:
         raise WeightsError(f"cannot dequantize GGUF tensor '{t.name}' ({t.tensor_type.name}) in '{where}': {e}") \
             from None
-    arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))
+
+
+def _dequantize(t: "ReaderTensor", where: Path, permute_heads: int = 0) -> np.ndarray:
+    arr = _dequantize_raw(t, t.data, where).reshape(tuple(int(n) for n in reversed(t.shape)))
     return unpermute_rows(arr, permute_heads) if permute_heads else arr
 
 
@@ -115,13 +120,7 @@ def read_box(t: "ReaderTensor", where: Path, permute_heads: int,
         else:  # f32/f16: one element per column
             raw, first = data[a:b, c0:c1], c0
         cut = (slice(r0 - a, r1 - a), slice(c0 - first, c1 - first))
-    from gguf.quants import dequantize
-
-    try:
-        arr = np.asarray(dequantize(np.ascontiguousarray(raw), t.tensor_type), dtype=np.float32)
-    except Exception as e:  # NotImplementedError, or a corrupt block
-        raise WeightsError(f"cannot dequantize GGUF tensor '{t.name}' ({t.tensor_type.name}) in '{where}': {e}") \
-            from None
+    arr = _dequantize_raw(t, np.ascontiguousarray(raw), where)
     if permute_heads:
         arr = unpermute_rows(arr, (b - a) // (shape[0] // permute_heads))
     return arr[cut], int(raw.nbytes)

@@ -300,3 +300,18 @@ def test_cli_run_checks_a_gguf_checkpoint(tiny: Path, tmp_path: Path, capsys: py
                  "--set", "serve.seq=4"]) == 0
     out = _json.loads(capsys.readouterr().out)
     assert out["ok"] and out["checked"] and out["config"]["weights"] == str(tiny)
+
+
+@pytest.mark.parametrize("kind, data", [("Q4_1", np.zeros((2, 7), np.uint8)), ("I64", np.zeros((2, 8), np.uint8))])
+def test_a_tensor_gguf_cannot_dequantize_is_a_weights_error(kind, data) -> None:
+    """Bytes that are not whole blocks, and a type gguf does not implement, name the tensor."""
+    from types import SimpleNamespace
+
+    from runtime.gguf import _dequantize, read_box
+
+    t = SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=Q[kind], data=data,
+                        shape=np.array([data.shape[1], 2]))
+    with pytest.raises(WeightsError, match="blk.0.attn_q.weight"):
+        _dequantize(t, Path("m.gguf"))
+    with pytest.raises(WeightsError, match=kind):
+        read_box(t, Path("m.gguf"), 0, (slice(0, 1),))
