@@ -21,6 +21,7 @@ from runtime.serving.kernels import Kernels
 from runtime.serving.kernels_streamed import StreamedKernels
 from runtime.serving.request import Request
 from runtime.serving.scheduler import SchedulerConfig
+from test_serving_engine import replay
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +55,6 @@ def _trace() -> list[tuple[int, Request]]:
             for i, (t, n, temp, k, m, stop) in enumerate(rows)]
 
 
-def _replay(engine: Engine, trace: list[tuple[int, Request]]) -> tuple[dict, dict, int]:
-    tokens: dict[str, list[int]] = {r.id: [] for _, r in trace}
-    finish: dict[str, str] = {}
-    for it in range(400):
-        for t, r in trace:
-            if t == it:
-                engine.submit(r)
-        for e in engine.step():
-            if e.token is not None:
-                tokens[e.request_id].append(e.token)
-            if e.finish:
-                finish[e.request_id] = e.finish
-        if it >= max(t for t, _ in trace) and not engine.has_work():
-            return tokens, finish, it + 1
-    raise AssertionError("the engine did not drain")
-
-
 def test_streamed_kernels_cover_the_engine_interface() -> None:
     """Every program the engine asks Kernels for has a streamed version (a new one must too)."""
     public = {n for n in vars(Kernels) if not n.startswith("_") and callable(getattr(Kernels, n))}
@@ -94,7 +78,7 @@ def test_engine_on_streamed_layers_equals_each_request_alone(llama, streamed, cf
         before = streamed.stats.layers_read
         engine = Engine(streamed, cfg, kernels=StreamedKernels(streamed, cfg.slots, 1, sample))
         trace = _trace()
-        tokens, finish, iters = _replay(engine, trace)
+        tokens, finish, iters = replay(engine, None, trace)
     finally:
         del streamed.run_layers
     for _, r in trace:
@@ -157,7 +141,7 @@ def test_engine_on_host_offloaded_weights_equals_each_request_alone(llama) -> No
     engine = Engine(r, SchedulerConfig(slots=2))
     assert r.params["wq"][0].sharding.memory_kind == "pinned_host"
     trace = _trace()[:3]
-    tokens, _, _ = _replay(engine, trace)
+    tokens, _, _ = replay(engine, None, trace)
     for _, q in trace:
         assert tokens[q.id] == _alone(llama, q), q
 

@@ -308,7 +308,7 @@ def test_serving_engine_on_stages_gives_the_one_device_tokens() -> None:
                  (0, 20, 0.0, 0, 1.0, 9, ()), (0, 3, 0.7, 5, 1.0, 12, (3,)), (1, 13, 1.5, 0, 0.8, 4, ()),
                  (2, 1, 0.0, 0, 1.0, 14, (37, 105)), (2, 24, 0.7, 0, 1.0, 6, ())])]
     clock = Clock()
-    tokens, _ = replay(Engine(staged.runner, SchedulerConfig(slots=4, chunk=8, step_tokens=32), clock=clock),
+    tokens, *_ = replay(Engine(staged.runner, SchedulerConfig(slots=4, chunk=8, step_tokens=32), clock=clock),
                        clock, trace)
     assert {r.id: tokens[r.id] for _, r in trace} == {r.id: one.alone(r) for _, r in trace}
 
