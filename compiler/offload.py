@@ -88,7 +88,7 @@ def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[
         pass
     from compiler.generation import module_for
     from runtime.offload import budget_slots
-    from runtime.offload_convert import convert_to_store, prepare_groups, store_plan
+    from runtime.offload_convert import MixedPrepareGroup, convert_to_store, prepare_groups, store_plan
 
     module = module_for(spec, "decode", 1, 1, 8)
     layout = store_plan(module, key)
@@ -97,7 +97,7 @@ def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[
     one = module_for(replace(spec, model=replace(spec.model, layers=1)), "decode", 1, 1, 8)
     try:
         prepare_groups(one)
-    except ValueError:  # a @prepare that mixes layers and globals: convert the whole model at once
+    except MixedPrepareGroup:  # a @prepare that mixes layers and globals: convert the whole model at once
         from runtime.generate import prepared_weights
         from runtime.lower_jax import JaxExecutor
         from runtime.offload import write_offload_store

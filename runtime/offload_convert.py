@@ -28,6 +28,11 @@ from runtime.projections import out_in_layouts, transpose_host
 from runtime.weights import fit_to_params
 
 
+class MixedPrepareGroup(ValueError):
+    """A @prepare group reads both per-layer and global weights, so it cannot run layer by layer
+    (the caller converts the whole model at once instead)."""
+
+
 def _np_name(dtype: str) -> str:
     return np.dtype(JNP_DTYPES[dtype]).name
 
@@ -92,7 +97,7 @@ def prepare_groups(module: Module) -> list[Group]:
         outs = tuple(prep.returns[j] for j in idx)
         layered = {layer_split(params[n].type) for n in ins}
         if len(layered) != 1:
-            raise ValueError("a @prepare group mixes per-layer and global weights")
+            raise MixedPrepareGroup("a @prepare group mixes per-layer and global weights")
         ops = tuple(op for op in prep.ops if any(find(v) == root for v in (*op.operands, *op.results)))
         types = prep.value_types
         fn = replace(prep, params=tuple(params[n] for n in ins), ops=ops, returns=outs,
@@ -113,7 +118,7 @@ def convert_to_store(one_layer: Module, layout: StoreLayout, weights: Mapping[st
                      directory: str | Path) -> StoreLayout:
     """Writes the store of ``layout`` from raw checkpoint ``weights`` (lazy or in memory), one
     group at a time and, for per-layer groups, one layer at a time through ``one_layer`` (the
-    same model built with one layer: its @prepare is the per-layer one). ValueError (before
+    same model built with one layer: its @prepare is the per-layer one). MixedPrepareGroup (before
     anything is written) when @prepare cannot be cut so."""
     groups = prepare_groups(one_layer)
     raw_params = one_layer.raw_weight_params()
