@@ -101,6 +101,35 @@ def summarize(scheduler: str, trace_name: str, rate: float, trace: list[TraceIte
 
 # ---- in process ------------------------------------------------------------------------------
 
+def timed_kernels(runner, slots: int, groups: int):
+    """The engine's ``Kernels`` with every program call timed to completion, by kind (decode,
+    prefill, chunk, mixed, compact), so a replay can say where its iterations spent their time.
+    Blocking after each call costs nothing here: the engine reads the sampled tokens at once."""
+    import jax
+
+    from runtime.sampling import sample
+    from runtime.serving.kernels import Kernels
+
+    class Timed(Kernels):
+        seconds: dict[str, float]
+        calls: dict[str, int]
+
+        def _get(self, key, build):
+            fn = super()._get(key, build)
+
+            def call(*a):
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(fn(*a))
+                self.seconds[key[0]] = self.seconds.get(key[0], 0.0) + time.perf_counter() - t0
+                self.calls[key[0]] = self.calls.get(key[0], 0) + 1
+                return out
+            return call
+
+    k = Timed(runner, slots, groups, sample)
+    k.seconds, k.calls = {}, {}
+    return k
+
+
 def config_for(scheduler: str, slots: int, args: argparse.Namespace):
     from runtime.serving.scheduler import SchedulerConfig
 
@@ -163,6 +192,26 @@ def warm_up(kernels, runner, slots: int, args: argparse.Namespace, max_prompt: i
     return time.perf_counter() - t0
 
 
+def decode_step_ms(kernels, runner, eng, repeats: int = 7) -> dict[int, float]:
+    """Median milliseconds of one decode step per compiled window width (rows per group): the
+    cost curve that fixes the capacity (full width) and tells how much a narrower window saves."""
+    import jax
+
+    out = {}
+    for w in eng.table.widths:
+        W = w * eng.table.groups
+        z = (np.zeros(W, np.int32), np.zeros(W, np.int32), np.zeros(W, np.float32), np.zeros(W, np.int32),
+             np.ones(W, np.float32), np.zeros(W, np.uint32))
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            nxt, eng.caches = kernels.decode(w)(runner.params, eng.caches, *z)
+            jax.block_until_ready(nxt)
+            ts.append(time.perf_counter() - t0)
+        out[w] = statistics.median(ts[1:]) * 1e3
+    return out
+
+
 def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], args: argparse.Namespace,
            trace_name: str, rate: float) -> RunResult:
     from runtime.sampling import SamplingParams
@@ -171,6 +220,9 @@ def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], 
     from runtime.serving.request import Request
 
     eng = Engine(runner, config_for(scheduler, slots, args), clock=time.perf_counter, kernels=kernels)
+    kernels.seconds.clear()
+    kernels.calls.clear()
+    busy = 0.0
     greedy = SamplingParams()
     reqs = [Request(str(i), t.prompt, greedy, t.max_new) for i, t in enumerate(trace)]
     times: list[list[float]] = [[] for _ in trace]
@@ -188,6 +240,7 @@ def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], 
             continue
         events = eng.step()
         stamp = time.perf_counter()
+        busy += stamp - now
         for e in events:
             if e.token is not None:
                 times[int(e.request_id)].append(stamp)
@@ -199,6 +252,11 @@ def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], 
     r.compactions = int(c["einshard_compactions_total"])
     prefill_rows = max((k[2] if k[0] == "mixed" else k[1] for k in kernels._cache
                         if k[0] in ("prefill", "chunk", "mixed")), default=0)
+    r.extra = {"busy_s": busy, "iterations": int(c["einshard_iterations_total"]),
+               "mean_window_rows": c["einshard_decode_rows_total"] / max(kernels.calls.get("decode", 0)
+                                                                         + kernels.calls.get("mixed", 0), 1),
+               **{f"{k}_s": v for k, v in kernels.seconds.items()}, **{f"{k}_calls": v for k, v in kernels.calls.items()},
+               "host_s": busy - sum(kernels.seconds.values())}
     r.kv_peak_bytes = sum(x.nbytes for x, _ in cache_leaves(eng.caches)) + (runner.cache_bytes(prefill_rows) if prefill_rows else 0)
     return r
 
@@ -252,6 +310,15 @@ def table(runs: list[RunResult]) -> str:
                      f"{r.itl_p50_s * 1e3:>6.1f}ms {r.itl_p99_s * 1e3:>6.1f}ms {useful:>7} {kv:>7}"
                      + (f"  ({r.failed} failed)" if r.failed else ""))
     return "\n".join(lines)
+
+
+def breakdown(r: RunResult) -> str:
+    """Where a replay's busy time went: each program kind (seconds, calls), and the host."""
+    e = r.extra
+    kinds = [k[:-6] for k in e if k.endswith("_calls")]
+    parts = [f"{k} {e[k + '_s']:.1f} s/{e[k + '_calls']}" for k in kinds]
+    return (f"busy {e['busy_s']:.1f} of {r.duration_s:.1f} s, {e['iterations']} iterations, "
+            f"{e['mean_window_rows']:.1f} rows/decode: " + ", ".join(parts) + f", host {e['host_s']:.1f} s")
 
 
 def write_json(args: argparse.Namespace, runs: list[RunResult]) -> None:
@@ -362,23 +429,21 @@ def main(argv: list[str] | None = None) -> int:
             spec, runner, _, _ = load_model(args.checkpoint, mesh=args.mesh, context=args.context, slots=args.slots)
             name = args.checkpoint.name
         vocab = runner.vocab
-        kernels = Engine(runner, config_for("fused", args.slots, args)).kernels
+        from runtime.serving.engine import batch_groups
+
+        kernels = timed_kernels(runner, args.slots, batch_groups(tuple(runner.empty_cache(args.slots))))
         warm = warm_up(kernels, runner, args.slots, args, args.prompt_len[1])
         # capacity: full-width decode steps per second x slots / mean output length
         eng = Engine(runner, config_for("fused", args.slots, args), kernels=kernels)
-        W = args.slots
-        z = (np.zeros(W, np.int32), np.zeros(W, np.int32), np.zeros(W, np.float32), np.zeros(W, np.int32),
-             np.ones(W, np.float32), np.zeros(W, np.uint32))
-        import jax
-
-        t0 = time.perf_counter()
-        for _ in range(5):
-            nxt, eng.caches = kernels.decode(eng.table.widths[-1])(runner.params, eng.caches, *z)
-        jax.block_until_ready(nxt)
-        step_s = (time.perf_counter() - t0) / 5
+        step_ms = decode_step_ms(kernels, runner, eng)
+        step_s = step_ms[eng.table.widths[-1]] / 1e3
         capacity = args.slots / step_s / mean_out
         print(f"model {name}: {args.slots} slots x {args.context} positions; compiled in {warm:.1f} s; "
-              f"full decode step {step_s * 1e3:.1f} ms -> capacity ~{capacity:.2f} requests/s", flush=True)
+              f"full decode step {step_s * 1e3:.1f} ms -> capacity ~{capacity:.2f} requests/s "
+              f"(full-width decode only: slots / step / mean output)", flush=True)
+        print("decode step by window (ms, tok/s): " + ", ".join(
+            f"{w * eng.table.groups}: {ms:.1f}, {w * eng.table.groups / ms * 1e3:.0f}" for w, ms in step_ms.items()),
+            flush=True)
     rates = dict(zip(LOADS, args.rates)) if args.rates else {k: f * capacity for k, f in LOADS.items()}
     print("rates (requests/s): " + ", ".join(f"{k} {v:.6f}" for k, v in rates.items()), flush=True)
 
@@ -406,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             r = replay(runner, kernels, s, args.slots, trace, args, tname, rate)
             runs.append(r)
             print(table([r]).splitlines()[-1], flush=True)
+            print("    " + breakdown(r), flush=True)
             if args.json:  # after every run, so a long matrix stopped early keeps what it measured
                 write_json(args, runs)
 
