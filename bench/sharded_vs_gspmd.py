@@ -63,7 +63,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--cache", type=int, default=64)
+    ap.add_argument("--layouts", nargs="+", metavar="FFN/ATTN",
+                    help="only these layouts, e.g. 2d-ws/batch wg-xyz/heads (default: all 10; the smoke test runs two)")
     a = ap.parse_args()
+    layouts = [(f, t) for f in FFN_LAYOUTS for t in ATTN_LAYOUTS]
+    if a.layouts:
+        wanted = [tuple(x.split("/", 1)) for x in a.layouts]
+        if unknown := [f"{f}/{t}" for f, t in wanted if (f, t) not in layouts]:
+            ap.error(f"unknown layouts {unknown}; choose from {[f'{f}/{t}' for f, t in layouts]}")
+        layouts = wanted
 
     base = apply_overrides(load_spec(ROOT / "examples" / "tiny-mqa.model"), mesh="x=2,y=2,z=2",
                            sets=[f"model.d_model={a.d_model}", f"model.d_ff={a.d_ff}", "model.heads=8",
@@ -82,50 +90,49 @@ def main() -> None:
             f"{'einshard collectives':26} {'gspmd collectives':26} {'max rel diff':>12}")
     print(head)
     print("-" * len(head))
-    for ffn in FFN_LAYOUTS:
-        for attn in ATTN_LAYOUTS:
-            spec = apply_overrides(base, ffn=ffn, attn=attn)
-            # the layouts alone: the GSPMD side runs the same unfused float program
-            pipeline = default_pipeline(spec, rewrites=False)
-            sharded = compile_module(build_module(model, cfg, spec.mesh.axes), pipeline).module
-            ex = JaxExecutor(sharded)
-            mesh = ex.entries["prefill"].mesh
-            for phase in ("prefill", "decode"):
-                fn = sharded.function(phase)
-                ufn = unsharded.function(phase)
-                L = a.prompt if phase == "prefill" else 1
-                host = {**weights, **zero_caches(sharded, phase),
-                        "tokens": tokens[:, :L] if phase == "prefill" else tokens[:, a.prompt:a.prompt + 1],
-                        "pos": np.broadcast_to(np.arange(L, dtype=np.int32) if phase == "prefill"
-                                               else np.full((1,), a.prompt, np.int32), (a.batch, L)).copy()}
-                shardings = [NamedSharding(mesh, partition_spec(p.type)) for p in fn.params]
-                out_shardings = tuple(NamedSharding(mesh, partition_spec(t)) for t in fn.result_types)
+    for ffn, attn in layouts:
+        spec = apply_overrides(base, ffn=ffn, attn=attn)
+        # the layouts alone: the GSPMD side runs the same unfused float program
+        pipeline = default_pipeline(spec, rewrites=False)
+        sharded = compile_module(build_module(model, cfg, spec.mesh.axes), pipeline).module
+        ex = JaxExecutor(sharded)
+        mesh = ex.entries["prefill"].mesh
+        for phase in ("prefill", "decode"):
+            fn = sharded.function(phase)
+            ufn = unsharded.function(phase)
+            L = a.prompt if phase == "prefill" else 1
+            host = {**weights, **zero_caches(sharded, phase),
+                    "tokens": tokens[:, :L] if phase == "prefill" else tokens[:, a.prompt:a.prompt + 1],
+                    "pos": np.broadcast_to(np.arange(L, dtype=np.int32) if phase == "prefill"
+                                           else np.full((1,), a.prompt, np.int32), (a.batch, L)).copy()}
+            shardings = [NamedSharding(mesh, partition_spec(p.type)) for p in fn.params]
+            out_shardings = tuple(NamedSharding(mesh, partition_spec(t)) for t in fn.result_types)
 
-                def make_args(fn=fn, shardings=shardings):
-                    return [jax.device_put(to_device(np.asarray(host[p.name]), p.type), s)
-                            for p, s in zip(fn.params, shardings)]
+            def make_args(fn=fn, shardings=shardings):
+                return [jax.device_put(to_device(np.asarray(host[p.name]), p.type), s)
+                        for p, s in zip(fn.params, shardings)]
 
-                # einshard: shard_map program
-                ein = ex.entries[phase].jitted
-                ein_hlo = ein.lower(*make_args()).compile().as_text()
-                ein_ms = 1e3 * median_s(lambda args: ein(*args), make_args, a.repeats)
-                ein_out = np.asarray(ein(*make_args())[0], np.float64)
+            # einshard: shard_map program
+            ein = ex.entries[phase].jitted
+            ein_hlo = ein.lower(*make_args()).compile().as_text()
+            ein_ms = 1e3 * median_s(lambda args: ein(*args), make_args, a.repeats)
+            ein_out = np.asarray(ein(*make_args())[0], np.float64)
 
-                # GSPMD: the unsharded program, jitted with the same boundary shardings
-                interp = Interpreter(unsharded, JaxBackend())
+            # GSPMD: the unsharded program, jitted with the same boundary shardings
+            interp = Interpreter(unsharded, JaxBackend())
 
-                def program(*args, ufn=ufn, interp=interp):
-                    return interp.call(ufn, args)
+            def program(*args, ufn=ufn, interp=interp):
+                return interp.call(ufn, args)
 
-                donate = tuple(i for i, p in enumerate(ufn.params) if p.role == "cache")
-                gs = jax.jit(program, in_shardings=tuple(shardings), out_shardings=out_shardings,
-                             donate_argnums=donate)
-                gs_hlo = gs.lower(*make_args()).compile().as_text()
-                gs_ms = 1e3 * median_s(lambda args: gs(*args), make_args, a.repeats)
-                gs_out = np.asarray(gs(*make_args())[0], np.float64)
-                diff = float(np.abs(ein_out - gs_out).max() / (np.abs(gs_out).max() or 1.0))
-                print(f"{ffn:7} {attn:6} {phase:8} {ein_ms:11.2f} {gs_ms:9.2f} {ein_ms / gs_ms:6.2f}  "
-                      f"{counts(ein_hlo):26} {counts(gs_hlo):26} {diff:12.1e}", flush=True)
+            donate = tuple(i for i, p in enumerate(ufn.params) if p.role == "cache")
+            gs = jax.jit(program, in_shardings=tuple(shardings), out_shardings=out_shardings,
+                         donate_argnums=donate)
+            gs_hlo = gs.lower(*make_args()).compile().as_text()
+            gs_ms = 1e3 * median_s(lambda args: gs(*args), make_args, a.repeats)
+            gs_out = np.asarray(gs(*make_args())[0], np.float64)
+            diff = float(np.abs(ein_out - gs_out).max() / (np.abs(gs_out).max() or 1.0))
+            print(f"{ffn:7} {attn:6} {phase:8} {ein_ms:11.2f} {gs_ms:9.2f} {ein_ms / gs_ms:6.2f}  "
+                  f"{counts(ein_hlo):26} {counts(gs_hlo):26} {diff:12.1e}", flush=True)
 
 
 if __name__ == "__main__":

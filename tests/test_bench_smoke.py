@@ -15,7 +15,10 @@ from conftest import ROOT
 
 SMALL = {
     "compile_time.py": ["--repeats", "1"],
-    "sharded_vs_gspmd.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16"],
+    # two of the ten layouts run every line of the per-layout loop (a weight-stationary and a
+    # weight-gathered one, both attention kinds); tests/test_partition_jax.py checks all ten
+    "sharded_vs_gspmd.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16",
+                            "--layouts", "2d-ws/batch", "wg-xyz/heads"],
     "rewrites.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16"],
     "cost_model_vs_measured.py": ["--repeats", "1"],
     "serving.py": ["--small", "--schedulers", "static", "fused-compact", "--traces", "poisson",
