@@ -19,7 +19,8 @@ SMALL = {
     # weight-gathered one, both attention kinds); tests/test_partition_jax.py checks all ten
     "sharded_vs_gspmd.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16",
                             "--layouts", "2d-ws/batch", "wg-xyz/heads"],
-    "rewrites.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16"],
+    "rewrites.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16",
+                    "--layers", "1"],
     "cost_model_vs_measured.py": ["--repeats", "1"],
     "serving.py": ["--small", "--schedulers", "static", "fused-compact", "--traces", "poisson",
                    "--loads", "near-saturation"],
