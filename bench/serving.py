@@ -212,6 +212,61 @@ def decode_step_ms(kernels, runner, eng, repeats: int = 7) -> dict[int, float]:
     return out
 
 
+def prefill_ms(kernels, runner, eng, batch: int, length: int, repeats: int = 5) -> float:
+    """Median milliseconds of one admission prefill of ``batch`` rows of ``length`` tokens."""
+    import jax
+
+    from runtime.model_runner import pack_prompts
+
+    S = eng.cfg.slots
+    tokens, pos = pack_prompts([[1] * length] * batch, length)
+    z = (np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
+         np.zeros(batch, np.uint32), np.full(batch, length, np.int32))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        nxt, eng.caches = kernels.prefill(batch, length)(runner.params, eng.caches, tokens, pos,
+                                                         np.full(batch, S, np.int32), *z)
+        jax.block_until_ready(nxt)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts[1:]) * 1e3
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Requests/s each policy sustains with every slot busy, from measured step costs: fused
+    pays each request's own (bucketed) prefill and ``mean_out / S`` full-width decode steps;
+    static pays an S-row prefill at the longest prompt's bucket and, per batch, as many
+    full-width steps as its longest output. Their ratio bounds X (throughput only differs once
+    static is past its capacity)."""
+
+    fused: float
+    static: float
+    prefill_s: float  # fused: mean prefill seconds per request
+    step_s: float
+
+
+def capacity(kernels, runner, eng, args: argparse.Namespace, step_ms: dict[int, float]) -> Capacity:
+    from runtime.serving.scheduler import prompt_bucket
+
+    S, T, mb = args.slots, runner.cache_len, args.min_bucket
+    rng = np.random.default_rng(args.seed + 1)
+    lo, hi = args.prompt_len
+    prompts = rng.integers(lo, hi + 1, 4096)
+    buckets = [prompt_bucket(int(n), T, mb) for n in prompts]
+    cost = {L: prefill_ms(kernels, runner, eng, 1, L) / 1e3 for L in sorted(set(buckets))}
+    step_s = step_ms[eng.table.widths[-1]] / 1e3
+    mean_out = (args.output_len[0] + args.output_len[1]) / 2
+    pre = float(np.mean([cost[L] for L in buckets]))
+    fused = 1.0 / (pre + (mean_out - 1) * step_s / S)
+    # static: E[longest output of S] and the S-row prefill at the bucket of the longest prompt
+    outs = rng.integers(args.output_len[0], args.output_len[1] + 1, (2048, S)).max(axis=1)
+    longest = int(np.median([prompt_bucket(int(n), T, mb) for n in prompts[:S * 64].reshape(64, S).max(axis=1)]))
+    static_pre = prefill_ms(kernels, runner, eng, S, longest) / 1e3
+    static = S / (static_pre + (float(outs.mean()) - 1) * step_s)
+    return Capacity(fused, static, pre, step_s)
+
+
 def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], args: argparse.Namespace,
            trace_name: str, rate: float) -> RunResult:
     from runtime.sampling import SamplingParams
@@ -241,6 +296,8 @@ def replay(runner, kernels, scheduler: str, slots: int, trace: list[TraceItem], 
         events = eng.step()
         stamp = time.perf_counter()
         busy += stamp - now
+        if not events and not eng.table.live():  # static, waiting for a full batch: do not spin
+            time.sleep(0.001)
         for e in events:
             if e.token is not None:
                 times[int(e.request_id)].append(stamp)
@@ -359,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     ap.add_argument("--fixed-output", type=int, default=128, help="output length of the fixed-length trace")
     ap.add_argument("--rates", type=float, nargs=3, metavar=("LIGHT", "NEAR", "OVER"),
-                    help="Poisson rates in requests/s (default: 0.3, 0.9, 2.0 x the measured capacity)")
+                    help="Poisson rates in requests/s (default: 0.3, 0.9, 2.0 x the fused engine's measured capacity, "
+                         "prefill included)")
     ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS)
     ap.add_argument("--traces", nargs="+", default=["poisson", "constant", "fixed"],
                     choices=["poisson", "constant", "fixed"])
@@ -433,18 +491,19 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels = timed_kernels(runner, args.slots, batch_groups(tuple(runner.empty_cache(args.slots))))
         warm = warm_up(kernels, runner, args.slots, args, args.prompt_len[1])
-        # capacity: full-width decode steps per second x slots / mean output length
         eng = Engine(runner, config_for("fused", args.slots, args), kernels=kernels)
         step_ms = decode_step_ms(kernels, runner, eng)
-        step_s = step_ms[eng.table.widths[-1]] / 1e3
-        capacity = args.slots / step_s / mean_out
-        print(f"model {name}: {args.slots} slots x {args.context} positions; compiled in {warm:.1f} s; "
-              f"full decode step {step_s * 1e3:.1f} ms -> capacity ~{capacity:.2f} requests/s "
-              f"(full-width decode only: slots / step / mean output)", flush=True)
+        cap = capacity(kernels, runner, eng, args, step_ms)
+        print(f"model {name}: {args.slots} slots x {args.context} positions; compiled in {warm:.1f} s", flush=True)
         print("decode step by window (ms, tok/s): " + ", ".join(
             f"{w * eng.table.groups}: {ms:.1f}, {w * eng.table.groups / ms * 1e3:.0f}" for w, ms in step_ms.items()),
             flush=True)
-    rates = dict(zip(LOADS, args.rates)) if args.rates else {k: f * capacity for k, f in LOADS.items()}
+        print(f"capacity (requests/s, every slot busy): fused {cap.fused:.3f} (prefill {cap.prefill_s * 1e3:.0f} ms "
+              f"+ {mean_out - 1:.0f} x {cap.step_s * 1e3:.1f} ms / {args.slots} per request), static {cap.static:.3f}; "
+              f"static/fused {cap.static / cap.fused:.2f} (X cannot exceed {cap.fused / cap.static:.2f})", flush=True)
+        capacity_rps = cap.fused
+        args.capacity = asdict(cap)  # into --json's config
+    rates = dict(zip(LOADS, args.rates)) if args.rates else {k: f * capacity_rps for k, f in LOADS.items()}
     print("rates (requests/s): " + ", ".join(f"{k} {v:.6f}" for k, v in rates.items()), flush=True)
 
     traces: list[tuple[str, float, list[TraceItem]]] = []
