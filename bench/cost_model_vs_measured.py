@@ -29,7 +29,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from _harness import ROOT, median_s
@@ -124,10 +124,15 @@ def generation_check(path: Path, chip: Chip, eff: Efficiency) -> list[float]:
 
 
 #: Llama-shaped models the ``--smollm2`` fit is measured on: random weights, shapes unlike SmolLM2's
-#: (d_model 576, 30 layers, 9/3 heads, d_ff 1536, vocab 49152), so that SmolLM2 is held out.
+#: (d_model 576, 30 layers, 9/3 heads, d_ff 1536, vocab 49152), so that SmolLM2 is held out. Their
+#: f32 weights span 108-530 MB (the first three fit in a 300 MiB last-level cache, the last does
+#: not, as SmolLM2's 538 MB do not) and their depth 6-32 layers (on a loaded machine each layer's
+#: parallel ops wait for a descheduled thread: a per-layer cost the deep one pins down).
 FIT_MODELS = (
+    dict(name="fit-256", layers=32, d_model=256, heads=4, kv_heads=2, d_head=64, d_ff=768, vocab=8192),
     dict(name="fit-384", layers=12, d_model=384, heads=6, kv_heads=2, d_head=64, d_ff=1024, vocab=32000),
     dict(name="fit-768", layers=6, d_model=768, heads=12, kv_heads=4, d_head=64, d_ff=2048, vocab=16384),
+    dict(name="fit-1024", layers=8, d_model=1024, heads=16, kv_heads=4, d_head=64, d_ff=2816, vocab=40960),
 )
 
 
@@ -136,10 +141,11 @@ class Timed:
     """One shape the ``--smollm2`` run measures: what it runs, the module that prices it, its samples."""
 
     label: str
-    run: object  # () -> seconds of one sample
+    run: object  # () -> seconds of one sample (None when replayed from --json)
     module: Module
     held_out: bool
     samples: list[float]
+    shape: dict = field(default_factory=dict)  # model fields, weights, phase, batch, length, context
 
 
 def _generation_cases(name: str, model, weights, cache_len: int, prompt: int, steps: int, prefill: int,
@@ -176,8 +182,8 @@ def _generation_cases(name: str, model, weights, cache_len: int, prompt: int, st
         def decode(req=req) -> float:
             return statistics.median(gen.generate(req, stream=lambda b, t: None).step_ms) / 1e3
 
-        out.append(Timed(f"{name}{tag} decode B={B}", decode, module_for(spec, "decode", B, 1, context), held_out,
-                         []))
+        shape = dict(model=asdict(model), weights=fmt, phase="decode", batch=B, length=1, context=context)
+        out.append(Timed(f"{name}{tag} decode B={B}", decode, module_of(shape), held_out, [], shape))
     if not prefill:
         return out
     fn = gen.prefill_fn(1, prefill)
@@ -193,14 +199,24 @@ def _generation_cases(name: str, model, weights, cache_len: int, prompt: int, st
         return time.perf_counter() - t0
 
     run_prefill()  # compile and warm
-    out.append(Timed(f"{name} prefill {prefill}", run_prefill, module_for(spec, "prefill", 1, prefill, cache_len),
-                     held_out, []))
+    shape = dict(model=asdict(model), weights=fmt, phase="prefill", batch=1, length=prefill, context=cache_len)
+    out.append(Timed(f"{name} prefill {prefill}", run_prefill, module_of(shape), held_out, [], shape))
     return out
+
+
+def module_of(shape: dict) -> Module:
+    """The compiled module a case is priced with, from the shape it records (no JAX)."""
+    from compiler.generation import module_for
+    from compiler.spec import ModelSpec, Spec
+
+    spec = apply_overrides(Spec(ModelSpec(**shape["model"])), weights=shape["weights"])
+    return module_for(spec, shape["phase"], shape["batch"], shape["length"], shape["context"])
 
 
 def fit_generation(cases: list[Timed], chip: Chip, stat=statistics.median, shape: bool = False) -> Efficiency:
     """The cpu chip's achieved FLOP/s fraction, HBM fraction and per-layer-call cost that minimise
-    the squared log ratio predicted / measured (median sample) over ``cases``; with ``shape``, also
+    the squared log ratio predicted / measured (median sample) over ``cases`` (and, when some are
+    int8, the cost of converting an int8 weight element inside its dot); with ``shape``, also
     the matmul-shape term (``matmul_half``), which lets batch-8 decode cost more than batch 1 where
     a roofline sees one memory-bound step (XLA CPU's multi-row dots of these weights can run 2-3x
     slower than its batch-1 matrix-vector ones)."""
@@ -209,7 +225,10 @@ def fit_generation(cases: list[Timed], chip: Chip, stat=statistics.median, shape
     names: tuple[str, ...] = ("flops", "hbm", "layer_overhead_s")
     hi = np.array([1.0, 1.0, 1e-2])  # a layer call on a loaded machine can take milliseconds
     lo, z0 = np.array([0.01, 0.01, 0.0]), np.array([0.5, 0.5, 1e-5])
-    if shape:  # also the matmul-shape term
+    if any(c.shape.get("weights") == "int8" for c in cases):  # the int8 -> f32 convert in the dot
+        names, hi = (*names, "convert_s"), np.append(hi, 1e-8)
+        lo, z0 = np.append(lo, 0.0), np.append(z0, 3e-10)
+    if shape:  # also the matmul-shape term (last: the starts below vary it)
         names, hi = (*names, "matmul_half"), np.append(hi, 4096.0)
         lo, z0 = np.append(lo, 0.0), np.append(z0, 8.0)
 
@@ -246,23 +265,25 @@ def _rms(cases: list[Timed], chip: Chip, eff: Efficiency) -> float:
 
 
 def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps: int = 16,
-                  prefill: int = 512, int8: bool = True) -> list[float]:
+                  prefill: int = 512, int8: bool = True, fit_prefill: int = 0, save: Path | None = None) -> list[float]:
     """The issue's CPU goal, fitted, measured and predicted in one run: the cpu chip's
-    efficiencies are fitted to decode (batch 1 and 8) and prefill of two Llama-shaped models
-    unlike SmolLM2, then SmolLM2 f32 decode at batch 1 and 8 and prefill of ``prefill`` tokens
-    are predicted and compared with their measurements (and int8 decode at batch 1, priced from
-    its int8 bytes). All shapes and the probe (runtime/probe.py's kernels: matmul FLOP/s, memory
-    bandwidth, per-kernel overhead) are sampled round-robin (one sample of each per round), so
-    the load of the shared machine falls on the probe, the fit and the check alike; the chip is
-    the probe's median over the rounds, and the load is printed. The fit is stored for
-    ``--hardware cpu``, rescaled to the probe cached before the run (the same achieved FLOP/s and
-    bytes/s): the cache itself is left alone, as other benchmarks divide by its quiet figures."""
+    efficiencies are fitted to decode (batch 1 and 8) and prefill (``fit_prefill`` tokens, default
+    ``prefill``) of Llama-shaped models unlike SmolLM2, then SmolLM2 f32 decode at batch 1 and 8
+    and prefill of ``prefill`` tokens are predicted and compared with their measurements (and
+    int8 decode at batch 1: its int8 bytes and the convert of every element, the fit models'
+    int8 decode at batch 1 being fit cases too). All shapes and the probe
+    (runtime/probe.py's kernels: matmul FLOP/s, memory bandwidth, per-kernel overhead) are
+    sampled round-robin (one sample of each per round), so the load of the shared machine falls
+    on the probe, the fit and the check alike; the chip is the probe's median over the rounds,
+    and the load is printed. ``save``: every sample, the probe's and the load, as JSON, which
+    ``--replay`` prices again without measuring."""
     from compiler.build import BuildConfig, build_module
+    from compiler.driver import WEIGHT_DTYPES
     from compiler.generation import weight_types
     from compiler.spec import ModelSpec, Spec
     from runtime.checkpoint import open_checkpoint
     from runtime.model_runner import bucket, enable_compile_cache
-    from runtime.probe import CpuProbe, chip_fields
+    from runtime.probe import CpuProbe
 
     enable_compile_cache(str(ROOT / ".jax_cache"))
     cache_len = max(bucket(prompt) + bucket(steps + 1), bucket(prefill))  # as bench/generate.py sizes it
@@ -270,8 +291,12 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
     for fields in FIT_MODELS:
         model = ModelSpec(**fields, block="serial", mlp="swiglu", norm="rmsnorm", tie_embeddings=True)
         fn = build_module(model, BuildConfig(1, 1, 1, ("decode",), "f32")).function("decode")
-        cases += _generation_cases(model.name, model, random_weights(fn, 0), cache_len, prompt, steps, prefill // 2,
-                                   False)
+        cases += _generation_cases(model.name, model, random_weights(fn, 0), cache_len, prompt, steps,
+                                   fit_prefill or prefill, False)
+        if int8:  # int8 decode at batch 1, so that the fit sees the convert inside the dot
+            fn8 = build_module(model, BuildConfig(1, 1, 1, ("decode",), WEIGHT_DTYPES["int8"])).function("decode")
+            cases += _generation_cases(model.name, model, random_weights(fn8, 0), cache_len, prompt, steps, 0, False,
+                                       (1,), "int8")
     ck = open_checkpoint(_smollm2())
     model = ck.model_spec()
     weights = ck.load_weights(model, weight_types(apply_overrides(Spec(model), weights="f32")))
@@ -288,6 +313,32 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
         for c in cases:
             c.samples.append(c.run())  # type: ignore[operator]
         load.append(_load())
+    run = dict(probe=probe, figures=figures, load=load, prompt=prompt, steps=steps, prefill=prefill,
+               cache_len=cache_len, cases=[dict(label=c.label, held_out=c.held_out, samples=c.samples, shape=c.shape)
+                                           for c in cases])
+    if save:
+        save.write_text(json.dumps(run, indent=1))
+        print(f"samples saved to {save} (--replay {save} prices them again)")
+    return analyse(run, cases)
+
+
+def replay(path: Path) -> list[float]:
+    """``--smollm2``'s analysis of a saved run (its ``--json``): the modules are compiled again
+    from the recorded shapes and priced with the current cost model; nothing is measured."""
+    run = json.loads(path.read_text())
+    cases = [Timed(c["label"], None, module_of(c["shape"]), c["held_out"], c["samples"], c["shape"]) for c in run["cases"]]
+    print(f"replayed from {path}: {len(cases)} cases, {len(cases[0].samples)} rounds")
+    return analyse(run, cases, store=False)
+
+
+def analyse(run: dict, cases: list[Timed], store: bool = True) -> list[float]:
+    """Fits the cpu chip's efficiencies to the fit cases of a ``--smollm2`` run, prices SmolLM2
+    with them and prints the comparison. The fit is stored for ``--hardware cpu``, rescaled to
+    the probe cached before the run (the same achieved FLOP/s and bytes/s; not by a replay): the
+    cache itself is left alone, as other benchmarks divide by its quiet figures."""
+    from runtime.probe import chip_fields
+
+    probe, figures, load, rounds = run["probe"], run["figures"], run["load"], len(run["figures"])
     in_run = chip_fields({k: statistics.median(f[k] for f in figures) for k in figures[0]})
     in_run["source"] += f", median of {rounds} samples taken between the benchmark's"
     chip = chip_from_mapping(in_run, "cpu probe, in this run")
@@ -303,8 +354,8 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
     running = [r for _, r in load]
     print(f"fit and check in one run: {rounds} rounds, load average {min(la):.1f}-{max(la):.1f} (median "
           f"{statistics.median(la):.1f}) on {os.cpu_count()} cores, {min(running)}-{max(running)} "
-          f"processes running (1-minute /proc/loadavg, sampled each round); decode prompt {prompt}, {steps} steps, "
-          f"runner cache {cache_len}, f32 weights unless marked")
+          f"processes running (1-minute /proc/loadavg, sampled each round); decode prompt {run['prompt']}, "
+          f"{run['steps']} steps, runner cache {run['cache_len']}, f32 weights unless marked")
     fit_cases = [c for c in cases if not c.held_out]
     plain, shaped = (fit_generation(fit_cases, chip, shape=s) for s in (False, True))
     # the matmul-shape term (a matmul's FLOP/s fraction falls with its smallest dim: 1 or 8 rows
@@ -315,15 +366,18 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
         q = [price(c.module, chip, eff=e).step_time_s / statistics.median(c.samples) for c in cases if c.held_out]
         print(f"fit {name} the matmul-shape term: rms log residual {rms[e]:.3f} on the fit cases; SmolLM2 predicted "
               f"/ measured {' '.join(f'{x:.2f}' for x in q)} (flops {e.flops:.3f}, matmul_half {e.matmul_half:.1f}, "
-              f"hbm {e.hbm:.3f}, layer overhead {e.layer_overhead_s * 1e6:.1f} us){'  <- kept' if e is eff else ''}")
+              f"hbm {e.hbm:.3f}, layer overhead {e.layer_overhead_s * 1e6:.1f} us, convert {e.convert_s * 1e9:.2f} ns/element)"
+              f"{'  <- kept' if e is eff else ''}")
     cached = chip_from_mapping(probe, "cpu probe, cached")
     stored = replace(eff, flops=min(1.0, eff.flops * chip.peak("f32") / cached.peak("f32")),
                      hbm=min(1.0, eff.hbm * chip.hbm_bw / cached.hbm_bw),
                      source=f"{eff.source}; rescaled from the in-run probe to the cached one")
-    save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe, stored)
+    if store:
+        save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe, stored)
     print(f"fitted to the in-run probe: flops {eff.flops:.3f}, hbm {eff.hbm:.3f}, layer overhead "
-          f"{eff.layer_overhead_s * 1e6:.1f} us ({eff.source}); stored for the cached probe as flops "
-          f"{stored.flops:.3f}, hbm {stored.hbm:.3f} ({default_cache_dir() / CPU_FIT_FILE})")
+          f"{eff.layer_overhead_s * 1e6:.1f} us ({eff.source}); {'stored' if store else 'as it would be stored'} "
+          f"for the cached probe as flops {stored.flops:.3f}, hbm {stored.hbm:.3f} "
+          f"({default_cache_dir() / CPU_FIT_FILE})")
     head = (f"{'case':36} {'bound ms':>9} {'predicted':>10} {'measured ms':>12} {'fastest ms':>11} {'spread':>7} "
             f"{'meas/pred':>9} {'pred/meas':>9}")
     print(head)
@@ -340,9 +394,9 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
               f"{cal / measured:9.2f}")
     ok = all(0.7 <= q <= 1.4 for q in ratios)
     print(f"SmolLM2 f32 predicted / measured: {' / '.join(f'{q:.2f}' for q in ratios)} (decode B=1 / B=8 / prefill "
-          f"{prefill}; {'within' if ok else 'outside'} the goal 0.7-1.4)")
+          f"{run['prefill']}; {'within' if ok else 'outside'} the goal 0.7-1.4)")
     # the same fit and check on each shape's fastest sample, the least disturbed by the load
-    fast = fit_generation([c for c in cases if not c.held_out], chip, min)
+    fast = fit_generation(fit_cases, chip, min)
     quick = [price(c.module, chip, eff=fast).step_time_s / min(c.samples) for c in cases if c.held_out]
     print(f"on the fastest sample of each shape instead of the median: SmolLM2 predicted / measured "
           f"{' '.join(f'{q:.2f}' for q in quick)} (fit: flops {fast.flops:.3f}, hbm {fast.hbm:.3f}, layer overhead "
@@ -376,10 +430,18 @@ def main() -> None:
                          "the fit")
     ap.add_argument("--rounds", type=int, default=5, help="--smollm2: samples of each shape (default 5)")
     ap.add_argument("--only-smollm2", action="store_true", help="with --smollm2: skip the tiny models")
-    ap.add_argument("--no-int8", action="store_true", help="with --smollm2: skip SmolLM2 int8 decode")
+    ap.add_argument("--no-int8", action="store_true", help="with --smollm2: skip int8 decode (SmolLM2's and the fit models')")
+    ap.add_argument("--fit-prefill", type=int, default=0,
+                    help="with --smollm2: the fit models' prefill length (default: the checked one, 512)")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="with --smollm2: save every sample to FILE")
+    ap.add_argument("--replay", type=Path, metavar="FILE",
+                    help="price a saved --smollm2 run (its --json) again with the current cost model; no measuring")
     ap.add_argument("--generation", type=Path, metavar="JSON",
                     help="also compare with bench/generate.py --json JSON (SmolLM2 decode and prefill)")
     a = ap.parse_args()
+    if a.replay:
+        replay(a.replay)
+        return
     probe = measure_cpu(refresh=a.refresh_probe)
     chip = chip_from_mapping(probe, "cpu probe")
     stored = load_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe)
@@ -436,7 +498,7 @@ def main() -> None:
     if a.generation:
         generation_check(a.generation, chip, eff)
     if a.smollm2:
-        smollm2_check(chip, probe, a.rounds, int8=not a.no_int8)
+        smollm2_check(chip, probe, a.rounds, int8=not a.no_int8, fit_prefill=a.fit_prefill, save=a.json)
 
 
 if __name__ == "__main__":

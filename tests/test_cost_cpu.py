@@ -116,3 +116,47 @@ def test_the_shape_term_makes_batch_8_decode_cost_more_than_batch_1():
     assert t[(8, flat)] < 1.2 * t[(1, flat)]
     assert t[(8, shaped)] > 1.5 * t[(1, shaped)]
     assert t[(1, shaped)] == pytest.approx(t[(1, flat)], rel=0.05)  # batch 1 stays memory-bound
+
+
+def _narrow_weight_elements(module) -> int:
+    """Elements of the weights a decode step multiplies that are held narrower than f32: every
+    int8 projection (read through its dequantize) and the bf16 tied table (read by the logits),
+    counted from the entry's params, layer bodies once per layer (their params are N-stacked)."""
+    fn = module.entries[0]
+    n = 0
+    for p in fn.params_with_role("weight"):
+        if p.type.dtype in ("i8", "bf16") and p.name not in ("ln1_scale", "ln2_scale", "final_scale"):
+            n += p.type.local_nbytes(module.mesh_sizes) // {"i8": 1, "bf16": 2}[p.type.dtype]
+    return n
+
+
+@pytest.mark.parametrize("fmt", ["f32", "int8", "bf16"])
+def test_narrow_weights_are_charged_their_convert_per_element(fmt):
+    """A CPU multiplies int8 and bf16 weights in f32: the convert is work on every element the
+    step reads (int8 decode ran as slow as f32 although it reads a quarter of the bytes), priced
+    at ``convert_s`` per element; f32 weights convert nothing, and the bound charges nothing."""
+    chip = replace(CHIP, op_overhead_s=0.0)
+    m = module_for(apply_overrides(Spec(MODEL), weights=fmt), "decode", 1, 1, 64)
+    plain = Efficiency(flops=0.5, hbm=0.5)
+    per = 1e-9
+    a, b = price(m, chip, eff=plain), price(m, chip, eff=replace(plain, convert_s=per))
+    # the norms' scales are read by fused norms, not by a dot: not converted
+    expected = 0 if fmt == "f32" else _narrow_weight_elements(m)
+    assert expected == 0 or expected > MODEL.vocab * MODEL.d_model  # at least the table
+    assert (b.per_step.compute - a.per_step.compute) / per == pytest.approx(expected)
+    assert price(m, chip).step_time_s == price(m, chip, eff=replace(Efficiency(), source="x")).step_time_s
+    if fmt != "f32":  # the converts make this small step compute-bound: it costs more than its bytes
+        assert b.step_time_s > a.step_time_s
+
+
+def test_convert_cost_is_validated_and_read_from_a_chip_file(tmp_path):
+    from compiler.cost.hardware import load_chip_file
+    from ir.errors import CostError
+
+    with pytest.raises(CostError, match="convert_s must be >= 0"):
+        Efficiency(convert_s=-1e-9)
+    assert not Efficiency(convert_s=1e-10).is_bound
+    p = tmp_path / "chip.toml"
+    p.write_text('name = "toy"\nflops_bf16 = 1e11\nhbm_bytes = 1073741824\nhbm_bw = 1e10\nici_bw = 1e10\n'
+                 '[efficiency]\nflops = 0.5\nconvert_s = 4e-10\n')
+    assert load_chip_file(p).efficiency.convert_s == 4e-10

@@ -8,7 +8,11 @@ The cost model has two modes (``explain --model``):
   achieved fraction of peak FLOP/s, which falls for matmuls whose smallest local dimension is
   small (``flops * n / (n + matmul_half)``; a looped collective einsum's n is that of the chunk
   one loop step multiplies), the achieved HBM and link bandwidth, a latency per
-  ring step of every collective (a K-way ring takes K - 1 steps), and a fixed overhead per layer.
+  ring step of every collective (a K-way ring takes K - 1 steps), a fixed overhead per layer,
+  and the time to convert one element of a weight stored narrower than 32 bits (int8 through its
+  dequantize, bf16) inside the dot that reads it: a CPU multiplies such weights in f32, so the
+  convert is compute on every element the step reads, not bytes (0 where the chip multiplies
+  them natively, as the TPU's MXU does).
 
 The constants are fitted by ``bench/calibrate.py`` to the eight rows of
 ``../shared/reference/paper-calibration.csv`` and nothing else (the paper's other tables and
@@ -41,6 +45,7 @@ class Efficiency:
     link: float = 1.0  # fraction of the interconnect bandwidth
     step_latency_s: float = 0.0  # per ring step of a collective (K - 1 steps for K participants)
     layer_overhead_s: float = 0.0  # per call of a layer body (and of the entry)
+    convert_s: float = 0.0  # per element of a narrow (int8, bf16) weight converted inside its dot
     source: str = "bound: peak rates, no latencies"
 
     def __post_init__(self) -> None:
@@ -48,7 +53,7 @@ class Efficiency:
             v = getattr(self, k)
             if not (math.isfinite(v) and 0 < v <= 1):
                 raise CostError(f"efficiency {k} must be in (0, 1], got {v!r}")
-        for k in ("matmul_half", "step_latency_s", "layer_overhead_s"):
+        for k in ("matmul_half", "step_latency_s", "layer_overhead_s", "convert_s"):
             v = getattr(self, k)
             if not (math.isfinite(v) and v >= 0):
                 raise CostError(f"efficiency {k} must be >= 0, got {v!r}")
@@ -56,7 +61,7 @@ class Efficiency:
     @property
     def is_bound(self) -> bool:
         return (self.flops, self.matmul_half, self.hbm, self.link, self.step_latency_s,
-                self.layer_overhead_s) == (1.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+                self.layer_overhead_s, self.convert_s) == (1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
 
     def flops_fraction(self, smallest_dim: float) -> float:
         """Achieved fraction of peak for a matmul whose smallest local dimension is ``smallest_dim``.

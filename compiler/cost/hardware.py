@@ -48,6 +48,7 @@ Sources are given per chip. Users add a chip with a small TOML file (``--hardwar
     hbm = 0.8                # achieved fraction of hbm_bw
     link = 1.0               # achieved fraction of ici_bw
     step_latency_s = 1e-6    # per ring step of a collective
+    convert_s = 0            # per element of an int8/bf16 weight converted inside its dot (CPU)
     layer_overhead_s = 0     # per layer call
     source = "my fit"
 
@@ -212,7 +213,7 @@ def _efficiency(table: object, where: str) -> Efficiency | None:
         return None
     if not isinstance(table, Mapping):
         raise CostError(f"{where}: chip field 'efficiency' must be a table ([efficiency]), got {table!r}")
-    names = ("flops", "matmul_half", "hbm", "link", "step_latency_s", "layer_overhead_s")
+    names = ("flops", "matmul_half", "hbm", "link", "step_latency_s", "layer_overhead_s", "convert_s")
     for k in table:
         if k not in (*names, "source"):
             raise CostError(f"{where}: unknown efficiency field {k!r}", hint=did_you_mean(k, names))

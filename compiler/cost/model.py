@@ -20,7 +20,8 @@ Everything is read off the compiled IR and its collective ledger, so whatever th
 * **Efficiencies** (compiler/cost/efficiency.py): the ``bound`` prices at the peaks with no
   latencies; ``calibrated`` divides FLOP/s (by matmul shape: for a looped collective einsum, the
   shape of one step's chunk, its collective's dim 1/K as long), HBM and link bandwidth by their
-  achieved fractions and adds a latency per ring step and a fixed cost per layer call.
+  achieved fractions and adds a latency per ring step, a fixed cost per layer call, and a cost
+  per element of a narrow weight (int8 through its dequantize, bf16) converted in its dot.
 
 Combination rule (the physical overlap), per op: ``t = max(flops / peak, hbm_bytes / hbm_bw) +
 op_overhead`` (its roofline). A collective of activations is exposed, ``t = work + comm``. A
@@ -81,6 +82,7 @@ class Cost:
     writes: float = 0.0
     dtype: str = "bf16"
     smallest: float = math.inf  # smallest local matmul dim (rows, cols, contraction): sets its efficiency
+    converts: float = 0.0  # elements of narrow (int8, bf16) weights converted inside the op (Efficiency.convert_s)
 
 
 @dataclass
@@ -110,6 +112,17 @@ class View:
 
     def writes(self) -> float:
         return float(sum(t.local_nbytes(self.mesh) for t in self.op.types))
+
+    def converts(self) -> float:
+        """Elements of the weight operands held narrower than 32 bits (an int8 weight through its
+        fused dequantize, a bf16 one): what a chip that multiplies in f32 converts in the dot."""
+        n = 0.0
+        for o, t in zip(self.op.operands, self.ins):
+            if self.classes.get(o) == "weight":
+                elems = math.prod(t.local_shape(self.mesh))
+                if t.local_nbytes(self.mesh) < 4 * elems:
+                    n += elems
+        return n
 
 
 def einsum_flops(spec: str, sizes: Mapping[str, int]) -> float:
@@ -143,7 +156,7 @@ def _einsum(v: View) -> Cost:
     for t in (*v.ins, *v.op.types):
         sizes.update(v.local(t))
     return Cost(einsum_flops(v.op.spec, sizes), v.reads(), v.writes(), v.op.type.dtype,
-                matmul_smallest_dim(v.op.spec, sizes))
+                matmul_smallest_dim(v.op.spec, sizes), v.converts())
 
 
 def _collective_einsum(v: View) -> Cost:
@@ -168,7 +181,7 @@ def _collective_einsum(v: View) -> Cost:
         # each of the K loop steps multiplies one chunk: the collective's dim is 1/K as long
         chunk = {**sizes, op.dim: max(1, sizes[op.dim] // k)} if op.dim in sizes else sizes
         smallest = min(smallest, matmul_smallest_dim(spec, chunk))
-    return Cost(flops, v.reads(), v.writes(), op.type.dtype, smallest)
+    return Cost(flops, v.reads(), v.writes(), op.type.dtype, smallest, v.converts())
 
 
 def _embed(v: View) -> Cost:
@@ -409,6 +422,7 @@ def price_function(module: Module, fn: Function, chip: Chip, classes: Mapping[st
         wc = cls.get(op.result, "act")
         reads[wc] = reads.get(wc, 0.0) + c.writes
         compute = c.flops / (chip.peak(c.dtype) * eff.flops_fraction(c.smallest)) if c.flops else 0.0
+        compute += c.converts * eff.convert_s  # narrow weights widened inside the dot (CPU)
         memory = sum(reads.values()) / (chip.hbm_bw * eff.hbm)
         es = comm.get(op.result, [])
         comm_s = sum(collective_seconds(chip, eff, e, mesh) for e in es)
