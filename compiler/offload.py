@@ -110,12 +110,13 @@ def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[
 
 
 def make_offload_runner(spec: Spec, store: Path, key: str, cache_len: int, budget: int, batch: int = 1,
-                        prefetch: bool = True, evict_after_read: bool = False, poison: bool = False):
+                        prefetch: bool = True, evict_after_read: bool = False, poison: bool = False,
+                        direct: bool = True):
     """An OffloadRunner for ``spec`` over the store in ``store`` (see runtime/offload.py)."""
     from runtime.offload import OffloadRunner
 
     return OffloadRunner(offload_builder(spec, cache_len, batch), Path(store), key, cache_len, spec.model.vocab,
-                         budget, prefetch, evict_after_read, poison)
+                         budget, prefetch, evict_after_read, poison, direct)
 
 
 def add_offload_args(p) -> None:

@@ -222,6 +222,7 @@ class OffloadRunner:
     prefetch: bool = True
     evict_after_read: bool = False
     poison: bool = False
+    direct: bool = True  # O_DIRECT reads (runtime/offload_pool.py)
     _steps: dict[tuple, _Step] = field(default_factory=dict)
     _pieces: dict[tuple, StreamPieces] = field(default_factory=dict)
     mesh: Any = None  # one device (the ModelRunner interface reports callers read)
@@ -236,7 +237,7 @@ class OffloadRunner:
 
     def _new_pool(self) -> LayerPool:
         return LayerPool(data_path(self.store), self.layout, self.slots, self.prefetch and self.slots > 1,
-                         self.evict_after_read, self.poison)
+                         self.evict_after_read, self.poison, self.direct)
 
     @property
     def stats(self) -> StreamStats:

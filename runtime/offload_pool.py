@@ -14,21 +14,30 @@ every float format) so a test can show that nothing reads a buffer after its rel
 
 Without prefetch (``prefetch=False``) the caller's thread reads each layer when it asks for it,
 into a single buffer: the baseline the prefetching pool is measured against.
+
+Reads bypass the page cache (``O_DIRECT``, ``direct=True``, the default) where the file system
+allows it: the disk writes straight into the aligned buffer, where a buffered read costs a
+kernel copy of every byte on one of the cores the compute runs on (3-6 ms of CPU per 14 MB layer
+here, against 0.3 ms direct), and a store larger than the page cache, the case offloading is for,
+gains nothing from caching. A layer is read as ``io_depth`` page-aligned parts in flight at
+once (the disk is faster with more than one request queued).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ir.errors import WeightsError
-from runtime.offload_store import StoreLayout, aligned_buffer, read_into
+from runtime.offload_store import BLOCK_ALIGN, StoreLayout, aligned_buffer, read_into
 
 
 @dataclass
@@ -49,6 +58,8 @@ class LayerPool:
     prefetch: bool = True
     evict_after_read: bool = False  # emulate a store larger than the page cache: every read is cold
     poison: bool = False
+    direct: bool = True  # O_DIRECT where the file system takes it (falls back to buffered reads)
+    io_depth: int = 2  # page-aligned parts of a layer read at once
     stats: StreamStats = field(default_factory=StreamStats)
 
     def __post_init__(self) -> None:
@@ -60,6 +71,12 @@ class LayerPool:
         for b in self.buffers:
             b.fill(0)  # touch the pages now: the pool's memory is resident from the start
         self.fd = os.open(str(self.path), os.O_RDONLY)
+        self._dfd = self._open_direct() if self.direct else None
+        self.direct = self._dfd is not None
+        parts = max(1, self.io_depth)
+        size = -(-self.layout.stride // parts // BLOCK_ALIGN) * BLOCK_ALIGN
+        self._parts = [(s, min(s + size, self.layout.stride)) for s in range(0, self.layout.stride, size)]
+        self._io = ThreadPoolExecutor(len(self._parts) - 1, "einshard-layer-io") if len(self._parts) > 1 else None
         self._free: queue.Queue[int] = queue.Queue()
         self._filled: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
         self._next_sync = 0
@@ -73,10 +90,41 @@ class LayerPool:
             self._thread.start()
 
     # ---- reading -------------------------------------------------------------------------
+    def _open_direct(self) -> int | None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            return os.open(str(self.path), os.O_RDONLY | flag)
+        except OSError as e:  # tmpfs and some others refuse O_DIRECT
+            if e.errno != errno.EINVAL:
+                raise
+            return None
+
+    def _read_parts(self, buf: np.ndarray, off: int) -> None:
+        """Reads the layer's parts, all but the first on the io threads, the first here."""
+        fd = self._dfd if self._dfd is not None else self.fd
+        futs = [self._io.submit(read_into, fd, buf[s:e], off + s) for s, e in self._parts[1:]] if self._io else []
+        try:
+            s, e = self._parts[0]
+            read_into(fd, buf[s:e], off + s)
+        finally:
+            errors = [f.exception() for f in futs]
+        for err in errors:
+            if err is not None:
+                raise err
+
     def _read(self, layer: int, buf: int) -> None:
         off = self.layout.layer_offset(layer)
         t0 = time.perf_counter()
-        read_into(self.fd, self.buffers[buf], off)
+        try:
+            self._read_parts(self.buffers[buf], off)
+        except OSError as e:  # a file system that opened O_DIRECT but refuses its reads
+            if self._dfd is None or e.errno != errno.EINVAL:
+                raise
+            os.close(self._dfd)
+            self._dfd, self.direct = None, False
+            self._read_parts(self.buffers[buf], off)
         if self.evict_after_read:
             os.posix_fadvise(self.fd, off, self.layout.stride, os.POSIX_FADV_DONTNEED)
         self.stats.read_s += time.perf_counter() - t0
@@ -134,4 +182,8 @@ class LayerPool:
             self._free.put(-1)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        if self._dfd is not None:
+            os.close(self._dfd)
         os.close(self.fd)
