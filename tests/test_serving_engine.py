@@ -21,6 +21,7 @@ from runtime.generator import GenerateRequest, Generator
 from runtime.sampling import SamplingParams
 from runtime.serving.engine import Engine
 from runtime.serving.errors import OverloadedError, RequestError
+from runtime.serving.kernels import Kernels
 from runtime.serving.request import Request
 from runtime.serving.scheduler import SchedulerConfig
 from runtime.weights import random_weights
@@ -38,6 +39,10 @@ class Model:
         self.gen = Generator(self.runner)
         self.min_batch = next(b for b in (1, 2, 4, 8) if self.runner.valid_batch(b))
         self.memo: dict[tuple, list[int]] = {}
+        # compiled engine programs per slot count, shared by the engines of every trace (as one
+        # server's engine reuses them): each test still starts a fresh engine (slots, queue,
+        # caches); the engine refuses kernels built for another runner or slot buffer
+        self.kernels: dict[int, Kernels] = {}
 
     def alone(self, r: Request) -> list[int]:
         key = (r.prompt, r.sampling, r.max_new_tokens, r.stop_ids)
@@ -109,7 +114,8 @@ def traces(draw, max_prompt: int = 24):
 
 def check_trace(model: Model, cfg: SchedulerConfig, trace) -> Engine:
     clock = Clock()
-    engine = Engine(model.runner, cfg, clock=clock)
+    engine = Engine(model.runner, cfg, clock=clock, kernels=model.kernels.get(cfg.slots))
+    model.kernels.setdefault(cfg.slots, engine.kernels)
     tokens, finish, _ = replay(engine, clock, trace)
     for _, r in trace:
         want = model.alone(r)
