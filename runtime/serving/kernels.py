@@ -64,6 +64,20 @@ def put_window(c: jax.Array, new: jax.Array, groups: int, w: int, axis: int) -> 
     return g.reshape(c.shape)
 
 
+def put_positions(c: jax.Array, new: jax.Array, groups: int, w: int, pos: jax.Array, axis: int) -> jax.Array:
+    """Writes back what a one-token decode step over the window changed: window row r's entry
+    at position ``pos[r]`` (row r = g * w + j is slot j of group g). Writing the whole window
+    back instead (``put_window``) made XLA fuse the window's read and the write of the same
+    donated buffer into one loop, so it copied every cache array in full each step: a narrow
+    window cost more than the full one. The barrier keeps the written values a separate buffer,
+    so the scatter updates the donated cache in place."""
+    W = new.shape[axis]
+    r = jnp.arange(W)
+    vals = jax.lax.optimization_barrier(new[_at(axis, r) + (pos,)])
+    g = _grouped(c, groups, axis).at[_at(axis, r // w) + (r % w, pos)].set(vals.astype(c.dtype))
+    return g.reshape(c.shape)
+
+
 @dataclass
 class Kernels:
     """Compiled programs of one runner for an S-slot buffer in ``groups`` groups, by shape."""
@@ -87,7 +101,10 @@ class Kernels:
         def fn(params, caches, tokens, pos, temp, top_k, top_p, seeds):
             win = cache_map(lambda c, axis: take_window(c, G, w, axis), caches)
             logits, new = step(params, tokens[:, None], pos[:, None], win)
-            out = cache_map(lambda c, n, axis: put_window(c, n, G, w, axis), caches, new)
+            if w * G == self.slots:  # the whole buffer: the step's own update is in place
+                out = cache_map(lambda c, n, axis: n.astype(c.dtype), caches, new)
+            else:
+                out = cache_map(lambda c, n, axis: put_positions(c, n, G, w, pos, axis), caches, new)
             return self.sample(logits, temp, top_k, top_p, seeds, pos + 1), out
 
         return fn
@@ -138,6 +155,7 @@ class Kernels:
             safe = jnp.where(src < S, src, 0)
             rows = cache_map(lambda c, axis: jnp.take(c, safe, axis=axis), caches)
             logits, new = step(params, tokens, pos, rows)
+            new = jax.lax.optimization_barrier(new)  # as in put_positions: no full copy of the cache
             out = cache_map(lambda c, n, axis: c.at[_at(axis, src)].set(n.astype(c.dtype), mode="drop"),
                             caches, new)
             return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
