@@ -160,3 +160,54 @@ def test_convert_cost_is_validated_and_read_from_a_chip_file(tmp_path):
     p.write_text('name = "toy"\nflops_bf16 = 1e11\nhbm_bytes = 1073741824\nhbm_bw = 1e10\nici_bw = 1e10\n'
                  '[efficiency]\nflops = 0.5\nconvert_s = 4e-10\n')
     assert load_chip_file(p).efficiency.convert_s == 4e-10
+
+
+@pytest.mark.slow  # ~40 s: the replay fits five efficiencies several times over (least squares)
+def test_smollm2_replay_recovers_the_efficiencies_that_made_its_samples(tmp_path):
+    """bench/cost_model_vs_measured.py --replay prices a saved --smollm2 run again. Fed samples
+    that the cost model itself made with known efficiencies (int8 convert included), the fit on
+    the fit models' cases must predict the held-out model exactly: what the fit can express, it
+    recovers, and the held-out model is priced by the same rules (no JAX step is run)."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from conftest import ROOT
+
+    figures = {"flops_f32": 1e11, "flops_bf16": 5e10, "hbm_bw": 2e10, "ici_bw": 1e10, "op_overhead_s": 2e-6}
+    chip = chip_from_mapping({"name": "cpu", **figures, "hbm_bytes": 8 << 30, "hop_latency_s": 0.0,
+                              "topology": "shared-memory"}, "test")
+    truth = Efficiency(flops=0.5, matmul_half=16.0, hbm=0.6, layer_overhead_s=2e-5, convert_s=3e-10)
+    models = [replace(MODEL, name="fit-a", d_model=128, d_ff=384, heads=4, kv_heads=2, d_head=32),
+              replace(MODEL, name="fit-b", layers=6, d_model=96, d_ff=256, heads=6, kv_heads=3, d_head=16),
+              replace(MODEL, name="held", layers=4, d_model=192, d_ff=512, heads=6, kv_heads=2, d_head=32)]
+    cases = []
+    for m in models:
+        held = m.name == "held"
+        for fmt, phase, batch, length in (("f32", "decode", 1, 1), ("f32", "decode", 8, 1),
+                                          ("f32", "prefill", 1, 64), ("int8", "decode", 1, 1)):
+            context = 64 if phase == "decode" else 128
+            module = module_for(apply_overrides(Spec(m), weights=fmt), phase, batch, length, context)
+            t = price(module, chip, eff=truth).step_time_s
+            tag = "" if fmt == "f32" else f" {fmt}"
+            label = f"{m.name}{tag} decode B={batch}" if phase == "decode" else f"{m.name} prefill {length}"
+            cases.append(dict(label=label, held_out=held, samples=[0.98 * t, t, 1.02 * t],
+                              shape=dict(model=asdict(m), weights=fmt, phase=phase, batch=batch, length=length,
+                                         context=context)))
+    cached = {"name": "cpu", **figures, "hbm_bytes": 8 << 30, "hop_latency_s": 0.0, "topology": "shared-memory",
+              "source": "test"}  # as runtime/probe.py caches it
+    run = dict(probe=cached, figures=[figures] * 3, load=[[1.0, 1]] * 4, prompt=8, steps=4, prefill=64,
+               cache_len=128, cases=cases)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "cost_model_vs_measured.py"), "--replay", str(path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("SmolLM2 f32 predicted / measured:"))
+    ratios = [float(v) for v in re.findall(r"\d+\.\d+", line.split(":")[1].split("(")[0])]
+    assert len(ratios) == 3 and all(abs(q - 1) <= 0.02 for q in ratios), line
+    held_int8 = next(x for x in r.stdout.splitlines() if x.startswith("held int8 decode B=1 (held out)"))
+    assert abs(float(held_int8.split()[-1]) - 1) <= 0.02, held_int8
+    assert "as it would be stored" in r.stdout  # a replay leaves the stored fit alone
