@@ -88,12 +88,19 @@ def tiny_checkpoint(directory: Path) -> Path:
     return directory
 
 
+def bench_spec(a: argparse.Namespace, ck):
+    """The checkpoint's spec served in ``--weights`` (f32 as written, or int8: its own store)."""
+    from compiler.spec import Spec, apply_overrides
+
+    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    return apply_overrides(spec, weights=a.weights) if a.weights else spec
+
+
 # ---- one configuration, in its own process ------------------------------------------------------
 def run_one(a: argparse.Namespace) -> None:
     use_cpu_devices(1)
     from compiler.generation import make_runner, weight_types
     from compiler.offload import make_offload_runner, parse_size, store_key
-    from compiler.spec import Spec
     from runtime.checkpoint import open_checkpoint
     from runtime.generator import GenerateRequest, Generator
     from runtime.model_runner import enable_compile_cache
@@ -105,7 +112,7 @@ def run_one(a: argparse.Namespace) -> None:
     base = vm_hwm()
     t0 = time.perf_counter()
     ck = open_checkpoint(a.checkpoint)
-    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    spec = bench_spec(a, ck)
     prompt = list(range(1, a.prompt_len + 1))
     context = 64
     req = GenerateRequest.of([prompt] * a.batch, SamplingParams(), a.new)
@@ -150,7 +157,6 @@ def run_interleaved(a: argparse.Namespace) -> None:
 
     from compiler.generation import make_runner, weight_types
     from compiler.offload import make_offload_runner, parse_size
-    from compiler.spec import Spec
     from runtime.checkpoint import open_checkpoint
     from runtime.generator import GenerateRequest, Generator
     from runtime.model_runner import enable_compile_cache
@@ -163,7 +169,7 @@ def run_interleaved(a: argparse.Namespace) -> None:
     if not (cold_store / "store.json").is_file():
         shutil.copytree(a.store, cold_store, dirs_exist_ok=True)
     ck = open_checkpoint(a.checkpoint)
-    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    spec = bench_spec(a, ck)
     req = GenerateRequest.of([list(range(1, a.prompt_len + 1))] * a.batch, SamplingParams(), a.new)
     res_runner = make_runner(spec, ck.load_weights(spec.model, weight_types(spec)), 64, batch=a.batch)
     gens: dict = {("resident", "-"): Generator(res_runner)}
@@ -174,6 +180,11 @@ def run_interleaved(a: argparse.Namespace) -> None:
                                     evict_after_read=cache == "cold")
             runners[(mode, cache)] = r
             gens[(mode, cache)] = OffloadGenerator(r)
+    # A/B: the same cold prefetch with buffered reads (a kernel copy per byte on the compute cores)
+    r = make_offload_runner(spec, cold_store, a.key, 64, parse_size(a.budget), a.batch, evict_after_read=True,
+                            direct=False)
+    runners[("prefetch-buffered", "cold")] = r
+    gens[("prefetch-buffered", "cold")] = OffloadGenerator(r)
     for k, g in gens.items():
         g.compile(req, batch=a.batch, **({"stream": True} if k[0] == "resident" else {}))
     times: dict = {k: [] for k in gens}
@@ -207,7 +218,6 @@ def run_serve(a: argparse.Namespace) -> None:
 
     from compiler.generation import make_runner, weight_types
     from compiler.offload import make_offload_runner, parse_size, store_key
-    from compiler.spec import Spec
     from runtime.checkpoint import open_checkpoint
     from runtime.model_runner import enable_compile_cache
     from runtime.sampling import SamplingParams, sample
@@ -218,7 +228,7 @@ def run_serve(a: argparse.Namespace) -> None:
 
     enable_compile_cache()
     ck = open_checkpoint(a.checkpoint)
-    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    spec = bench_spec(a, ck)
     context, S = 64, a.batch
     key = a.key or store_key(a.checkpoint, spec)
     engines = {
@@ -273,11 +283,10 @@ def predict(a: argparse.Namespace, rows: list[dict]) -> None:
 
     from compiler.cost.hardware import get_chip
     from compiler.cost.offload import estimate_offload
-    from compiler.spec import Spec
     from runtime.checkpoint import open_checkpoint
 
     ck = open_checkpoint(a.checkpoint)
-    base = Spec(ck.model_spec(), path=str(a.checkpoint))
+    base = bench_spec(a, ck)
     chip = get_chip("cpu")
     print(f"{'batch':>5} {'mode':>9} {'cache':>5} {'meas ms':>8} {'pred ms':>8} {'meas/pred ratio':>15}")
     memo: dict = {}
@@ -288,7 +297,7 @@ def predict(a: argparse.Namespace, rows: list[dict]) -> None:
             spec = replace(base, serve=replace(base.serve, batch=B, seq=64))
             memo[key] = estimate_offload(spec, chip, "disk", B, cache=key[1])
         e = memo[key]
-        pred = {"resident": e.resident_step_s, "stream": e.no_prefetch_step_s, "prefetch": e.offload_step_s}[r["mode"]]
+        pred = {"resident": e.resident_step_s, "stream": e.no_prefetch_step_s, "prefetch": e.offload_step_s}[r["mode"].split("-")[0]]
         print(f"{B:>5} {r['mode']:>9} {cache if r['mode'] != 'resident' else '-':>5} {r['step_ms']:>8.1f} "
               f"{pred * 1e3:>8.1f} {r['step_ms'] / (pred * 1e3):>15.2f}")
 
@@ -296,7 +305,8 @@ def predict(a: argparse.Namespace, rows: list[dict]) -> None:
 # ---- the driver -----------------------------------------------------------------------------------
 def child(a: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--checkpoint", str(a.checkpoint), "--store", str(a.store), "--budget", a.budget,
-           "--new", str(a.new), "--prompt-len", str(a.prompt_len), *(["--key", a.key] if a.key else []), *extra]
+           "--new", str(a.new), "--prompt-len", str(a.prompt_len), *(["--key", a.key] if a.key else []),
+           *(["--weights", a.weights] if a.weights else []), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     if r.returncode != 0 or not line:
@@ -307,11 +317,10 @@ def child(a: argparse.Namespace, *extra: str) -> dict:
 def build_store(a: argparse.Namespace) -> None:
     use_cpu_devices(1)
     from compiler.offload import checkpoint_weights, ensure_store, parse_size, store_key
-    from compiler.spec import Spec
     from runtime.checkpoint import open_checkpoint
 
     ck = open_checkpoint(a.checkpoint)
-    spec = Spec(ck.model_spec(), path=str(a.checkpoint))
+    spec = bench_spec(a, ck)
     key = store_key(a.checkpoint, spec)
     # the conversion reads the checkpoint a layer at a time (runtime/offload_convert.py)
     ensure_store(spec, key, a.store, lambda: checkpoint_weights(ck, spec), parse_size(a.budget))
@@ -327,6 +336,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--store", type=Path)
     ap.add_argument("--budget", default="200MB")
+    ap.add_argument("--weights", choices=("f32", "bf16", "int8"), help="served weight format (default: the "
+                    "checkpoint's); int8 streams int8 bytes, against the int8 resident run")
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--new", type=int, default=6, help="tokens generated per run (decode steps + 1)")
     ap.add_argument("--prompt-len", type=int, default=8)
@@ -351,7 +362,7 @@ def main() -> None:
         a.budget = "600KB" if a.budget == "200MB" else a.budget
         a.batches = "1,4" if a.batches == "1,16,64,128" else a.batches
     a.checkpoint = a.checkpoint or smollm2_f32(work / "smollm2-f32")
-    a.store = a.store or (a.checkpoint / ".einshard-offload")
+    a.store = a.store or (a.checkpoint / (".einshard-offload" + (f"-{a.weights}" if a.weights else "")))
     if a.baseline:
         return run_baseline()
     if a.predict_from:
