@@ -100,13 +100,31 @@ def ensure_store(spec: Spec, key: str, directory: Path, load_weights: Callable[[
     except MixedPrepareGroup:  # a @prepare that mixes layers and globals: convert the whole model at once
         from runtime.generate import prepared_weights
         from runtime.lower_jax import JaxExecutor
-        from runtime.offload import write_offload_store
+        from runtime.offload import fmt_bytes, write_offload_store
+
+        need = whole_conversion_bytes(module, layout.file_bytes)
+        if budget is not None and need > budget:
+            raise SpecError(f"this model's @prepare mixes per-layer and global weights, so its offload store "
+                            f"is converted from the whole model at once: about {fmt_bytes(need)} (raw and "
+                            f"prepared weights), over the memory budget of {fmt_bytes(budget)}",
+                            hint=f"convert once with --memory-budget of at least {fmt_bytes(need)} ({need} bytes), "
+                                 f"or with --offload-dir on a machine with that memory; later runs read only the store")
 
         weights = {k: np.asarray(v) for k, v in load_weights().items()}
         write_offload_store(module, dict(prepared_weights(JaxExecutor(module), weights)), directory, key)
         return True
     convert_to_store(one, layout, load_weights(), directory)
     return True
+
+
+def whole_conversion_bytes(module: Module, prepared_bytes: int) -> int:
+    """Memory the whole-model conversion holds at its peak: every raw weight (@prepare's params)
+    plus the prepared weights it writes."""
+    from runtime.lower_jax import JNP_DTYPES
+
+    raw = sum(int(np.prod(p.type.shape, dtype=np.int64)) * np.dtype(JNP_DTYPES[p.type.dtype]).itemsize
+              for p in module.raw_weight_params())
+    return raw + prepared_bytes
 
 
 def make_offload_runner(spec: Spec, store: Path, key: str, cache_len: int, budget: int, batch: int = 1,

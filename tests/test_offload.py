@@ -274,3 +274,30 @@ def test_store_converted_group_by_group_equals_the_whole_model_conversion(tmp_pa
     groups = prepare_groups(module)
     assert len(groups) > 1 and all(len(g.outputs) <= 3 for g in groups)  # many small groups, not one
     assert any(g.fn is not None for g in groups) == (weights == "int8" or family == "falcon")
+
+
+def test_whole_model_conversion_fallback_keeps_to_the_budget(tmp_path, monkeypatch) -> None:
+    """A @prepare that cannot be cut per layer converts the whole model at once: refused with a
+    typed error when that holds more than the budget, written when the budget covers it."""
+    import runtime.offload_convert as oc
+    from compiler.generation import module_for
+    from compiler.offload import whole_conversion_bytes
+
+    t = tiny("llama", tmp_path / "ck")
+    key = store_key(t.path, t.spec)
+
+    def mixed(module):
+        raise oc.MixedPrepareGroup("a @prepare group mixes per-layer and global weights")
+
+    monkeypatch.setattr(oc, "prepare_groups", mixed)
+    layout = oc.store_plan(module_for(t.spec, "decode", 1, 1, 8), key)
+    need = whole_conversion_bytes(module_for(t.spec, "decode", 1, 1, 8), layout.file_bytes)
+    assert need > layout.file_bytes
+    small = layout.globals_bytes + 2 * layout.stride  # enough to stream, not to convert at once
+    assert small < need
+    with pytest.raises(SpecError, match="whole model at once") as e:
+        ensure_store(t.spec, key, tmp_path / "s", lambda: t.weights, small)
+    assert str(need) in (e.value.hint or "")
+    assert not (tmp_path / "s" / "store.json").exists()
+    assert ensure_store(t.spec, key, tmp_path / "s", lambda: t.weights, need)
+    assert read_layout(tmp_path / "s", key) == layout
