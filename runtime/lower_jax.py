@@ -34,6 +34,22 @@ JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16
 GEMV_ROWS = 8
 
 
+def materialized(x):
+    """``x`` (a ``[P, C]`` activation), computed into its own buffer before a fused int8/bf16
+    matrix-vector dot. When the activation merges several IR dims (the attention output
+    ``BLKGD`` read by ``wo``), XLA's CPU layout assignment may keep it physically permuted
+    (the attention dot's output order) and fuses that transpose into the dot's elemental loop,
+    which then recomputes the permuted index per multiply-add and is no longer vectorised (30
+    int8 576 x 576 gemvs fed a [3, 64, 3] -> [3, 3, 64] transposed activation: 6x slower than
+    a contiguous one, in a micro-benchmark). A copy, a
+    ``lax.optimization_barrier`` (removed before fusion) or a size-2 sum (simplified to an add)
+    are all fused back; a reduce-window is not loop-fusible into the dot, so this one
+    (``x + 0``, exact) is. Cost: one 2 x C pass."""
+    pad = ((0, 1),) + ((0, 0),) * x.ndim  # a zero row after x along a new leading dim
+    return lax.reduce_window(x[None], jnp.zeros((), x.dtype), lax.add, (2,) + (1,) * x.ndim,
+                             (1,) * (x.ndim + 1), padding=pad)[0]
+
+
 class JaxBackend:
     xp = jnp
 
@@ -75,6 +91,7 @@ class JaxBackend:
         if m.dtype == ct:  # no convert: a dot contracting both last dims (XLA CPU's library gemv/gemm)
             y = lax.dot_general(x2, m, (((1,), (1,)), ((), ())), precision=self.precision)
         elif pr.p[0] <= GEMV_ROWS:  # the convert fuses into a matrix-vector dot of the transposed weight
+            x2 = materialized(x2) if pr.n > 1 else x2
             mt = m.astype(ct).T  # (XLA CPU's matrix-matrix dot of a converted weight is 5-6x slower:
             rows = [jnp.matmul(x2[i:i + 1], mt, precision=self.precision) for i in range(pr.p[0])]
             y = rows[0] if len(rows) == 1 else jnp.concatenate(rows)  # one vector per row wins to 8)
@@ -245,14 +262,16 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
     interp = Interpreter(module, be, {**RULES, "dequantize": _noted_dequantize})
     layouts = dict(stored or {})
 
-    def restore(a, perm):
+    def restore(a, perm, t):
         if perm is None:
             return a
-        return [be.sources.restore(x, perm, jnp) for x in a] if isinstance(a, list) else be.sources.restore(a, perm, jnp)
+        if isinstance(a, list):  # per layer: one layer's logical shape
+            return [be.sources.restore(x, perm, jnp, t.shape[1:]) for x in a]
+        return be.sources.restore(a, perm, jnp, t.shape)
 
     def program(*args):
         if layouts:
-            args = tuple(restore(a, layouts.get(p.name)) for p, a in zip(fn.params, args))
+            args = tuple(restore(a, layouts.get(p.name), p.type) for p, a in zip(fn.params, args))
         return interp.call(fn, args)
 
     mesh = make_mesh(module)

@@ -27,7 +27,7 @@ from ir.module import Function, Module
 from runtime.distributed import global_array, is_lazy
 from runtime.generate import prepared_weights
 from runtime.lower_jax import JNP_DTYPES, JaxExecutor, _spec, entry_program, layer_split
-from runtime.projections import Layouts, out_in_layouts, permute_spec, transpose_host
+from runtime.projections import Layouts, flat_stored, out_in_layouts, permute_spec, transpose_host
 
 class BuildFn(Protocol):
     """build(phase, batch, length, context) -> the compiled module with that one entry
@@ -238,7 +238,8 @@ def _put_one(x: np.ndarray, t: Any, mesh: Any, perm: tuple[int, ...] | None = No
             return jax.jit(lambda y: y.astype(JNP_DTYPES[t.dtype]), out_shardings=NamedSharding(mesh, spec))(x)
         return global_array(x.shape, JNP_DTYPES[t.dtype], NamedSharding(mesh, spec), x.__getitem__)
     split = layer_split(t) and x.ndim < len(t.dims)
-    y = jnp.asarray(transpose_host(x, perm), dtype=JNP_DTYPES[t.dtype])
+    flat = mesh is None and flat_stored(perm, JNP_DTYPES[t.dtype])  # projections.py: int8 wo as [Q, C]
+    y = jnp.asarray(transpose_host(x, perm, flat), dtype=JNP_DTYPES[t.dtype])
     if mesh is not None:
         y = jax.device_put(y, NamedSharding(mesh, permute_spec(_spec(t, split), perm)))
     return y

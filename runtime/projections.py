@@ -79,16 +79,18 @@ class Sources:
     identity of the traced value; the value itself is kept so that the key stays unique."""
 
     def __init__(self) -> None:
-        self._stored: dict[int, tuple[Any, Any, int]] = {}
+        self._stored: dict[int, tuple[Any, Any, int, int]] = {}
         self._deq: dict[int, tuple[Any, Any, Any]] = {}
 
-    def restore(self, stored: Any, perm: tuple[int, ...], xp: Any) -> Any:
-        """The logical value of a stored weight (a transpose), remembered as coming from it."""
+    def restore(self, stored: Any, perm: tuple[int, ...], xp: Any, shape: tuple[int, ...] | None = None) -> Any:
+        """The logical value (of shape ``shape``) of a stored weight (a transpose, after a
+        reshape when it is stored flat: :func:`flat_stored`), remembered as coming from it."""
         inv = tuple(int(i) for i in np.argsort(perm))
-        logical = xp.transpose(stored, inv)
+        full = stored if stored.ndim == len(perm) else xp.reshape(stored, tuple(shape[i] for i in perm))  # type: ignore[index]
+        logical = xp.transpose(full, inv)
         n_out = _leading_out(perm)
         if n_out is not None:
-            self._stored[id(logical)] = (logical, stored, n_out)
+            self._stored[id(logical)] = (logical, stored, n_out, len(perm) - n_out)
         return logical
 
     def dequantized(self, w: Any, q: Any, scale: Any, reduce: str, names: str) -> None:
@@ -107,7 +109,7 @@ class Sources:
         if d is not None and d[0] is w:
             w, scale = d[1], d[2]
         s = self._stored.get(id(w))
-        if s is None or s[0] is not w or s[1].ndim - s[2] != n:
+        if s is None or s[0] is not w or s[3] != n:
             return None
         if scale is not None and scale.ndim != s[2]:
             return None
@@ -179,9 +181,27 @@ def _collect(module: Module, fn: Function, v: str, found: set[int], in_layer: bo
     return True
 
 
-def transpose_host(x: Any, perm: tuple[int, ...] | None) -> Any:
-    """A host array in its stored layout (contiguous)."""
-    return x if perm is None else np.ascontiguousarray(np.transpose(np.asarray(x), perm))
+def flat_stored(perm: tuple[int, ...] | None, dtype: Any) -> bool:
+    """Whether a weight stored ``[out, in]`` by ``perm`` is kept as a 2-D ``[Q, C]`` array (one
+    device only; a mesh keeps every dim, its specs being per dim): an int8 or bf16 weight whose
+    contraction spans several dims (``wo``: ``KGD``). XLA's CPU backend fuses such a weight's
+    convert into the matrix-vector dot, but its elemental loop then indexes the contracted
+    dims of the 4-D parameter one by one and is no longer vectorised: SmolLM2's int8 ``wo``
+    ([576, 3, 3, 64]) took 9x the time of ``wq`` (the same bytes, one contracted dim). The
+    f32 library dot reads any shape as 2-D, so f32 weights keep their dims."""
+    n_out = None if perm is None else _leading_out(perm)
+    return n_out is not None and len(perm) - n_out > 1 and np.dtype(dtype) != np.float32  # type: ignore[arg-type]
+
+
+def transpose_host(x: Any, perm: tuple[int, ...] | None, flat: bool = False) -> Any:
+    """A host array in its stored layout (contiguous; ``flat``: as ``[Q, C]``)."""
+    if perm is None:
+        return x
+    y = np.ascontiguousarray(np.transpose(np.asarray(x), perm))
+    if flat:
+        n_out = _leading_out(perm)
+        y = y.reshape(int(np.prod(y.shape[:n_out])), -1)
+    return y
 
 
 def permute_spec(spec: Any, perm: tuple[int, ...] | None) -> Any:

@@ -59,8 +59,12 @@ def test_projection_weights_are_stored_out_in(models) -> None:
                          "w_gate": (1, 0), "w_up": (1, 0), "w_down": (1, 0)}
     assert r.params["lm_head"].shape == (96, 32)
     assert r.params["wq"][0].shape == (2, 2, 8, 32) and r.params["wq"][0].dtype == jnp.int8  # K, G, D, E
-    assert r.params["wo"][0].shape == (32, 2, 2, 8)  # E, K, G, D
+    # E, (K, G, D): an int8 weight contracting several dims is stored flat (projections.flat_stored)
+    assert r.params["wo"][0].shape == (32, 32)
     assert r.params["wq_scale"][0].shape == (2, 2, 8)  # scales keep their dims
+    f32 = models["f32"].gen.runner
+    f32.step("decode", 1, 1, 64)
+    assert f32.params["wo"][0].shape == (32, 2, 2, 8)  # the f32 library dot reads any shape as 2-D
     off = _runner(models["int8"], False)
     off.step("decode", 1, 1, 64)
     assert off.layouts == {} and off.params["wq"][0].shape == (32, 2, 2, 8)
@@ -130,9 +134,10 @@ def test_no_dequantized_weight_is_materialized(models) -> None:
     r = m.gen.runner
     r.step("decode", 1, 1, 64)
     shapes = set()  # every int8 weight's shape as stored, logical, and flattened to 2-D either way
+    types = {p.name: p.type for p in r._get("decode", 1, 1, 64).fn.params}
     for name, perm in r.layouts.items():
-        stored = r.params[name][0].shape
-        logical = tuple(stored[i] for i in np.argsort(perm))
+        logical = tuple(types[name].shape[1:])  # per layer
+        stored = tuple(logical[i] for i in perm)
         n_in = len(stored) - perm.index(0)  # the contracted dims trail the stored shape
         q, c = int(np.prod(stored[: len(stored) - n_in])), int(np.prod(stored[len(stored) - n_in:]))
         shapes |= {stored, logical, (q, c), (c, q)}
