@@ -24,6 +24,8 @@ from ir.types import TensorType
 from runtime.distributed import global_array, is_lazy, to_host
 from runtime.kernels import RULES, Interpreter
 from runtime.projections import Layouts, Sources, permute_spec, projection
+from runtime import batched_dots
+from runtime.batched_dots import batched_einsum
 
 JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16,
               "i32": jnp.int32, "i8": jnp.int8, "bool": jnp.bool_}
@@ -78,7 +80,8 @@ class JaxBackend:
         an int8 one with its convert inside the dot and its scales on the product's columns."""
         pr = projection(spec, xs[0].shape, xs[1].shape) if len(xs) == 2 else None
         if pr is None:
-            return jnp.einsum(spec, *xs, precision=self.precision)
+            y = batched_einsum(spec, *xs, self.precision) if len(xs) == 2 and batched_dots.ENABLED else None
+            return jnp.einsum(spec, *xs, precision=self.precision) if y is None else y
         x, w = xs
         out = jnp.result_type(x.dtype, w.dtype)
         ct = jnp.float32 if self.upcast and out == jnp.bfloat16 else out
