@@ -223,6 +223,7 @@ class OffloadRunner:
     evict_after_read: bool = False
     poison: bool = False
     direct: bool = True  # O_DIRECT reads (runtime/offload_pool.py)
+    overlap_dispatch: bool = True  # dispatch layer i+1 before blocking on layer i (needs 2 buffers)
     _steps: dict[tuple, _Step] = field(default_factory=dict)
     _pieces: dict[tuple, StreamPieces] = field(default_factory=dict)
     mesh: Any = None  # one device (the ModelRunner interface reports callers read)
@@ -296,14 +297,28 @@ class OffloadRunner:
         from the pool; blocks on what it returns before the layer's buffer is reused (on CPU the
         weights alias the buffer). After a failure the pool is restarted (its reader ran ahead)."""
         slots = self.layout.layer
+        # with two buffers or more, layer i+1 is dispatched before blocking on layer i, so the
+        # host's per-layer work (acquire, views, dispatch) overlaps layer i's compute
+        lag = self.overlap_dispatch and self.pool.prefetch and self.pool.slots > 1
+        pending: tuple[int, Any] | None = None
         try:
             for i in range(self.layout.layers):
                 buf = self.pool.acquire(i)
                 views = {sl.name: sl.view(buf) for sl in slots}
                 # device_put of an aligned host buffer is zero-copy on CPU: the layer reads the pool
                 weights = tuple(jax.device_put(views[n]) for n in names)
-                jax.block_until_ready(layer(i, weights))
-                self.pool.release(i)
+                out = layer(i, weights)
+                if pending is not None:
+                    jax.block_until_ready(pending[1])
+                    self.pool.release(pending[0])
+                pending = (i, out)
+                if not lag:
+                    jax.block_until_ready(out)
+                    self.pool.release(i)
+                    pending = None
+            if pending is not None:
+                jax.block_until_ready(pending[1])
+                self.pool.release(pending[0])
         except BaseException:
             self.pool.close()
             self.pool = self._new_pool()
