@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,6 +53,25 @@ def test_streamed_tokens_equal_resident_and_transformers(llama, tmp_path, slots,
         assert passes * 2 <= r.stats.layers_read <= passes * 2 + r.slots
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_next_layer_is_dispatched_before_the_previous_is_released(llama, tmp_path, slots) -> None:
+    """With two buffers layer i+1 is dispatched before layer i's buffer goes back (the host's
+    per-layer work overlaps the compute); with one, each layer is released before the next."""
+    r = _runner(llama, tmp_path, slots)
+    events: list[tuple[str, int]] = []
+    acquire, release = r.pool.acquire, r.pool.release
+    r.pool.acquire = lambda i: (events.append(("acquire", i)), acquire(i))[1]  # type: ignore[method-assign]
+    r.pool.release = lambda i: (events.append(("release", i)), release(i))[1]  # type: ignore[method-assign]
+    try:
+        r.run_layers((), lambda i, w: jnp.ones(()))
+    finally:
+        r.close()
+    n = r.layout.layers
+    assert sorted(events) == sorted([("acquire", i) for i in range(n)] + [("release", i) for i in range(n)])
+    lagged = [events.index(("acquire", i + 1)) < events.index(("release", i)) for i in range(n - 1)]
+    assert all(lagged) if slots == 2 else not any(lagged)
 
 
 def test_sampled_tokens_equal_resident(llama, tmp_path) -> None:
