@@ -138,6 +138,10 @@ def _einshard_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
 def _hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch.float32).eval()
+    return _model_logits(model, tokens)
+
+
+def _model_logits(model: transformers.PreTrainedModel, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits.double().numpy()
 
@@ -265,12 +269,12 @@ def test_unsupported_quant_type_is_named(tiny: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_prefill_matches_transformers() -> None:
+def test_smollm2_prefill_matches_transformers(smollm2_hf) -> None:
     tokens = np.array([[1, 504, 3458, 282, 4649, 314, 9, 2, 17, 4, 28, 30000, 49151, 0]], np.int32)
     ck = open_checkpoint(SMOLLM2)
     m = ck.model_spec()
     assert (m.layers, m.heads, m.kv_heads, m.vocab, m.tie_embeddings) == (30, 9, 3, 49152, True)
-    ours, theirs = _einshard_logits(SMOLLM2, tokens), _hf_logits(SMOLLM2, tokens)
+    ours, theirs = _einshard_logits(SMOLLM2, tokens), _model_logits(smollm2_hf, tokens)  # conftest.py: from the GGUF
     rel = float(np.linalg.norm(np.asarray(ours, np.float64) - theirs) / np.linalg.norm(theirs))
     assert rel < 1e-4, rel
 

@@ -84,7 +84,7 @@ def test_cli_score_equals_transformers(ckpt, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_equals_transformers_and_int8_is_close(capsys) -> None:
+def test_smollm2_perplexity_equals_transformers_and_int8_is_close(capsys, smollm2_hf) -> None:
     """SmolLM2-135M (the Q4_1 GGUF dequantized) on the passage (~1,040 tokens, windows of 512):
     f32 equals transformers' within 1e-4; int8 weights within 2% of f32."""
     from runtime.checkpoint import open_checkpoint
@@ -95,9 +95,8 @@ def test_smollm2_perplexity_equals_transformers_and_int8_is_close(capsys) -> Non
     f32, int8 = runs["f32"]["perplexity"], runs["int8"]["perplexity"]
     assert runs["f32"]["windows"] == 3
     assert abs(int8 / f32 - 1) < 0.02
-    hf = transformers.AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, torch_dtype=torch.float32)
     assert runs["f32"]["tokens"] == len(ids)
-    assert f32 == pytest.approx(hf_perplexity(hf, ids, 512), rel=1e-4)
+    assert f32 == pytest.approx(hf_perplexity(smollm2_hf, ids, 512), rel=1e-4)  # transformers' read of the GGUF
 
 
 @pytest.mark.parametrize("text,argv,match", [

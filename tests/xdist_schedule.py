@@ -42,6 +42,9 @@ COST_S: dict[str, float] = {
     "test_bench_smoke.py::test_bench_script_runs[generate.py]": 50.0,
     "test_bench_smoke.py::test_bench_script_runs[pipeline_generate.py]": 15.0,
     "test_bench_smoke.py::test_bench_script_runs[multihost.py]": 6.0,
+    # CPU (user + sys) of the smoke commands, cold cache, measured alone
+    "test_bench_smoke.py::test_bench_script_runs[rewrites.py]": 63.0,
+    "test_bench_smoke.py::test_bench_script_runs[sharded_vs_gspmd.py]": 25.0,
     "test_bench_smoke.py": 45.0,
     "test_moe.py": 140.0,
     "test_stages.py::test_serving_engine_on_stages_gives_the_one_device_tokens": 40.0,
