@@ -26,6 +26,7 @@ from runtime.kernels import RULES, Interpreter
 from runtime.projections import Layouts, Sources, permute_spec, projection
 from runtime import batched_dots
 from runtime.batched_dots import batched_einsum
+from runtime.causal_blocks import AttentionChain, blocked_values, noted_rules
 
 JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16,
               "i32": jnp.int32, "i8": jnp.int8, "bool": jnp.bool_}
@@ -61,6 +62,8 @@ class JaxBackend:
         self.mesh = dict(mesh or {})
         #: stored [out, in] weights and dequantized int8 weights met while tracing (projections.py)
         self.sources = Sources()
+        #: where traced attention values came from (runtime/causal_blocks.py)
+        self.attention = AttentionChain()
         #: bf16 projections multiply in f32 (XLA's CPU bf16 dot is 2-7x slower than f32's, and
         #: the bf16 -> f32 convert fuses into an [out, in] weight's dot); default: on CPU
         self.upcast = jax.default_backend() == "cpu" if upcast is None else upcast
@@ -80,8 +83,11 @@ class JaxBackend:
         an int8 one with its convert inside the dot and its scales on the product's columns."""
         pr = projection(spec, xs[0].shape, xs[1].shape) if len(xs) == 2 else None
         if pr is None:
-            y = batched_einsum(spec, *xs, self.precision) if len(xs) == 2 and batched_dots.ENABLED else None
-            return jnp.einsum(spec, *xs, precision=self.precision) if y is None else y
+            y = self._batched_einsum(spec, *xs)
+            if len(xs) == 2:  # a prefill's attention in causal query blocks (runtime/causal_blocks.py)
+                self.attention.note(y, "scores", (xs[0], xs[1], spec, self._batched_einsum))
+                y = blocked_values(self.attention, spec, xs[0], xs[1], y, self, RULES)
+            return y
         x, w = xs
         out = jnp.result_type(x.dtype, w.dtype)
         ct = jnp.float32 if self.upcast and out == jnp.bfloat16 else out
@@ -103,6 +109,10 @@ class JaxBackend:
         if scale is not None:
             y = y * scale.reshape(pr.q[0]).astype(ct)
         return y.astype(out).reshape(pr.p[1] + pr.q[1])
+
+    def _batched_einsum(self, spec, *xs):
+        y = batched_einsum(spec, *xs, self.precision) if len(xs) == 2 and batched_dots.ENABLED else None
+        return jnp.einsum(spec, *xs, precision=self.precision) if y is None else y
 
     def top_k(self, x, k):
         return lax.top_k(x, k)
@@ -262,7 +272,9 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
     per param (runtime/projections.py: projection weights ``[out, in]``)."""
     fn = module.function(entry)
     be = backend or JaxBackend(mesh=module.mesh_sizes)
-    interp = Interpreter(module, be, {**RULES, "dequantize": _noted_dequantize})
+    rules = {**RULES, "dequantize": _noted_dequantize}
+    chain = getattr(be, "attention", None)
+    interp = Interpreter(module, be, noted_rules(rules, chain) if isinstance(chain, AttentionChain) else rules)
     layouts = dict(stored or {})
 
     def restore(a, perm, t):
