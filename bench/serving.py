@@ -380,8 +380,7 @@ def breakdown(r: RunResult) -> str:
 
 def write_json(args: argparse.Namespace, runs: list[RunResult]) -> None:
     args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs],
-                                     "config": {k: (str(v) if isinstance(v, Path) else v)
-                                                for k, v in vars(args).items()}}, indent=2))
+                                     "config": vars(args)}, indent=2, default=str))  # paths as text
 
 
 def plot(runs: list[RunResult], path: Path, title: str) -> None:
