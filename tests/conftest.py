@@ -70,14 +70,18 @@ def smollm2_hf(tmp_path_factory: pytest.TempPathFactory):
     import transformers
     from filelock import FileLock
 
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # pytest-N/, common to this run's workers (popen-gw0, popen-gw1, ...)
-    saved = base / f"smollm2-hf-{transformers.__version__}-torch-{torch.__version__}.pt"
+    def from_gguf():
+        return transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name,
+                                                                 dtype=torch.float32).eval()
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return from_gguf()  # one process: the session scope alone shares it
+    # pytest-N/, common to this run's workers (popen-gw0, popen-gw1, ...); 540 MB, kept by pytest
+    # with its last 3 runs' temp folders
+    saved = tmp_path_factory.getbasetemp().parent / f"smollm2-hf-{transformers.__version__}-torch-{torch.__version__}.pt"
     with FileLock(f"{saved}.lock"):
         if not saved.exists():
-            m = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name,
-                                                                  dtype=torch.float32).eval()
+            m = from_gguf()
             torch.save(m, f"{saved}.part")
             os.replace(f"{saved}.part", saved)
             return m
