@@ -9,6 +9,7 @@ tokenizer with a chat template, written to a temporary folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -28,7 +29,8 @@ import tokenizers
 from conftest import ROOT
 
 MODEL = "tiny-llama"
-CONTEXT = 128
+CONTEXT = 1024
+LONG = 1000  # a generation the disconnect tests cut short: long enough (~1 s) to outlast noticing a close
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3, "def main():\n    print('hello, world')\n",
@@ -47,7 +49,7 @@ def write_checkpoint(d: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<|endoftext|>", "chat_template": TEMPLATE}))
     cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
                                    initializer_range=0.2, rms_norm_eps=1e-5, tie_word_embeddings=False,
                                    bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(1234)
@@ -236,7 +238,7 @@ def wait_aborted(server, aborted: float) -> None:
 def test_disconnect_mid_stream_frees_the_slot(server):
     aborted = metric(server, "einshard_requests_aborted_total")
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={"model": MODEL, "prompt": [4, 4], "max_tokens": 120, "stream": True,
+                      json={"model": MODEL, "prompt": [4, 4], "max_tokens": LONG, "stream": True,
                             "ignore_eos": True}) as r:
         it = r.iter_lines()
         got = [next(it) for _ in range(4)]
@@ -249,7 +251,7 @@ def test_disconnect_from_a_plain_request_aborts_it(server):
     request is aborted and its slot freed, not generated to the end for nobody."""
     aborted = metric(server, "einshard_requests_aborted_total")
     generated = metric(server, "einshard_generated_tokens_total")
-    body = json.dumps({"model": MODEL, "prompt": [4, 4], "max_tokens": 120, "ignore_eos": True}).encode()
+    body = json.dumps({"model": MODEL, "prompt": [4, 4], "max_tokens": LONG, "ignore_eos": True}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -258,7 +260,36 @@ def test_disconnect_from_a_plain_request_aborts_it(server):
         while metric(server, "einshard_generated_tokens_total") < generated + 2 and time.monotonic() < end:
             time.sleep(0.05)  # generating
     wait_aborted(server, aborted)
-    assert metric(server, "einshard_generated_tokens_total") < generated + 120
+    assert metric(server, "einshard_generated_tokens_total") < generated + LONG
+
+
+def test_disconnect_while_queued_aborts_before_any_token(server):
+    """A plain request that waits for a slot (every slot busy) and whose client goes away is
+    aborted from the queue: it never takes a slot, and the running requests go on."""
+    aborted = metric(server, "einshard_requests_aborted_total")
+    body = {"model": MODEL, "prompt": [5, 5], "max_tokens": LONG, "stream": True, "ignore_eos": True}
+    with contextlib.ExitStack() as stack:
+        busy = [stack.enter_context(httpx.stream("POST", server.url + "/v1/completions", timeout=60, json=body))
+                for _ in range(int(metric(server, "einshard_slots")))]
+        lines = [r.iter_lines() for r in busy]  # kept: a dropped iterator closes its connection
+        for it in lines:
+            next(it)  # each has its slot
+        raw = json.dumps({**body, "stream": False}).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            end = time.monotonic() + 30
+            while metric(server, "einshard_queue_depth") < 1 and time.monotonic() < end:
+                time.sleep(0.05)
+            assert metric(server, "einshard_queue_depth") == 1
+        end = time.monotonic() + 30
+        while metric(server, "einshard_requests_aborted_total") < aborted + 1 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert metric(server, "einshard_requests_aborted_total") == aborted + 1
+        assert metric(server, "einshard_queue_depth") == 0
+        assert metric(server, "einshard_active_slots") == len(busy)  # the running ones go on
+    wait_aborted(server, aborted + len(busy))
 
 
 def test_bad_json_and_bad_parameters_are_4xx_with_openai_error_bodies(server, client):
@@ -272,7 +303,7 @@ def test_bad_json_and_bad_parameters_are_4xx_with_openai_error_bodies(server, cl
         ({"model": MODEL, "prompt": "x", "stop": 3}, 400, "stop"),
         ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
         ({"model": MODEL}, 400, "prompt"),
-        ({"model": MODEL, "prompt": [1] * 100, "max_tokens": 40}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": [1] * (CONTEXT - 28), "max_tokens": 40}, 400, "max_tokens"),
         ({"model": "gpt-4", "prompt": "x"}, 404, None),
     ]
     for body, status, param in cases:
@@ -281,7 +312,7 @@ def test_bad_json_and_bad_parameters_are_4xx_with_openai_error_bodies(server, cl
         err = r.json()["error"]
         assert err["message"] and err["type"], r.text
         assert err["param"] == param, (body, err)
-    assert "context is 128 tokens" in post(server, "/v1/completions", cases[-2][0]).json()["error"]["message"]
+    assert f"context is {CONTEXT} tokens" in post(server, "/v1/completions", cases[-2][0]).json()["error"]["message"]
     r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": "hi"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert httpx.get(server.url + "/v1/nothing", timeout=10).status_code == 404

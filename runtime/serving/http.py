@@ -33,6 +33,9 @@ from runtime.serving.request import Event, Request
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 16
 
+#: what ``_run`` yields: (choice index, new text, new token ids, finish reason, error)
+_Item = tuple[int, str, list[int], str | None, str | None]
+
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
@@ -161,7 +164,7 @@ class Server:
         return [Request(f"{rid}-{i}", p.prompt, SamplingParams(p.temperature, p.top_k, p.top_p, (base + i) % 2**32),
                         p.max_tokens, stop_ids) for i in range(p.n)]
 
-    async def _run(self, p: Params) -> AsyncGenerator[tuple[int, str, list[int], str | None, str | None], None]:
+    async def _run(self, p: Params) -> AsyncGenerator[_Item, None]:
         """Submits the n requests and yields (index, new text, new token ids, finish, error) as
         tokens arrive; stop strings end a choice (the text before them is kept); aborts every
         unfinished request when the consumer goes away."""
@@ -222,25 +225,33 @@ class Server:
             self._check_model(body)
             prompt = self._chat_prompt(body) if chat else self._prompt(body)
             p = self.params(body, prompt, ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))
-            gen = self._run(p)
-            first = await gen.__anext__()  # submits: a refusal is still an HTTP error status
         except ServingError as e:
             return _from(e)
+        gen = self._run(p)
+        gone = asyncio.ensure_future(_disconnected(request))  # the body is read: receive() now waits for it
+        try:
+            first = await _next_unless_gone(gen, gone)  # submits: a refusal is still an HTTP error status
+        except ServingError as e:
+            gone.cancel()
+            return _from(e)
         except StopAsyncIteration:
+            gone.cancel()
             return error_response(500, "no output", "internal_error")
+        if first is None:  # the client went away while its request waited or prefilled
+            return Response(status_code=499)
         kind = ("chat.completion" if chat else "text_completion")
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if p.stream:
+            gone.cancel()  # StreamingResponse watches for the disconnect itself from here on
             return StreamingResponse(self._sse(first, gen, p, chat, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         texts = [""] * p.n
         ids: list[list[int]] = [[] for _ in range(p.n)]
         reasons: list[str | None] = [None] * p.n
-        item = first
-        gone = asyncio.ensure_future(_disconnected(request))
+        item: _Item | None = first
         try:
-            while True:
+            while item is not None:
                 i, new, toks, finish, error = item
                 if error:
                     await gen.aclose()
@@ -249,18 +260,12 @@ class Server:
                 ids[i] += toks
                 if finish:
                     reasons[i] = self._reason(finish)
-                nxt = asyncio.ensure_future(gen.__anext__())
-                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():  # the client went away: abort its requests, free their slots
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    await gen.aclose()
-                    return Response(status_code=499)
                 try:
-                    item = nxt.result()
+                    item = await _next_unless_gone(gen, gone)
                 except StopAsyncIteration:
                     break
+                if item is None:  # the client went away: its requests were aborted, slots freed
+                    return Response(status_code=499)
         finally:
             gone.cancel()
         choices = []
@@ -357,6 +362,22 @@ def make_app(engine: AsyncEngine, tokenizer: Any, model_name: str, context: int)
         Route("/metrics", s.metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+async def _next_unless_gone(gen: AsyncGenerator[_Item, None], gone: "asyncio.Future[None]") -> _Item | None:
+    """The generator's next item, or None once the client is gone (then ``gen`` is closed, which
+    aborts its requests). A gone client wins over items already queued: nobody will read them."""
+    if not gone.done():
+        nxt = asyncio.ensure_future(gen.__anext__())
+        either: list[asyncio.Future[Any]] = [nxt, gone]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not gone.done():
+            return nxt.result()  # raises StopAsyncIteration at the end, ServingError on refusal
+        nxt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await nxt
+    await gen.aclose()
+    return None
 
 
 async def _disconnected(request: HTTPRequest) -> None:
