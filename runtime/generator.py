@@ -81,6 +81,42 @@ class GenerateResult:
         return float(np.median(self.step_ms)) if self.step_ms else 0.0
 
 
+def check_prompts(req: GenerateRequest, vocab: int, cache_len: int, batch: int | None) -> tuple[int, int]:
+    """(batch, prompt bucket) of a request, after checking its prompts (non-empty, ids in the
+    vocabulary, prompt + budget within the context) before anything compiles, so bad input
+    fails at once. ``batch`` pads to a compiled batch size (never below the prompt count)."""
+    n = len(req.prompts)
+    if n == 0:
+        raise SpecError("no prompts to generate from")
+    for i, p in enumerate(req.prompts):
+        if not p:
+            raise SpecError(f"prompt {i} is empty", hint="give at least one token (most tokenizers add BOS)")
+        if any(t < 0 or t >= vocab for t in p):
+            bad = next(t for t in p if t < 0 or t >= vocab)
+            raise SpecError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab})")
+        need = len(p) + req.max_new_tokens[i]
+        if need > cache_len:
+            raise SpecError(f"prompt {i} ({len(p)} tokens) + {req.max_new_tokens[i]} new tokens needs {need} "
+                            f"positions; the context holds {cache_len}",
+                            hint="shorten the prompt or lower --max-new-tokens")
+    return max(batch or n, n), min(bucket(max(len(p) for p in req.prompts)), cache_len)
+
+
+def pad_rows(req: GenerateRequest, B: int, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                            tuple[jax.Array, ...]]:
+    """(tokens, positions, prompt lengths, per-row budgets, sampling arrays) of a request's rows
+    packed into a [B, L] bucket; rows past the prompts repeat the first with a budget of 1 (they
+    are computed and dropped)."""
+    extra = B - len(req.prompts)
+    rows = list(req.prompts) + [req.prompts[0]] * extra
+    params = list(req.params) + [req.params[0]] * extra
+    limit = np.array(list(req.max_new_tokens) + [1] * extra, np.int32)
+    tokens, pos = pack_prompts(rows, L)
+    lens = np.array([len(p) for p in rows], np.int32)
+    samp = tuple(jnp.asarray(a) for a in SamplingArrays.of(params).as_tuple())
+    return tokens, pos, lens, limit, samp
+
+
 class Generator:
     """Compiled prefill + decode iteration + on-device loop for one runner, cached per shape."""
 
@@ -165,27 +201,11 @@ class Generator:
     # ---- generation ----------------------------------------------------------------------
     def _shapes(self, req: GenerateRequest, batch: int | None) -> tuple[int, int, int, int]:
         """(batch, prompt bucket, longest budget, KV-cache positions) of a request, after
-        checking its prompts (non-empty, ids in the vocabulary, prompt + budget within the
-        context). The cache is compiled for what the request writes (the prompt bucket, each
-        row's prompt + budget), bucketed: decode attends over every compiled position."""
+        checking its prompts (see ``check_prompts``). The cache is compiled for what the request
+        writes (the prompt bucket, each row's prompt + budget), bucketed: decode attends over
+        every compiled position."""
         r = self.runner
-        n = len(req.prompts)
-        if n == 0:
-            raise SpecError("no prompts to generate from")
-        # checked here, before anything compiles, so bad input fails at once
-        for i, p in enumerate(req.prompts):
-            if not p:
-                raise SpecError(f"prompt {i} is empty", hint="give at least one token (most tokenizers add BOS)")
-            if any(t < 0 or t >= r.vocab for t in p):
-                bad = next(t for t in p if t < 0 or t >= r.vocab)
-                raise SpecError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {r.vocab})")
-            need = len(p) + req.max_new_tokens[i]
-            if need > r.cache_len:
-                raise SpecError(f"prompt {i} ({len(p)} tokens) + {req.max_new_tokens[i]} new tokens needs {need} "
-                                f"positions; the context holds {r.cache_len}",
-                                hint="shorten the prompt or lower --max-new-tokens")
-        B = max(batch or n, n)
-        L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
+        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
         need = max(len(p) + m for p, m in zip(req.prompts, req.max_new_tokens))
         return B, L, max(req.max_new_tokens), r.context_for(max(L, need))
 
@@ -230,12 +250,7 @@ class Generator:
         r = self.runner
         n = len(req.prompts)
         B, L, max_new, ctx = self._shapes(req, batch)
-        rows = list(req.prompts) + [req.prompts[0]] * (B - n)
-        params = list(req.params) + [req.params[0]] * (B - n)
-        limit = np.array(list(req.max_new_tokens) + [1] * (B - n), np.int32)
-        tokens, pos = pack_prompts(rows, L)
-        lens = np.array([len(p) for p in rows], np.int32)
-        samp = tuple(jnp.asarray(a) for a in SamplingArrays.of(params).as_tuple())
+        tokens, pos, lens, limit, samp = pad_rows(req, B, L)
         eos = jnp.asarray(np.array(req.eos_ids or (-1,), np.int32))
 
         t0 = time.perf_counter()

@@ -25,11 +25,11 @@ import numpy as np
 
 from ir.errors import SpecError, WeightsError
 from ir.module import Function, Module
-from runtime.generator import GenerateRequest, GenerateResult
+from runtime.generator import GenerateRequest, GenerateResult, check_prompts, pad_rows
 from runtime.kernels import Interpreter
 from runtime.kernels import RULES
 from runtime.lower_jax import JNP_DTYPES, JaxBackend, _noted_dequantize
-from runtime.model_runner import Caches, bucket, pack_prompts
+from runtime.model_runner import Caches
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
 from runtime.sampling import SamplingArrays, SamplingParams, sample
@@ -353,8 +353,7 @@ class OffloadGenerator:
         """Compiles the pieces ``generate`` runs for ``req``; the seconds it took."""
         r = self.runner
         t0 = time.perf_counter()
-        B = max(batch or len(req.prompts), len(req.prompts))
-        L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
+        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
         g = all(p.greedy for p in req.params)
         r.step_fns("prefill", B, L, g)
         if max(req.max_new_tokens) > 1:
@@ -366,22 +365,8 @@ class OffloadGenerator:
         """As Generator.generate: ``stream(row, token)`` sees each token; a true return stops the row."""
         r = self.runner
         n = len(req.prompts)
-        if n == 0:
-            raise SpecError("no prompts to generate from")
-        for i, p in enumerate(req.prompts):
-            if not p or any(t < 0 or t >= r.vocab for t in p):
-                raise SpecError(f"prompt {i} is empty or has ids outside the vocabulary [0, {r.vocab})")
-            if len(p) + req.max_new_tokens[i] > r.cache_len:
-                raise SpecError(f"prompt {i} ({len(p)} tokens) + {req.max_new_tokens[i]} new tokens does not fit "
-                                f"the context of {r.cache_len}")
-        B = max(batch or n, n)
-        L = min(bucket(max(len(p) for p in req.prompts)), r.cache_len)
-        rows = list(req.prompts) + [req.prompts[0]] * (B - n)
-        params = list(req.params) + [req.params[0]] * (B - n)
-        limit = np.array(list(req.max_new_tokens) + [1] * (B - n), np.int32)
-        tokens, pos = pack_prompts(rows, L)
-        lens = np.array([len(p) for p in rows], np.int32)
-        samp = tuple(jnp.asarray(a) for a in SamplingArrays.of(params).as_tuple())
+        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
+        tokens, pos, lens, limit, samp = pad_rows(req, B, L)
         eos = np.array(req.eos_ids, np.int32)
         g = all(p.greedy for p in req.params)
 
