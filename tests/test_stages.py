@@ -213,7 +213,7 @@ def test_explain_prices_fastertransformer_configurations() -> None:
 
 
 def test_generated_pipeline_docs_are_current() -> None:
-    """docs/pipeline.md and README's schedule diagram come from docs/generate_pipeline.py."""
+    """docs/pipeline.md and the schedule diagram in docs/distributed.md come from docs/generate_pipeline.py."""
     import subprocess
     import sys
 
