@@ -20,6 +20,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 from hypothesis import HealthCheck, settings  # after the environment above, on purpose
 
+# A suite started in the background of a non-interactive shell (`nohup make test &`) inherits
+# SIGINT as ignored, and so would every process it starts: the tests that press Ctrl-C on
+# `einshard launch` then time out (seen in a CI run). Python's own handler again, which children
+# get as the default action.
+import signal
+import threading
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 settings.register_profile(
     "ci", max_examples=60, derandomize=True, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

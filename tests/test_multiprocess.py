@@ -285,7 +285,13 @@ def _gone(pid: int) -> bool:
 def test_launch_kills_the_rest_after_a_failure(tmp_path, capsys) -> None:
     """One process fails at once, the other would hang: it is killed after the grace period and
     the worst status (137, killed) comes back."""
-    pl = Plan((_sleeper(tmp_path / "0", 0, 120), _sleeper(tmp_path / "1", 3, 0.2)), (None, tmp_path / "1.log"))
+    # process 1 fails once process 0 has written its pid (not after a fixed 0.2 s: on a loaded
+    # machine process 0 could be killed before it starts, leaving no pid to check)
+    fail_after_0 = (PY, "-c", f"import pathlib, sys, time; p = pathlib.Path({str(tmp_path / '0')!r}); "
+                              f"end = time.monotonic() + 60\n"
+                              f"while not (p.exists() and p.read_text()) and time.monotonic() < end: time.sleep(0.05)\n"
+                              f"sys.exit(3)")
+    pl = Plan((_sleeper(tmp_path / "0", 0, 120), fail_after_0), (None, tmp_path / "1.log"))
     t0 = time.monotonic()
     assert run_processes(pl, grace=1.0, timeout=None) == 128 + signal.SIGKILL
     assert time.monotonic() - t0 < 30
@@ -309,7 +315,9 @@ def test_launch_ctrl_c_stops_every_process(tmp_path) -> None:
     p = subprocess.Popen([PY, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):
+        # both pids written (a file exists from open() on, before the pid is in it; a child
+        # interrupted in between would leave it empty)
+        while not all((tmp_path / i).exists() and (tmp_path / i).read_text() for i in "01"):
             assert time.monotonic() < deadline and p.poll() is None
             time.sleep(0.1)
         p.send_signal(signal.SIGINT)
