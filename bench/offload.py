@@ -277,7 +277,9 @@ def run_baseline() -> None:
 
 def predict(a: argparse.Namespace, rows: list[dict]) -> None:
     """The cost model's step times (compiler/cost/offload.py, ``cpu`` chip with the probed
-    disk and memcpy rates) beside the measured ones, and their ratio."""
+    disk and memcpy rates) beside the measured ones, and their ratio. The pool reads with
+    O_DIRECT (priced at the probe's O_DIRECT rate, warm = cold); ``prefetch-buffered`` is the
+    buffered A/B (the buffered cold rate)."""
     use_cpu_devices(1)
     from dataclasses import replace
 
@@ -288,14 +290,18 @@ def predict(a: argparse.Namespace, rows: list[dict]) -> None:
     ck = open_checkpoint(a.checkpoint)
     base = bench_spec(a, ck)
     chip = get_chip("cpu")
+    print(f"cpu chip: {chip.describe()}\nprobe: {chip.probe_info}\nefficiency: {chip.efficiency.source if chip.efficiency else 'none (bound)'}")
     print(f"{'batch':>5} {'mode':>9} {'cache':>5} {'meas ms':>8} {'pred ms':>8} {'meas/pred ratio':>15}")
     memo: dict = {}
     for r in rows:
         B, cache = r["batch"], r["cache"]
-        key = (B, cache if r["mode"] != "resident" else "cold")
+        key = (B, cache if r["mode"] != "resident" else "cold", r["mode"] != "prefetch-buffered")
         if key not in memo:
             spec = replace(base, serve=replace(base.serve, batch=B, seq=64))
-            memo[key] = estimate_offload(spec, chip, "disk", B, cache=key[1])
+            memo[key] = estimate_offload(spec, chip, "disk", B, cache=key[1], direct=key[2])
+            print(f"  batch {B}, {key[1]}, {'O_DIRECT' if key[2] else 'buffered'}: link {memo[key].link_bw / 1e9:.2f} GB/s "
+                  f"({memo[key].link_source}), per layer compute {memo[key].compute_s * 1e3:.2f} ms, "
+                  f"transfer {memo[key].transfer_s * 1e3:.2f} ms")
         e = memo[key]
         pred = {"resident": e.resident_step_s, "stream": e.no_prefetch_step_s, "prefetch": e.offload_step_s}[r["mode"].split("-")[0]]
         print(f"{B:>5} {r['mode']:>9} {cache if r['mode'] != 'resident' else '-':>5} {r['step_ms']:>8.1f} "

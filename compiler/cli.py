@@ -140,6 +140,9 @@ def _args_explain(x: argparse.ArgumentParser) -> None:
                    help="price decode with the layers' weights streamed from host memory or disk (ZeRO-Inference)")
     x.add_argument("--offload-target", type=float, default=0.9,
                    help="--offload: the fraction of resident throughput to find the batch for (default 0.9)")
+    x.add_argument("--reprobe", action="store_true",
+                   help="--hardware cpu: measure this machine again (runtime/probe.py; with --offload, its disk "
+                        "too) instead of the cached figures; run it on a quiet machine")
 
 
 def _args_none(p: argparse.ArgumentParser) -> None:
@@ -254,7 +257,8 @@ def _chip(args: argparse.Namespace, spec):
     from compiler.cost.hardware import get_chip
 
     hw = getattr(args, "hardware", None)
-    return get_chip(hw if hw is not None and _is_chip_file(hw) else spec.serve.hardware)
+    return get_chip(hw if hw is not None and _is_chip_file(hw) else spec.serve.hardware,
+                    refresh=bool(getattr(args, "reprobe", False)))
 
 
 def _resolve_auto(args: argparse.Namespace, spec):
@@ -374,6 +378,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     chip = _chip(args, spec)
     if getattr(args, "offload", None):
         from compiler.cost.offload import explain_offload
+
+        if args.reprobe and chip.name == "cpu":
+            from runtime.probe import io_probe
+
+            io_probe(refresh=True)
 
         return explain_offload(spec, chip, args.offload, args.offload_target, args.cost_model, args.json)
     phases = (spec.serve.phase,) if args.phase else ("prefill", "decode")

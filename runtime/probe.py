@@ -9,6 +9,15 @@ decode step streams its weights read-only, and on this machine reading runs fast
 copying; the memory bandwidth is the larger of the two, so the roofline stays a bound), and the time of a jitted chain of 64 tiny
 matmuls divided by 64 (XLA's per-kernel overhead). The simulated devices of a CPU mesh share
 this memory, so the interconnect bandwidth is the copy bandwidth.
+
+A cache is only as good as the machine it was measured on, so each one records its key (CPU
+model, cores this process may use, machine, jax and jaxlib versions, the probe's version) and
+how it was measured (UTC time, the 1-minute load average before and after, the duration). It
+is measured again when absent, unreadable, of another key, older than ``max_age_s`` (default 7
+days, ``EINSHARD_PROBE_MAX_AGE_DAYS``), or when asked (``refresh=True``: ``explain --reprobe``).
+Figures taken on a loaded machine are low; the load is recorded so that ``explain`` can say so.
+Measure by hand on a quiet machine (``flock -x /tmp/einshard.cpu einshard explain ... --hardware
+cpu --reprobe`` here).
 """
 
 from __future__ import annotations
@@ -18,9 +27,13 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
-PROBE_VERSION = 3
+PROBE_VERSION = 4
+#: Caches older than this are measured again (seconds); ``EINSHARD_PROBE_MAX_AGE_DAYS`` overrides.
+DEFAULT_MAX_AGE_S = 7 * 86400.0
 
 
 def default_cache_dir() -> Path:
@@ -95,34 +108,203 @@ def _measure() -> dict:
     return chip_fields(CpuProbe().sample())
 
 
-def measure_cpu(cache_dir: Path | None = None, refresh: bool = False) -> dict:
-    """The cpu chip's fields (see compiler/cost/hardware.py), from the cache or measured now."""
-    d = cache_dir or default_cache_dir()
-    path = d / "cpu-probe.json"
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("model name", "Processor", "cpu model"):
+                return v.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(probe_version: int = PROBE_VERSION) -> dict:
+    """What the probe's figures depend on: a cache measured under another key is not reused."""
+    import jax
+    import jaxlib
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_model(), "machine": platform.machine(), "cores": cores, "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "probe": probe_version}
+
+
+def max_age_s() -> float:
+    """The age past which a cache is measured again (``EINSHARD_PROBE_MAX_AGE_DAYS``, else 7 days)."""
+    days = os.environ.get("EINSHARD_PROBE_MAX_AGE_DAYS")
+    try:
+        return float(days) * 86400.0 if days else DEFAULT_MAX_AGE_S
+    except ValueError:
+        return DEFAULT_MAX_AGE_S
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """A probe's figures with where they came from: the key they were measured under, when
+    (unix seconds), the 1-minute load average before and after, and why they were (re)measured
+    in this process (``reason``; "cached" when read from ``path``)."""
+
+    figures: Mapping[str, Any]
+    key: Mapping[str, Any]
+    measured_at: float
+    load_before: float
+    load_after: float
+    duration_s: float
+    path: Path
+    reason: str = "cached"
+    method: str = ""
+
+    def age_s(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.measured_at)
+
+    def describe(self, now: float | None = None) -> str:
+        """One line: when, at what load, under which key, and whether measured now or cached."""
+        k = self.key
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at))
+        loaded = self.load_before > float(k.get("cores") or os.cpu_count() or 1)
+        return (f"measured {when} ({_age(self.age_s(now))} ago) at load {self.load_before:.1f} -> "
+                f"{self.load_after:.1f} on {k.get('cores')} cores"
+                + (" (a loaded machine: figures low; measure again when quiet)" if loaded else "")
+                + f"; {k.get('cpu')}" + (f", jax {k['jax']}, jaxlib {k.get('jaxlib')}" if "jax" in k else "") + "; "
+                + ("cached in " + str(self.path) if self.reason == "cached" else f"measured now ({self.reason})"))
+
+    def to_json(self, now: float | None = None) -> dict:
+        return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.measured_at)),
+                "age_s": self.age_s(now), "load_before": self.load_before, "load_after": self.load_after,
+                "duration_s": self.duration_s, "key": dict(self.key), "reason": self.reason, "path": str(self.path),
+                "method": self.method}
+
+
+def _age(s: float) -> str:
+    if s < 3600:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def stale_reason(cached: Mapping, key: Mapping, now: float, max_age: float) -> str | None:
+    """Why a cache entry (the JSON object stored by ``_probe_cached``) cannot be reused, or None."""
+    if not isinstance(cached.get("key"), dict) or not isinstance(cached.get("measured"), dict) \
+            or not isinstance(cached.get("figures"), dict):
+        return "the cache predates keyed probes"
+    diff = [f"{k} {cached['key'].get(k)!r} -> {v!r}" for k, v in key.items() if cached["key"].get(k) != v]
+    if diff:
+        return "key changed: " + ", ".join(diff)
+    age = now - float(cached["measured"].get("unix", 0.0))
+    if age > max_age:
+        return f"older than {_age(max_age)} ({_age(age)})"
+    if age < -60:
+        return "measured in the future (clock changed)"
+    return None
+
+
+def _load1() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def _probe_cached(path: Path, key: dict, measure: Callable[[], dict], method: str, refresh: bool,
+                  max_age: float | None) -> ProbeRecord:
+    """The figures cached at ``path`` if still valid for ``key``, else measured now and stored."""
+    now = time.time()
+    reason = "asked (--reprobe)" if refresh else "no cache"
     if not refresh and path.is_file():
         try:
             data = json.loads(path.read_text())
-            if data.pop("version", None) == PROBE_VERSION:
-                return data
-        except (OSError, ValueError):
-            pass
-    data = _measure()
+            why = stale_reason(data, key, now, max_age_s() if max_age is None else max_age)
+            if why is None:
+                m = data["measured"]
+                return ProbeRecord(data["figures"], data["key"], float(m["unix"]), float(m["load_before"]),
+                                   float(m["load_after"]), float(m["duration_s"]), path, "cached", m.get("method", ""))
+            reason = why
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            reason = "the cache is unreadable"
+    before, t0 = _load1(), time.perf_counter()
+    figures = measure()
+    rec = ProbeRecord(figures, key, now, before, _load1(), time.perf_counter() - t0, path, reason, method)
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**data, "version": PROBE_VERSION}, indent=1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": key.get("probe"), "key": key, "figures": figures,
+                                   "measured": {"unix": rec.measured_at, "utc": rec.to_json()["measured_at"],
+                                                "load_before": before, "load_after": rec.load_after,
+                                                "duration_s": rec.duration_s, "method": method}}, indent=1))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old or the new cache, never half
     except OSError:
         pass  # an unwritable cache only costs a re-measurement
-    return data
+    return rec
+
+
+CPU_METHOD = ("runtime/probe.py CpuProbe: median of 7 warm runs each of an f32 and a bf16 1024^3 matmul, "
+              "a 64 MiB copy and sum, 21 of a 64-matmul chain on one JAX CPU device")
+
+
+def cpu_probe(cache_dir: Path | None = None, refresh: bool = False, max_age: float | None = None) -> ProbeRecord:
+    """The cpu chip's fields (see compiler/cost/hardware.py) with their provenance, from the
+    cache at ``cache_dir/cpu-probe.json`` while it is valid (see the module docstring), else
+    measured now."""
+    d = cache_dir or default_cache_dir()
+    return _probe_cached(d / "cpu-probe.json", machine_key(), _measure, CPU_METHOD, refresh, max_age)
+
+
+def measure_cpu(cache_dir: Path | None = None, refresh: bool = False) -> dict:
+    """The cpu chip's fields (see compiler/cost/hardware.py), from the cache or measured now."""
+    return dict(cpu_probe(cache_dir, refresh).figures)
 
 
 # ---- host memory copy and disk read rates (for offloading; a separate, separately versioned cache)
-IO_PROBE_VERSION = 1
+IO_PROBE_VERSION = 2
+
+
+def _read_direct(path: Path, nbytes: int, block: int, parts: int) -> float | None:
+    """Bytes/s of reading ``path`` with ``O_DIRECT`` as runtime/offload_pool.py's LayerPool
+    reads a layer: ``block``-byte pieces, each as ``parts`` page-aligned parts in flight at once
+    (the first on this thread), into an aligned buffer; None where the file system refuses it."""
+    import errno
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.offload_store import BLOCK_ALIGN, aligned_buffer, read_into
+
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        fd = os.open(str(path), os.O_RDONLY | flag)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return None
+    buf = aligned_buffer(block)
+    buf.fill(0)
+    size = -(-block // parts // BLOCK_ALIGN) * BLOCK_ALIGN
+    pieces = [(s, min(s + size, block)) for s in range(0, block, size)]
+    try:
+        with ThreadPoolExecutor(max(1, len(pieces) - 1)) as io:
+            t0 = time.perf_counter()
+            for off in range(0, nbytes, block):
+                futs = [io.submit(read_into, fd, buf[a:b], off + a) for a, b in pieces[1:]]
+                read_into(fd, buf[pieces[0][0]:pieces[0][1]], off)
+                for f in futs:
+                    f.result()
+            return nbytes / (time.perf_counter() - t0)
+    except OSError as e:  # opened O_DIRECT but refuses its reads
+        if e.errno != errno.EINVAL:
+            raise
+        return None
+    finally:
+        os.close(fd)
 
 
 def _measure_io(scratch: Path) -> dict:
-    """memcpy bytes/s (numpy copy of 64 MiB, median) and the read rate of a 256 MiB file from
-    the disk (its pages dropped first: cold) and from the page cache (warm), read in 16 MiB
-    blocks as the offload reader does."""
+    """memcpy bytes/s (numpy copy of 64 MiB, median) and the read rates of a 256 MiB file in
+    16 MiB blocks (about one SmolLM2 f32 layer): buffered from the disk (its pages dropped first:
+    cold), buffered from the page cache (warm), and ``O_DIRECT`` in two parts in flight, the way
+    the offload pool reads (``direct_bw``: the median of 3 passes; the page cache plays no part,
+    so there is no warm rate; the buffered cold rate where the file system refuses O_DIRECT)."""
     import numpy as np
 
     src = np.ones(16 << 20, np.float32)
@@ -133,7 +315,7 @@ def _measure_io(scratch: Path) -> dict:
         np.copyto(dst, src)
         ts.append(time.perf_counter() - t0)
     memcpy = src.nbytes / statistics.median(ts)
-    path = scratch / "io-probe.bin"
+    path = scratch / f"io-probe.{os.getpid()}.bin"
     block = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
     n_blocks = 16
     with open(path, "wb") as f:
@@ -160,29 +342,42 @@ def _measure_io(scratch: Path) -> dict:
                 rates[kind] = n_blocks * len(mv) / (time.perf_counter() - t0)
             finally:
                 os.close(fd)
+        direct = [_read_direct(path, n_blocks * block.nbytes, block.nbytes, 2) for _ in range(3)]
     finally:
         path.unlink(missing_ok=True)
+    ok = [r for r in direct if r is not None]
     return {"memcpy_bw": memcpy, "disk_bw": rates["cold"], "page_cache_bw": rates["warm"],
+            "direct_bw": statistics.median(ok) if ok else rates["cold"], "direct": bool(ok),
             "source": f"measured on {platform.machine()} by runtime/probe.py (memcpy of 64 MiB; a 256 MiB file "
-                      f"read cold after posix_fadvise DONTNEED, then warm)"}
+                      f"read in 16 MiB blocks: buffered cold after posix_fadvise DONTNEED, then warm, then "
+                      + ("O_DIRECT in 2 parts in flight, median of 3 passes)" if ok
+                         else "O_DIRECT refused by the file system: the buffered cold rate stands for it)")}
+
+
+IO_METHOD = "runtime/probe.py _measure_io (see its docstring)"
+
+
+def io_key(scratch: Path) -> dict:
+    """What the I/O figures depend on: the CPU (memcpy), the file system's device, the probe."""
+    try:
+        dev = os.stat(scratch).st_dev
+    except OSError:
+        dev = -1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_model(), "machine": platform.machine(), "cores": cores, "device": dev,
+            "probe": IO_PROBE_VERSION}
+
+
+def io_probe(cache_dir: Path | None = None, refresh: bool = False, max_age: float | None = None) -> ProbeRecord:
+    """This machine's memcpy, disk, page-cache and O_DIRECT read rates (bytes/s) with their
+    provenance, cached in ``io-probe.json`` beside the CPU probe (its own key and version: the
+    CPU probe is not re-run). The scratch file is written in ``cache_dir``, so the rates are of
+    the disk that directory is on."""
+    d = cache_dir or default_cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return _probe_cached(d / "io-probe.json", io_key(d), lambda: _measure_io(d), IO_METHOD, refresh, max_age)
 
 
 def measure_io(cache_dir: Path | None = None, refresh: bool = False) -> dict:
-    """This machine's memcpy, disk and page-cache read rates (bytes/s), cached in
-    ``io-probe.json`` beside the CPU probe (its own version: the CPU probe is not re-run)."""
-    d = cache_dir or default_cache_dir()
-    path = d / "io-probe.json"
-    if not refresh and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if data.pop("version", None) == IO_PROBE_VERSION:
-                return data
-        except (OSError, ValueError):
-            pass
-    d.mkdir(parents=True, exist_ok=True)
-    data = _measure_io(d)
-    try:
-        path.write_text(json.dumps({**data, "version": IO_PROBE_VERSION}, indent=1))
-    except OSError:
-        pass
-    return data
+    """``io_probe``'s figures alone."""
+    return dict(io_probe(cache_dir, refresh).figures)

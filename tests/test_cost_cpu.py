@@ -211,3 +211,56 @@ def test_smollm2_replay_recovers_the_efficiencies_that_made_its_samples(tmp_path
     held_int8 = next(x for x in r.stdout.splitlines() if x.startswith("held int8 decode B=1 (held out)"))
     assert abs(float(held_int8.split()[-1]) - 1) <= 0.02, held_int8
     assert "as it would be stored" in r.stdout  # a replay leaves the stored fit alone
+
+
+def _fake_probe(monkeypatch, tmp_path, figures: dict | None = None) -> list:
+    """runtime/probe.py's CPU measurement replaced (no kernels run) and its cache in ``tmp_path``."""
+    from runtime import probe
+
+    calls: list = []
+
+    def fake():
+        calls.append(1)
+        return dict(figures or {"name": "cpu", "flops_f32": 2.5e11, "flops_bf16": 1e11, "hbm_bw": 4e10,
+                                "ici_bw": 1e10, "hbm_bytes": 1 << 34, "hop_latency_s": 0.0,
+                                "topology": "shared-memory", "op_overhead_s": 1.5e-6, "source": "fake probe"})
+
+    monkeypatch.setattr(probe, "_measure", fake)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return calls
+
+
+def test_explain_says_which_probe_it_priced_with_and_reprobes_when_asked(tmp_path, monkeypatch, capsys):
+    """``explain --hardware cpu`` prints the probe's provenance (when, load, key, cached or not);
+    ``--reprobe`` measures again; ``--json`` carries the figures with their age."""
+    import json
+
+    from compiler.cli import main
+    from conftest import ROOT
+
+    calls = _fake_probe(monkeypatch, tmp_path)
+    argv = ["explain", str(ROOT / "examples" / "tiny-gqa.model"), "--mesh", "1", "--phase", "decode",
+            "--hardware", "cpu"]
+    assert main(argv) == 0 and len(calls) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("hardware   1 x cpu: 0.1 TFLOP/s bf16, HBM 16 GiB at 40 GB/s, interconnect 10 GB/s "
+                        "(shared-memory)")
+    assert lines[2].startswith("probe      measured ") and "measured now (no cache); `--reprobe` measures again" in lines[2]
+    assert main(argv) == 0 and len(calls) == 1  # cached now
+    assert f"cached in {tmp_path / 'einshard' / 'cpu-probe.json'}; `--reprobe`" in capsys.readouterr().out
+    assert main(argv + ["--reprobe"]) == 0 and len(calls) == 2
+    assert "measured now (asked (--reprobe))" in capsys.readouterr().out
+    assert main(argv + ["--json"]) == 0 and len(calls) == 2
+    hw = json.loads(capsys.readouterr().out)["hardware"]
+    assert hw["probe"]["flops_f32"] == 2.5e11 and 0 <= hw["probe"]["age_s"] < 600
+    assert hw["probe"]["measured_at"].endswith("Z") and "cached in" in hw["probe"]["info"]
+
+
+def test_a_datasheet_chip_has_no_probe_line(capsys):
+    from compiler.cli import main
+    from conftest import ROOT
+
+    assert main(["explain", str(ROOT / "examples" / "tiny-gqa.model"), "--mesh", "1", "--phase", "decode",
+                 "--hardware", "a100-80g"]) == 0
+    out = capsys.readouterr().out
+    assert "\nprobe " not in out and "--reprobe" not in out

@@ -392,11 +392,27 @@ def test_cpu_fit_is_stored_with_its_probe_and_goes_stale_with_it(tmp_path):
     assert load_cpu_fit(tmp_path / CPU_FIT_FILE, probe) == eff
     assert load_cpu_fit(tmp_path / CPU_FIT_FILE, {**probe, "hbm_bw": 3e10}) is None  # re-measured: stale
     assert load_cpu_fit(tmp_path / "absent.json", probe) is None
-    from runtime.probe import PROBE_VERSION
+    import time
 
-    (tmp_path / "cpu-probe.json").write_text(_json.dumps({**probe, "version": PROBE_VERSION}))
+    from runtime.probe import PROBE_VERSION, machine_key
+
+    key = machine_key()
+    (tmp_path / "cpu-probe.json").write_text(_json.dumps({
+        "version": PROBE_VERSION, "key": key, "figures": probe,
+        "measured": {"unix": time.time(), "load_before": 0.5, "load_after": 0.6, "duration_s": 5.0}}))
     chip = get_chip("cpu", tmp_path)
     assert chip.efficiency == eff and efficiency_for(chip) == eff and efficiency_for(chip, "bound").is_bound
+    assert chip.measured_at > 0 and chip.probe_info.endswith(f"cached in {tmp_path / 'cpu-probe.json'}")
+    # a keyed fit (bench/cost_model_vs_measured.py stores the probe's machine key) holds its
+    # fractions when the probe is measured again under that key, and says what it was fitted to
+    save_cpu_fit(tmp_path / CPU_FIT_FILE, probe, eff, key)
+    faster = {**probe, "flops_f32": 2.5e11, "hbm_bw": 4e10}
+    kept = load_cpu_fit(tmp_path / CPU_FIT_FILE, faster, key)
+    assert kept is not None and (kept.flops, kept.hbm, kept.matmul_half) == (0.4, 0.6, 32.0)
+    assert "fitted against a probe of 100 GFLOP/s f32, 20 GB/s" in kept.source
+    assert "current probe's 250 GFLOP/s, 40 GB/s" in kept.source
+    assert load_cpu_fit(tmp_path / CPU_FIT_FILE, faster, {**key, "jax": "0.0.1"}) is None  # other software
+    assert load_cpu_fit(tmp_path / CPU_FIT_FILE, faster) is None  # no key to check against
 
 
 def test_chip_description_keeps_four_significant_digits():

@@ -71,3 +71,52 @@ def test_io_probe_measures_and_caches(tmp_path) -> None:
     assert all(io[k] > 0 for k in ("memcpy_bw", "disk_bw", "page_cache_bw"))
     assert not list(tmp_path.glob("*.bin"))  # the scratch file is gone
     assert measure_io(tmp_path) == io  # the second call reads the cache
+
+
+IO = {"memcpy_bw": 3.2e9, "disk_bw": 1.3e9, "page_cache_bw": 3.0e9, "direct_bw": 1.6e9, "direct": True,
+      "source": "fake io probe"}
+CPU = chip_from_mapping({"name": "cpu", "flops_f32": 2.5e11, "flops_bf16": 1e11, "hbm_bw": 4e10, "ici_bw": 1e10,
+                         "hbm_bytes": 1 << 34, "topology": "shared-memory", "op_overhead_s": 1.5e-6}, "test")
+
+
+@pytest.fixture
+def fake_io(tmp_path, monkeypatch):
+    from runtime import probe
+
+    monkeypatch.setattr(probe, "_measure_io", lambda scratch: dict(IO))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+
+def test_o_direct_reads_are_priced_at_the_direct_rate_and_warm_equals_cold(fake_io) -> None:
+    """The pool reads with O_DIRECT: the page cache plays no part, so a warm store is read from
+    the disk as a cold one is, at the probe's O_DIRECT rate, beside the compute (overlapped).
+    Buffered reads (the fallback, ``direct=False``) keep the buffered rates, and from the page
+    cache they are a kernel memcpy on the compute's cores: not overlapped."""
+    cold, warm = (link_bandwidth(CPU, "disk", c) for c in ("cold", "warm"))
+    assert cold[0] == warm[0] == IO["direct_bw"] and "O_DIRECT" in cold[1]
+    assert link_bandwidth(CPU, "disk", "cold", direct=False)[0] == IO["disk_bw"]
+    assert link_bandwidth(CPU, "disk", "warm", direct=False)[0] == IO["page_cache_bw"]
+    assert link_bandwidth(CPU, "host")[0] == IO["memcpy_bw"]
+    with pytest.raises(CostError, match="page-cache state"):
+        link_bandwidth(CPU, "disk", "hot")
+    s = _spec(8)
+    ec, ew = (estimate_offload(s, CPU, "disk", 8, cache=c) for c in ("cold", "warm"))
+    assert ec.overlaps and ew.overlaps and ec.direct and ew.offload_step_s == pytest.approx(ec.offload_step_s)
+    c, t, o, n = ew.compute_s, ew.transfer_s, ew.other_s, ew.layers
+    assert t == pytest.approx(ew.layer_bytes / IO["direct_bw"])
+    assert ew.offload_step_s == pytest.approx(t + (n - 1) * max(c, t) + c + o)
+    assert ew.no_prefetch_step_s == pytest.approx(n * (c + t) + o) and ew.no_prefetch_step_s > ew.offload_step_s
+    bw = estimate_offload(s, CPU, "disk", 8, cache="warm", direct=False)
+    assert not bw.overlaps and not bw.direct and bw.offload_step_s == pytest.approx(bw.no_prefetch_step_s)
+    assert bw.transfer_s == pytest.approx(bw.layer_bytes / IO["page_cache_bw"])
+    bc = estimate_offload(s, CPU, "disk", 8, cache="cold", direct=False)
+    assert bc.overlaps and bc.transfer_s == pytest.approx(bc.layer_bytes / IO["disk_bw"])
+    assert not estimate_offload(s, CPU, "host", 8).overlaps
+
+
+def test_io_probe_records_the_o_direct_rate(tmp_path) -> None:
+    from runtime.probe import io_probe
+
+    rec = io_probe(tmp_path)
+    assert rec.figures["direct_bw"] > 0 and rec.key["device"] == __import__("os").stat(tmp_path).st_dev
+    assert io_probe(tmp_path).reason == "cached"

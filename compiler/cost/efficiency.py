@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -94,20 +95,38 @@ CPU_FIT_FILE = "cpu-efficiency.json"
 PROBE_KEYS = ("flops_f32", "flops_bf16", "hbm_bw", "op_overhead_s")
 
 
-def save_cpu_fit(path: Path, probe: Mapping, eff: Efficiency) -> None:
-    """Stores a CPU fit with the probe figures it was fitted against."""
+def save_cpu_fit(path: Path, probe: Mapping, eff: Efficiency, key: Mapping | None = None) -> None:
+    """Stores a CPU fit with the probe figures it was fitted against and, given, the probe's
+    machine key (runtime/probe.py ``machine_key``): a keyed fit holds its fractions of whatever
+    probe is measured later under that key; an unkeyed one only with these exact figures."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"probe": {k: probe[k] for k in PROBE_KEYS if k in probe}, "efficiency": asdict(eff)},
-                               indent=1))
+    data: dict = {"probe": {k: probe[k] for k in PROBE_KEYS if k in probe}, "efficiency": asdict(eff)}
+    if key is not None:
+        data.update(key=dict(key), fitted_at=time.time())
+    path.write_text(json.dumps(data, indent=1))
 
 
-def load_cpu_fit(path: Path, probe: Mapping) -> Efficiency | None:
-    """The stored CPU fit, if it was fitted against these probe figures (else None: stale or absent)."""
+def load_cpu_fit(path: Path, probe: Mapping, key: Mapping | None = None) -> Efficiency | None:
+    """The stored CPU fit, if it applies to this probe (else None: stale or absent). A keyed fit
+    applies while ``key`` (the current probe's) equals its own: its efficiencies are fractions of
+    the probe, so a probe measured again on the same machine and software keeps them, and its
+    source says which probe it was fitted against. An unkeyed fit applies only to the exact
+    figures it was stored with."""
     try:
         data = json.loads(path.read_text())
-        if data["probe"] != {k: probe[k] for k in PROBE_KEYS if k in probe}:
+        eff = Efficiency(**data["efficiency"])
+        fitted = {k: data["probe"][k] for k in PROBE_KEYS if k in data["probe"]}
+        if "key" in data:
+            if key is None or dict(data["key"]) != dict(key):
+                return None
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(data.get("fitted_at", 0.0))))
+            return replace(eff, source=f"{eff.source}; stored {when}, fitted against a probe of "
+                                       f"{fitted['flops_f32'] / 1e9:.4g} GFLOP/s f32, {fitted['hbm_bw'] / 1e9:.4g} GB/s "
+                                       f"(applied as fractions of the current probe's "
+                                       f"{probe['flops_f32'] / 1e9:.4g} GFLOP/s, {probe['hbm_bw'] / 1e9:.4g} GB/s)")
+        if fitted != {k: probe[k] for k in PROBE_KEYS if k in probe}:
             return None
-        return Efficiency(**data["efficiency"])
+        return eff
     except (OSError, ValueError, KeyError, TypeError, CostError):
         return None
 

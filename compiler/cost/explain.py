@@ -181,6 +181,19 @@ def candidate_json(r: PhaseReport, c: Candidate) -> dict:
     return d
 
 
+def probe_json(chip: Chip, now: float | None = None) -> dict:
+    """A measured chip's probe figures and provenance for ``--json`` (empty for a datasheet chip):
+    when (UTC) and how long ago, and runtime/probe.py's account."""
+    import time
+
+    if not chip.measured_at:
+        return {}
+    t = time.time() if now is None else now
+    return {"probe": {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(chip.measured_at)),
+                      "age_s": max(0.0, t - chip.measured_at), "info": chip.probe_info,
+                      "flops_f32": chip.peak("f32"), "op_overhead_s": chip.op_overhead_s}}
+
+
 def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
     first = next((c.estimate for r in reports for c in r.choice.candidates if c.estimate), None)
     by_phase = {r.phase: r.max_context(r.shown) for r in reports}
@@ -191,7 +204,7 @@ def to_json(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> dict:
         "model": spec.model.name,
         "cost_model": model,
         "hardware": {"name": chip.name, "flops_bf16": chip.peak("bf16"), "hbm_bytes": chip.hbm_bytes,
-                     "hbm_bw": chip.hbm_bw, "ici_bw": chip.ici_bw, "source": chip.source,
+                     "hbm_bw": chip.hbm_bw, "ici_bw": chip.ici_bw, "source": chip.source, **probe_json(chip),
                      "efficiency": {k: getattr(eff, k) for k in ("flops", "matmul_half", "hbm", "link",
                                                                  "step_latency_s", "layer_overhead_s", "source")}},
         "mesh": dict(spec.mesh.axes),
@@ -272,6 +285,7 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
     lines = [f"model      {spec.model.name}: {spec.model.layers} layers, {_count(est.n_params)} parameters "
              f"(nominal: MFU counts 2 x this per token), weights {s.weights}" if est else spec.model.name,
              f"hardware   {spec.mesh.n_devices} x {chip.describe()}",
+             *([f"probe      {chip.probe_info}; `--reprobe` measures again"] if chip.probe_info else []),
              f"mesh       {mesh}",
              f"cost model {reports[0].model if reports else 'calibrated'}: "
              f"{efficiency_for(chip, reports[0].model if reports else 'calibrated').source}",

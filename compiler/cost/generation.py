@@ -167,6 +167,7 @@ def format_generation(spec: Spec, chip: Chip, g: GenerationEstimate) -> str:
 
     lines = [f"model      {spec.model.name}: {spec.model.layers} layers, weights {spec.serve.weights}",
              f"hardware   {g.n_devices} x {chip.describe()}",
+             *([f"probe      {chip.probe_info}; `--reprobe` measures again"] if chip.probe_info else []),
              f"cost model {g.cost_model}: {efficiency_for(chip, g.cost_model).source}",
              f"generate   batch {g.batch}: prompt {g.prompt_len} tokens, then {g.new_tokens} new tokens "
              f"(context {g.prompt_len} -> {g.prompt_len + g.new_tokens})", ""]

@@ -97,6 +97,10 @@ class Chip:
     #: from the disk (NVMe); 0: the offload model's LINKS table (or the probe, for ``cpu``).
     host_bw: float = 0.0
     disk_bw: float = 0.0
+    #: A measured chip (``cpu``): when its figures were measured (unix seconds; 0: a datasheet
+    #: or file chip) and runtime/probe.py's account of how (load, key, cached or measured now).
+    measured_at: float = 0.0
+    probe_info: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "flops", tuple(sorted(dict(self.flops).items())))  # hashable
@@ -246,17 +250,19 @@ def load_chip_file(path: str | Path) -> Chip:
     return chip_from_mapping(data, str(p))
 
 
-def get_chip(name_or_file: str, cache_dir: Path | None = None) -> Chip:
-    """A chip by table name, ``cpu`` (measured and cached), or a TOML chip file."""
+def get_chip(name_or_file: str, cache_dir: Path | None = None, refresh: bool = False) -> Chip:
+    """A chip by table name, ``cpu`` (measured and cached; ``refresh``: measured again), or a
+    TOML chip file."""
     if name_or_file in CHIPS:
         return CHIPS[name_or_file]
     if name_or_file == "cpu":
         from compiler.cost.efficiency import CPU_FIT_FILE, load_cpu_fit
-        from runtime.probe import default_cache_dir, measure_cpu  # JAX lives in runtime/ only
+        from runtime.probe import cpu_probe, default_cache_dir  # JAX lives in runtime/ only
 
-        probe = measure_cpu(cache_dir)
-        chip = chip_from_mapping(probe, "cpu probe")
-        return replace(chip, efficiency=load_cpu_fit((cache_dir or default_cache_dir()) / CPU_FIT_FILE, probe))
+        rec = cpu_probe(cache_dir, refresh)
+        chip = chip_from_mapping(rec.figures, "cpu probe")
+        eff = load_cpu_fit((cache_dir or default_cache_dir()) / CPU_FIT_FILE, rec.figures, rec.key)
+        return replace(chip, efficiency=eff, measured_at=rec.measured_at, probe_info=rec.describe())
     p = Path(name_or_file)
     if p.suffix == ".toml" or p.is_file():
         return load_chip_file(p)

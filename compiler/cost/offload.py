@@ -15,15 +15,21 @@ and o for what runs outside the layers (embedding, head):
 The resident step is N c + o; the fraction of resident throughput is their ratio, and the batch
 at which it reaches a target (default 90%) is found by sweeping powers of two.
 
-On this CPU (``--hardware cpu``) the link rates come from runtime/probe.py's ``measure_io``:
-``disk`` uses the cold read rate (the disk is a DMA device: reads overlap compute), ``host`` the
-memcpy rate; a read served from the page cache is a memcpy by the kernel on the same two cores,
-so it does not overlap the compute and is priced as N (c + t) + o (``cache="warm"``).
+On this CPU (``--hardware cpu``) the link rates come from runtime/probe.py's ``io_probe``.
+``disk`` is read the way runtime/offload_pool.py reads it: with ``O_DIRECT`` (``direct=True``,
+the runtime's default), straight from the disk into the pool's buffer in two parts in flight,
+priced at the probe's ``direct_bw`` measured the same way. Such a read bypasses the page cache,
+so "warm" (the store's pages cached) is the same read as "cold", a DMA transfer that overlaps
+the compute. Buffered reads (``direct=False``, the pool's fallback where the file system refuses
+O_DIRECT) use the buffered cold rate, and from a warm page cache the page-cache rate: that read
+is a memcpy by the kernel on the same two cores, so it does not overlap the compute and is
+priced as N (c + t) + o. ``host`` uses the memcpy rate and does not overlap either.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 from compiler.cost.hardware import Chip
@@ -43,18 +49,26 @@ MODES = ("host", "disk")
 _ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i32": 4, "i8": 1, "bool": 1}
 
 
-def link_bandwidth(chip: Chip, mode: str, cache: str = "cold") -> tuple[float, str]:
-    """Bytes/s of the link ``mode`` streams over on ``chip``, and where the figure comes from."""
+def link_bandwidth(chip: Chip, mode: str, cache: str = "cold", direct: bool = True) -> tuple[float, str]:
+    """Bytes/s of the link ``mode`` streams over on ``chip``, and where the figure comes from.
+    ``direct``: disk reads with O_DIRECT (the page cache, hence ``cache``, plays no part)."""
     if mode not in MODES:
         raise CostError(f"unknown offload mode {mode!r}", hint="use host or disk")
+    if cache not in ("cold", "warm"):
+        raise CostError(f"unknown page-cache state {cache!r}", hint="use cold or warm")
     if chip.name == "cpu":
-        from runtime.probe import measure_io  # JAX-free, but it reads and writes a scratch file
+        from runtime.probe import io_probe  # JAX-free, but it reads and writes a scratch file
 
-        io = measure_io()
+        rec = io_probe()
+        io, when = rec.figures, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rec.measured_at))
         if mode == "host":
-            return io["memcpy_bw"], "memcpy rate measured by runtime/probe.py"
+            return float(io["memcpy_bw"]), f"memcpy rate measured by runtime/probe.py {when}"
+        if direct and "direct_bw" in io:
+            return float(io["direct_bw"]), (f"O_DIRECT read rate, 2 parts in flight, measured by runtime/probe.py "
+                                            f"{when}; the page cache plays no part")
         key = "page_cache_bw" if cache == "warm" else "disk_bw"
-        return io[key], f"{'page-cache' if cache == 'warm' else 'cold disk'} read rate measured by runtime/probe.py"
+        return float(io[key]), (f"buffered {'page-cache' if cache == 'warm' else 'cold disk'} read rate measured "
+                                f"by runtime/probe.py {when}")
     own = getattr(chip, "host_bw" if mode == "host" else "disk_bw", 0.0)
     if own:
         return float(own), f"the chip's {mode}_bw"
@@ -82,7 +96,8 @@ class OffloadEstimate:
     resident_bytes: int  # the resident run's memory per device (weights + KV + activations)
     offload_bytes: int  # streamed: global weights + 2 layer buffers + KV + activations
     hbm_bytes: int
-    overlaps: bool  # whether the transfer runs beside the compute (False: warm page cache on CPU)
+    overlaps: bool  # whether the transfer runs beside the compute (False: buffered warm or host on CPU)
+    direct: bool = True  # disk reads with O_DIRECT (no page cache: warm = cold)
 
     @property
     def fraction(self) -> float:
@@ -112,9 +127,10 @@ def _layer_bytes(module, n_devices: int) -> tuple[int, int]:
 
 
 def estimate_offload(spec: Spec, chip: Chip, mode: str, batch: int, cost_model: str = "calibrated",
-                     cache: str = "cold") -> OffloadEstimate:
+                     cache: str = "cold", direct: bool = True) -> OffloadEstimate:
     """The decode step of ``spec`` at ``batch`` (KV cache of serve.seq positions), resident and
-    with the layers streamed over ``mode``'s link."""
+    with the layers streamed over ``mode``'s link (disk: read with O_DIRECT unless ``direct``
+    is False, when ``cache`` says whether the page cache holds the store)."""
     from compiler.cost.autolayout import evaluate
 
     s = replace(spec, serve=replace(spec.serve, phase="decode", batch=batch))
@@ -129,15 +145,15 @@ def estimate_offload(spec: Spec, chip: Chip, mode: str, batch: int, cost_model: 
     c = est.per_layer.time
     o = max(est.step_time_s - n * c, 0.0)
     layer_bytes, glob = _layer_bytes(module, module.n_devices)
-    bw, source = link_bandwidth(chip, mode, cache)
+    bw, source = link_bandwidth(chip, mode, cache, direct)
     t = layer_bytes / bw
-    overlaps = not (chip.name == "cpu" and (mode == "host" or cache == "warm"))
+    overlaps = not (chip.name == "cpu" and (mode == "host" or (cache == "warm" and not (direct and mode == "disk"))))
     no_pref = n * (c + t) + o
     pref = t + (n - 1) * max(c, t) + c + o if overlaps else no_pref
     mem = est.memory
     streamed = glob + 2 * layer_bytes + mem.kv + mem.activations
     return OffloadEstimate(mode, batch, n, layer_bytes, glob, bw, source, c, t, o, est.step_time_s, pref, no_pref,
-                           mem.total, streamed, chip.hbm_bytes, overlaps)
+                           mem.total, streamed, chip.hbm_bytes, overlaps, direct)
 
 
 def batch_for_fraction(spec: Spec, chip: Chip, mode: str, target: float = 0.9, max_batch: int = 1 << 16,
