@@ -22,6 +22,6 @@ def test_sweep_sample(seed):
 
 
 def test_sweep_configurations_are_seeded():
-    """The same seed gives the same configurations (the README's figures can be reproduced)."""
+    """The same seed gives the same configurations (docs/padding.md's sweep figures can be reproduced)."""
     a, b = random.Random(7), random.Random(7)
     assert [random_config(a) for _ in range(20)] == [random_config(b) for _ in range(20)]
