@@ -29,7 +29,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from _harness import ROOT, median_s
@@ -45,7 +45,7 @@ from compiler.spec import apply_overrides, load_spec
 from ir.module import Module
 from runtime.generate import zero_caches
 from runtime.lower_jax import JaxExecutor
-from runtime.probe import default_cache_dir, measure_cpu
+from runtime.probe import cpu_probe, default_cache_dir
 from runtime.weights import random_tokens, random_weights
 
 MODELS = [
@@ -322,13 +322,14 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
     return analyse(run, cases)
 
 
-def replay(path: Path) -> list[float]:
+def replay(path: Path, store: bool = False) -> list[float]:
     """``--smollm2``'s analysis of a saved run (its ``--json``): the modules are compiled again
-    from the recorded shapes and priced with the current cost model; nothing is measured."""
+    from the recorded shapes and priced with the current cost model; nothing is measured.
+    ``store``: keep its fit for ``--hardware cpu`` (keyed by this machine as it is now)."""
     run = json.loads(path.read_text())
     cases = [Timed(c["label"], None, module_of(c["shape"]), c["held_out"], c["samples"], c["shape"]) for c in run["cases"]]
     print(f"replayed from {path}: {len(cases)} cases, {len(cases[0].samples)} rounds")
-    return analyse(run, cases, store=False)
+    return analyse(run, cases, store=store)
 
 
 def analyse(run: dict, cases: list[Timed], store: bool = True) -> list[float]:
@@ -369,15 +370,16 @@ def analyse(run: dict, cases: list[Timed], store: bool = True) -> list[float]:
               f"hbm {e.hbm:.3f}, layer overhead {e.layer_overhead_s * 1e6:.1f} us, convert {e.convert_s * 1e9:.2f} ns/element)"
               f"{'  <- kept' if e is eff else ''}")
     cached = chip_from_mapping(probe, "cpu probe, cached")
-    stored = replace(eff, flops=min(1.0, eff.flops * chip.peak("f32") / cached.peak("f32")),
-                     hbm=min(1.0, eff.hbm * chip.hbm_bw / cached.hbm_bw),
-                     source=f"{eff.source}; rescaled from the in-run probe to the cached one")
+    # stored as fractions of the in-run probe, keyed by the machine (runtime/probe.py's key): they
+    # apply to whatever probe is cached under that key (a rescale to the cached figures, as
+    # before, saturated at 1 when the cache was older and slower than the machine)
     if store:
-        save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe, stored)
+        from runtime.probe import machine_key
+
+        save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, in_run, eff, machine_key())
     print(f"fitted to the in-run probe: flops {eff.flops:.3f}, hbm {eff.hbm:.3f}, layer overhead "
-          f"{eff.layer_overhead_s * 1e6:.1f} us ({eff.source}); {'stored' if store else 'as it would be stored'} "
-          f"for the cached probe as flops {stored.flops:.3f}, hbm {stored.hbm:.3f} "
-          f"({default_cache_dir() / CPU_FIT_FILE})")
+          f"{eff.layer_overhead_s * 1e6:.1f} us ({eff.source}); {'stored' if store else 'not stored'} "
+          f"with the in-run probe and this machine's key ({default_cache_dir() / CPU_FIT_FILE})")
     head = (f"{'case':36} {'bound ms':>9} {'predicted':>10} {'measured ms':>12} {'fastest ms':>11} {'spread':>7} "
             f"{'meas/pred':>9} {'pred/meas':>9}")
     print(head)
@@ -438,13 +440,17 @@ def main() -> None:
                     help="price a saved --smollm2 run (its --json) again with the current cost model; no measuring")
     ap.add_argument("--generation", type=Path, metavar="JSON",
                     help="also compare with bench/generate.py --json JSON (SmolLM2 decode and prefill)")
+    ap.add_argument("--store-fit", action="store_true",
+                    help="with --replay: store the replayed run's fit for --hardware cpu (as --smollm2 does)")
     a = ap.parse_args()
     if a.replay:
-        replay(a.replay)
+        replay(a.replay, a.store_fit)
         return
-    probe = measure_cpu(refresh=a.refresh_probe)
+    rec = cpu_probe(refresh=a.refresh_probe)
+    probe = dict(rec.figures)
     chip = chip_from_mapping(probe, "cpu probe")
-    stored = load_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe)
+    print(f"cpu probe: {rec.describe()}")
+    stored = load_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe, rec.key)
     print(f"cpu chip: {chip.peak('f32') / 1e9:.1f} GFLOP/s f32 matmul, {chip.hbm_bw / 1e9:.2f} GB/s memory, "
           f"{chip.op_overhead_s * 1e6:.2f} us per kernel ({probe['source']}); median of {a.repeats} warm runs; "
           f"prompt {PROMPT}, decode cache {CACHE}, f32 weights")
@@ -488,7 +494,7 @@ def main() -> None:
     eff = stored or BOUND
     if a.fit and cases:
         eff = fit_cpu(cases, chip)
-        save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe, eff)
+        save_cpu_fit(default_cache_dir() / CPU_FIT_FILE, probe, eff, rec.key)
         print(f"fitted and stored ({default_cache_dir() / CPU_FIT_FILE}): flops {eff.flops:.3f}, matmul_half "
               f"{eff.matmul_half:.1f}, hbm {eff.hbm:.3f}, layer overhead {eff.layer_overhead_s * 1e6:.1f} us")
     if not eff.is_bound and cases:

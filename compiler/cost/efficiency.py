@@ -18,8 +18,10 @@ The constants are fitted by ``bench/calibrate.py`` to the eight rows of
 ``../shared/reference/paper-calibration.csv`` and nothing else (the paper's other tables and
 figures are kept for checking how well they generalise); the fit's provenance is stored with
 them. ``cpu`` is measured per machine, so its fit is too: ``bench/cost_model_vs_measured.py
---fit`` stores it beside the probe's cache, valid while the probe's figures stand. A chip
-without a calibration is priced at its bound in both modes.
+--smollm2`` (or ``--fit``) stores it beside the probe's cache with the probe it was fitted
+against and the probe's machine key; its fractions then apply to any probe measured under that
+key (CPU model, cores, jax and jaxlib versions), so re-probing a stale cache keeps the fit. A
+chip without a calibration is priced at its bound in both modes.
 """
 
 from __future__ import annotations
