@@ -246,6 +246,8 @@ def test_explain_says_which_probe_it_priced_with_and_reprobes_when_asked(tmp_pat
     assert lines[1] == ("hardware   1 x cpu: 0.1 TFLOP/s bf16, HBM 16 GiB at 40 GB/s, interconnect 10 GB/s "
                         "(shared-memory)")
     assert lines[2].startswith("probe      measured ") and "measured now (no cache); `--reprobe` measures again" in lines[2]
+    assert lines[4] == ("cost model calibrated: bound: peak rates, no latencies (no CPU fit stored for this machine: "
+                        "bench/cost_model_vs_measured.py --smollm2 fits one)")
     assert main(argv) == 0 and len(calls) == 1  # cached now
     assert f"cached in {tmp_path / 'einshard' / 'cpu-probe.json'}; `--reprobe`" in capsys.readouterr().out
     assert main(argv + ["--reprobe"]) == 0 and len(calls) == 2

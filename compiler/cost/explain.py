@@ -288,7 +288,10 @@ def format_explain(spec: Spec, chip: Chip, reports: list[PhaseReport]) -> str:
              *([f"probe      {chip.probe_info}; `--reprobe` measures again"] if chip.probe_info else []),
              f"mesh       {mesh}",
              f"cost model {reports[0].model if reports else 'calibrated'}: "
-             f"{efficiency_for(chip, reports[0].model if reports else 'calibrated').source}",
+             f"{efficiency_for(chip, reports[0].model if reports else 'calibrated').source}"
+             + (" (no CPU fit stored for this machine: bench/cost_model_vs_measured.py --smollm2 fits one)"
+                if chip.probe_info and chip.efficiency is None and (not reports or reports[0].model == "calibrated")
+                else ""),
              "rule       per op max(compute, HBM traffic); collectives exposed, except looped ones (each chunk's "
              "transfer beside the previous chunk's einsum) and, with overlap on, weight gathers fetched ahead "
              "beside the compute; comm = exposed; components are sums over ops",
