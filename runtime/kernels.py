@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 from ir.errors import LoweringError
 from ir.ops import Op
 from ir.types import TensorType
+from runtime import cache_windows
 
 Array = Any
 
@@ -239,7 +240,8 @@ def _cache_update(op, xs, ts, be, interp):
     order_n = "BL" + "".join(c for c in nn if c not in "BL")
     c = align(cache, cn, order_c)
     n = align(new, nn, order_n)
-    out = be.set_rows(c, n, pos)
+    write = cache_windows.writer(c)  # a window of a larger (serving) buffer: write into that one
+    out = write(n, pos) if write is not None else be.set_rows(c, n, pos)
     return (align(out, order_c, cn),)
 
 

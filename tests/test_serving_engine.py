@@ -8,6 +8,8 @@ run. The reference is runtime.generator on the same runner, one request at a tim
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -243,6 +245,33 @@ def test_compaction_shrinks_the_window_and_keeps_tokens(one_device):
     assert mm["einshard_compactions_total"] == 0
     assert m["einshard_decode_rows_total"] < mm["einshard_decode_rows_total"]
     assert m["einshard_decode_useful_rows_total"] == mm["einshard_decode_useful_rows_total"]
+
+
+def test_a_narrow_window_writes_into_the_slot_buffer_in_place(one_device):
+    """A narrow window's decode program scatters the step's new rows straight into the donated
+    slot buffer (runtime/cache_windows.py): no scatter into a window-sized copy of the cache,
+    which XLA had to make every step (at 4 of 8 slots it cost more than the 8-row step)."""
+    import jax
+
+    from runtime.sampling import sample
+    from runtime.serving.kernels import cache_leaves
+
+    S, w = 8, 2
+    runner = one_device.runner
+    kernels = Kernels(runner, S, 1, sample)
+    caches = tuple(runner.empty_cache(S))
+    z = (np.zeros(w, np.int32), np.ones(w, np.int32), np.zeros(w, np.float32), np.zeros(w, np.int32),
+         np.ones(w, np.float32), np.zeros(w, np.uint32))
+    hlo = kernels.decode(w).lower(runner.params, caches, *z).compile().as_text()
+    leaves = [x for x, _ in cache_leaves(caches)]
+    assert all(x.dtype == np.float32 for x in leaves)
+
+    def scatters(shape) -> int:
+        return len(re.findall(r"= f32\[" + ",".join(map(str, shape)) + r"\]\{[0-9,]*\} scatter\(", hlo))
+
+    full = leaves[0].shape
+    assert scatters(full) == len(leaves)
+    assert scatters((w,) + full[1:]) == 0
 
 
 def test_static_policy_waits_for_the_batch_and_runs_it_to_the_end(one_device):

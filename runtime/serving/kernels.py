@@ -15,6 +15,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from runtime import cache_windows
+
 #: One entry per cache param (k, v): an array [N, B, T, ...] (batch on dim 1) or a list of N
 #: per-layer arrays [B, T, ...] (batch on dim 0); both forms are handled, the runner picks one.
 Caches = tuple[Any, ...]
@@ -78,6 +80,27 @@ def put_positions(c: jax.Array, new: jax.Array, groups: int, w: int, pos: jax.Ar
     return g.reshape(c.shape)
 
 
+def window_writers(caches: Caches, win: Caches, groups: int, w: int,
+                   written: dict[int, jax.Array]) -> dict[int, cache_windows.Writer]:
+    """Writers (runtime/cache_windows.py) for the per-layer window arrays ``win`` of ``caches``:
+    each scatters the step's new rows into its whole slot buffer (row r = g * w + j is slot
+    g * S / groups + j), keeps that buffer in ``written`` and returns the window read back from
+    it. Stacked caches (a layer loop slices them) get none: they keep ``put_positions``."""
+    out: dict[int, cache_windows.Writer] = {}
+    for c, x in zip(caches, win):
+        if not isinstance(c, (list, tuple)):
+            continue
+        for full, part in zip(c, x):
+            def write(new: jax.Array, pos: jax.Array, full: jax.Array = full, part: jax.Array = part) -> jax.Array:
+                r = jnp.arange(new.shape[0])
+                rows = (r // w) * (full.shape[0] // groups) + r % w
+                updated = full.at[rows[:, None], pos].set(new.astype(full.dtype))
+                written[id(part)] = updated
+                return take_window(updated, groups, w, 0)
+            out[id(part)] = write
+    return out
+
+
 @dataclass
 class Kernels:
     """Compiled programs of one runner for an S-slot buffer in ``groups`` groups, by shape."""
@@ -99,12 +122,16 @@ class Kernels:
         step = self.runner.step("decode", G * w, 1)
 
         def fn(params, caches, tokens, pos, temp, top_k, top_p, seeds):
-            win = cache_map(lambda c, axis: take_window(c, G, w, axis), caches)
-            logits, new = step(params, tokens[:, None], pos[:, None], win)
             if w * G == self.slots:  # the whole buffer: the step's own update is in place
+                logits, new = step(params, tokens[:, None], pos[:, None], caches)
                 out = cache_map(lambda c, n, axis: n.astype(c.dtype), caches, new)
-            else:
-                out = cache_map(lambda c, n, axis: put_positions(c, n, G, w, pos, axis), caches, new)
+                return self.sample(logits, temp, top_k, top_p, seeds, pos + 1), out
+            win = cache_map(lambda c, axis: take_window(c, G, w, axis), caches)
+            written: dict[int, jax.Array] = {}
+            with cache_windows.windows(window_writers(caches, win, G, w, written)):
+                logits, new = step(params, tokens[:, None], pos[:, None], win)
+            out = cache_map(lambda c, x, n, axis: written[id(x)] if id(x) in written
+                            else put_positions(c, n, G, w, pos, axis), caches, win, new)
             return self.sample(logits, temp, top_k, top_p, seeds, pos + 1), out
 
         return fn
