@@ -210,7 +210,7 @@ def test_smollm2_replay_recovers_the_efficiencies_that_made_its_samples(tmp_path
     assert len(ratios) == 3 and all(abs(q - 1) <= 0.02 for q in ratios), line
     held_int8 = next(x for x in r.stdout.splitlines() if x.startswith("held int8 decode B=1 (held out)"))
     assert abs(float(held_int8.split()[-1]) - 1) <= 0.02, held_int8
-    assert "as it would be stored" in r.stdout  # a replay leaves the stored fit alone
+    assert "; not stored with the in-run probe" in r.stdout  # a replay leaves the stored fit alone
 
 
 def _fake_probe(monkeypatch, tmp_path, figures: dict | None = None) -> list:
