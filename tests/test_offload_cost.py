@@ -120,3 +120,19 @@ def test_io_probe_records_the_o_direct_rate(tmp_path) -> None:
     rec = io_probe(tmp_path)
     assert rec.figures["direct_bw"] > 0 and rec.key["device"] == __import__("os").stat(tmp_path).st_dev
     assert io_probe(tmp_path).reason == "cached"
+
+
+def test_cli_reprobe_with_offload_measures_the_disk_again(fake_io, monkeypatch, capsys) -> None:
+    from runtime import probe
+
+    ios: list = []
+    monkeypatch.setattr(probe, "_measure_io", lambda scratch: ios.append(1) or dict(IO))
+    monkeypatch.setattr(probe, "_measure", lambda: {"name": "cpu", "flops_f32": 2.5e11, "flops_bf16": 1e11,
+                                                    "hbm_bw": 4e10, "ici_bw": 1e10, "hbm_bytes": 1 << 34,
+                                                    "topology": "shared-memory", "op_overhead_s": 1.5e-6})
+    argv = ["explain", str(SPEC), "--mesh", "1", "--ffn", "1d-ws", "--attn", "heads", "--hardware", "cpu",
+            "--offload", "disk", "--batch", "4"]
+    assert main(argv) == EXIT_OK and len(ios) == 1
+    assert main(argv) == EXIT_OK and len(ios) == 1  # cached
+    assert main(argv + ["--reprobe"]) == EXIT_OK and len(ios) == 2
+    assert "over 1.60 GB/s (O_DIRECT read rate" in capsys.readouterr().out
