@@ -11,7 +11,7 @@ import pytest
 
 from compiler.cli import main
 from compiler.cost.hardware import CHIPS, chip_from_mapping
-from compiler.cost.offload import LINKS, batch_for_fraction, estimate_offload, link_bandwidth
+from compiler.cost.offload import CPU_EXPOSED, LINKS, batch_for_fraction, estimate_offload, link_bandwidth
 from compiler.exit_codes import EXIT_OK
 from compiler.spec import load_spec
 from conftest import ROOT
@@ -104,7 +104,9 @@ def test_o_direct_reads_are_priced_at_the_direct_rate_and_warm_equals_cold(fake_
     assert ec.overlaps and ew.overlaps and ec.direct and ew.offload_step_s == pytest.approx(ec.offload_step_s)
     c, t, o, n = ew.compute_s, ew.transfer_s, ew.other_s, ew.layers
     assert t == pytest.approx(ew.layer_bytes / IO["direct_bw"])
-    assert ew.offload_step_s == pytest.approx(t + (n - 1) * max(c, t) + c + o)
+    # on the cpu chip the overlap is partial: each layer also pays CPU_EXPOSED x the shorter one
+    assert ew.offload_step_s == pytest.approx(t + (n - 1) * (max(c, t) + CPU_EXPOSED * min(c, t)) + c + o)
+    assert 0 < CPU_EXPOSED < 1
     assert ew.no_prefetch_step_s == pytest.approx(n * (c + t) + o) and ew.no_prefetch_step_s > ew.offload_step_s
     bw = estimate_offload(s, CPU, "disk", 8, cache="warm", direct=False)
     assert not bw.overlaps and not bw.direct and bw.offload_step_s == pytest.approx(bw.no_prefetch_step_s)

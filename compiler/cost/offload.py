@@ -9,7 +9,9 @@ resident step's layer, from the cost model), per-layer transfer t = layer bytes 
 and o for what runs outside the layers (embedding, head):
 
 * with prefetch (layer i+1 fetched while layer i computes):  t + (N-1) max(c, t) + c + o
-  (the first layer's transfer is exposed; then the slower of the two sets the pace);
+  (the first layer's transfer is exposed; then the slower of the two sets the pace; on the
+  ``cpu`` chip each layer also pays ``CPU_EXPOSED`` x min(c, t): the overlap on two shared
+  cores is partial, as measured);
 * without prefetch: N (c + t) + o.
 
 The resident step is N c + o; the fraction of resident throughput is their ratio, and the batch
@@ -46,6 +48,13 @@ LINKS: dict[str, tuple[float, float]] = {
     "tpu-v4": (12e9, 3e9), "tpu-v5e": (12e9, 3e9), "tpu-v5p": (12e9, 3e9),
 }
 MODES = ("host", "disk")
+#: On this CPU a prefetched read does not fully hide behind the compute: XLA's threads take both
+#: cores, and the reader's Python thread (GIL, wake-ups, issuing the next part) runs between
+#: them, so the disk idles part of each layer. Measured (bench/offload.py, SmolLM2 f32 at batch
+#: 128, O_DIRECT, three runs 2026-11-30 21:33 and 2026-12-01 00:22 / 01:05 UTC, exclusive lock):
+#: prefetch - resident = 0.48, 0.48, 0.71 of N x (layer bytes / 1.68 GB/s). The exposed share
+#: of the shorter of read and compute per layer; 0 on accelerators (a DMA engine does the copy).
+CPU_EXPOSED = 0.55
 _ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i32": 4, "i8": 1, "bool": 1}
 
 
@@ -149,7 +158,10 @@ def estimate_offload(spec: Spec, chip: Chip, mode: str, batch: int, cost_model: 
     t = layer_bytes / bw
     overlaps = not (chip.name == "cpu" and (mode == "host" or (cache == "warm" and not (direct and mode == "disk"))))
     no_pref = n * (c + t) + o
-    pref = t + (n - 1) * max(c, t) + c + o if overlaps else no_pref
+    # with prefetch: the first layer's read is exposed, then each layer costs the slower of its
+    # read and compute, plus (on this CPU) the part of the faster one that does not overlap
+    exposed = CPU_EXPOSED if chip.name == "cpu" else 0.0
+    pref = t + (n - 1) * (max(c, t) + exposed * min(c, t)) + c + o if overlaps else no_pref
     mem = est.memory
     streamed = glob + 2 * layer_bytes + mem.kv + mem.activations
     return OffloadEstimate(mode, batch, n, layer_bytes, glob, bw, source, c, t, o, est.step_time_s, pref, no_pref,
