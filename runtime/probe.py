@@ -154,6 +154,7 @@ class ProbeRecord:
     path: Path
     reason: str = "cached"
     method: str = ""
+    running_before: int = 0  # processes running when it started (/proc/loadavg; itself included), 0: unknown
 
     def age_s(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.measured_at)
@@ -162,9 +163,13 @@ class ProbeRecord:
         """One line: when, at what load, under which key, and whether measured now or cached."""
         k = self.key
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at))
-        loaded = self.load_before > float(k.get("cores") or os.cpu_count() or 1)
+        # the 1-minute average lags: a machine that just went quiet still shows its last minute,
+        # so the processes running at the start decide when they were recorded
+        cores = float(k.get("cores") or os.cpu_count() or 1)
+        loaded = self.load_before > cores and (self.running_before == 0 or self.running_before - 1 >= cores)
         return (f"measured {when} ({_age(self.age_s(now))} ago) at load {self.load_before:.1f} -> "
                 f"{self.load_after:.1f} on {k.get('cores')} cores"
+                + (f", {self.running_before - 1} other processes running" if self.running_before else "")
                 + (" (a loaded machine: figures low; measure again when quiet)" if loaded else "")
                 + f"; {k.get('cpu')}" + (f", jax {k['jax']}, jaxlib {k.get('jaxlib')}" if "jax" in k else "") + "; "
                 + ("cached in " + str(self.path) if self.reason == "cached" else f"measured now ({self.reason})"))
@@ -207,6 +212,14 @@ def _load1() -> float:
         return float("nan")
 
 
+def _running() -> int:
+    """Processes running now (/proc/loadavg's 4th field; this one included), 0 where unknown."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _probe_cached(path: Path, key: dict, measure: Callable[[], dict], method: str, refresh: bool,
                   max_age: float | None) -> ProbeRecord:
     """The figures cached at ``path`` if still valid for ``key``, else measured now and stored."""
@@ -219,20 +232,22 @@ def _probe_cached(path: Path, key: dict, measure: Callable[[], dict], method: st
             if why is None:
                 m = data["measured"]
                 return ProbeRecord(data["figures"], data["key"], float(m["unix"]), float(m["load_before"]),
-                                   float(m["load_after"]), float(m["duration_s"]), path, "cached", m.get("method", ""))
+                                   float(m["load_after"]), float(m["duration_s"]), path, "cached", m.get("method", ""),
+                                   int(m.get("running_before", 0)))
             reason = why
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             reason = "the cache is unreadable"
-    before, t0 = _load1(), time.perf_counter()
+    before, running, t0 = _load1(), _running(), time.perf_counter()
     figures = measure()
-    rec = ProbeRecord(figures, key, now, before, _load1(), time.perf_counter() - t0, path, reason, method)
+    rec = ProbeRecord(figures, key, now, before, _load1(), time.perf_counter() - t0, path, reason, method, running)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"version": key.get("probe"), "key": key, "figures": figures,
                                    "measured": {"unix": rec.measured_at, "utc": rec.to_json()["measured_at"],
                                                 "load_before": before, "load_after": rec.load_after,
-                                                "duration_s": rec.duration_s, "method": method}}, indent=1))
+                                                "duration_s": rec.duration_s, "method": method,
+                                                "running_before": running}}, indent=1))
         tmp.replace(path)  # atomic: a concurrent reader sees the old or the new cache, never half
     except OSError:
         pass  # an unwritable cache only costs a re-measurement

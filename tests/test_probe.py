@@ -95,6 +95,11 @@ def test_record_describes_when_how_loaded_and_where():
         "measured 2025-12-01 00:00 UTC (1 min ago) at load 6.8 -> 7.0 on 2 cores (a loaded machine: figures low; "
         "measure again when quiet); Intel(R) Xeon(R) Processor, jax 0.10.2, jaxlib 0.10.2; measured now "
         "(asked (--reprobe))")
+    # the 1-minute average lags: with only the probe running at its start, the machine was quiet
+    lagging = probe.ProbeRecord(FAKE, key, t, 2.4, 2.0, 6.5, Path("/c/p.json"), running_before=1)
+    assert "at load 2.4 -> 2.0 on 2 cores, 0 other processes running; Intel" in lagging.describe(now=t)
+    busy = probe.ProbeRecord(FAKE, key, t, 2.4, 2.6, 6.5, Path("/c/p.json"), running_before=4)
+    assert "3 other processes running (a loaded machine: figures low" in busy.describe(now=t)
     j = rec.to_json(now=t + 3 * 86400)
     assert j["measured_at"] == "2025-12-01T00:00:00Z" and j["age_s"] == 3 * 86400 and j["key"] == key
 
