@@ -275,7 +275,18 @@ def run_baseline() -> None:
     print("RESULT " + json.dumps(vm_hwm()))
 
 
-def predict(a: argparse.Namespace, rows: list[dict]) -> None:
+def store_read_rate(store: Path) -> float | None:
+    """Bytes/s of reading the store's layers with O_DIRECT as the pool does (one layer per read,
+    two aligned parts in flight): the disk's rate now, for the cost model's comparison."""
+    from runtime.offload_store import data_path, read_layout
+    from runtime.probe import _read_direct
+
+    layout = read_layout(store)
+    path = data_path(store)
+    return _read_direct(path, layout.layers * layout.stride, layout.stride, 2, start=layout.globals_bytes)
+
+
+def predict(a: argparse.Namespace, rows: list[dict], disk_bw: float | None = None) -> None:
     """The cost model's step times (compiler/cost/offload.py, ``cpu`` chip with the probed
     disk and memcpy rates) beside the measured ones, and their ratio. The pool reads with
     O_DIRECT (priced at the probe's O_DIRECT rate, warm = cold); ``prefetch-buffered`` is the
@@ -290,6 +301,10 @@ def predict(a: argparse.Namespace, rows: list[dict]) -> None:
     ck = open_checkpoint(a.checkpoint)
     base = bench_spec(a, ck)
     chip = get_chip("cpu")
+    if disk_bw:  # the store's O_DIRECT rate sampled in this run: the probe's disk rate drifts
+        chip = replace(chip, disk_bw=disk_bw)
+        print(f"disk: the store read with O_DIRECT in this run at {disk_bw / 1e9:.2f} GB/s (median of samples "
+              f"between the batches), used instead of the probe's")
     print(f"cpu chip: {chip.describe()}\nprobe: {chip.probe_info}\nefficiency: {chip.efficiency.source if chip.efficiency else 'none (bound)'}")
     print(f"{'batch':>5} {'mode':>9} {'cache':>5} {'meas ms':>8} {'pred ms':>8} {'meas/pred ratio':>15}")
     memo: dict = {}
@@ -373,7 +388,12 @@ def main() -> None:
         return run_baseline()
     if a.predict_from:
         saved = json.loads(a.predict_from.read_text())
-        return predict(a, saved.get("interleaved") or saved["rows"])
+        rows_saved = saved.get("interleaved") or saved["rows"]
+        predict(a, rows_saved)
+        if saved.get("disk_bw"):
+            print("with the disk rate sampled in that run:")
+            predict(a, rows_saved, statistics.median(saved["disk_bw"]))
+        return
     if a.build_store:
         return build_store(a)
     if a.serve:
@@ -396,6 +416,7 @@ def main() -> None:
            f"{'weights MB':>10} {'KV MB':>6} {'over MB':>7} {'read MB/s':>9} {'wait %':>6} same")
     print(hdr)
     timed: list[dict] = []
+    disk: list[float] = []
     for B in [int(b) for b in a.batches.split(",")]:
         if not a.no_memory:
             res = child(a, "--one", "resident", "--batch", str(B))
@@ -427,6 +448,7 @@ def main() -> None:
                   f"{x['ratio']:>6.2f}  interleaved, {a.rounds} rounds: "
                   + " ".join(f"{v:.0f}" for v in x["rounds"]) + f" ms; same tokens {x['same']}")
         timed += t
+        disk.extend(r for r in (store_read_rate(a.store) for _ in range(3)) if r)
         sys.stdout.flush()
     if rows:
         pf = next(r for r in rows if r["mode"] == "prefetch")  # the one that fills the budget with buffers
@@ -440,10 +462,14 @@ def main() -> None:
           "the compute waited for a layer; rows marked 'interleaved' time every configuration in one process, "
           "round-robin (their ratio is the figure to read on a shared machine)")
     if a.out:
-        a.out.write_text(json.dumps({"baseline": base, "rows": rows, "interleaved": timed}, indent=1))
-    print("cost model (compiler/cost/offload.py) against the measurements:")
+        a.out.write_text(json.dumps({"baseline": base, "rows": rows, "interleaved": timed, "disk_bw": disk},
+                                    indent=1))
+    print("cost model (compiler/cost/offload.py) against the measurements, with the cached probe:")
     sys.stdout.flush()
     predict(a, timed)
+    if disk:
+        print(f"and with the store's O_DIRECT rate sampled in this run ({', '.join(f'{r / 1e9:.2f}' for r in disk)} GB/s):")
+        predict(a, timed, statistics.median(disk))
     if not all(r["same"] for r in rows + timed):
         raise SystemExit("streamed tokens differ from the resident run's")
 

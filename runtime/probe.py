@@ -275,7 +275,7 @@ def measure_cpu(cache_dir: Path | None = None, refresh: bool = False) -> dict:
 IO_PROBE_VERSION = 2
 
 
-def _read_direct(path: Path, nbytes: int, block: int, parts: int) -> float | None:
+def _read_direct(path: Path, nbytes: int, block: int, parts: int, start: int = 0) -> float | None:
     """Bytes/s of reading ``path`` with ``O_DIRECT`` as runtime/offload_pool.py's LayerPool
     reads a layer: ``block``-byte pieces, each as ``parts`` page-aligned parts in flight at once
     (the first on this thread), into an aligned buffer; None where the file system refuses it."""
@@ -300,7 +300,7 @@ def _read_direct(path: Path, nbytes: int, block: int, parts: int) -> float | Non
     try:
         with ThreadPoolExecutor(max(1, len(pieces) - 1)) as io:
             t0 = time.perf_counter()
-            for off in range(0, nbytes, block):
+            for off in range(start, start + nbytes, block):
                 futs = [io.submit(read_into, fd, buf[a:b], off + a) for a, b in pieces[1:]]
                 read_into(fd, buf[pieces[0][0]:pieces[0][1]], off)
                 for f in futs:

@@ -72,6 +72,8 @@ def link_bandwidth(chip: Chip, mode: str, cache: str = "cold", direct: bool = Tr
         io, when = rec.figures, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rec.measured_at))
         if mode == "host":
             return float(io["memcpy_bw"]), f"memcpy rate measured by runtime/probe.py {when}"
+        if direct and chip.disk_bw:  # a rate given with the chip (bench/offload.py: sampled in its own run)
+            return float(chip.disk_bw), "the chip's disk_bw (O_DIRECT)"
         if direct and "direct_bw" in io:
             return float(io["direct_bw"]), (f"O_DIRECT read rate, 2 parts in flight, measured by runtime/probe.py "
                                             f"{when}; the page cache plays no part")
