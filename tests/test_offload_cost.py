@@ -97,6 +97,9 @@ def test_o_direct_reads_are_priced_at_the_direct_rate_and_warm_equals_cold(fake_
     assert link_bandwidth(CPU, "disk", "cold", direct=False)[0] == IO["disk_bw"]
     assert link_bandwidth(CPU, "disk", "warm", direct=False)[0] == IO["page_cache_bw"]
     assert link_bandwidth(CPU, "host")[0] == IO["memcpy_bw"]
+    # a rate given with the chip (bench/offload.py: the store's rate sampled in its run) wins for O_DIRECT
+    assert link_bandwidth(replace(CPU, disk_bw=2.0e9), "disk", "warm") == (2.0e9, "the chip's disk_bw (O_DIRECT)")
+    assert link_bandwidth(replace(CPU, disk_bw=2.0e9), "disk", "warm", direct=False)[0] == IO["page_cache_bw"]
     with pytest.raises(CostError, match="page-cache state"):
         link_bandwidth(CPU, "disk", "hot")
     s = _spec(8)
