@@ -291,7 +291,8 @@ def predict(a: argparse.Namespace, rows: list[dict], disk_bw: float | None = Non
     disk and memcpy rates) beside the measured ones, and their ratio. The pool reads with
     O_DIRECT (priced at the probe's O_DIRECT rate, warm = cold); ``prefetch-buffered`` is the
     buffered A/B (the buffered cold rate)."""
-    use_cpu_devices(1)
+    if "jax" not in sys.modules:  # the second call (in-run disk rate) finds it set up
+        use_cpu_devices(1)
     from dataclasses import replace
 
     from compiler.cost.hardware import get_chip
