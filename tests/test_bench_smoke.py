@@ -26,6 +26,7 @@ SMALL = {
                    "--loads", "near-saturation"],
     "calibrate.py": ["--max-evals", "2", "--fix", "link=1"],
     "generate.py": ["--tiny", "--repeats", "1", "--steps", "4", "--prompt", "8", "--prefill", "16", "--batches", "2"],
+    "int8_step.py": ["--tiny", "--steps", "2", "--formats", "f32,int8,int8w", "--batches", "1,2"],
     "offload.py": ["--tiny", "--batches", "2", "--new", "3", "--rounds", "1"],
     "multihost.py": ["--repeats", "1", "--sizes-kib", "64"],
     "gpu_generate.py": ["--tiny"],
