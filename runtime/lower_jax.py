@@ -92,8 +92,11 @@ class JaxBackend:
         self.upcast = jax.default_backend() == "cpu" if upcast is None else upcast
         #: int8 projections quantize their activations per row and multiply int8 x int8 -> int32
         #: (int8_dot); default: on CPU, where that dot runs in the library and the weight-only
-        #: form is XLA's elemental loop
-        self.int8_activations = jax.default_backend() == "cpu" if int8_activations is None else int8_activations
+        #: form is XLA's elemental loop; one device only, so a mesh (in one process or several)
+        #: keeps the IR's weights-only numerics and gives the same tokens however it is launched
+        one_device = all(n <= 1 for n in self.mesh.values())
+        self.int8_activations = (jax.default_backend() == "cpu" and one_device if int8_activations is None
+                                 else int8_activations)
 
     def erf(self, x):
         return jax.scipy.special.erf(x)
