@@ -27,14 +27,18 @@ GENERATE_PHASES = ("generate", "generate_greedy")
 
 
 def fixed_layout(spec: Spec, batch: int) -> Spec:
-    """``spec`` with ``auto`` layouts resolved by the cost model for decode at ``batch``."""
+    """``spec`` with every ``auto`` setting that shapes the weights (ffn, attn, kv, expert_axes)
+    resolved by the cost model for decode at ``batch``: resolved per phase, a prefill could pick
+    other expert axes than decode, and its program would take other weights."""
     s = spec.serve
-    if spec.mesh.n_devices > 1 and (s.ffn == "auto" or s.attn == "auto"):
+    if spec.mesh.n_devices == 1:
+        return spec
+    probe = replace(inner_spec(spec), serve=replace(s, phase="decode", batch=batch))  # layouts: inside a stage
+    if s.ffn == "auto" or s.attn == "auto":
         from compiler.cost.autolayout import resolve_auto
 
         from compiler.pipelines import dim_pad_options
 
-        probe = replace(inner_spec(spec), serve=replace(s, phase="decode", batch=batch))  # layouts: inside a stage
         resolved, choice = resolve_auto(probe)
         chosen = resolved.serve
         # the runner does not pad the batch (module_for): keep the fastest fitting layout that
@@ -43,8 +47,15 @@ def fixed_layout(spec: Spec, batch: int) -> Spec:
             takes = [c for c in choice.candidates if c.legal and c.est.fits and "batch" not in dim_pad_options(c.spec)]
             if takes:
                 chosen = takes[0].spec.serve
-        return replace(spec, serve=replace(s, ffn=chosen.ffn, attn=chosen.attn))
-    return spec
+        probe = replace(probe, serve=replace(probe.serve, ffn=chosen.ffn, attn=chosen.attn))
+    if probe.serve.kv == "auto" or probe.serve.expert_axes == "auto":
+        from compiler.cost.autolayout import resolve_kv
+        from compiler.cost.moe import resolve_expert_axes
+        from compiler.pipelines import settle_kv
+
+        probe = resolve_expert_axes(resolve_kv(settle_kv(probe)))
+    p = probe.serve
+    return replace(spec, serve=replace(s, ffn=p.ffn, attn=p.attn, kv=p.kv, expert_axes=p.expert_axes))
 
 
 def module_for(spec: Spec, phase: str, batch: int, length: int, cache_len: int, logits: str = "last") -> Module:

@@ -9,6 +9,7 @@ generation through ``Generator`` must give HF's tokens exactly.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -249,6 +250,27 @@ def test_generate_cli_with_a_checkpoint_on_8_devices(saved: Callable[[str], tupl
     prompt = PROMPTS[0]
     rc = main(["generate", "--checkpoint", str(d), "--prompt-ids", ",".join(map(str, prompt)), "--mesh", "x=2,y=2,z=2",
                "--max-new-tokens", str(NEW), "--json"])
-    out = json.loads(capsys.readouterr().out)
-    assert rc == 0
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = json.loads(captured.out)
     assert out["tokens"][0] == hf_greedy(model, prompt)
+
+
+def test_generation_layout_fixes_expert_axes_and_kv_at_decode(tmp_path: Path) -> None:
+    """The runner compiles prefill and decode from one spec: expert axes and kv left ``auto`` would
+    be priced per phase, and a prefill could take other weights than decode (CI failure of
+    test_generate_cli_with_a_checkpoint_on_8_devices). fixed_layout decides them once."""
+    from compiler.driver import resolved
+    from compiler.generation import fixed_layout
+    from compiler.spec import apply_overrides
+
+    cfg = dict(model_type="mixtral", num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=16, vocab_size=64, num_local_experts=8, num_experts_per_tok=2)
+    spec = apply_overrides(spec_from_hf(_config(tmp_path, cfg)), mesh="x=2,y=2,z=2")
+    fixed = fixed_layout(spec, batch=1)
+    assert "auto" not in (fixed.serve.ffn, fixed.serve.attn, fixed.serve.kv, fixed.serve.expert_axes)
+    decode = resolved(replace(fixed, serve=replace(fixed.serve, phase="decode", batch=1))).serve
+    assert (fixed.serve.kv, fixed.serve.expert_axes) == (decode.kv, decode.expert_axes)
+    for length in (1, 16, 256):  # whatever prefill would pick on its own, the fixed spec holds
+        s = resolved(replace(fixed, serve=replace(fixed.serve, phase="prefill", batch=1, seq=length))).serve
+        assert (s.ffn, s.attn, s.kv, s.expert_axes) == (fixed.serve.ffn, fixed.serve.attn, fixed.serve.kv, fixed.serve.expert_axes)
