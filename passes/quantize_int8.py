@@ -9,8 +9,11 @@ when the pass runs after ``shard``, the weight's sharding of them. A packed cont
 fused output projection) gets a scale per segment. Collectives that moved the float weight now
 move the int8 weight and, where the scale has the dim, the scale: communication shrinks too.
 
-Weights used by anything but einsums (the embedding table when the output head is tied to it,
-norm scales, biases) stay in float; the notes list them.
+On one device, a table that embeddings gather from and an einsum also contracts (a tied
+embedding read as the output head, ``BLE,VE->BLV``) is quantized too, with one scale per row (reduce ``E``): the head
+reads all of it on every decode step, and the gather dequantizes just the rows it takes. A table
+that is only gathered (an untied embedding: one row per token) and other weights used by
+anything but einsums (norm scales, biases) stay in float; the notes list them.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def _einsum_reduce(op: Op, v: str, t: TensorType) -> str:
 
 
 def _analyze(fn: Function, root: str, uses: dict[str, list[Op]]) -> tuple[set[str] | None, str]:
-    """The contracted-dim sets of the einsums that ``root`` reaches through moves, or (None, why)."""
+    """The contracted-dim sets of the einsums that ``root`` reaches through moves, or (None, why).
+    An embedding gather from ``root`` adds the table's row dims (``E``): rows are scaled alike."""
     types = fn.value_types
     reduces: set[str] = set()
     stack = [root]
@@ -63,9 +67,15 @@ def _analyze(fn: Function, root: str, uses: dict[str, list[Op]]) -> tuple[set[st
                 reduces.add(_einsum_reduce(op, v, types[v]))
             elif isinstance(op, Scan):
                 continue  # the body is analysed on its own
+            elif op.kind == "embed" and op.operands[0] == v:
+                reduces.add("".join(c for c in types[v].names if c != "V") + _GATHER)
             else:
                 return None, f"used by {op.kind} in @{fn.name}"
     return reduces, ""
+
+
+#: Marks a row-scale set coming from an embedding gather (tied with an einsum's, or kept float).
+_GATHER = "@gather"
 
 
 def _identity_prepare(m: Module) -> Function:
@@ -157,7 +167,7 @@ class QuantizeInt8(Pass):
         prep = module.prepare or _identity_prepare(module)
         weights = [p.name for p in module.entries[0].params_with_role("weight")]
         reduce_of, why = _contractions(module, weights)
-        chosen = _choose(prep, weights, reduce_of, why)
+        chosen = _choose(prep, weights, reduce_of, why, module.n_devices == 1)
         if not chosen:
             return PassResult(module, {"weights quantized": 0}, tuple(f"kept {w}: {r}" for w, r in why.items()))
         ctx = ModuleContext(module)
@@ -204,9 +214,11 @@ def _contractions(module: Module, weights: list[str]) -> tuple[dict[str, set[str
 
 
 def _choose(prep: Function, weights: list[str], reduce_of: dict[str, set[str]],
-            why: dict[str, str]) -> dict[str, QuantSpec]:
+            why: dict[str, str], one_device: bool) -> dict[str, QuantSpec]:
     """The weights to quantize (matrices contracted one way), with their scale layout; the
-    reasons for the others are added to ``why``."""
+    reasons for the others are added to ``why``. A gathered table only on one device: on a
+    mesh, shard moves it with ops this pass does not replay on int8 (quantizing before or
+    after shard must give the same program)."""
     chosen: dict[str, QuantSpec] = {}
     p_types = prep.value_types
     producers = {r: op for op in prep.ops for r in op.results}
@@ -214,6 +226,17 @@ def _choose(prep: Function, weights: list[str], reduce_of: dict[str, set[str]],
         t = p_types[ret]
         if w in why:
             continue
+        gathered = {r for r in reduce_of[w] if r.endswith(_GATHER)}
+        if gathered and not reduce_of[w] - gathered:
+            why[w] = "only gathered (one row per token)"
+            continue
+        if gathered and not one_device:
+            why[w] = "gathered on a mesh (shard moves the table for its lookups, e.g. by all_to_all)"
+            continue
+        if gathered and {r[: -len(_GATHER)] for r in gathered} != reduce_of[w] - gathered:
+            why[w] = f"gathered and contracted differently: {sorted(reduce_of[w])}"
+            continue
+        reduce_of[w] -= gathered
         if len(reduce_of[w]) != 1:
             why[w] = "no einsum uses it" if not reduce_of[w] else f"contracted differently: {sorted(reduce_of[w])}"
             continue

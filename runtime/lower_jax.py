@@ -125,6 +125,8 @@ class JaxBackend:
         ct = jnp.float32 if self.upcast and out == jnp.bfloat16 else out
         x2 = x.reshape(pr.p[0], pr.c).astype(ct)
         src = (w, None) if pr.out_in else self.sources.out_in(w, pr.n)
+        if pr.out_in and self.int8_activations and ct == jnp.float32 and reduce_axes is not None:
+            src = self.sources.row_scaled(w, pr.n) or src  # an int8 head: int8_dot (weights-only keeps the IR's)
         if src is None:
             y = jnp.matmul(x2, w.reshape(pr.c, pr.q[0]).astype(ct), precision=self.precision)
             return y.astype(out).reshape(pr.p[1] + pr.q[1])
@@ -306,7 +308,7 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
     per param (runtime/projections.py: projection weights ``[out, in]``)."""
     fn = module.function(entry)
     be = backend or JaxBackend(mesh=module.mesh_sizes)
-    rules = {**RULES, "dequantize": _noted_dequantize, "einsum": _sharded_einsum}
+    rules = {**RULES, "dequantize": _noted_dequantize, "einsum": _sharded_einsum, "embed": _int8_embed}
     chain = getattr(be, "attention", None)
     interp = Interpreter(module, be, noted_rules(rules, chain) if isinstance(chain, AttentionChain) else rules)
     layouts = dict(stored or {})
@@ -351,6 +353,20 @@ def _sharded_einsum(op, xs, ts, be, interp):
     t = ts[0]
     axes = None if t.partial else tuple(a for d in t.dims[len(t.dims) - pl[0]:] for a in d.axes)
     return (be.einsum(op.spec, *xs, reduce_axes=axes),)
+
+
+def _int8_embed(op, xs, ts, be, interp):
+    """The shared embed rule, except for a dequantized int8 table on one device (a tied
+    embedding, passes/quantize_int8.py): the gather takes the int8 rows and their scales and
+    dequantizes only those (as the dequantize rule does, so the same values), instead of
+    reading the dequantized table (49152 x 576 on SmolLM2) on every step."""
+    src = be.sources.row_scaled(xs[0], 1) if isinstance(be, JaxBackend) and not ts[0].dim("V").axes else None
+    if src is None:
+        return RULES["embed"](op, xs, ts, be, interp)
+    q, scale = src
+    dt = xs[0].dtype
+    rows = jnp.take(q, xs[1], axis=0).astype(dt)
+    return (rows * jnp.take(scale, xs[1], axis=0).astype(dt)[..., None],)
 
 
 def _noted_dequantize(op, xs, ts, be, interp):

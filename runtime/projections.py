@@ -81,6 +81,7 @@ class Sources:
     def __init__(self) -> None:
         self._stored: dict[int, tuple[Any, Any, int, int]] = {}
         self._deq: dict[int, tuple[Any, Any, Any]] = {}
+        self._rows: dict[int, tuple[Any, Any, Any]] = {}
 
     def restore(self, stored: Any, perm: tuple[int, ...], xp: Any, shape: tuple[int, ...] | None = None) -> Any:
         """The logical value (of shape ``shape``) of a stored weight (a transpose, after a
@@ -99,6 +100,17 @@ class Sources:
         weight), so the scale is over the output dims in order."""
         if set(names[: len(reduce)]) == set(reduce):
             self._deq[id(w)] = (w, q, scale)
+        if set(names[len(names) - len(reduce):]) == set(reduce) and getattr(q, "ndim", 0) == len(names):
+            self._rows[id(w)] = (w, q, scale)
+
+    def row_scaled(self, w: Any, n: int) -> tuple[Any, Any] | None:
+        """(the int8 array, the scales over its leading dims) when ``w`` is a dequantized int8
+        weight ``[Q..., C...]`` scaled over all but its ``n`` trailing (reduced) dims: a tied
+        embedding read as the output head (``PC,QC->PQ``) or gathered by rows."""
+        d = self._rows.get(id(w))
+        if d is None or d[0] is not w or d[2].ndim != d[1].ndim - n:
+            return None
+        return d[1], d[2]
 
     def out_in(self, w: Any, n: int) -> tuple[Any, Any] | None:
         """(the weight as ``[Q..., C...]`` stored, the scales over Q or None) when ``w`` (a
