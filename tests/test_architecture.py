@@ -60,3 +60,32 @@ def test_the_cli_starts_without_jax() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _imported_roots(path: Path) -> set[str]:
+    """The top-level names a module imports anywhere in it (lazy imports included)."""
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_jax_is_imported_only_in_the_runtime() -> None:
+    """ir, passes and compiler describe and transform programs; only runtime/ (and bench/) run
+    them, so a JAX import above the runtime is a layering slip (compiler reaches JAX only
+    through runtime modules)."""
+    bad = [str(p.relative_to(ROOT)) for pkg in ("ir", "passes", "compiler") for p in (ROOT / pkg).rglob("*.py")
+           if _imported_roots(p) & {"jax", "jaxlib"}]
+    assert not bad, bad
+
+
+def test_passes_never_print() -> None:
+    """A pass returns its statistics; printing them is the driver's job (a pass that prints
+    garbles --json output and the golden files)."""
+    bad = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in (ROOT / "passes").rglob("*.py")
+           for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+           if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
+    assert not bad, bad
