@@ -387,17 +387,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return explain_offload(spec, chip, args.offload, args.offload_target, args.cost_model, args.json)
     phases = (spec.serve.phase,) if args.phase else ("prefill", "decode")
     if args.pareto:
-        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep, warnings
+        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep
 
         check_path(args.pareto)
         batches = DEFAULT_BATCHES if not args.batches else tuple(_positive_ints(args.batches, "--batches"))
         points, skipped = sweep(spec, chip, phases, batches, model=args.cost_model)
         plot(points, args.pareto, f"{spec.model.name} on {spec.mesh.n_devices} x {chip.name}")
-        for line in skipped:
-            print(f"pareto: skipped {line}", file=sys.stderr)
-        for line in warnings(points):
-            print(f"pareto: warning: {line}", file=sys.stderr)
-        print(f"pareto: {len(points)} points written to {args.pareto}", file=sys.stderr)
+        _pareto_report(points, skipped, args.pareto)
     reports = explain(spec, chip, phases, args.kv_fraction, args.cost_model)
     if args.json:
         print(json.dumps(to_json(spec, chip, reports), indent=2))
@@ -406,24 +402,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pareto_report(points: list, skipped: list[str], path: Path) -> None:
+    """What a --pareto sweep left out and warns about, and where it wrote, on stderr (stdout
+    keeps the table or the JSON)."""
+    from compiler.cost.pareto import warnings
+
+    for line in skipped:
+        print(f"pareto: skipped {line}", file=sys.stderr)
+    for line in warnings(points):
+        print(f"pareto: warning: {line}", file=sys.stderr)
+    print(f"pareto: {len(points)} points written to {path}", file=sys.stderr)
+
+
 def _explain_generation(args: argparse.Namespace, spec) -> int:
     from compiler.cost.generation import estimate_generation, format_generation
 
     chip = _chip(args, spec)
     prompt = args.prompt_len if args.prompt_len is not None else spec.serve.seq
     if args.pareto:
-        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep_generation, warnings
+        from compiler.cost.pareto import DEFAULT_BATCHES, check_path, plot, sweep_generation
 
         check_path(args.pareto)
         batches = DEFAULT_BATCHES if not args.batches else tuple(_positive_ints(args.batches, "--batches"))
         points, skipped = sweep_generation(spec, chip, batches, prompt, args.new_tokens, args.cost_model)
         plot(points, args.pareto, f"{spec.model.name} on {spec.mesh.n_devices} x {chip.name}: prompt {prompt}, "
                                   f"{args.new_tokens} new tokens")
-        for line in skipped:
-            print(f"pareto: skipped {line}", file=sys.stderr)
-        for line in warnings(points):
-            print(f"pareto: warning: {line}", file=sys.stderr)
-        print(f"pareto: {len(points)} points written to {args.pareto}", file=sys.stderr)
+        _pareto_report(points, skipped, args.pareto)
     g = estimate_generation(spec, chip, prompt, args.new_tokens, args.cost_model)
     if args.json:
         print(json.dumps(g.to_json(), indent=2))
