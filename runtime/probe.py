@@ -6,9 +6,11 @@ platform convention) unless a directory is given. Measurements use JAX on one CP
 same backend ``einshard run`` uses: an f32 matmul of 1024^3 (median of several runs), a copy of
 a 64 MiB array (bytes read + written per second) and a sum over it (bytes read per second: a
 decode step streams its weights read-only, and on this machine reading runs faster than
-copying; the memory bandwidth is the larger of the two, so the roofline stays a bound), and the time of a jitted chain of 64 tiny
-matmuls divided by 64 (XLA's per-kernel overhead). The simulated devices of a CPU mesh share
-this memory, so the interconnect bandwidth is the copy bandwidth.
+copying; the memory bandwidth is the larger of the two, so the roofline stays a bound), and the
+time of a jitted chain of 64 tiny matmuls divided by 64 (XLA's per-kernel overhead). The
+simulated devices of a CPU mesh share this memory, so the interconnect bandwidth is the copy
+bandwidth. Offloading's memcpy and disk read rates are a second probe (:func:`io_probe`), cached
+and keyed on its own so that neither re-runs the other.
 
 A cache is only as good as the machine it was measured on, so each one records its key (CPU
 model, cores this process may use, machine, jax and jaxlib versions, the probe's version) and
@@ -23,6 +25,7 @@ cpu --reprobe`` here).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from ir.errors import CostError
 
 PROBE_VERSION = 4
 #: Caches older than this are measured again (seconds); ``EINSHARD_PROBE_MAX_AGE_DAYS`` overrides.
@@ -120,12 +125,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _usable_cores() -> int | None:
+    """The cores this process may run on (its affinity mask; the machine's count elsewhere)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine_key(probe_version: int = PROBE_VERSION) -> dict:
     """What the probe's figures depend on: a cache measured under another key is not reused."""
     import jax
     import jaxlib
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = _usable_cores()
     return {"cpu": cpu_model(), "machine": platform.machine(), "cores": cores, "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "probe": probe_version}
 
@@ -133,10 +143,16 @@ def machine_key(probe_version: int = PROBE_VERSION) -> dict:
 def max_age_s() -> float:
     """The age past which a cache is measured again (``EINSHARD_PROBE_MAX_AGE_DAYS``, else 7 days)."""
     days = os.environ.get("EINSHARD_PROBE_MAX_AGE_DAYS")
-    try:
-        return float(days) * 86400.0 if days else DEFAULT_MAX_AGE_S
-    except ValueError:
+    if not days:
         return DEFAULT_MAX_AGE_S
+    try:
+        value = float(days)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):  # a typo must not silently keep (or drop) every cache
+        raise CostError(f"EINSHARD_PROBE_MAX_AGE_DAYS={days!r} is not a number of days",
+                        hint="set it to a number >= 0 (e.g. 7), or unset it for the default of 7 days")
+    return value * 86400.0
 
 
 @dataclass(frozen=True)
@@ -318,8 +334,9 @@ def _measure_io(scratch: Path) -> dict:
     """memcpy bytes/s (numpy copy of 64 MiB, median) and the read rates of a 256 MiB file in
     16 MiB blocks (about one SmolLM2 f32 layer): buffered from the disk (its pages dropped first:
     cold), buffered from the page cache (warm), and ``O_DIRECT`` in two parts in flight, the way
-    the offload pool reads (``direct_bw``: the median of 5 passes, which move 1.2-2.1 GB/s here; the page cache plays no part,
-    so there is no warm rate; the buffered cold rate where the file system refuses O_DIRECT)."""
+    the offload pool reads (``direct_bw``: the median of 5 passes, which move 1.2-2.1 GB/s here;
+    the page cache plays no part, so there is no warm rate; the buffered cold rate where the file
+    system refuses O_DIRECT)."""
     import numpy as np
 
     src = np.ones(16 << 20, np.float32)
@@ -378,7 +395,7 @@ def io_key(scratch: Path) -> dict:
         dev = os.stat(scratch).st_dev
     except OSError:
         dev = -1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = _usable_cores()
     return {"cpu": cpu_model(), "machine": platform.machine(), "cores": cores, "device": dev,
             "probe": IO_PROBE_VERSION}
 

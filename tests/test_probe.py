@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from compiler.cost.hardware import chip_from_mapping
+from ir.errors import CostError
 from runtime import probe
 
 
@@ -75,6 +76,11 @@ def test_cache_is_keyed_by_cpu_cores_and_jax_and_expires(tmp_path, counted, monk
     path.write_text(json.dumps({**stored, "measured": {**stored["measured"], "unix": old}}))
     monkeypatch.setenv("EINSHARD_PROBE_MAX_AGE_DAYS", "30")
     assert probe.cpu_probe(tmp_path).reason == "cached" and len(counted) == n + 1
+    for bad in ("thirty", "-1", "nan", "inf"):  # refused, not silently the default
+        monkeypatch.setenv("EINSHARD_PROBE_MAX_AGE_DAYS", bad)
+        with pytest.raises(CostError, match="EINSHARD_PROBE_MAX_AGE_DAYS"):
+            probe.cpu_probe(tmp_path)
+    monkeypatch.setenv("EINSHARD_PROBE_MAX_AGE_DAYS", "30")
     assert probe.cpu_probe(tmp_path, refresh=True).reason == "asked (--reprobe)" and len(counted) == n + 2
     path.write_text("{not json")
     assert probe.cpu_probe(tmp_path).reason == "the cache is unreadable"
