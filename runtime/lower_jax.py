@@ -37,23 +37,22 @@ JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16
 GEMV_ROWS = 8
 
 
-def materialized(x):
+def materialized(x: jax.Array) -> jax.Array:
     """``x`` (a ``[P, C]`` activation), computed into its own buffer before a fused int8/bf16
     matrix-vector dot. When the activation merges several IR dims (the attention output
     ``BLKGD`` read by ``wo``), XLA's CPU layout assignment may keep it physically permuted
     (the attention dot's output order) and fuses that transpose into the dot's elemental loop,
     which then recomputes the permuted index per multiply-add and is no longer vectorised (30
     int8 576 x 576 gemvs fed a [3, 64, 3] -> [3, 3, 64] transposed activation: 6x slower than
-    a contiguous one, in a micro-benchmark). A copy, a
-    ``lax.optimization_barrier`` (removed before fusion) or a size-2 sum (simplified to an add)
-    are all fused back; a reduce-window is not loop-fusible into the dot, so this one
-    (``x + 0``, exact) is. Cost: one 2 x C pass."""
+    a contiguous one, in a micro-benchmark). A copy, a ``lax.optimization_barrier`` (removed
+    before fusion) or a size-2 sum (simplified to an add) are all fused back; a reduce-window is
+    not loop-fusible into the dot, so this one (``x + 0``, exact) is. Cost: one 2 x C pass."""
     pad = ((0, 1),) + ((0, 0),) * x.ndim  # a zero row after x along a new leading dim
     return lax.reduce_window(x[None], jnp.zeros((), x.dtype), lax.add, (2,) + (1,) * x.ndim,
                              (1,) * (x.ndim + 1), padding=pad)[0]
 
 
-def int8_dot(x, m, axes: tuple[str, ...] = ()):
+def int8_dot(x: jax.Array, m: jax.Array, axes: tuple[str, ...] = ()) -> jax.Array:
     """``x[P, C] @ m[Q, C].T`` for an int8 weight ``m``, with each row of ``x`` quantized to int8
     (its own scale, max|x| / 127) and the product accumulated exactly in int32: XLA's CPU
     backend hands an int8 x int8 dot to its library (YNNPACK: VNNI/AMX kernels), 2-4x faster
