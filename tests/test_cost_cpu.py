@@ -43,7 +43,7 @@ def test_decode_reads_every_weight_once_and_the_tied_table_for_the_logits(fmt):
     m = module_for(apply_overrides(Spec(MODEL), weights=fmt), "decode", 1, 1, 64)
     held = weight_params(m)
     embed_type = next(p.type for p in m.entries[0].params if p.name == "embed")
-    row = embed_type.local_nbytes(m.mesh_sizes) // MODEL.vocab
+    row = (embed_type.local_nbytes(m.mesh_sizes) + held.get("embed_scale", 0)) // MODEL.vocab  # int8: + its scale
     # the norms' scales are fused into the einsums after them and not charged (0.01% of SmolLM2's bytes)
     norms = sum(held.pop(n) for n in ("ln1_scale", "ln2_scale", "final_scale"))
     assert norms < sum(held.values()) / 100

@@ -186,7 +186,9 @@ def _collective_einsum(v: View) -> Cost:
 
 def _embed(v: View) -> Cost:
     table, tokens = v.op.operands
-    rows = float(v.op.type.local_nbytes(v.mesh))  # only the gathered rows are read
+    rows = float(v.op.type.local_nbytes(v.mesh))  # only the gathered rows are read ...
+    full = float(v.fn.value_types[table].local_nbytes(v.mesh))
+    rows *= v.read_bytes[table] / full if full else 1.0  # ... as stored (an int8 table: i8 rows + scales)
     return Cost(0.0, {v.classes.get(table, "weight"): rows, "act": v.read_bytes[tokens]}, v.writes())
 
 
