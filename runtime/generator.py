@@ -29,6 +29,8 @@ from ir.errors import SpecError
 from runtime.model_runner import ModelRunner, bucket, pack_prompts
 from runtime.pipelined_generate import PipelinedDecode, cut_rows, is_pipelined
 from runtime.sampling import SamplingArrays, SamplingParams, sample
+from runtime import xla_options
+from runtime.xla_options import tree_int8
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Generator:
                 tok = sample(logits, *samp, first_pos, greedy_only=greedy)
                 return tok, caches
 
-            self._prefill[key] = jax.jit(prefill, donate_argnums=(1,))
+            self._prefill[key] = xla_options.jit(prefill, tree_int8(self.runner.params), donate_argnums=(1,))
         return self._prefill[key]
 
     def _iteration(self, batch: int, greedy: bool = False, context: int | None = None) -> Callable:
@@ -167,7 +169,8 @@ class Generator:
     def iterate_fn(self, batch: int, greedy: bool = False, context: int | None = None) -> Callable:
         key = (batch, greedy, context)
         if key not in self._iterate:
-            self._iterate[key] = jax.jit(self._iteration(batch, greedy, context), donate_argnums=(1,))
+            iterate = self._iteration(batch, greedy, context)
+            self._iterate[key] = xla_options.jit(iterate, tree_int8(self.runner.params), donate_argnums=(1,))
         return self._iterate[key]
 
     def loop_fn(self, batch: int, max_new: int, greedy: bool = False, context: int | None = None) -> Callable:
@@ -194,8 +197,8 @@ class Generator:
 
             # XLA would hoist each int8/bf16 weight's convert out of the loop (loop-invariant code
             # motion): an f32 copy of every weight read on every step, which int8 must not make
-            self._loop[key] = jax.jit(loop, donate_argnums=(1,),
-                                      compiler_options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})
+            self._loop[key] = xla_options.jit(loop, tree_int8(self.runner.params), donate_argnums=(1,),
+                                              compiler_options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})
         return self._loop[key]
 
     # ---- generation ----------------------------------------------------------------------

@@ -27,6 +27,8 @@ from runtime.projections import Layouts, Sources, permute_spec, projection, proj
 from runtime import batched_dots, small_rows
 from runtime.batched_dots import batched_einsum
 from runtime.causal_blocks import AttentionChain, blocked_values, noted_rules
+from runtime import xla_options
+from runtime.xla_options import function_int8
 
 JNP_DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16,
               "i32": jnp.int32, "i8": jnp.int8, "bool": jnp.bool_}
@@ -383,7 +385,7 @@ def lower_entry(module: Module, entry: str, backend: JaxBackend | None = None) -
     fn = module.function(entry)
     program, mesh = entry_program(module, entry, backend)
     donate = tuple(i for i, p in enumerate(fn.params) if p.role == "cache")
-    return JaxEntry(fn, jax.jit(program, donate_argnums=donate), mesh)
+    return JaxEntry(fn, xla_options.jit(program, function_int8(fn), donate_argnums=donate), mesh)
 
 
 def to_device(x: np.ndarray, t: TensorType) -> jax.Array:

@@ -33,6 +33,8 @@ from runtime.model_runner import Caches
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
 from runtime.sampling import SamplingArrays, SamplingParams, sample
+from runtime import xla_options
+from runtime.xla_options import function_int8
 
 
 #: build(phase, batch, length) -> the compiled module with that one entry, its KV cache of the
@@ -164,7 +166,9 @@ def _compile_step(p: StreamPieces, greedy: bool) -> _Step:
         return sample(p.logits(resident, inputs, kept_vals, carry), temperature, top_k, top_p, seed, first_pos,
                       greedy_only=greedy)
 
-    return _Step(p.staged, jax.jit(p.before), jax.jit(p.layer, donate_argnums=(3,)), jax.jit(after), p.cache_types)
+    i8 = function_int8(p.staged.fn)
+    return _Step(p.staged, xla_options.jit(p.before, i8), xla_options.jit(p.layer, i8, donate_argnums=(3,)),
+                 xla_options.jit(after, i8), p.cache_types)
 
 
 def _sds(t: Any, per_layer: bool = False) -> jax.ShapeDtypeStruct:
@@ -433,7 +437,8 @@ def stream_logits(runner: OffloadRunner) -> Callable[[np.ndarray], np.ndarray]:
             def layer(carry: tuple, consts: tuple, weights: tuple, p: StreamPieces = p) -> tuple:
                 return p.layer(carry, consts, weights, tuple(jnp.zeros(s, d) for s, d in shapes))[0]
 
-            progs[L] = (p, jax.jit(p.before), jax.jit(layer), jax.jit(p.outputs))
+            i8 = function_int8(p.staged.fn)
+            progs[L] = (p, xla_options.jit(p.before, i8), xla_options.jit(layer, i8), xla_options.jit(p.outputs, i8))
         p, before, layer_fn, outputs = progs[L]
         ins = {"tokens": jnp.asarray(tokens, jnp.int32), "pos": jnp.arange(L, dtype=jnp.int32)[None, :]}
         carry, consts, kept = before(runner.resident, ins)

@@ -21,6 +21,8 @@ import numpy as np
 from ir.errors import SpecError
 from ir.module import Function, Module
 from runtime.lower_jax import JaxBackend, layer_split
+from runtime import xla_options
+from runtime.xla_options import function_int8
 
 
 def host_sharding() -> Any:
@@ -88,7 +90,7 @@ def host_logits(build: Callable[[int], Module], weights: Mapping[str, Any]) -> C
             program, _ = entry_program(module, "prefill", HostOffloadBackend(), split_layers=True)
             caches = {p.name: split(np.zeros(p.type.shape, JNP_DTYPES[p.type.dtype]), p.type)
                       for p in fn.params_with_role("cache")}
-            progs[L] = (fn, jax.jit(program), caches)
+            progs[L] = (fn, xla_options.jit(program, function_int8(fn)), caches)
         fn, prog, caches = progs[L]
         env = {**params, **caches, "tokens": jnp.asarray(tokens, jnp.int32),
                "pos": jnp.arange(L, dtype=jnp.int32)[None, :]}

@@ -20,6 +20,8 @@ import numpy as np
 
 from runtime.lower_jax import entry_program
 from runtime.model_runner import Caches, ModelRunner
+from runtime import xla_options
+from runtime.xla_options import function_int8
 
 STAGE_AXIS = "stage"
 
@@ -71,7 +73,7 @@ class PipelinedDecode:
                 outs = program(*[env[n] for n in names])
                 return outs[0], tuple(outs[1:])
 
-            self._fns[key] = jax.jit(run, donate_argnums=(1,))
+            self._fns[key] = xla_options.jit(run, function_int8(fn), donate_argnums=(1,))
         return self._fns[key]
 
 

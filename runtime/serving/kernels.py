@@ -15,7 +15,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from runtime import cache_windows
+from runtime import cache_windows, xla_options
+from runtime.xla_options import tree_int8
 
 #: One entry per cache param (k, v): an array [N, B, T, ...] (batch on dim 1) or a list of N
 #: per-layer arrays [B, T, ...] (batch on dim 0); both forms are handled, the runner picks one.
@@ -111,6 +112,11 @@ class Kernels:
     sample: Callable[..., jax.Array]
     _cache: dict[tuple, Callable] = field(default_factory=dict)
 
+    def _jit(self, fn: Callable, **kw: Any) -> Callable:
+        """jax.jit of a program that reads the runner's params, with their compiler options
+        (runtime/xla_options.py: int8 keeps only single dots in YNNPACK on the CPU)."""
+        return xla_options.jit(fn, tree_int8(self.runner.params), **kw)
+
     def _get(self, key: tuple, build: Callable[[], Callable]) -> Callable:
         fn = self._cache.get(key)
         if fn is None:
@@ -139,7 +145,7 @@ class Kernels:
     def decode(self, w: int) -> Callable:
         """(params, caches, tokens[W], pos[W], temp, top_k, top_p, seeds) -> (next[W], caches):
         one fused decode step over the window, every row at its own position."""
-        return self._get(("decode", w), lambda: jax.jit(self._decode_body(w), donate_argnums=(1,)))
+        return self._get(("decode", w), lambda: self._jit(self._decode_body(w), donate_argnums=(1,)))
 
     def prefill(self, batch: int, length: int) -> Callable:
         """(params, caches, tokens[B, L], pos[B, L], dst[B], temp, top_k, top_p, seeds,
@@ -164,7 +170,7 @@ class Kernels:
                                 caches, rows)
                 return self.sample(logits, temp, top_k, top_p, seeds, sample_pos), out
 
-            return jax.jit(fn, donate_argnums=(1,))
+            return self._jit(fn, donate_argnums=(1,))
         return self._get(("prefill", batch, length), build)
 
     def chunk(self, batch: int, length: int) -> Callable:
@@ -172,7 +178,7 @@ class Kernels:
         sample_pos[B]) -> (next[B], caches): continues the prompts of slots ``src`` in place
         (Dynamic SplitFuse); rows with src = S are padding (they read slot 0, write nothing)."""
         return self._get(("chunk", batch, length),
-                         lambda: jax.jit(self._chunk_body(batch, length), donate_argnums=(1,)))
+                         lambda: self._jit(self._chunk_body(batch, length), donate_argnums=(1,)))
 
     def _chunk_body(self, batch: int, length: int) -> Callable:
         step = self.runner.step("prefill", batch, length)
@@ -209,7 +215,7 @@ class Kernels:
                 first, caches = chk(params, caches, src, ctokens, cpos, ctemp, ctop_k, ctop_p, cseeds, sample_pos)
                 return nxt, first, caches
 
-            return jax.jit(fn, donate_argnums=(1,))
+            return self._jit(fn, donate_argnums=(1,))
         return self._get(("mixed", w, batch, length), build)
 
     def compact(self) -> Callable:

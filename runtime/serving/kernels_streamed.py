@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from ir.errors import SpecError
+from runtime import xla_options
 from runtime.lower_jax import JNP_DTYPES
+from runtime.xla_options import function_int8
 from runtime.serving.kernels import Caches, Kernels, put_window, take_window
 
 
@@ -56,7 +58,8 @@ class StreamedKernels(Kernels):
             names = ps[0].staged.streamed
             if any(p.staged.streamed != names for p in ps):
                 raise SpecError("the streamed entries take different per-layer weights")
-            befores = [jax.jit(p.before) for p in ps]
+            i8 = function_int8(ps[0].staged.fn)
+            befores = [xla_options.jit(p.before, i8) for p in ps]
             wrapped = [q.wrap(p) for q, p in zip(parts, ps)]
 
             def layer_fn(carries, consts, weights, slot, extras):
@@ -66,11 +69,11 @@ class StreamedKernels(Kernels):
                     out.append(c)
                 return tuple(out), slot
 
-            layer = jax.jit(layer_fn, donate_argnums=(3,))
+            layer = xla_options.jit(layer_fn, i8, donate_argnums=(3,))
 
             def head_of(p: Any) -> Callable:
-                return jax.jit(lambda resident, ins, kept, carry, samp, spos:
-                               self.sample(p.logits(resident, ins, kept, carry), *samp, spos))
+                return xla_options.jit(lambda resident, ins, kept, carry, samp, spos:
+                                       self.sample(p.logits(resident, ins, kept, carry), *samp, spos), i8)
 
             heads = [head_of(p) for p in ps]
 
