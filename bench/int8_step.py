@@ -6,7 +6,9 @@ then the formats take turns, one step each, for ``--steps`` rounds; the per-step
 each and the time ratios against the first format are printed with the load average before
 and after. Formats: ``f32``, ``bf16``, ``int8`` (int8 projections with per-row int8
 activations: runtime.lower_jax.int8_dot, the CPU default) and ``int8w`` (int8 weights only,
-the convert fused into an f32 gemv: ``JaxBackend(int8_activations=False)``).
+the convert fused into an f32 gemv: ``JaxBackend(int8_activations=False)``); a ``y`` suffix
+(``int8y``) compiles with XLA's default YNNPACK fusions instead of runtime/xla_options.py's
+(the build that is wrong at batch >= 64: the fix's cost, A/B).
 
     flock -x /tmp/einshard.cpu python bench/int8_step.py --formats f32,int8,int8w --batches 1,8
     python bench/int8_step.py --tiny --steps 2                 # a tiny random Llama (smoke test)
@@ -41,7 +43,9 @@ def main() -> None:
     from compiler.spec import Spec, apply_overrides
     from runtime.checkpoint import open_checkpoint
     from runtime.lower_jax import JaxBackend
+    from runtime import xla_options
     from runtime.model_runner import enable_compile_cache
+    from runtime.xla_options import tree_int8
 
     enable_compile_cache(str(ROOT / ".jax_cache"))
     tmp = tempfile.TemporaryDirectory()
@@ -51,13 +55,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     runs: dict[tuple[str, int], list] = {}
     for fmt in formats:
-        spec = apply_overrides(Spec(model), weights=fmt.rstrip("w"))
+        spec = apply_overrides(Spec(model), weights=fmt.rstrip("wy"))
         runner = make_runner(spec, ck.load_weights(model, weight_types(spec)), args.context)
         if fmt == "int8w":
             runner.backend = JaxBackend(int8_activations=False)
         for B in batches:
             step = runner.step("decode", B, 1, args.context)
-            f = jax.jit(step, donate_argnums=(3,))
+            f = xla_options.jit(step, tree_int8(runner.params) and not fmt.endswith("y"), donate_argnums=(3,))
             caches = runner.empty_cache(B, args.context)
             tok = jnp.zeros((B, 1), jnp.int32)
             pos = jnp.full((B, 1), 5, jnp.int32)
