@@ -355,7 +355,7 @@ class Faulty:
         return self._r.step(phase, batch, length)
 
 
-def test_a_failing_step_fails_its_requests_not_the_engine(one_device):
+def test_a_failing_step_fails_its_requests_not_the_engine(one_device, caplog):
     clock = Clock()
     engine = Engine(Faulty(one_device.runner, 32), SchedulerConfig(slots=4), clock=clock)
     ok = request(0, [1] * 5, max_new=6)
@@ -367,6 +367,8 @@ def test_a_failing_step_fails_its_requests_not_the_engine(one_device):
     assert len(bad) == 1 and bad[0].finish == "error" and "injected fault" in bad[0].error
     assert [e.token for e in events if e.request_id == "0"] == one_device.alone(ok)
     assert engine.metrics.counters["einshard_requests_failed_total"] == 1
+    logged = [r for r in caplog.records if r.name == "einshard.serving"]  # the traceback, for the operator
+    assert len(logged) == 1 and logged[0].exc_info and "injected fault" in logged[0].getMessage()
     engine.submit(request(2, [3] * 5, max_new=2))  # and the engine goes on serving
     assert [e.token for e in engine.run()] == one_device.alone(request(2, [3] * 5, max_new=2))
 

@@ -10,6 +10,7 @@ iterations and get the same schedule every time; the HTTP server runs it on a th
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Any, Callable, Sequence
@@ -24,6 +25,10 @@ from runtime.serving.request import Event, Request
 from runtime.serving.scheduler import (SchedulerConfig, admitted_length, batch_bucket, choose_admissions,
                                        chunk_length, pow2_at_least, prompt_bucket)
 from runtime.serving.slots import Slot, SlotTable
+
+#: a failed step's traceback goes here (its clients get only the one-line message); with no
+#: logging configured, Python prints it to stderr
+_LOG = logging.getLogger("einshard.serving")
 
 
 def batch_groups(caches: Caches) -> int:
@@ -189,6 +194,7 @@ class Engine:
             self.caches = tuple(self.runner.empty_cache(self.cfg.slots))
             slots = self.table.live()
         msg = f"{type(err).__name__}: {err}"
+        _LOG.error("a serving step failed, and its requests with it: %s", msg, exc_info=err)
         for p in slots:
             s = self.table.slots[p]
             if s is not None:
@@ -278,7 +284,7 @@ class Engine:
         moved = [p for p in range(len(perm)) if perm[p] != p and self.table.slots[p] is not None]
         try:
             self.caches = self.kernels.compact()(self.caches, perm)
-        except Exception as e:
+        except Exception as e:  # as a failing step: its requests fail, the engine goes on
             self._fail(moved, e, events)
             return
         self.metrics.inc("einshard_compactions_total")
@@ -320,7 +326,7 @@ class Engine:
                 nxt, first, self.caches = k.mixed(w, len(cargs[0]), C)(params, self.caches, *dargs, *cargs)
             nxt_h = np.asarray(nxt) if dec else np.zeros(0, np.int32)
             first_h = np.asarray(first) if sel else np.zeros(0, np.int32)
-        except Exception as e:
+        except Exception as e:  # as a failing step: its requests fail, the engine goes on
             self._fail(dec + sel, e, events)
             return
         m = self.metrics
