@@ -55,19 +55,6 @@ def enable_compile_cache(path: str | None = None) -> str:
     return folder
 
 
-def take_rows(caches: Caches, rows: jax.Array) -> Caches:
-    """The cache rows (sequences) ``rows`` of every layer: caches[..][layer][rows]. Traceable.
-    NOTE for callers: a runner's caches are per-layer lists of [B, T, ...] arrays (batch is dim
-    0 of each leaf), not stacked [N, B, T, ...] arrays; use these helpers, not indexing."""
-    return jax.tree_util.tree_map(lambda a: a[rows], caches)
-
-
-def put_rows(caches: Caches, rows: jax.Array, new: Caches) -> Caches:
-    """``caches`` with rows ``rows`` replaced by the rows of ``new`` (same structure). Traceable;
-    inside a jit with the caches donated, an in-place scatter."""
-    return jax.tree_util.tree_map(lambda a, b: a.at[rows].set(b.astype(a.dtype)), caches, new)
-
-
 def bucket(n: int, least: int = 8) -> int:
     """The compiled length for ``n`` tokens: the next power of two (at least ``least``), so a new
     prompt length reuses a compiled program instead of compiling its own."""

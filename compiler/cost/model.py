@@ -60,7 +60,6 @@ from ir.ops import Op, parse_einsum
 from ir.types import TensorType
 from passes.ledger import LedgerEntry, ledger, repeats_of
 
-CLASSES = ("weight", "kv", "act")
 #: Ops whose result is the same data as operand 0 (moved, sliced, converted): it keeps its class.
 PASS_THROUGH = frozenset({"all_gather", "reduce_scatter", "all_reduce", "all_to_all", "ppermute", "local_slice",
                           "reshard", "cast", "dequantize", "concat", "split", "flatten", "unflatten",

@@ -29,11 +29,3 @@ class OverloadedError(ServingError):
     kind = "overloaded"
     status = 503
     type = "server_overloaded"
-
-
-class StepError(ServingError):
-    """A compiled step raised; the requests in that step fail with this, the server goes on."""
-
-    kind = "step error"
-    status = 500
-    type = "internal_error"
