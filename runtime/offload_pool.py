@@ -177,6 +177,7 @@ class LayerPool:
         return sum(b.nbytes for b in self.buffers)
 
     def close(self) -> None:
+        """Stops the reader thread (woken through the free queue) and closes the files."""
         self._stop.set()
         for _ in range(self.slots):
             self._free.put(-1)

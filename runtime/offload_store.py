@@ -146,6 +146,8 @@ class StoreWriter:
         self.written.add((name, i))
 
     def finish(self) -> StoreLayout:
+        """Checks every tensor was written, syncs, and only then renames the data file and writes
+        the header: a store that is there is whole (an interrupted write leaves none)."""
         want: set[tuple[str, int | None]] = {(s.name, None) for s in self.layout.globals_}
         want |= {(s.name, i) for s in self.layout.layer for i in range(self.layout.layers)}
         if want - self.written:

@@ -82,6 +82,7 @@ class Choice:
 
 
 def open_fields(spec: Spec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The FFN and attention layouts left to try: every one for an ``auto`` field, else the spec's."""
     s = spec.serve
     ffns = FFN_LAYOUTS if s.ffn == "auto" else (s.ffn,)
     attns = ATTN_LAYOUTS if s.attn == "auto" else (s.attn,)

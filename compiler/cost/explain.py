@@ -70,6 +70,8 @@ class PhaseReport:
                 f"{m.kv / GiB:.3g}, activations {m.activations / GiB:.3g}, prefetch {m.prefetch / GiB:.3g})")
 
     def max_context(self, c: Candidate | None) -> int | None:
+        """The longest KV cache (positions) that fits beside the rest of the candidate's memory
+        with the cache held to its ``kv_fraction`` of HBM; None where it cannot be priced."""
         if c is None or c.estimate is None:
             return None
         e = c.est

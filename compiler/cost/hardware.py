@@ -187,6 +187,8 @@ CHIP_NAMES = (*CHIPS, "cpu")
 
 
 def chip_from_mapping(d: Mapping, where: str) -> Chip:
+    """A Chip from a chip file's table (or the probe's fields), every field checked: an unknown
+    or mistyped one is a CostError naming ``where``, not a silently default figure."""
     known = {"name", "source", "flops_bf16", "flops_f32", "flops_int8", "hbm_bytes", "hbm_bw", "ici_bw",
              "hop_latency_s", "topology", "op_overhead_s", "efficiency", "dcn_bw", "dcn_latency_s", "host_devices",
              "host_bw", "disk_bw"}

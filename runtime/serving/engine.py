@@ -143,6 +143,8 @@ class Engine:
     # ---- one iteration ------------------------------------------------------------------
 
     def step(self) -> list[Event]:
+        """One iteration: admit, compact, one fused forward; the events it produced (and any
+        left pending by abort since the last one first), in order."""
         events, self.pending = self.pending, []
         self._admit(events)
         if self.cfg.compact and self.cfg.policy == "fused":
