@@ -65,12 +65,14 @@ class Channel:
         self.seq += 1
 
     def receive(self) -> Iteration:
+        from jax.errors import JaxRuntimeError  # what the coordinator's client raises
+
         key = f"{PREFIX}{self.seq}"
         while True:
             try:
                 raw = self.client.blocking_key_value_get(key, POLL_MS)
                 break
-            except Exception as e:  # a timeout: the leader is idle; anything else is real
+            except JaxRuntimeError as e:  # a timeout: the leader is idle; anything else is real
                 if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
                     raise
         self.seq += 1
