@@ -30,13 +30,13 @@ priced as N (c + t) + o. ``host`` uses the memcpy rate and does not overlap eith
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 
 from compiler.cost.hardware import Chip
 from compiler.spec import Spec
 from ir.errors import CostError
+from ir.module import Module
 
 #: Host link and disk read bandwidths (bytes/s, one direction, achieved) of the table's chips,
 #: for chips whose table entry or file does not give ``host_bw`` / ``disk_bw``.
@@ -55,7 +55,6 @@ MODES = ("host", "disk")
 #: prefetch - resident = 0.48, 0.48, 0.71 of N x (layer bytes / 1.68 GB/s). The exposed share
 #: of the shorter of read and compute per layer; 0 on accelerators (a DMA engine does the copy).
 CPU_EXPOSED = 0.55
-_ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i32": 4, "i8": 1, "bool": 1}
 
 
 def link_bandwidth(chip: Chip, mode: str, cache: str = "cold", direct: bool = True) -> tuple[float, str]:
@@ -124,12 +123,13 @@ class OffloadEstimate:
                 "resident_fits": self.resident_fits}
 
 
-def _layer_bytes(module, n_devices: int) -> tuple[int, int]:
+def _layer_bytes(module: Module, n_devices: int) -> tuple[int, int]:
+    """Weight bytes per device of one layer (params stacked along ``N``) and of the rest."""
     fn = module.entries[0]
     per_layer = glob = 0
     for p in fn.params_with_role("weight"):
         t = p.type
-        n = math.prod(t.shape) * _ITEMSIZE.get(t.dtype, 4)
+        n = t.nbytes()
         if t.dims and t.dims[0].name == "N":
             per_layer += n // t.shape[0]
         else:
