@@ -45,6 +45,9 @@ COST_S: dict[str, float] = {
     # CPU (user + sys) of the smoke commands, cold cache, measured alone
     "test_bench_smoke.py::test_bench_script_runs[rewrites.py]": 63.0,
     "test_bench_smoke.py::test_bench_script_runs[sharded_vs_gspmd.py]": 25.0,
+    # measured alone, cold (s13): serving.py replays its trace in real time after compiling
+    "test_bench_smoke.py::test_bench_script_runs[serving.py]": 35.0,
+    "test_bench_smoke.py::test_bench_script_runs[int8_step.py]": 16.0,
     "test_bench_smoke.py": 45.0,
     "test_moe.py": 140.0,
     "test_stages.py::test_serving_engine_on_stages_gives_the_one_device_tokens": 40.0,
@@ -68,6 +71,13 @@ COST_S: dict[str, float] = {
     "test_gguf.py": 30.0,
     "test_rewrites_spmd.py": 30.0,
     "test_tokenizer.py": 20.0,
+    # user + sys of one cold run of the five files together (s13, shared lock, load 3-7; 105 s
+    # CPU for 215 s of pytest wall), shared out by each file's wall time
+    "test_out_in.py": 38.0,
+    "test_cli.py": 22.0,
+    "test_int8.py": 18.0,
+    "test_cost_cpu.py": 16.0,
+    "test_int8_dot.py": 2.0,
 }
 
 #: files whose test functions are separate work units (no module-scoped fixture between them)
