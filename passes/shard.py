@@ -170,7 +170,7 @@ class Propagation:
         try:
             types = probe.infer(ins, self.ctx)
         except Exception as e:  # a rule that does not cover a case is a compiler bug, with context
-            raise PassError(f"shard: cannot type {op.kind} {op.results} after resharding: {e}") from None
+            raise PassError(f"shard: cannot type {op.kind} {op.results} after resharding: {e}") from e
         new = op.with_(operands=tuple(operands), types=types)
         self.ops.append(new)
         if new.kind == "dequantize":
