@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -105,11 +106,14 @@ def save_cpu_fit(path: Path, probe: Mapping, eff: Efficiency, key: Mapping | Non
     data: dict = {"probe": {k: probe[k] for k in PROBE_KEYS if k in probe}, "efficiency": asdict(eff)}
     if key is not None:
         data.update(key=dict(key), fitted_at=time.time())
-    path.write_text(json.dumps(data, indent=1))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)  # atomic, as the probe's cache: a reader never sees half a fit (it would drop it)
 
 
 def load_cpu_fit(path: Path, probe: Mapping, key: Mapping | None = None) -> Efficiency | None:
-    """The stored CPU fit, if it applies to this probe (else None: stale or absent). A keyed fit
+    """The stored CPU fit, if it applies to this probe (else None: stale, absent or unreadable,
+    and the chip is priced by the calibrated table or the bound, which explain names). A keyed fit
     applies while ``key`` (the current probe's) equals its own: its efficiencies are fractions of
     the probe, so a probe measured again on the same machine and software keeps them, and its
     source says which probe it was fitted against. An unkeyed fit applies only to the exact
