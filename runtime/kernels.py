@@ -192,8 +192,10 @@ def _rope(op, xs, ts, be, interp):
     rd, half = op.rotary_dim, op.rotary_dim // 2
     inv = 1.0 / (op.theta ** (xp.arange(0, rd, 2, dtype=xp.float64 if xt.dtype == xp.float64 else xp.float32) / rd))
     ang = pos.astype(inv.dtype)[:, :, None] * inv  # [B, L, rd/2]
-    ang = ang.reshape(ang.shape[:2] + (1,) * len(rest) + (half,))
-    cos, sin = xp.cos(ang).astype(xt.dtype), xp.sin(ang).astype(xt.dtype)
+    tables = getattr(be, "rope_tables", None)  # the JAX backend computes them once per program
+    cos, sin = tables(ang, pos, (op.theta, rd)) if tables else (xp.cos(ang), xp.sin(ang))
+    shape = ang.shape[:2] + (1,) * len(rest) + (half,)
+    cos, sin = cos.reshape(shape).astype(xt.dtype), sin.reshape(shape).astype(xt.dtype)
     rot, keep = xt[..., :rd], xt[..., rd:]
     if op.style == "half":
         x1, x2 = rot[..., :half], rot[..., half:]
