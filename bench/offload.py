@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import ROOT, smollm2_gguf, use_cpu_devices
+from _harness import ROOT, smollm2_gguf, tiny_llama, use_cpu_devices
 
 PROMPT = "The capital of France is"
 
@@ -73,17 +73,11 @@ def smollm2_f32(directory: Path) -> Path:
 
 
 def tiny_checkpoint(directory: Path) -> Path:
+    """_harness's tiny Llama with 6 layers (enough to stream) and an untied head, made once."""
     if (directory / "model.safetensors").is_file():
         return directory
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(directory)
-    return directory
+    return tiny_llama(directory, num_hidden_layers=6, max_position_embeddings=128, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
 
 
 def bench_spec(a: argparse.Namespace, ck):
