@@ -56,9 +56,6 @@ def batched_einsum(spec: str, x: Any, y: Any, precision: Any) -> Any | None:
     if not batch or not contract:
         return None
     a, b = spec.split("->")[0].split(",")
-    crossed = _crossed(spec, x, y, precision) if CROSS else None
-    if crossed is not None:
-        return crossed
     dims = {**dict(zip(a, x.shape)), **dict(zip(b, y.shape))}
     out_size = _size(tuple(dims[c] for c in out))
     # each side's free dims: in the operand's order when it is larger than the output, else the output's
@@ -82,52 +79,9 @@ def batched_einsum(spec: str, x: Any, y: Any, precision: Any) -> Any | None:
     return _transpose(r, batch + lf + rf, out)
 
 
-def _crossed(spec: str, x: Any, y: Any, precision: Any) -> Any | None:
-    """``einsum(spec, x, y)`` with the batch letters that sit inside the larger operand (a
-    decode step's K/V cache ``BTKD``: K behind T) taken as free letters of both sides, then
-    the diagonal: the canonical dot would transpose the whole cache (``[B, T, K, D]`` to
-    ``[B, K, T, D]``) on every step, one copy of each layer's K and V caches; this form reads
-    the cache as it lies (``[B, T*K, D]``) and computes K times the products (every query head
-    group against every KV head), which is cheap only while that product stays smaller than
-    the operand (decode; a prefill's ``[K, G, L, T]`` scores are not, and keep the transposes).
-    The diagonal is taken by a select and a sum over exact zeros. None: not such an einsum."""
-    import jax.numpy as jnp
-    from jax import lax
-
-    a, b = spec.split("->")[0].split(",")
-    out = spec.split("->")[1]
-    if _size(x.shape) > _size(y.shape):  # the larger operand on the right
-        a, b, x, y = b, a, y, x
-    batch = [c for c in out if c in a and c in b]
-    lead = len(b) - len(b.lstrip("".join(batch)))
-    moved = [c for c in b[lead:] if c in batch]
-    if not moved:
-        return None
-    dims = {**dict(zip(a, x.shape)), **dict(zip(b, y.shape))}
-    fresh = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in a + b + out][: len(moved)]
-    rename = dict(zip(moved, fresh))
-    wide = out + "".join(fresh)
-    dims.update({f: dims[c] for c, f in rename.items()})
-    if _size(tuple(dims[c] for c in wide)) > _size(y.shape):
-        return None
-    b2 = "".join(rename.get(c, c) for c in b)
-    r = batched_einsum(f"{a},{b2}->{wide}", x, y, precision)
-    if r is None:
-        return None
-    for c in reversed(moved):  # the diagonal of (c, its fresh letter), which is the last axis
-        i, j = wide.index(c), r.ndim - 1
-        same = lax.broadcasted_iota(jnp.int32, r.shape, i) == lax.broadcasted_iota(jnp.int32, r.shape, j)
-        r = jnp.sum(jnp.where(same, r, jnp.zeros((), r.dtype)), axis=j)
-        wide = wide[:-1]
-    return r
-
-
 def _transpose(x: Any, have: str, want: str) -> Any:
     return x if have == want else x.transpose([have.index(c) for c in want])
 
 
 #: Off: attention einsums go to ``jnp.einsum`` as before (for A/B benchmarks).
 ENABLED = True
-
-#: Off: a batch dim inside the larger operand is transposed out of it (for A/B benchmarks).
-CROSS = True

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from jax import lax
 
-from runtime import batched_dots
 from runtime.batched_dots import batched_einsum, plan
 
 CASES = [
@@ -58,35 +57,3 @@ def test_prefill_scores_are_not_transposed():
     copies = [ln for ln in hlo.splitlines()
               if ("copy" in ln.split("=")[0] or "transpose" in ln.split("=")[0]) and any(s in ln.split("(")[0] for s in big)]
     assert not copies, copies
-
-
-def test_decode_reads_the_cache_in_place():
-    """A decode step's grouped-query attention reads the [B, T, K, D] caches as they lie (K taken
-    as a free dim of both sides, then the diagonal): no transposing copy of a cache-sized array
-    in the optimized HLO (the canonical dot wrote one per cache per layer), and the same values
-    as the canonical form."""
-    B, T, K, G, D = 4, 32, 3, 3, 16
-    rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in ((B, 1, K, G, D), (B, T, K, D), (B, T, K, D)))
-
-    def attn(q, k, v):
-        s = batched_einsum("BLKGD,BTKD->BKGLT", q, k, lax.Precision.HIGHEST)
-        return batched_einsum("BKGLT,BTKD->BLKGD", jax.nn.softmax(s, axis=-1), v, lax.Precision.HIGHEST)
-
-    hlo = jax.jit(attn).lower(q, k, v).compile().as_text()
-    cache = (f"[{B},{K},{T},{D}]", f"[{B},{T},{K},{D}]", f"[{B},{K},{T * D}]", f"[{B * K},{T},{D}]")
-    copies = [ln for ln in hlo.splitlines()
-              if ("copy" in ln.split("=")[0] or "transpose" in ln.split("=")[0]) and any(c in ln.split("(")[0] for c in cache)]
-    assert not copies, copies
-    assert batched_dots._crossed("BLKGD,BTKD->BKGLT", q, k, lax.Precision.HIGHEST) is not None
-    want = jnp.einsum("BKGLT,BTKD->BLKGD", jax.nn.softmax(jnp.einsum("BLKGD,BTKD->BKGLT", q, k, precision="highest"), -1), v,
-                      precision="highest")
-    np.testing.assert_allclose(np.asarray(attn(q, k, v)), np.asarray(want), rtol=1e-5, atol=1e-6)
-
-
-def test_prefill_keeps_the_canonical_dot():
-    """K times the products is cheap only while they stay smaller than the cache: a prefill's
-    scores ([K, G, L, T], L = T) are not crossed."""
-    q, kv = jnp.ones((1, 64, 3, 3, 16)), jnp.ones((1, 64, 3, 16))
-    assert batched_dots._crossed("BLKGD,BTKD->BKGLT", q, kv, lax.Precision.HIGHEST) is None
-    assert batched_dots._crossed("BKGLT,BTKD->BLKGD", jnp.ones((1, 3, 3, 64, 64)), kv, lax.Precision.HIGHEST) is None
