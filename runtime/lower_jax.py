@@ -313,6 +313,15 @@ def _spec(t: TensorType, split: bool) -> PartitionSpec:
     return PartitionSpec(*tuple(s)[1:]) if split and layer_split(t) else s
 
 
+def entry_rules(be: Any) -> dict:
+    """The interpreter rules a compiled entry runs with (the shared rules with the JAX
+    backend's int8/projection/attention forms); every JAX lowering of an entry, resident or
+    streamed layer by layer (runtime/offload.py), uses these, so they compute the same numbers."""
+    rules = {**RULES, "dequantize": _noted_dequantize, "einsum": _sharded_einsum, "embed": _int8_embed}
+    chain = getattr(be, "attention", None)
+    return noted_rules(rules, chain) if isinstance(chain, AttentionChain) else rules
+
+
 def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
                   split_layers: bool = False, stored: Layouts | None = None) -> tuple[Any, Mesh | None]:
     """The traceable (not jitted) program of one entry, positional in its params, and its mesh.
@@ -328,9 +337,7 @@ def entry_program(module: Module, entry: str, backend: JaxBackend | None = None,
     per param (runtime/projections.py: projection weights ``[out, in]``)."""
     fn = module.function(entry)
     be = backend or JaxBackend(mesh=module.mesh_sizes)
-    rules = {**RULES, "dequantize": _noted_dequantize, "einsum": _sharded_einsum, "embed": _int8_embed}
-    chain = getattr(be, "attention", None)
-    interp = Interpreter(module, be, noted_rules(rules, chain) if isinstance(chain, AttentionChain) else rules)
+    interp = Interpreter(module, be, entry_rules(be))
     layouts = dict(stored or {})
 
     def restore(a, perm, t):

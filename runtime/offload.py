@@ -27,8 +27,7 @@ from ir.errors import SpecError, WeightsError
 from ir.module import Function, Module
 from runtime.generator import GenerateRequest, GenerateResult, check_prompts, pad_rows
 from runtime.kernels import Interpreter
-from runtime.kernels import RULES
-from runtime.lower_jax import JNP_DTYPES, JaxBackend, _noted_dequantize
+from runtime.lower_jax import JNP_DTYPES, JaxBackend, entry_rules
 from runtime.model_runner import Caches
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
@@ -105,10 +104,16 @@ def stream_pieces(module: Module, phase: str, vocab: int,
                   perms: Mapping[str, tuple[int, ...]] | None = None) -> StreamPieces:
     """Splits ``module``'s ``phase`` entry at its layer scan into traceable pieces. ``perms``:
     weights given as ``logical.transpose(perm)`` (the store's [out, in] projections), read
-    as the resident program reads them (runtime/projections.py), so the numbers are its own."""
+    as the resident program reads them (runtime/projections.py), so the numbers are its own.
+
+    The pieces run the resident program's rules (lower_jax.entry_rules). Values made from the
+    resident weights alone (a dequantized int8 tied table) are made again in each piece that
+    reads them rather than passed between pieces: the rules recognise them by where they came
+    from while tracing (the head's int8_dot over the table's int8 rows and row scales), which a
+    value crossing a jit boundary loses."""
     st = stage_entry(module, phase)
     be = JaxBackend()
-    interp = Interpreter(module, be, {**RULES, "dequantize": _noted_dequantize})
+    interp = Interpreter(module, be, entry_rules(be))
     perm = dict(perms or {})
 
     def restore(name: str, a: Any) -> Any:
@@ -122,7 +127,14 @@ def stream_pieces(module: Module, phase: str, vocab: int,
     consts_in = sc.operands[sc.carry: sc.carry + sc.consts]
     carry_out = sc.results[: sc.carry]
     made_before = {r for op in st.before for r in op.results}
-    kept = tuple(dict.fromkeys(o for op in st.after for o in op.operands if o in made_before))
+    made_global: set[str] = set(st.resident)
+    global_ops = []  # ops of the resident weights alone: run again in the pieces after the scan
+    for op in st.before:
+        if all(o in made_global for o in op.operands):
+            global_ops.append(op)
+            made_global.update(op.results)
+    kept = tuple(dict.fromkeys(o for op in st.after for o in op.operands
+                               if o in made_before and o not in made_global))
     if any(o in sc.results[sc.carry:] for op in st.after for o in op.operands):
         raise SpecError(f"@{phase} uses per-layer scan results after the scan; streaming cannot split it")
 
@@ -138,6 +150,7 @@ def stream_pieces(module: Module, phase: str, vocab: int,
 
     def outputs(resident: dict, inputs: dict, kept_vals: tuple, carry: tuple) -> jax.Array:
         env = {**global_env(resident), **inputs, **dict(zip(kept, kept_vals)), **dict(zip(carry_out, carry))}
+        _run_ops(interp, global_ops, env, types)
         _run_ops(interp, st.after, env, types)
         return env[st.fn.returns[0]]
 
