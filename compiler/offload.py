@@ -38,8 +38,9 @@ def parse_size(text: str) -> int:
 
 
 def store_key(checkpoint: Path, spec: Spec) -> str:
-    """Names the prepared weights: the checkpoint's files (path, size, mtime), the model and the
-    served weight format. A changed checkpoint or format gets a new store."""
+    """Names the prepared weights: the checkpoint's files (path, size, mtime), the model, the
+    served weight format and the store's plan (:func:`store_contents`). A changed checkpoint,
+    format or program (a pass that makes other weights) gets a new store."""
     p = Path(checkpoint).resolve()
     files = sorted(p.glob("*")) if p.is_dir() else [p]
     h = hashlib.sha256()
@@ -49,7 +50,20 @@ def store_key(checkpoint: Path, spec: Spec) -> str:
             h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(repr(spec.model).encode())
     h.update(json.dumps({"weights": spec.serve.weights}).encode())
+    h.update(store_contents(spec).encode())
     return h.hexdigest()[:20]
+
+
+def store_contents(spec: Spec) -> str:
+    """What a store for ``spec`` holds: the plan of every weight the decode program takes (name,
+    dtype, stored shape and layout). The passes can change it for the same checkpoint and format
+    (quantize-int8 made a tied table int8 with ``embed_scale``), and a store of other weights must
+    be rebuilt, not refused mid-run, so it is part of the key."""
+    from compiler.generation import module_for  # JAX: only once the devices are set up
+    from runtime.offload_convert import store_plan
+
+    layout = store_plan(module_for(spec, "decode", 1, 1, 8), "")
+    return repr((layout.layers, layout.globals_, layout.layer, layout.perms))
 
 
 def default_store_dir(key: str) -> Path:

@@ -66,3 +66,23 @@ def test_streamed_tied_head_runs_int8_dot(tied) -> None:
             assert re.search(rf"s32\[\d+,{VOCAB}\]\S* dot\(", hlo), phase
     finally:
         r.close()
+
+
+def test_store_of_another_program_is_rebuilt(tied, tmp_path, monkeypatch) -> None:
+    """A store written by a program that took other weights (before quantize-int8 made the tied
+    table int8 with row scales: no ``embed_scale``) has another key, so it is rebuilt in its
+    directory rather than reused and refused mid-run."""
+    import passes.quantize_int8 as q
+
+    d, spec, weights, _, _ = tied
+    choose = q._choose
+    with monkeypatch.context() as m:  # the earlier pass: a gathered table stays float
+        m.setattr(q, "_choose", lambda prep, ws, red, why, one_device: choose(prep, ws, red, why, False))
+        old = store_key(d, spec)
+        assert ensure_store(spec, old, tmp_path, lambda: weights)
+        assert "embed_scale" not in {sl.name for sl in read_layout(tmp_path, old).globals_}
+    new = store_key(d, spec)
+    assert new != old and new == tied[3]
+    assert ensure_store(spec, new, tmp_path, lambda: weights)  # rebuilt, not reused
+    assert not ensure_store(spec, new, tmp_path, lambda: weights)  # and then reused
+    assert "embed_scale" in {sl.name for sl in read_layout(tmp_path, new).globals_}
