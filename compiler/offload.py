@@ -71,15 +71,15 @@ def default_store_dir(key: str) -> Path:
     return Path(base) / "einshard" / "offload" / key
 
 
-def offload_builder(spec: Spec, cache_len: int, batch: int = 1) -> Callable[[str, int, int], Module]:
+def offload_builder(spec: Spec, cache_len: int, batch: int = 1) -> Callable[[str, int, int, int], Module]:
     if spec.mesh.n_devices > 1:
         raise SpecError("--offload streams layers on one device; drop --mesh (or give mesh 1)")
     from compiler.generation import fixed_layout, module_for  # JAX: only once the devices are set up
 
     fixed = fixed_layout(spec, batch)
 
-    def build(phase: str, b: int, length: int) -> Module:
-        return module_for(fixed, phase, b, length, cache_len)
+    def build(phase: str, b: int, length: int, context: int) -> Module:
+        return module_for(fixed, phase, b, length, context)
 
     return build
 
@@ -206,7 +206,7 @@ def score_runner(args, loaded, window: int):
 
     spec = loaded.spec
     runner = disk_runner(args, loaded, window, 1)
-    runner.build = lambda phase, b, length: module_for(spec, "prefill", b, length, length, logits="all")
+    runner.build = lambda phase, b, length, context: module_for(spec, "prefill", b, length, length, logits="all")
     return runner
 
 

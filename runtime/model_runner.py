@@ -84,6 +84,15 @@ def pack_prompts(prompts: Sequence[Sequence[int]], length: int, start: Sequence[
     return tokens, pos
 
 
+def context_bucket(positions: int, cache_len: int) -> int:
+    """The KV-cache length a runner compiles for ``positions`` written positions: the next power
+    of two up to 64, then the next multiple of 64, at most cache_len. Shared by the resident and
+    the streamed runner, so both run a request at the same program shape (with int8 x int8
+    activations, attending over 16 or 64 masked positions rounds differently)."""
+    n = bucket(positions) if positions <= 64 else -(-positions // 64) * 64
+    return min(cache_len, n)
+
+
 @dataclass
 class _Compiled:
     fn: Function
@@ -116,12 +125,11 @@ class ModelRunner:
     layouts: Layouts = field(default_factory=dict)
 
     def context_for(self, positions: int) -> int:
-        """The compiled KV-cache length for a request that writes ``positions`` positions: the
-        next power of two up to 64, then the next multiple of 64, at most cache_len. Decode
-        attends over the whole compiled cache, so a short request on a long-context runner would
-        otherwise read (and, at batch > 1, move) cache_len positions per layer per step."""
-        n = bucket(positions) if positions <= 64 else -(-positions // 64) * 64
-        return min(self.cache_len, n)
+        """The compiled KV-cache length for a request that writes ``positions`` positions
+        (:func:`context_bucket`). Decode attends over the whole compiled cache, so a short
+        request on a long-context runner would otherwise read (and, at batch > 1, move)
+        cache_len positions per layer per step."""
+        return context_bucket(positions, self.cache_len)
 
     def valid_batch(self, batch: int) -> bool:
         """Whether the layout can run this batch (batch-sharded caches need it to divide)."""

@@ -28,7 +28,7 @@ from ir.module import Function, Module
 from runtime.generator import GenerateRequest, GenerateResult, check_prompts, pad_rows
 from runtime.kernels import Interpreter
 from runtime.lower_jax import JNP_DTYPES, JaxBackend, entry_rules
-from runtime.model_runner import Caches
+from runtime.model_runner import Caches, context_bucket
 from runtime.offload_pool import LayerPool, StreamStats
 from runtime.offload_store import StoreLayout, data_path, read_globals, read_layout
 from runtime.sampling import SamplingArrays, SamplingParams, sample
@@ -38,7 +38,7 @@ from runtime.xla_options import function_int8
 
 #: build(phase, batch, length) -> the compiled module with that one entry, its KV cache of the
 #: runner's cache_len positions.
-StreamBuildFn = Callable[[str, int, int], Module]
+StreamBuildFn = Callable[[str, int, int, int], Module]  # (phase, batch, length, KV-cache positions)
 
 
 @dataclass(frozen=True)
@@ -274,11 +274,19 @@ class OffloadRunner:
         """One device: every batch runs."""
         return batch >= 1
 
-    def pieces(self, phase: str, batch: int, length: int) -> StreamPieces:
-        """The traceable pieces of ``phase`` at this shape (checked against the store), cached."""
-        key = (phase, batch, length)
+    def context_for(self, positions: int) -> int:
+        """The KV-cache length for a request writing ``positions`` positions, as ModelRunner's."""
+        return context_bucket(positions, self.cache_len)
+
+    def pieces(self, phase: str, batch: int, length: int, context: int | None = None) -> StreamPieces:
+        """The traceable pieces of ``phase`` at this shape over ``context`` cache positions
+        (default cache_len), checked against the store, cached."""
+        ctx = self.cache_len if context is None else context
+        if not 1 <= ctx <= self.cache_len:
+            raise SpecError(f"a KV cache of {ctx} positions is outside the runner's 1..{self.cache_len}")
+        key = (phase, batch, length, ctx)
         if key not in self._pieces:
-            p = stream_pieces(self.build(phase, batch, length), phase, self.vocab, dict(self.layout.perms))
+            p = stream_pieces(self.build(phase, batch, length, ctx), phase, self.vocab, dict(self.layout.perms))
             if tuple(p.staged.caches) != tuple(q.name for q in p.staged.fn.params_with_role("cache")):
                 raise SpecError(f"@{phase}: every KV cache must be a per-layer operand of the layer scan")
             names = {sl.name for sl in self.layout.layer}
@@ -289,24 +297,23 @@ class OffloadRunner:
             self._pieces[key] = p
         return self._pieces[key]
 
-    def step_fns(self, phase: str, batch: int, length: int, greedy: bool) -> _Step:
-        key = (phase, batch, length, greedy)
+    def step_fns(self, phase: str, batch: int, length: int, greedy: bool, context: int | None = None) -> _Step:
+        key = (phase, batch, length, greedy, context)
         if key not in self._steps:
-            self._steps[key] = _aot(_compile_step(self.pieces(phase, batch, length), greedy), self.resident, batch,
+            self._steps[key] = _aot(_compile_step(self.pieces(phase, batch, length, context), greedy), self.resident, batch,
                                      self.layout)
         return self._steps[key]
 
     def empty_cache(self, batch: int, context: int | None = None) -> Caches:
         """Zero KV caches as ModelRunner lays them out: per cache param, a list of per-layer
-        [B, T, ...] arrays (``context`` is accepted for the interface; always ``cache_len``)."""
-        p = self.pieces("decode", batch, 1)
+        [B, T, ...] arrays of ``context`` positions (default cache_len)."""
+        p = self.pieces("decode", batch, 1, context)
         return tuple([jnp.zeros(t.shape[1:], JNP_DTYPES[t.dtype]) for _ in range(self.layout.layers)]
                      for t in p.cache_types)
 
     def cache_bytes(self, batch: int, context: int | None = None) -> int:
-        """Bytes of the resident KV caches (``context`` is accepted for the ModelRunner
-        interface; the streamed runner's caches always hold ``cache_len`` positions)."""
-        p = self.pieces("decode", batch, 1)
+        """Bytes of the resident KV caches of ``context`` positions (default cache_len)."""
+        p = self.pieces("decode", batch, 1, context)
         return sum(int(np.prod(t.shape)) * jnp.dtype(JNP_DTYPES[t.dtype]).itemsize for t in p.cache_types)
 
     def run_layers(self, names: Sequence[str], layer: Callable[[int, tuple[jax.Array, ...]], Any]) -> None:
@@ -370,26 +377,34 @@ class OffloadGenerator:
         """Compiles the pieces ``generate`` runs for ``req``; the seconds it took."""
         r = self.runner
         t0 = time.perf_counter()
-        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
+        B, L, ctx = self._shapes(req, batch)
         g = all(p.greedy for p in req.params)
-        r.step_fns("prefill", B, L, g)
+        r.step_fns("prefill", B, L, g, ctx)
         if max(req.max_new_tokens) > 1:
-            r.step_fns("decode", B, 1, g)
+            r.step_fns("decode", B, 1, g, ctx)
         return time.perf_counter() - t0
+
+    def _shapes(self, req: GenerateRequest, batch: int | None) -> tuple[int, int, int]:
+        """(batch, prompt bucket, KV-cache positions): the Generator's shapes for ``req``, so a
+        streamed request runs the resident one's program shape and gives its tokens."""
+        r = self.runner
+        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
+        need = max(len(p) + m for p, m in zip(req.prompts, req.max_new_tokens))
+        return B, L, r.context_for(max(L, need))
 
     def generate(self, req: GenerateRequest, stream: Callable[[int, int], bool | None] | None = None,
                  batch: int | None = None) -> GenerateResult:
         """As Generator.generate: ``stream(row, token)`` sees each token; a true return stops the row."""
         r = self.runner
         n = len(req.prompts)
-        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
+        B, L, ctx = self._shapes(req, batch)
         tokens, pos, lens, limit, samp = pad_rows(req, B, L)
         eos = np.array(req.eos_ids, np.int32)
         g = all(p.greedy for p in req.params)
 
         t0 = time.perf_counter()
-        caches = r.empty_cache(B)
-        pre = r.step_fns("prefill", B, L, g)
+        caches = r.empty_cache(B, ctx)
+        pre = r.step_fns("prefill", B, L, g, ctx)
         first = np.asarray(r.forward(pre, {"tokens": jnp.asarray(tokens), "pos": jnp.asarray(pos)}, caches, samp,
                                      jnp.asarray(lens)))
         ttft = time.perf_counter() - t0
@@ -402,7 +417,7 @@ class OffloadGenerator:
                     done[b] = True
         tok: np.ndarray = first.astype(np.int32)
         at: np.ndarray = lens.copy()  # each row's position of ``tok``
-        dec = r.step_fns("decode", B, 1, g) if not done.all() else None
+        dec = r.step_fns("decode", B, 1, g, ctx) if not done.all() else None
         steps: list[float] = []
         t1 = time.perf_counter()
         while not done.all():
