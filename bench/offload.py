@@ -158,8 +158,10 @@ def run_interleaved(a: argparse.Namespace) -> None:
 
     enable_compile_cache()
     cold_store = a.store.with_name(a.store.name + "-cold")
-    if not (cold_store / "store.json").is_file():
-        shutil.copytree(a.store, cold_store, dirs_exist_ok=True)
+    header = cold_store / "store.json"  # a copy of another store (its key changed): copy again
+    if not header.is_file() or header.read_bytes() != (a.store / "store.json").read_bytes():
+        shutil.rmtree(cold_store, ignore_errors=True)
+        shutil.copytree(a.store, cold_store)
     ck = open_checkpoint(a.checkpoint)
     spec = bench_spec(a, ck)
     req = GenerateRequest.of([list(range(1, a.prompt_len + 1))] * a.batch, SamplingParams(), a.new)
