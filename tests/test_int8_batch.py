@@ -28,8 +28,10 @@ def _dot_softmax(x, m):
     return e / e.sum(-1, keepdims=True)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="YNNPACK is XLA CPU's library")
 def test_int8_programs_keep_only_single_dots_in_the_library() -> None:
+    """The suite runs on XLA CPU (tests/conftest.py sets JAX_PLATFORMS=cpu), whose YNNPACK library
+    this is about; the other backends get no options (test_options_only_for_int8_on_the_cpu)."""
+    assert jax.default_backend() == "cpu"
     x, m = jnp.ones((512, 256), jnp.int8), jnp.ones((384, 256), jnp.int8)
     int8 = _ynn_fusions(xla_options.jit(_dot_softmax, xla_options.tree_int8(x)), x, m)
     assert int8 and all("dot_general" in name for name in int8)  # the int8 x int8 dot stays fast
