@@ -83,6 +83,15 @@ class GenerateResult:
         return float(np.median(self.step_ms)) if self.step_ms else 0.0
 
 
+def request_shapes(runner: Any, req: GenerateRequest, batch: int | None) -> tuple[int, int, int, int]:
+    """(batch, prompt bucket, longest budget, KV-cache positions) of ``req`` on a runner with
+    ``vocab``, ``cache_len`` and ``context_for`` (ModelRunner, OffloadRunner): one rule, so a
+    request runs at the same program shape whether its layers are resident or streamed."""
+    B, L = check_prompts(req, runner.vocab, runner.cache_len, batch)
+    need = max(len(p) + m for p, m in zip(req.prompts, req.max_new_tokens))
+    return B, L, max(req.max_new_tokens), runner.context_for(max(L, need))
+
+
 def check_prompts(req: GenerateRequest, vocab: int, cache_len: int, batch: int | None) -> tuple[int, int]:
     """(batch, prompt bucket) of a request, after checking its prompts (non-empty, ids in the
     vocabulary, prompt + budget within the context) before anything compiles, so bad input
@@ -207,10 +216,7 @@ class Generator:
         checking its prompts (see ``check_prompts``). The cache is compiled for what the request
         writes (the prompt bucket, each row's prompt + budget), bucketed: decode attends over
         every compiled position."""
-        r = self.runner
-        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
-        need = max(len(p) + m for p, m in zip(req.prompts, req.max_new_tokens))
-        return B, L, max(req.max_new_tokens), r.context_for(max(L, need))
+        return request_shapes(self.runner, req, batch)
 
     def compile(self, req: GenerateRequest, batch: int | None = None, stream: bool = False) -> float:
         """Compiles (ahead of time) the programs ``generate`` will run for ``req``; the seconds

@@ -25,7 +25,7 @@ import numpy as np
 
 from ir.errors import SpecError, WeightsError
 from ir.module import Function, Module
-from runtime.generator import GenerateRequest, GenerateResult, check_prompts, pad_rows
+from runtime.generator import GenerateRequest, GenerateResult, pad_rows, request_shapes
 from runtime.kernels import Interpreter
 from runtime.lower_jax import JNP_DTYPES, JaxBackend, entry_rules
 from runtime.model_runner import Caches, context_bucket
@@ -298,9 +298,10 @@ class OffloadRunner:
         return self._pieces[key]
 
     def step_fns(self, phase: str, batch: int, length: int, greedy: bool, context: int | None = None) -> _Step:
-        key = (phase, batch, length, greedy, context)
+        ctx = self.cache_len if context is None else context
+        key = (phase, batch, length, greedy, ctx)
         if key not in self._steps:
-            self._steps[key] = _aot(_compile_step(self.pieces(phase, batch, length, context), greedy), self.resident, batch,
+            self._steps[key] = _aot(_compile_step(self.pieces(phase, batch, length, ctx), greedy), self.resident, batch,
                                      self.layout)
         return self._steps[key]
 
@@ -387,10 +388,8 @@ class OffloadGenerator:
     def _shapes(self, req: GenerateRequest, batch: int | None) -> tuple[int, int, int]:
         """(batch, prompt bucket, KV-cache positions): the Generator's shapes for ``req``, so a
         streamed request runs the resident one's program shape and gives its tokens."""
-        r = self.runner
-        B, L = check_prompts(req, r.vocab, r.cache_len, batch)
-        need = max(len(p) + m for p, m in zip(req.prompts, req.max_new_tokens))
-        return B, L, r.context_for(max(L, need))
+        B, L, _, ctx = request_shapes(self.runner, req, batch)
+        return B, L, ctx
 
     def generate(self, req: GenerateRequest, stream: Callable[[int, int], bool | None] | None = None,
                  batch: int | None = None) -> GenerateResult:
