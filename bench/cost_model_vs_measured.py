@@ -413,6 +413,8 @@ def analyse(run: dict, cases: list[Timed], store: bool = True) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                    help=f"batches of the example models (default {','.join(map(str, BATCHES))}; the smoke test: one)")
     ap.add_argument("--refresh-probe", action="store_true", help="measure the CPU again instead of the cache")
     ap.add_argument("--fit", action="store_true",
                     help="fit the cpu chip's efficiencies to these cases and store them beside the probe's cache")
@@ -452,7 +454,7 @@ def main() -> None:
     for name, sets in ([] if a.only_smollm2 else MODELS):
         spec = apply_overrides(load_spec(ROOT / "examples" / f"{name}.model"), mesh="1", sets=sets)
         for phase in ("prefill", "decode"):
-            for b in BATCHES:
+            for b in (int(x) for x in a.batches.split(",")):
                 L = PROMPT if phase == "prefill" else 1
                 cfg = BuildConfig(b, L, CACHE, (phase,), "f32")
                 m0 = build_module(spec.model, cfg, ())

@@ -9,18 +9,22 @@ einshard's on-device step against it; :func:`ab_decode` times the two interleave
 process, so only their ratio matters on a loaded machine.
 
     python bench/minimal_decoder.py [--batch 1] [--steps 32] [--repeats 5] [--context 96]
+    python bench/minimal_decoder.py --tiny          # a tiny random Llama, tied head (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 if __name__ == "__main__":  # bench/generate.py sets JAX up for one CPU device before jax is imported
     from generate import same_prompt, smollm2_gguf
+    from _harness import tiny_llama
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -203,6 +207,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--context", type=int, default=0, help="KV cache positions (default: bucketed prompt + steps)")
     ap.add_argument("--weights", default="f32")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny random Llama with a tied head, as SmolLM2's (smoke test: the same code, seconds)")
     args = ap.parse_args()
 
     from compiler.generation import make_runner, weight_types
@@ -210,7 +216,8 @@ def main() -> None:
     from runtime.checkpoint import open_checkpoint
     from runtime.model_runner import bucket
 
-    ck = open_checkpoint(smollm2_gguf())
+    tmp = tempfile.TemporaryDirectory()
+    ck = open_checkpoint(tiny_llama(Path(tmp.name), tie_word_embeddings=True) if args.tiny else smollm2_gguf())
     model = ck.model_spec()
     spec = apply_overrides(Spec(model), weights=args.weights)
     context = args.context or bucket(args.prompt) + bucket(args.steps + 1)

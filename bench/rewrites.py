@@ -24,7 +24,7 @@ CPU devices do not overlap communication with computation (the 8 "devices" share
 cores and a collective is a memory copy), so the looped collective einsums cannot hide anything
 here: their cost is reported as measured, and is expected to be a slowdown (more, smaller steps).
 
-    .venv/bin/python bench/rewrites.py [--repeats 25] [--d-model 256] [--d-ff 1024]
+    .venv/bin/python bench/rewrites.py [--repeats 25] [--d-model 256] [--d-ff 1024] [--configs baseline all ...]
 """
 
 from __future__ import annotations
@@ -112,7 +112,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--cache", type=int, default=64)
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), metavar="NAME", default=list(CONFIGS),
+                    help="only these rows, baseline first (default: all; the smoke test runs one of each kind)")
     a = ap.parse_args()
+    if a.configs[0] != "baseline":
+        ap.error("--configs: the ratios are against 'baseline', which must come first")
     t_start = time.perf_counter()
 
     base = apply_overrides(load_spec(ROOT / "examples" / "tiny-mqa.model"), mesh="x=2,y=2,z=2", ffn="2d-ws",
@@ -141,7 +145,7 @@ def main() -> None:
     raw = None
     ref_logits = None
     base_ms: dict[str, float] = {}
-    for name, (w, overlap, keep) in CONFIGS.items():
+    for name, (w, overlap, keep) in ((n, CONFIGS[n]) for n in a.configs):
         spec = apply_overrides(base, weights=w, overlap=overlap)
         pipeline = pipeline_for(spec, keep) if keep else default_pipeline(spec, rewrites=False)
         if name.startswith("bf16"):

@@ -19,18 +19,24 @@ SMALL = {
     # weight-gathered one, both attention kinds); tests/test_partition_jax.py checks all ten
     "sharded_vs_gspmd.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16",
                             "--layouts", "2d-ws/batch", "wg-xyz/heads"],
+    # three of the seven rows run every line: the baseline, a row without rewrites (bf16) and one
+    # with all of them (tests/test_rewrites_jax.py checks each rewrite under JAX)
     "rewrites.py": ["--repeats", "1", "--d-model", "64", "--d-ff", "128", "--prompt", "8", "--cache", "16",
-                    "--layers", "1"],
-    "cost_model_vs_measured.py": ["--repeats", "1"],
+                    "--layers", "1", "--configs", "baseline", "bf16, no rewrites", "all"],
+    # one batch: the other two are more turns of the same loop
+    "cost_model_vs_measured.py": ["--repeats", "1", "--batches", "1"],
     "serving.py": ["--small", "--schedulers", "static", "fused-compact", "--traces", "poisson",
                    "--loads", "near-saturation"],
     "calibrate.py": ["--max-evals", "2", "--fix", "link=1"],
-    "generate.py": ["--tiny", "--repeats", "1", "--steps", "4", "--prompt", "8", "--prefill", "16", "--batches", "2"],
-    "int8_step.py": ["--tiny", "--steps", "2", "--formats", "f32,int8,int8w", "--batches", "1,2"],
+    # f32 (the minimal decoder's rows) and int8 (the int8/f32 ratio): bf16 takes int8's lines
+    "generate.py": ["--tiny", "--repeats", "1", "--steps", "4", "--prompt", "8", "--prefill", "16", "--batches", "2",
+                    "--weights", "f32,int8"],
+    "int8_step.py": ["--tiny", "--steps", "2", "--formats", "f32,int8,int8w", "--batches", "1"],
     "offload.py": ["--tiny", "--batches", "2", "--new", "3", "--rounds", "1"],
     "multihost.py": ["--repeats", "1", "--sizes-kib", "64"],
-    "gpu_generate.py": ["--tiny"],
-    "minimal_decoder.py": ["--prompt", "8", "--steps", "4", "--repeats", "1"],
+    "gpu_generate.py": ["--tiny", "--batches", "1"],
+    # a tiny Llama with SmolLM2's tied head: the same code as SmolLM2, without its 30 layers
+    "minimal_decoder.py": ["--tiny", "--prompt", "8", "--steps", "4", "--repeats", "1"],
     "pipeline_generate.py": ["--mesh", "stage=2,x=2", "--batch", "4", "--prompt", "4", "--new", "4", "--rounds", "1"],
     "sliced_reads.py": ["examples/tiny-mqa.model", "--mesh", "x=2", "-n", "2"],  # 2 processes, ~6 s
 }
