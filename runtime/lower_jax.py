@@ -443,9 +443,12 @@ class JaxExecutor:
                                      a.__getitem__ if is_lazy(a) else np.asarray(a).__getitem__)
                     out[p.name] = a
                     continue
-                a = to_device(a, p.type)
-                if mesh is not None:
-                    a = jax.device_put(a, NamedSharding(mesh, partition_spec(p.type)))
+                if mesh is not None:  # from the host straight to the shards: placing a device array
+                    # would compile a slicing program per shape and layout (seconds in the tests)
+                    a = jax.device_put(np.asarray(a, dtype=JNP_DTYPES[p.type.dtype]),
+                                       NamedSharding(mesh, partition_spec(p.type)))
+                else:
+                    a = to_device(a, p.type)
             out[p.name] = a
         return out
 
