@@ -181,6 +181,7 @@ VALUE_LIMITS: dict[str, Limit] = {
     "tolerance": Limit("--tolerance", _finite_in(0.0, math.inf), "a finite number > 0"),
     "devices": Limit("--devices", lambda v: 1 <= v <= MAX_DEVICES, f"a device count in 1 .. {MAX_DEVICES}"),
     "kv_fraction": Limit("--kv-fraction", _finite_in(0.0, 1.0), "in (0, 1]"),
+    "port": Limit("--port", lambda v: 1 <= v <= 65535, "a TCP port in 1 .. 65535"),
 }
 
 
@@ -336,6 +337,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compiler.limits import check_run_memory
     from compiler.run import RunOptions, execute, format_run
 
+    if args.spmd and not args.check:  # the simulator's logits are only ever compared, under --check
+        raise SpecError("--spmd runs the numpy SPMD simulator beside --check's reference; alone it does nothing",
+                        hint="add --check")
     ck = args.checkpoint
     if ck is not None and not (ck.is_dir() or (ck.is_file() and ck.suffix == ".gguf")):
         raise FileError(f"--checkpoint '{ck}' is neither a folder nor a .gguf file",

@@ -91,10 +91,38 @@ def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = 
     return ld.spec, runner, ld.tokenizer, slots
 
 
+def check_listen(host: str, port: int, argv: list[str]) -> None:
+    """A SpecError unless this process can listen on ``host:port`` now: a port in use or a host
+    that is not this machine's otherwise fails only after minutes of loading (uvicorn exits 3)."""
+    import socket
+
+    from compiler.cli import argv_location
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise SpecError(f"--host {host!r} is not an address: {getattr(e, 'strerror', None) or e}",
+                        argv_location(argv, "--host")) from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            import errno
+
+            in_use = e.errno == errno.EADDRINUSE
+            raise SpecError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                            argv_location(argv, "--port" if in_use else "--host"),
+                            hint="another process holds the port: give another --port" if in_use
+                            else "--host must be an address of this machine (127.0.0.1, 0.0.0.0, ...)") from None
+
+
 def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
     """(ASGI app, served model name, slots) from parsed ``serve`` arguments."""
     from runtime.serving.scheduler import SchedulerConfig  # no JAX: devices are set up by load_model
 
+    if getattr(args, "process_id", None) in (None, 0):  # process 0 serves; the others follow it
+        check_listen(args.host, args.port, getattr(args, "argv", []))
     if args.context < 2:
         raise SpecError(f"--context must be at least 2, got {args.context}")
     try:
@@ -153,7 +181,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"einshard: serving '{name}' on http://{args.host}:{args.port} ({slots} slots, context {args.context}, "
           f"{args.policy}{'' if args.compact else ', masking'}{f', chunk {args.chunk}' if args.chunk else ''})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    except SystemExit as e:  # uvicorn's startup failure (3), its error logged above: a documented exit 1
+        if e.code in (0, None):
+            raise
+        raise SpecError(f"the server did not start on {args.host}:{args.port} (uvicorn exit {e.code})",
+                        hint="see uvicorn's error above") from None
     stop = getattr(args, "stop_followers", None)
     if stop is not None:
         stop()

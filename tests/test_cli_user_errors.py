@@ -1,0 +1,85 @@
+"""What a new user ran into walking through the README (session 14, helper "qa"): each case was a
+traceback, an undocumented exit status, minutes of loading before a plain error, or a flag
+accepted and silently ignored. Each is now a located error with exit 1, raised before any
+checkpoint is read (the checkpoints given here do not exist, so a later check would say so).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from compiler import serve_cmd
+from compiler.cli import EXIT_ERROR, main
+
+ROOT = Path(__file__).resolve().parent.parent
+MQA = str(ROOT / "examples" / "tiny-mqa.model")
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_serve_port_out_of_range(capsys, tmp_path: Path) -> None:
+    # was: the model loaded and compiled, then uvicorn's OverflowError traceback, exit 70
+    rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path / "none.gguf"), "--port", "99999")
+    assert rc == EXIT_ERROR
+    assert "--port must be a TCP port in 1 .. 65535, got 99999" in err
+
+
+def test_serve_port_in_use_is_refused_before_loading(capsys, tmp_path: Path) -> None:
+    # was: 20-70 s of loading, "serving on ..." printed, then uvicorn's bind error and exit 3
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path / "none.gguf"), "--port", str(port))
+    assert rc == EXIT_ERROR
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "give another --port" in err
+    assert "no checkpoint" not in err  # refused before the checkpoint is looked at
+
+
+def test_serve_host_not_of_this_machine(capsys, tmp_path: Path) -> None:
+    rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path / "none.gguf"), "--host", "192.0.2.1")
+    assert rc == EXIT_ERROR
+    assert "cannot listen on 192.0.2.1:8000" in err and "--host must be an address of this machine" in err
+
+
+def test_uvicorn_startup_failure_is_exit_1(capsys, monkeypatch, tmp_path: Path) -> None:
+    # a port taken between the check and the bind: uvicorn logs its error and exits 3 (undocumented)
+    import uvicorn
+
+    def fail(*a, **k):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(serve_cmd, "build_server", lambda args: (object(), "m", 1))
+    monkeypatch.setattr(uvicorn, "run", fail)
+    rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path / "none.gguf"), "--port", "1")  # port 1: not bound
+    assert rc == EXIT_ERROR
+    assert "the server did not start on 127.0.0.1:1 (uvicorn exit 3)" in err
+
+
+def test_chat_with_prompt_ids_is_refused(capsys, tmp_path: Path) -> None:
+    # was: --chat silently ignored, the ids generated from as given
+    rc, err = cli(capsys, "generate", "--checkpoint", str(tmp_path / "none.gguf"), "--prompt-ids", "1,2", "--chat")
+    assert rc == EXIT_ERROR
+    assert "--chat wraps prompt text in the chat template" in err
+
+
+def test_spmd_without_check_is_refused(capsys) -> None:
+    # was: exit 0 with no simulator line (the simulator only runs under --check)
+    rc, err = cli(capsys, "run", MQA, "--spmd")
+    assert rc == EXIT_ERROR
+    assert "--spmd runs the numpy SPMD simulator beside --check" in err and "add --check" in err
+
+
+def test_listen_check_accepts_a_free_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_cmd.check_listen("127.0.0.1", port, [])  # no error: the socket it bound is closed again
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # and the port is free for the server
