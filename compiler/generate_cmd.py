@@ -164,6 +164,9 @@ def _prompts(args: argparse.Namespace, tok: Any) -> tuple[list[list[int]], list[
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Sampling flags, checked before anything is loaded."""
+    if getattr(args, "chat", False) and args.prompt_ids is not None:  # token ids are never templated
+        raise SpecError("--chat wraps prompt text in the chat template; --prompt-ids are used as given",
+                        hint="give the text with --prompt or --prompts-file, or drop --chat")
     if args.max_new_tokens < 1:
         raise SpecError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.top_k is not None and args.top_k < 1:
