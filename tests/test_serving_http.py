@@ -189,6 +189,27 @@ def test_chat_completion_plain_and_streamed(server, client):
     assert parts[-1].choices[0].finish_reason == "length"
 
 
+def test_openai_client_usage_chunk_text_parts_and_unsupported_parameters(server, client):
+    """stream_options.include_usage gives OpenAI's last chunk (no choices, the request's usage;
+    it was never sent), text parts equal the string, an unsupported parameter is a 400 (it was
+    silently ignored)."""
+    msgs = [{"role": "user", "content": "hello"}]
+    kw = dict(model=MODEL, max_tokens=5, temperature=0, n=2, extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(messages=msgs, stream=True, stream_options={"include_usage": True},
+                                                 **kw))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 10 and all(c.usage is None for c in chunks[:-1])
+    whole = client.chat.completions.create(messages=msgs, **kw)
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    parts = client.chat.completions.create(messages=[{"role": "user", "content": [{"type": "text", "text": "hel"},
+                                                                                   {"type": "text", "text": "lo"}]}],
+                                           **kw)
+    assert [c.message.content for c in parts.choices] == [c.message.content for c in whole.choices]
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=2)
+    assert ei.value.body["param"] == "logprobs"
+
+
 def test_concurrent_requests_get_their_own_tokens(server):
     prompts = [[i + 3] * (2 + 3 * i) for i in range(4)]
 

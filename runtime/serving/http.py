@@ -2,10 +2,13 @@
 (both streamed as server-sent events with ``stream: true``), models, health and metrics.
 
 Parameters are the OpenAI ones (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
-``n``) plus vLLM's ``top_k`` (-1 or 0: off), ``ignore_eos`` and ``return_token_ids``. Errors are
-OpenAI error bodies ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON or
-parameters (and a prompt plus max_tokens beyond the context), 404 for an unknown model or path,
-503 when the queue is full. A client that disconnects mid-stream frees its slot.
+``n``, ``stream_options.include_usage``) plus vLLM's ``top_k`` (-1 or 0: off), ``ignore_eos`` and
+``return_token_ids``; chat content may be a string or a list of text parts. OpenAI parameters this
+server does not implement (``logprobs``, ``echo``, penalties, ``tools``, ...) are refused unless they
+have their "off" value, never silently ignored. Errors are OpenAI error bodies
+``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON or parameters (and a prompt
+plus max_tokens beyond the context), 404 for an unknown model or path, 503 when the queue is full.
+A client that disconnects mid-stream frees its slot.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ from runtime.serving.request import Event, Request
 
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 16
+
+#: OpenAI request parameters not implemented here, with the values that mean "off" (accepted, as
+#: clients send them by default); any other value is a 400 naming the parameter.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
 
 #: what ``_run`` yields: (choice index, new text, new token ids, finish reason, error)
 _Item = tuple[int, str, list[int], str | None, str | None]
@@ -62,6 +75,7 @@ class Params:
     ignore_eos: bool
     stream: bool
     return_token_ids: bool
+    include_usage: bool = False
 
 
 def _num(body: dict, name: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
@@ -75,8 +89,8 @@ def _num(body: dict, name: str, default: Any, kind: type, lo: float | None = Non
         raise RequestError(f"'{name}' must be {'a number' if kind is float else 'an integer'}, got {v!r}", param=name)
     v = kind(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise RequestError(f"'{name}' must be in {rng}, got {v}", param=name)
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise RequestError(f"'{name}' must be {rng}, got {v}", param=name)
     return v
 
 
@@ -107,10 +121,22 @@ class Server:
         for flag in ("ignore_eos", "stream", "return_token_ids"):
             if not isinstance(body.get(flag, False), bool):
                 raise RequestError(f"'{flag}' must be true or false", param=flag)
+        n = _num(body, "n", 1, int, 1, MAX_N)
+        for name, off in UNSUPPORTED.items():
+            v = body.get(name)
+            if not any(v == o and type(v) in (type(o), int, float) for o in off) and not (name == "best_of" and v == n):
+                raise RequestError(f"'{name}' is not supported by this server, got {v!r}", param=name,
+                                   hint=f"leave it out{' or set it to ' + json.dumps(off[1]) if len(off) > 1 else ''}")
+        opts = body.get("stream_options")
+        if opts is not None and (not isinstance(opts, dict) or not body.get("stream", False)
+                                 or not isinstance(opts.get("include_usage", False), bool)):
+            raise RequestError("'stream_options' goes with 'stream': true and is {\"include_usage\": true|false}",
+                               param="stream_options")
         return Params(prompt, max_tokens, _num(body, "temperature", 1.0, float, 0.0, 2.0),
                       _num(body, "top_p", 1.0, float, 1e-9, 1.0), max(top_k, 0),
-                      _num(body, "seed", None, int, 0, 2**32 - 1), _num(body, "n", 1, int, 1, MAX_N), stop,
-                      body.get("ignore_eos", False), body.get("stream", False), body.get("return_token_ids", False))
+                      _num(body, "seed", None, int, 0, 2**32 - 1), n, stop,
+                      body.get("ignore_eos", False), body.get("stream", False), body.get("return_token_ids", False),
+                      bool((opts or {}).get("include_usage", False)))
 
     def _check_model(self, body: dict) -> None:
         m = body.get("model")
@@ -143,12 +169,12 @@ class Server:
     def _chat_prompt(self, body: dict) -> tuple[int, ...]:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                isinstance(m, dict) and isinstance(m.get("role"), str) and _text(m.get("content")) is not None
                 for m in msgs):
-            raise RequestError("'messages' must be a non-empty list of {role, content} objects with string content",
-                               param="messages")
+            raise RequestError("'messages' must be a non-empty list of {role, content} objects whose content is a "
+                               "string or a list of {\"type\": \"text\", \"text\": ...} parts", param="messages")
         try:
-            text = self.tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs])
+            text = self.tok.apply_chat_template([{"role": m["role"], "content": _text(m["content"])} for m in msgs])
         except EinshardError as e:
             raise RequestError(e.message, param="messages") from None
         return tuple(self.tok.encode(text, add_special_tokens=False))
@@ -300,6 +326,7 @@ class Server:
             return "data: " + json.dumps({"id": cid, "object": kind, "created": created, "model": self.model,
                                           "choices": [c]}) + "\n\n"
 
+        made = 0
         try:
             if chat:
                 for i in range(p.n):
@@ -307,6 +334,7 @@ class Server:
             item = first
             while True:
                 i, new, toks, finish, error = item
+                made += len(toks)
                 if error:
                     yield "data: " + json.dumps({"error": {"message": f"generation failed: {error}",
                                                            "type": "internal_error", "param": None,
@@ -317,6 +345,11 @@ class Server:
                 try:
                     item = await gen.__anext__()
                 except StopAsyncIteration:
+                    if p.include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
+                        yield "data: " + json.dumps({
+                            "id": cid, "object": kind, "created": created, "model": self.model, "choices": [],
+                            "usage": {"prompt_tokens": len(p.prompt), "completion_tokens": made,
+                                      "total_tokens": len(p.prompt) + made}}) + "\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -362,6 +395,17 @@ def make_app(engine: AsyncEngine, tokenizer: Any, model_name: str, context: int)
         Route("/metrics", s.metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+def _text(content: Any) -> str | None:
+    """A chat message's text: a string, or the concatenated ``text`` of a list of text parts as
+    the OpenAI client sends them; None for anything else (images, a missing content)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text"
+                                         and isinstance(c.get("text"), str) for c in content):
+        return "".join(c["text"] for c in content)
+    return None
 
 
 async def _next_unless_gone(gen: AsyncGenerator[_Item, None], gone: "asyncio.Future[None]") -> _Item | None:

@@ -1,0 +1,89 @@
+"""The HTTP server's request parameters as an OpenAI client sends them, checked without a model
+(``Server.params`` and the chat prompt need only a tokenizer): parameters this server does not
+implement are refused unless "off" (they were silently ignored: ``logprobs: 2`` answered
+``logprobs: null``, ``echo: true`` left the prompt out), chat content may be a list of text parts
+(the openai client's typed form; it was a 400), and ``stream_options`` is checked.
+The streamed usage chunk itself is tested against a real server in tests/test_serving_http.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runtime.serving.errors import RequestError
+from runtime.serving.http import UNSUPPORTED, Server
+
+
+class Tok:
+    """Just enough tokenizer: one id per character, a template that tags roles."""
+
+    eos_token_ids = (0,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, msgs: list[dict[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in msgs)
+
+
+SERVER = Server(engine=None, tokenizer=Tok(), model_name="m", context=64)  # type: ignore[arg-type]
+
+
+def params(**body: Any):
+    return SERVER.params({"prompt": "x", **body}, (1,), ("max_tokens",))
+
+
+@pytest.mark.parametrize("name,value", [
+    ("logprobs", 2), ("logprobs", True), ("top_logprobs", 3), ("echo", True), ("suffix", "end"), ("best_of", 3),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("repetition_penalty", 1.2), ("logit_bias", {"5": 10}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
+    ("response_format", {"type": "json_object"}),
+])
+def test_unsupported_parameters_are_refused_by_name(name: str, value: Any) -> None:
+    with pytest.raises(RequestError) as ei:
+        params(**{name: value})
+    assert ei.value.param == name and "not supported" in ei.value.message and ei.value.status == 400
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_their_off_values_are_accepted(name: str) -> None:
+    for off in UNSUPPORTED[name]:
+        params(**{name: off})  # what LangChain and others send by default
+
+
+def test_best_of_equal_to_n_is_accepted() -> None:
+    assert params(n=3, best_of=3).n == 3
+
+
+def test_range_message_reads_as_english() -> None:
+    with pytest.raises(RequestError, match=r"'max_tokens' must be >= 1, got -1$"):
+        params(max_tokens=-1)
+    with pytest.raises(RequestError, match=r"'n' must be in \[1, 16\], got 0$"):
+        params(n=0)
+
+
+def test_stream_options() -> None:
+    assert params(stream=True, stream_options={"include_usage": True}).include_usage
+    assert not params(stream=True, stream_options={"include_usage": False}).include_usage
+    assert not params(stream=True).include_usage
+    for bad in ({"stream_options": {"include_usage": True}}, {"stream": True, "stream_options": "yes"},
+                {"stream": True, "stream_options": {"include_usage": "yes"}}):
+        with pytest.raises(RequestError) as ei:
+            params(**bad)
+        assert ei.value.param == "stream_options"
+
+
+def test_chat_content_as_text_parts_equals_the_string() -> None:
+    plain = SERVER._chat_prompt({"messages": [{"role": "user", "content": "hi there"}]})
+    parts = SERVER._chat_prompt({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]})
+    assert parts == plain == tuple(ord(c) for c in "<user>hi there")
+
+
+@pytest.mark.parametrize("content", [[{"type": "image_url", "image_url": {"url": "x"}}], None, 3, [{"type": "text"}]])
+def test_chat_content_that_is_not_text_is_refused(content: Any) -> None:
+    with pytest.raises(RequestError) as ei:
+        SERVER._chat_prompt({"messages": [{"role": "user", "content": content}]})
+    assert ei.value.param == "messages"
