@@ -194,8 +194,12 @@ def run_generate(args: argparse.Namespace) -> int:
     check_offload_args(args)
     t0 = time.perf_counter()
     # JAX is imported only after load() has set up the simulated devices the mesh needs
-    ld = load(args, need_tokenizer=args.prompt_ids is None or bool(args.stop) or not args.json or args.stream,
-              with_weights=args.offload != "disk")
+    try:  # token ids in, token ids out (printed as ids) need no tokenizer; text and stop strings do
+        ld = load(args, need_tokenizer=args.prompt_ids is None or bool(args.stop), with_weights=args.offload != "disk")
+    except WeightsError as e:
+        if args.prompt_ids is not None and args.stop:
+            e.hint = "--stop matches text, which needs the checkpoint's tokenizer: drop --stop, or save the tokenizer"
+        raise
     from runtime.generator import GenerateRequest, Generator
     from runtime.model_runner import bucket, roofline_fraction
     from runtime.distributed import is_primary
@@ -268,8 +272,10 @@ def run_generate(args: argparse.Namespace) -> int:
         out_tokens.append(toks)
         out_text.append(text)
         reasons.append(reason)
+    # without a tokenizer (--prompt-ids only) the plain output is the token ids
+    shown_text = out_text if tok is not None else [",".join(map(str, t)) for t in out_tokens]
     if args.stream and not args.json and len(prompts) == 1:
-        sys.stdout.write(out_text[0][len(_printed[0]):] + "\n")
+        sys.stdout.write(shown_text[0][len(_printed[0]):] + "\n")
     s = ld.spec
     layout = {"mesh": dict(s.mesh.axes), "ffn": s.serve.ffn, "attn": s.serve.attn, "weights": s.serve.weights}
     from compiler.generation import fixed_layout
@@ -294,7 +300,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     elif not (args.stream and len(prompts) == 1):
-        for i, t in enumerate(out_text):
+        for i, t in enumerate(shown_text):
             if len(prompts) > 1:
                 print(f"--- prompt {i}: {texts[i]!r}")
             print(t)

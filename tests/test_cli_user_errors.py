@@ -9,6 +9,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from compiler import serve_cmd
 from compiler.cli import EXIT_ERROR, main
 
@@ -83,3 +85,20 @@ def test_listen_check_accepts_a_free_port() -> None:
     serve_cmd.check_listen("127.0.0.1", port, [])  # no error: the socket it bound is closed again
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # and the port is free for the server
+
+
+@pytest.mark.parametrize("mode", [[], ["--stream"]])
+def test_prompt_ids_without_a_tokenizer_print_token_ids(capsys, tmp_path: Path, mode: list[str]) -> None:
+    # was: "no tokenizer.json ... or pass token ids instead of text" although token ids were
+    # passed; only --json worked. Now the plain output is the ids, transformers' greedy ones.
+    from gen_helpers import hf_greedy, hf_model
+
+    m = hf_model("llama")
+    m.save_pretrained(tmp_path)  # weights and config only, no tokenizer
+    rc = main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "5,17,42", "--max-new-tokens", "6",
+               "--ignore-eos", *mode])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.strip() == ",".join(map(str, hf_greedy(m, [5, 17, 42], 6)))
+    rc, err = cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt-ids", "5,17", "--stop", "x")
+    assert rc == EXIT_ERROR and "--stop matches text, which needs the checkpoint's tokenizer" in err
