@@ -182,6 +182,10 @@ VALUE_LIMITS: dict[str, Limit] = {
     "devices": Limit("--devices", lambda v: 1 <= v <= MAX_DEVICES, f"a device count in 1 .. {MAX_DEVICES}"),
     "kv_fraction": Limit("--kv-fraction", _finite_in(0.0, 1.0), "in (0, 1]"),
     "port": Limit("--port", lambda v: 1 <= v <= 65535, "a TCP port in 1 .. 65535"),
+    "slots": Limit("--slots", lambda v: v >= 1, "a count >= 1"),
+    "max_queue": Limit("--max-queue", lambda v: v >= 0, "a count >= 0"),
+    "step_tokens": Limit("--step-tokens", lambda v: v >= 1, "a token count >= 1"),
+    "chunk": Limit("--chunk", lambda v: v == 0 or (v > 0 and v & (v - 1) == 0), "0 (off) or a power of two"),
 }
 
 

@@ -102,3 +102,15 @@ def test_prompt_ids_without_a_tokenizer_print_token_ids(capsys, tmp_path: Path, 
     assert out.strip() == ",".join(map(str, hf_greedy(m, [5, 17, 42], 6)))
     rc, err = cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt-ids", "5,17", "--stop", "x")
     assert rc == EXIT_ERROR and "--stop matches text, which needs the checkpoint's tokenizer" in err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--slots", "0", "--slots must be a count >= 1, got 0"),  # was: "slots must be >= 1 and max_queue >= 0"
+    ("--max-queue", "-1", "--max-queue must be a count >= 0, got -1"),
+    ("--step-tokens", "0", "--step-tokens must be a token count >= 1, got 0"),  # was accepted
+    ("--chunk", "-4", "--chunk must be 0 (off) or a power of two, got -4"),
+])
+def test_serve_engine_flags_point_into_the_command_line(capsys, tmp_path: Path, flag: str, value: str,
+                                                        message: str) -> None:
+    rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path / "none.gguf"), flag, value)
+    assert rc == EXIT_ERROR and message in err and err.startswith("<command line>:1:")
