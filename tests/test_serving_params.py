@@ -87,3 +87,70 @@ def test_chat_content_that_is_not_text_is_refused(content: Any) -> None:
     with pytest.raises(RequestError) as ei:
         SERVER._chat_prompt({"messages": [{"role": "user", "content": content}]})
     assert ei.value.param == "messages"
+
+
+# ---- stop strings over tokens (Server._run with a scripted engine) --------------------------
+
+PIECES = ["A", " Par", "is", ".", "\n\n", "The", " ans", "wer", " is"]  # token i decodes to PIECES[i]
+
+
+class Decoder:
+    def push(self, token: int) -> str:
+        return PIECES[token]
+
+    def flush(self) -> str:
+        return ""
+
+
+class PieceTok(Tok):
+    def stream(self) -> Decoder:
+        return Decoder()
+
+
+class ScriptedEngine:
+    """Emits tokens 0, 1, 2, ... of PIECES for each request, then ``length``; records aborts."""
+
+    def __init__(self, new: int):
+        self.new, self.aborted = new, []
+
+    def submit(self, req, queue) -> None:
+        from runtime.serving.request import Event
+
+        for t in range(self.new):
+            queue.put_nowait(Event(req.id, t, "length" if t == self.new - 1 else None))
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def run_choices(stop: list[str], new: int = len(PIECES)) -> tuple[list[str], str | None, ScriptedEngine]:
+    import asyncio
+
+    eng = ScriptedEngine(new)
+    server = Server(engine=eng, tokenizer=PieceTok(), model_name="m", context=64)  # type: ignore[arg-type]
+    p = server.params({"prompt": "x", "stop": stop, "max_tokens": new}, (1,), ("max_tokens",))
+
+    async def collect() -> tuple[list[str], str | None]:
+        chunks, finish = [], None
+        async for _, new_text, _, fin, _ in server._run(p):
+            chunks.append(new_text)
+            finish = fin or finish
+        return chunks, finish
+
+    chunks, finish = asyncio.run(collect())
+    return chunks, finish, eng
+
+
+@pytest.mark.parametrize("stop,text", [
+    (["The ans"], "A Paris.\n\n"),  # spans two tokens: was "A Paris.\n\nThe" (the first token already sent)
+    (["\n\nThe"], "A Paris."),
+    (["s.\n"], "A Pari"),  # spans three tokens
+    (["Paris"], "A "),
+    (["wer is", "Par"], "A "),  # the earliest of several
+    (["nowhere"], "".join(PIECES)),  # no stop: everything, the held-back tail flushed at the end
+])
+def test_stop_strings_spanning_tokens_cut_before_the_stop(stop: list[str], text: str) -> None:
+    chunks, finish, eng = run_choices(stop)
+    assert "".join(chunks) == text  # what a streaming client sees equals the whole text
+    assert finish == ("length" if stop == ["nowhere"] else "stop")
+    assert bool(eng.aborted) == (finish == "stop")

@@ -205,29 +205,33 @@ class Server:
                 submitted.append(r.id)
                 open_ids.add(r.id)
             decoders = [self.tok.stream() for _ in reqs]
-            text = [""] * len(reqs)
+            text = [""] * len(reqs)  # decoded so far
+            sent = [0] * len(reqs)  # of which yielded: the rest could still begin a stop string
+            hold = max((len(s) for s in p.stop), default=1) - 1
             while open_ids:
                 e = await queue.get()
                 if e.request_id not in open_ids:
                     continue
                 i = index[e.request_id]
-                new, ids = "", []
+                ids = []
                 finish = e.finish
+                full = text[i]
                 if e.token is not None:
                     ids = [e.token]
-                    new = decoders[i].push(e.token)
+                    full += decoders[i].push(e.token)
                 if finish in ("stop", "length"):
-                    new += decoders[i].flush()
-                if p.stop and new:
-                    full = text[i] + new
-                    cut = min((k for k in (full.find(s, max(0, len(text[i]) - len(s))) for s in p.stop) if k >= 0),
-                              default=-1)
-                    if cut >= 0:
-                        new = full[:cut][len(text[i]):]
-                        if finish is None:
-                            self.engine.abort(e.request_id)
-                        finish = "stop"
-                text[i] += new
+                    full += decoders[i].flush()
+                # a stop string ends in the new text; it may begin in held-back text, never in sent text
+                cut = min((k for k in (full.find(s, max(0, len(text[i]) - len(s) + 1)) for s in p.stop) if k >= 0),
+                          default=-1)
+                if cut >= 0:
+                    full = full[:cut]
+                    if finish is None:
+                        self.engine.abort(e.request_id)
+                    finish = "stop"
+                end = len(full) if finish else max(sent[i], len(full) - hold)
+                new = full[sent[i]:end]
+                text[i], sent[i] = full, end
                 if finish:
                     open_ids.discard(e.request_id)
                 yield i, new, ids, finish, e.error
