@@ -154,3 +154,11 @@ def test_stop_strings_spanning_tokens_cut_before_the_stop(stop: list[str], text:
     assert "".join(chunks) == text  # what a streaming client sees equals the whole text
     assert finish == ("length" if stop == ["nowhere"] else "stop")
     assert bool(eng.aborted) == (finish == "stop")
+
+
+def test_default_max_tokens_completion_16_chat_the_rest_of_the_context() -> None:
+    assert SERVER.params({"prompt": "x"}, (1, 2, 3), ("max_tokens",)).max_tokens == 16
+    chat = ("max_completion_tokens", "max_tokens")
+    assert SERVER.params({}, (1, 2, 3), chat).max_tokens == 64 - 3  # was 16: every chat answer cut there
+    assert SERVER.params({"max_tokens": 5}, (1, 2, 3), chat).max_tokens == 5
+    assert SERVER.params({"max_completion_tokens": 7, "max_tokens": 5}, (1, 2, 3), chat).max_tokens == 7

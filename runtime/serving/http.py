@@ -104,8 +104,13 @@ class Server:
     # ---- parameters -----------------------------------------------------------------------
 
     def params(self, body: dict, prompt: tuple[int, ...], max_tokens_key: tuple[str, ...]) -> Params:
+        """The request's parameters, checked. Without max_tokens a completion makes 16 tokens (the
+        OpenAI default) and a chat answer runs to EOS or the end of the context, as OpenAI's chat does
+        (16 cut every chat answer from a client that does not set it)."""
         mt = next((body[k] for k in max_tokens_key if body.get(k) is not None), None)
-        max_tokens = _num({"max_tokens": mt}, "max_tokens", DEFAULT_MAX_TOKENS if mt is None else mt, int, 1)
+        default = DEFAULT_MAX_TOKENS if "max_completion_tokens" not in max_tokens_key \
+            else max(1, self.context - len(prompt))
+        max_tokens = _num({"max_tokens": mt}, "max_tokens", default if mt is None else mt, int, 1)
         stop = body.get("stop")
         if stop is None:
             stop = ()
