@@ -214,6 +214,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from compiler.generation import make_runner
 
     B = max(args.batch or len(prompts), len(prompts))
+    from compiler.limits import check_serving_memory
+    from runtime.model_runner import on_cpu
+
+    if on_cpu():  # on an accelerator the device's memory is what counts, and XLA reports it
+        check_serving_memory(ld.spec, B, context, "--batch or --context", rows="batch",
+                             resident_weights=args.offload != "disk")
     if args.offload == "disk":
         from compiler.offload import disk_generator
 

@@ -55,5 +55,31 @@ def check_run_memory(spec: Spec, cfg: BuildConfig, available: int | None = None)
                         hint="lower --steps, --prompt-len, --batch or serve.seq")
 
 
+def serving_memory_bytes(spec: Spec, batch: int, context: int, resident_weights: bool = True) -> dict[str, int]:
+    """Lower bounds, by part, of what ``generate``/``serve``/``score`` hold on the host (CPU)
+    device: the served weights (1, 2 or 4 bytes a parameter; none when streamed from disk) and
+    ``batch`` KV rows of ``context`` positions at 2 bytes or more a value."""
+    m = spec.model
+    q, kv = m.heads * m.d_head, m.kv_heads * m.d_head
+    per_layer = m.d_model * (q + 2 * kv) + q * m.d_model + 2 * m.d_model * m.d_ff  # experts not counted
+    params = m.layers * per_layer + m.vocab * m.d_model * (1 if m.tie_embeddings else 2)
+    width = {"int8": 1, "bf16": 2}.get(spec.serve.weights, 4)
+    return {"weights": params * width if resident_weights else 0,
+            "KV cache": m.layers * 2 * batch * context * kv * 2}
+
+
+def check_serving_memory(spec: Spec, batch: int, context: int, flags: str, rows: str = "batch",
+                         resident_weights: bool = True, available: int | None = None) -> None:
+    """A SpecError before allocation when ``batch`` x ``context`` (and the weights) cannot fit
+    this machine's memory: XLA would otherwise fail deep inside, or the machine would swap."""
+    available = host_memory_bytes() if available is None else available
+    parts = serving_memory_bytes(spec, batch, context, resident_weights)
+    need = sum(parts.values())
+    if available is not None and need > available:
+        detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if v)
+        raise SpecError(f"{rows} {batch} x context {context} needs at least {_gib(need)} of memory ({detail}); "
+                        f"this machine has {_gib(available)}", hint=f"lower {flags}")
+
+
 def _gib(n: int) -> str:
     return f"{n / GiB:.3g} GiB" if n < 2**1000 else "more than 1e290 GiB"  # no float overflow

@@ -78,6 +78,12 @@ def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = 
         slots = 1
         while slots * 2 <= MAX_DEFAULT_SLOTS and slots * 2 * per_slot <= DEFAULT_KV_BUDGET:
             slots *= 2
+    from compiler.limits import check_serving_memory
+    from runtime.model_runner import on_cpu
+
+    if on_cpu():  # on an accelerator the device's memory is what counts, and XLA reports it
+        check_serving_memory(ld.spec, slots, context, "--slots or --context", rows="slots",
+                             resident_weights=mode != "disk")
     if mode == "disk":
         from compiler.offload import disk_runner
 

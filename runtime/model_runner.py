@@ -240,6 +240,11 @@ def _put_one(x: np.ndarray, t: Any, mesh: Any, perm: tuple[int, ...] | None = No
     return y
 
 
+def on_cpu() -> bool:
+    """Whether JAX runs on the host's CPU (then the KV cache and weights live in host memory)."""
+    return jax.devices()[0].platform == "cpu"
+
+
 def roofline_fraction(runner: ModelRunner, step_ms: float, batch: int, context: int | None = None) -> float | None:
     """Fraction of the decode roofline a measured step reached: (weight + KV cache bytes) / the
     memory bandwidth runtime/probe.py measures on this CPU, over the step. None off CPU, on a

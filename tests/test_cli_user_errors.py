@@ -114,3 +114,30 @@ def test_serve_engine_flags_point_into_the_command_line(capsys, tmp_path: Path, 
                                                         message: str) -> None:
     rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path / "none.gguf"), flag, value)
     assert rc == EXIT_ERROR and message in err and err.startswith("<command line>:1:")
+
+
+def test_generate_and_serve_refuse_a_kv_cache_beyond_memory(capsys, tmp_path: Path) -> None:
+    # was: no check; XLA allocated (and zero-filled) the cache, failing deep inside or swapping the machine
+    from gen_helpers import checkpoint_with_tokenizer
+
+    checkpoint_with_tokenizer(tmp_path)  # serve needs the tokenizer
+    rc, err = cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2", "--batch", "1000000000")
+    assert rc == EXIT_ERROR and "batch 1000000000 x context 40 needs at least" in err and "lower --batch" in err
+    rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path), "--slots", "64", "--context", "10000000000")
+    assert rc == EXIT_ERROR and "slots 64 x context 10000000000 needs at least" in err and "lower --slots" in err
+
+
+def test_serving_memory_is_a_lower_bound_of_smollm2s_sizes() -> None:
+    from compiler.limits import check_serving_memory, serving_memory_bytes
+    from compiler.spec import load_spec
+    from ir.errors import SpecError
+
+    spec = load_spec(str(ROOT / "examples" / "tiny-gqa.model"))
+    m = spec.model
+    parts = serving_memory_bytes(spec, 4, 100)
+    assert parts["KV cache"] == m.layers * 2 * 4 * 100 * m.kv_heads * m.d_head * 2
+    assert parts["weights"] >= m.layers * 2 * m.d_model * m.d_ff * 4
+    assert serving_memory_bytes(spec, 4, 100, resident_weights=False)["weights"] == 0
+    check_serving_memory(spec, 4, 100, "--batch", available=sum(parts.values()))
+    with pytest.raises(SpecError, match="batch 4 x context 100 needs"):
+        check_serving_memory(spec, 4, 100, "--batch", available=sum(parts.values()) - 1)
