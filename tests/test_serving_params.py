@@ -8,6 +8,7 @@ The streamed usage chunk itself is tested against a real server in tests/test_se
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -45,6 +46,7 @@ def test_unsupported_parameters_are_refused_by_name(name: str, value: Any) -> No
     with pytest.raises(RequestError) as ei:
         params(**{name: value})
     assert ei.value.param == name and "not supported" in ei.value.message and ei.value.status == 400
+    assert ei.value.message.endswith(f"got {json.dumps(value)}")  # JSON, as the client wrote it (not Python's True)
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))

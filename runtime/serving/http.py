@@ -130,7 +130,7 @@ class Server:
         for name, off in UNSUPPORTED.items():
             v = body.get(name)
             if not any(v == o and type(v) in (type(o), int, float) for o in off) and not (name == "best_of" and v == n):
-                raise RequestError(f"'{name}' is not supported by this server, got {v!r}", param=name,
+                raise RequestError(f"'{name}' is not supported by this server, got {json.dumps(v)}", param=name,
                                    hint=f"leave it out{' or set it to ' + json.dumps(off[1]) if len(off) > 1 else ''}")
         opts = body.get("stream_options")
         if opts is not None and (not isinstance(opts, dict) or not body.get("stream", False)
