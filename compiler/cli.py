@@ -104,8 +104,8 @@ def _args_run(r: argparse.ArgumentParser) -> None:
     r.add_argument("input", help="model spec file")
     add_overrides(r)
     add_pipeline_flags(r)
-    r.add_argument("--checkpoint", type=Path, metavar="DIR",
-                   help="Hugging Face checkpoint dir (*.safetensors); `--weights DIR` does the same")
+    r.add_argument("--checkpoint", type=Path, metavar="DIR|GGUF",
+                   help="a Hugging Face checkpoint dir (*.safetensors) or a .gguf file; `--weights DIR` does the same")
     r.add_argument("--check", action="store_true", help="compare logits with the numpy float64 reference")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--steps", type=int, default=4, help="decode steps after the prompt (default 4)")
