@@ -1,7 +1,8 @@
 """Generation speed: einshard against transformers (eager, f32) on the same model and prompts.
 
 Decode is memory-bound: each step reads every weight once, so its lower bound is
-``weight bytes / memory bandwidth`` (the bandwidth runtime/probe.py measures on this machine).
+``bytes read / memory bandwidth``, the bandwidth measured in the run by reading an array as large
+as the step reads (runtime/probe.py ``read_bandwidth``; a small array would sit in the L3).
 For each einshard weight format (f32, bf16, int8) and batch, this prints the per-step median
 decode time, tokens/s, the ratio to transformers' tokens/s at the same batch, and the fraction
 of the roofline reached; then prefill of a long prompt against transformers' forward pass; then
@@ -95,7 +96,7 @@ def main() -> None:
     from runtime.checkpoint import open_checkpoint
     from runtime.generator import GenerateRequest, Generator
     from runtime.model_runner import bucket, enable_compile_cache
-    from runtime.probe import measure_cpu
+    from runtime.probe import read_bandwidth
     from runtime.sampling import SamplingParams
 
     enable_compile_cache(str(ROOT / ".jax_cache"))
@@ -103,13 +104,12 @@ def main() -> None:
     path = tiny_llama(Path(tmp.name)) if args.tiny else (args.checkpoint or smollm2_gguf())
     ck = open_checkpoint(path)
     model = ck.model_spec()
-    bw = float(measure_cpu()["hbm_bw"])
     batches = [int(b) for b in args.batches.split(",")]
     formats = args.weights.split(",")
     t0 = time.perf_counter()
     hf = hf_model(path)
     print(f"model {model.name}: {model.layers} layers, d_model {model.d_model}, vocab {model.vocab}; "
-          f"transformers loaded in {time.perf_counter() - t0:.0f} s; memory bandwidth {bw / 1e9:.1f} GB/s (probe)")
+          f"transformers loaded in {time.perf_counter() - t0:.0f} s")
 
     cache_len = bucket(args.prompt) + bucket(args.steps + 1)
     prefill_len = min(args.prefill, 4096)
@@ -119,6 +119,7 @@ def main() -> None:
     hf_all: dict[int, list[float]] = {B: [] for B in batches}
     ein_rows, hf_step_s = [], {}
     hf_pre_all: list[float] = []  # transformers' prefill, timed between einshard's
+    bw: dict[str, float] = {}  # the roofline's read rate per row, measured after the row
     from minimal_decoder import minimal_run
 
     for fmt in formats:
@@ -154,14 +155,17 @@ def main() -> None:
                     exact[-B] = toks_m == toks
             hf_all[B] += hf_t
             hf_step = statistics.median(hf_t)
-            roof = (runner.weight_bytes() + runner.cache_bytes(B, res.context)) / bw
+            nbytes = runner.weight_bytes() + runner.cache_bytes(B, res.context)
+            bw[f"{fmt} b{B}"] = read_bandwidth(nbytes)  # an array as large as the step reads
+            roof = nbytes / bw[f"{fmt} b{B}"]
             for name, ms in ((f"einshard {fmt}", statistics.median(st)),
                              (f"einshard {fmt} on device", statistics.median(dev)),
                              *((("minimal JAX f32", statistics.median(mn)),) if mn else ())):
                 step = ms / 1e3
                 ein_rows.append((name, B, ms, B / step, hf_step / step, roof / step))
                 print(f"  {name} batch {B}: {ms:.2f} ms/step, {hf_step / step:.2f}x transformers "
-                      f"({hf_step * 1e3:.2f} ms/step interleaved), roofline {roof / step:.0%}", flush=True)
+                      f"({hf_step * 1e3:.2f} ms/step interleaved), roofline {roof / step:.0%} "
+                      f"({nbytes / 1e6:.0f} MB at {bw[f'{fmt} b{B}'] / 1e9:.1f} GB/s)", flush=True)
             decode_tps[(fmt, B)] = B / (statistics.median(st) / 1e3)
             decode_tps[(fmt + " on device", B)] = B / (statistics.median(dev) / 1e3)
             if mn:

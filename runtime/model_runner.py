@@ -247,11 +247,12 @@ def on_cpu() -> bool:
 
 def roofline_fraction(runner: ModelRunner, step_ms: float, batch: int, context: int | None = None) -> float | None:
     """Fraction of the decode roofline a measured step reached: (weight + KV cache bytes) / the
-    memory bandwidth runtime/probe.py measures on this CPU, over the step. None off CPU, on a
-    mesh (the probe measures one device) or when nothing was timed."""
+    rate this CPU reads an array that large (runtime/probe.py ``read_bandwidth``, measured now),
+    over the step. None off CPU, on a mesh (the probe measures one device) or when nothing was
+    timed."""
     if step_ms <= 0 or jax.devices()[0].platform != "cpu" or runner.mesh is not None:
         return None
-    from runtime.probe import measure_cpu
+    from runtime.probe import read_bandwidth
 
-    bound_s = (runner.weight_bytes() + runner.cache_bytes(batch, context)) / float(measure_cpu()["hbm_bw"])
-    return bound_s / (step_ms / 1e3)
+    nbytes = runner.weight_bytes() + runner.cache_bytes(batch, context)
+    return nbytes / read_bandwidth(nbytes) / (step_ms / 1e3)

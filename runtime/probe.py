@@ -99,6 +99,34 @@ class CpuProbe:
                 "ici_bw": copy_bw, "op_overhead_s": overhead}
 
 
+#: the largest array :func:`read_bandwidth` reads: a few times this machine's 300 MiB L3, so a
+#: larger step reads from DRAM at the same rate (and the probe never holds a model's size twice)
+READ_CAP_BYTES = 1 << 30
+
+
+def read_buffer_bytes(nbytes: int) -> int:
+    """The bytes :func:`read_bandwidth` reads for a step that reads ``nbytes``: as many, at
+    least 1 MiB and at most :data:`READ_CAP_BYTES`, a whole number of f32 elements."""
+    return max(1 << 20, min(int(nbytes), READ_CAP_BYTES)) // 4 * 4
+
+
+def read_bandwidth(nbytes: int, repeats: int = 7) -> float:
+    """Bytes/s of reading an f32 array as large as a step reads (``read_buffer_bytes``), the
+    median of ``repeats`` warm sums. The roofline of a decode step that reads ``nbytes`` once:
+    the probe's 64 MiB array fits the L3 of the machine this was written on (300 MiB), where it
+    read at 29-44 GB/s and 538 MiB (SmolLM2's f32 weights) at 22-24 GB/s (2026-12-01), so a
+    roofline from the cached probe swung between 36% and 125% on the same step. Measured
+    now, not cached: the rate moves with the machine's load like the step it bounds."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        buf = jnp.ones((read_buffer_bytes(nbytes) // 4,), jnp.float32)
+    rate = buf.nbytes / _median_time(jax.jit(jnp.sum), buf, repeats=repeats)
+    del buf
+    return rate
+
+
 def chip_fields(figures: dict) -> dict:
     """The cpu chip's fields (see compiler/cost/hardware.py) from a probe's figures."""
     import jax

@@ -115,3 +115,14 @@ def test_stale_reason_of_a_legacy_cache():
     assert probe.stale_reason({**FAKE, "version": 3}, key, time.time(), 1e9) == "the cache predates keyed probes"
     fresh = {"key": key, "figures": FAKE, "measured": {"unix": time.time()}}
     assert probe.stale_reason(fresh, key, time.time(), 1e9) is None
+
+
+def test_read_bandwidth_reads_as_much_as_the_step_up_to_the_cap():
+    """The roofline's rate comes from an array as large as the step reads (a small one sits in
+    the CPU's cache and reads faster), never larger than the cap (no second copy of a model)."""
+    assert probe.read_buffer_bytes(538_000_000) == 538_000_000
+    assert probe.read_buffer_bytes(10 << 30) == probe.READ_CAP_BYTES
+    assert probe.read_buffer_bytes(10) == 1 << 20
+    assert probe.read_buffer_bytes(3 << 20 | 3) % 4 == 0
+    rate = probe.read_bandwidth(8 << 20, repeats=3)
+    assert 1e8 < rate < 1e13
