@@ -159,7 +159,15 @@ def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
         from runtime.serving.kernels_streamed import StreamedKernels
 
         kernels = StreamedKernels(runner, slots, 1, sample)
-    engine = Engine(runner, cfg, pad_token=tok.eos_token_ids[0] if tok.eos_token_ids else 0, kernels=kernels)
+    from runtime.serving.errors import ServingError
+
+    try:
+        engine = Engine(runner, cfg, pad_token=tok.eos_token_ids[0] if tok.eos_token_ids else 0, kernels=kernels)
+    except ServingError as e:  # a flag combination the engine refuses (a chunk within the slots per device)
+        from compiler.cli import argv_location
+
+        raise SpecError(e.message, argv_location(getattr(args, "argv", []), f"--{e.param}") if e.param else None,
+                        hint="raise --chunk or lower --slots" if e.param == "chunk" else e.hint) from None
     if args.warmup:
         engine.submit(Request("warmup", (tok.bos_token_id or 0,), SamplingParams(), 2))
         engine.run()

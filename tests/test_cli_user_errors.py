@@ -141,3 +141,18 @@ def test_serving_memory_is_a_lower_bound_of_smollm2s_sizes() -> None:
     check_serving_memory(spec, 4, 100, "--batch", available=sum(parts.values()))
     with pytest.raises(SpecError, match="batch 4 x context 100 needs"):
         check_serving_memory(spec, 4, 100, "--batch", available=sum(parts.values()) - 1)
+
+
+def test_serve_chunk_within_the_slots_points_at_chunk(capsys, tmp_path: Path) -> None:
+    # was: "request error: a chunk budget of 4 tokens must exceed ..." (an HTTP error kind, no location)
+    from gen_helpers import checkpoint_with_tokenizer
+
+    checkpoint_with_tokenizer(tmp_path)
+    capsys.readouterr()  # the save's progress bar
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    rc, err = cli(capsys, "serve", "--checkpoint", str(tmp_path), "--slots", "4", "--chunk", "4", "--context", "64",
+                  "--port", port, "--no-warmup")
+    assert rc == EXIT_ERROR and err.startswith("<command line>:1:") and "spec error: a chunk budget of 4 tokens" in err
+    assert "raise --chunk or lower --slots" in err
