@@ -152,7 +152,11 @@ def read_hf_config(path: str | Path) -> HFConfig:
     except json.JSONDecodeError as e:
         lines = text.split("\n")
         src = lines[e.lineno - 1] if 0 < e.lineno <= len(lines) else None
-        raise SpecError(f"config.json is not valid JSON: {e.msg}", Location(str(cp), e.lineno, e.colno, src)) from None
+        other = cp.name != "config.json"  # e.g. a spec file given where a checkpoint goes
+        raise SpecError(f"{cp.name if other else 'config.json'} is not valid JSON: {e.msg}",
+                        Location(str(cp), e.lineno, e.colno, src),
+                        hint="give a Hugging Face checkpoint directory, its config.json or a .gguf file"
+                        if other else None) from None
     if not isinstance(data, dict):
         raise SpecError(f"{cp}: config.json must hold a JSON object, got {type(data).__name__}")
     return HFConfig(data, cp, text)

@@ -156,3 +156,10 @@ def test_serve_chunk_within_the_slots_points_at_chunk(capsys, tmp_path: Path) ->
                   "--port", port, "--no-warmup")
     assert rc == EXIT_ERROR and err.startswith("<command line>:1:") and "spec error: a chunk budget of 4 tokens" in err
     assert "raise --chunk or lower --slots" in err
+
+
+def test_spec_from_hf_given_a_spec_file(capsys) -> None:
+    # was: "config.json is not valid JSON" about a file that is not named config.json
+    rc, err = cli(capsys, "spec-from-hf", MQA)
+    assert rc == EXIT_ERROR and "tiny-mqa.model is not valid JSON" in err
+    assert "give a Hugging Face checkpoint directory, its config.json or a .gguf file" in err
