@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from compiler import hints
+from compiler.argv import argv_location
 from compiler.exit_codes import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from compiler.generate_cmd import subcommands as generation_subcommands
 from compiler.launch import subcommand as launch_subcommand
@@ -187,22 +188,6 @@ VALUE_LIMITS: dict[str, Limit] = {
     "step_tokens": Limit("--step-tokens", lambda v: v >= 1, "a token count >= 1"),
     "chunk": Limit("--chunk", lambda v: v == 0 or (v > 0 and v & (v - 1) == 0), "0 (off) or a power of two"),
 }
-
-
-def argv_location(argv: Sequence[str], flag: str) -> Location | None:
-    """Where ``flag``'s value (``--flag V`` or ``--flag=V``, the last one given) sits in the
-    command line, as a Location in file ``<command line>`` whose source line is the argv."""
-    line = "einshard " + " ".join(argv)
-    col, found = len("einshard "), None
-    for i, tok in enumerate(argv):
-        if tok == flag and i + 1 < len(argv):
-            found = (col + len(tok) + 1, len(argv[i + 1]))
-        elif tok.startswith(flag + "="):
-            found = (col + len(flag) + 1, len(tok) - len(flag) - 1)
-        col += len(tok) + 1
-    if found is None:
-        return None
-    return Location("<command line>", 1, found[0] + 1, line, max(1, found[1]))
 
 
 def check_values(args: argparse.Namespace, argv: Sequence[str]) -> None:

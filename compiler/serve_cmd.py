@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from compiler.argv import argv_location
 from ir.errors import SpecError
 
 #: KV memory the default slot count may take (bytes); ``--slots`` overrides.
@@ -102,8 +103,6 @@ def check_listen(host: str, port: int, argv: list[str]) -> None:
     that is not this machine's otherwise fails only after minutes of loading (uvicorn exits 3)."""
     import socket
 
-    from compiler.cli import argv_location
-
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as e:
@@ -164,8 +163,6 @@ def build_server(args: argparse.Namespace) -> tuple[Any, str, int]:
     try:
         engine = Engine(runner, cfg, pad_token=tok.eos_token_ids[0] if tok.eos_token_ids else 0, kernels=kernels)
     except ServingError as e:  # a flag combination the engine refuses (a chunk within the slots per device)
-        from compiler.cli import argv_location
-
         raise SpecError(e.message, argv_location(getattr(args, "argv", []), f"--{e.param}") if e.param else None,
                         hint="raise --chunk or lower --slots" if e.param == "chunk" else e.hint) from None
     if args.warmup:
