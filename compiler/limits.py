@@ -13,18 +13,32 @@ import os
 
 from compiler.build import BuildConfig
 from compiler.spec import Spec
+from ir.model import ModelSpec
 from ir.errors import SpecError
 
 GiB = 1 << 30
+
+
+def param_count(m: ModelSpec) -> int:
+    """Parameters of the projections and the embedding (and untied head): a lower bound, norms
+    and biases left out, and a mixture of experts counted as one expert of width d_ff."""
+    q, kv = m.heads * m.d_head, m.kv_heads * m.d_head
+    mlp = (3 if m.mlp == "swiglu" or m.experts else 2) * m.d_model * m.d_ff  # gate, up, down / up, down
+    return m.layers * (m.d_model * (q + 2 * kv) + q * m.d_model + mlp) + m.vocab * m.d_model * (
+        1 if m.tie_embeddings else 2)
+
+
+def kv_values(m: ModelSpec, rows: int, context: int) -> int:
+    """Values a KV cache of ``rows`` rows of ``context`` positions holds (keys and values)."""
+    return m.layers * 2 * rows * context * m.kv_heads * m.d_head
 
 
 def run_memory_bytes(spec: Spec, cfg: BuildConfig) -> dict[str, int]:
     """Bytes by part (lower bounds), for the shapes of ``cfg``."""
     m = spec.model
     q, kv = m.heads * m.d_head, m.kv_heads * m.d_head
-    per_layer = m.d_model * (q + 2 * kv) + q * m.d_model + 3 * m.d_model * m.d_ff
-    params = m.layers * per_layer + m.vocab * m.d_model * (1 if m.tie_embeddings else 2)
-    cache = m.layers * 2 * cfg.batch * cfg.cache_len * kv
+    params = param_count(m)
+    cache = kv_values(m, cfg.batch, cfg.cache_len)
     steps = cfg.cache_len - cfg.prompt_len
     logit_rows = (cfg.prompt_len if cfg.logits == "all" else 1) + steps
     logits = cfg.batch * logit_rows * m.vocab
@@ -59,13 +73,9 @@ def serving_memory_bytes(spec: Spec, batch: int, context: int, resident_weights:
     """Lower bounds, by part, of what ``generate``/``serve``/``score`` hold on the host (CPU)
     device: the served weights (1, 2 or 4 bytes a parameter; none when streamed from disk) and
     ``batch`` KV rows of ``context`` positions at 2 bytes or more a value."""
-    m = spec.model
-    q, kv = m.heads * m.d_head, m.kv_heads * m.d_head
-    per_layer = m.d_model * (q + 2 * kv) + q * m.d_model + 2 * m.d_model * m.d_ff  # experts not counted
-    params = m.layers * per_layer + m.vocab * m.d_model * (1 if m.tie_embeddings else 2)
     width = {"int8": 1, "bf16": 2}.get(spec.serve.weights, 4)
-    return {"weights": params * width if resident_weights else 0,
-            "KV cache": m.layers * 2 * batch * context * kv * 2}
+    return {"weights": param_count(spec.model) * width if resident_weights else 0,
+            "KV cache": kv_values(spec.model, batch, context) * 2}
 
 
 def check_serving_memory(spec: Spec, batch: int, context: int, flags: str, rows: str = "batch",

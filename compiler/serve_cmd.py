@@ -73,13 +73,13 @@ def load_model(checkpoint: Path, *, spec: str | None = None, mesh: str | None = 
                                  sets=list(sets), devices=devices, **mp), with_weights=mode != "disk")
     from compiler.generation import make_runner  # JAX only now: load() has set up the devices
 
-    m = ld.spec.model
+    from compiler.limits import check_serving_memory, kv_values
+
     if slots is None:
-        per_slot = 2 * m.layers * context * m.kv_heads * m.d_head * 4
+        per_slot = kv_values(ld.spec.model, 1, context) * 4  # f32 keys and values
         slots = 1
         while slots * 2 <= MAX_DEFAULT_SLOTS and slots * 2 * per_slot <= DEFAULT_KV_BUDGET:
             slots *= 2
-    from compiler.limits import check_serving_memory
     from runtime.model_runner import on_cpu
 
     if on_cpu():  # on an accelerator the device's memory is what counts, and XLA reports it

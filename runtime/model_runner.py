@@ -250,7 +250,7 @@ def roofline_fraction(runner: ModelRunner, step_ms: float, batch: int, context: 
     rate this CPU reads an array that large (runtime/probe.py ``read_bandwidth``, measured now),
     over the step. None off CPU, on a mesh (the probe measures one device) or when nothing was
     timed."""
-    if step_ms <= 0 or jax.devices()[0].platform != "cpu" or runner.mesh is not None:
+    if step_ms <= 0 or not on_cpu() or runner.mesh is not None:
         return None
     from runtime.probe import read_bandwidth
 
