@@ -33,7 +33,7 @@ SERVER = Server(engine=None, tokenizer=Tok(), model_name="m", context=64)  # typ
 
 
 def params(**body: Any):
-    return SERVER.params({"prompt": "x", **body}, (1,), ("max_tokens",))
+    return SERVER.params({"prompt": "x", **body}, (1,), False)
 
 
 @pytest.mark.parametrize("name,value", [
@@ -130,7 +130,7 @@ def run_choices(stop: list[str], new: int = len(PIECES)) -> tuple[list[str], str
 
     eng = ScriptedEngine(new)
     server = Server(engine=eng, tokenizer=PieceTok(), model_name="m", context=64)  # type: ignore[arg-type]
-    p = server.params({"prompt": "x", "stop": stop, "max_tokens": new}, (1,), ("max_tokens",))
+    p = server.params({"prompt": "x", "stop": stop, "max_tokens": new}, (1,), False)
 
     async def collect() -> tuple[list[str], str | None]:
         chunks, finish = [], None
@@ -159,8 +159,7 @@ def test_stop_strings_spanning_tokens_cut_before_the_stop(stop: list[str], text:
 
 
 def test_default_max_tokens_completion_16_chat_the_rest_of_the_context() -> None:
-    assert SERVER.params({"prompt": "x"}, (1, 2, 3), ("max_tokens",)).max_tokens == 16
-    chat = ("max_completion_tokens", "max_tokens")
-    assert SERVER.params({}, (1, 2, 3), chat).max_tokens == 64 - 3  # was 16: every chat answer cut there
-    assert SERVER.params({"max_tokens": 5}, (1, 2, 3), chat).max_tokens == 5
-    assert SERVER.params({"max_completion_tokens": 7, "max_tokens": 5}, (1, 2, 3), chat).max_tokens == 7
+    assert SERVER.params({"prompt": "x"}, (1, 2, 3), chat=False).max_tokens == 16
+    assert SERVER.params({}, (1, 2, 3), chat=True).max_tokens == 64 - 3  # was 16: every chat answer cut there
+    assert SERVER.params({"max_tokens": 5}, (1, 2, 3), chat=True).max_tokens == 5
+    assert SERVER.params({"max_completion_tokens": 7, "max_tokens": 5}, (1, 2, 3), chat=True).max_tokens == 7

@@ -103,13 +103,14 @@ class Server:
 
     # ---- parameters -----------------------------------------------------------------------
 
-    def params(self, body: dict, prompt: tuple[int, ...], max_tokens_key: tuple[str, ...]) -> Params:
-        """The request's parameters, checked. Without max_tokens a completion makes 16 tokens (the
-        OpenAI default) and a chat answer runs to EOS or the end of the context, as OpenAI's chat does
-        (16 cut every chat answer from a client that does not set it)."""
-        mt = next((body[k] for k in max_tokens_key if body.get(k) is not None), None)
-        default = DEFAULT_MAX_TOKENS if "max_completion_tokens" not in max_tokens_key \
-            else max(1, self.context - len(prompt))
+    def params(self, body: dict, prompt: tuple[int, ...], chat: bool) -> Params:
+        """The request's parameters, checked. Chat takes ``max_completion_tokens`` before
+        ``max_tokens``. Without either a completion makes 16 tokens (the OpenAI default) and a chat
+        answer runs to EOS or the end of the context, as OpenAI's chat does (16 cut every chat
+        answer from a client that does not set it)."""
+        keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+        mt = next((body[k] for k in keys if body.get(k) is not None), None)
+        default = max(1, self.context - len(prompt)) if chat else DEFAULT_MAX_TOKENS
         max_tokens = _num({"max_tokens": mt}, "max_tokens", default if mt is None else mt, int, 1)
         stop = body.get("stop")
         if stop is None:
@@ -259,7 +260,7 @@ class Server:
             body = await self._body(request)
             self._check_model(body)
             prompt = self._chat_prompt(body) if chat else self._prompt(body)
-            p = self.params(body, prompt, ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))
+            p = self.params(body, prompt, chat)
         except ServingError as e:
             return _from(e)
         gen = self._run(p)
