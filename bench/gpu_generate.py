@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=24)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--batches", help="decode batches (default 1,16,64; with --tiny 1,2)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=2048)
@@ -130,8 +130,7 @@ def main() -> None:
     if a.tiny:
         a.hidden, a.ffn, a.layers, a.heads, a.kv_heads, a.vocab = 64, 128, 2, 4, 2, 256
         a.prompt, a.new, a.prefill, a.prefill_batch, a.repeats = 8, 8, 32, 2, 1
-        a.batches = "1,2" if a.batches == "1,16,64" else a.batches  # the smoke test asks for one batch
-    batches = [int(b) for b in a.batches.split(",")]
+    batches = [int(b) for b in (a.batches or ("1,2" if a.tiny else "1,16,64")).split(",")]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "llama"
