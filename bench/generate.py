@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
+    from runtime import cpu_kernels
     from compiler.generation import make_runner, weight_types
     from compiler.spec import Spec, apply_overrides
     from runtime.checkpoint import open_checkpoint
@@ -110,6 +111,7 @@ def main() -> None:
     hf = hf_model(path)
     print(f"model {model.name}: {model.layers} layers, d_model {model.d_model}, vocab {model.vocab}; "
           f"transformers loaded in {time.perf_counter() - t0:.0f} s")
+    print(f"einshard's CPU int8 kernel (runtime/cpu_kernels): {cpu_kernels.status()}")
 
     cache_len = bucket(args.prompt) + bucket(args.steps + 1)
     prefill_len = min(args.prefill, 4096)
