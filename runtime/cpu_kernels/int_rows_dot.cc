@@ -52,41 +52,81 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(a);
 }
 
-void int_rows(const int8_t* x, const int8_t* w, int32_t* y, int64_t P, int64_t C, int64_t Q,
-              int64_t q0, int64_t q1) {
+// Rows [q0, q1) of y for P > 1 activation rows: tiles of 2 weight rows x 4 activation rows (8
+// accumulators), so each weight vector is loaded and made unsigned once for 4 rows; a tile's
+// weight rows stay in L1 across the row groups.
+void int_rows_many(const int8_t* x, const int8_t* w, int32_t* y, int64_t P, int64_t C, int64_t Q,
+                   int64_t q0, int64_t q1) {
   const int64_t C32 = C - C % 32;
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t p = 0; p < P; ++p) {
-    const int8_t* xp = x + p * C;
-    int64_t q = q0;
-    for (; q + 4 <= q1; q += 4) {
-      const int8_t* w0 = w + q * C;
-      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-      const char* pf = reinterpret_cast<const char*>(w0) + kPrefetchGroups * 4 * C;
+  for (int64_t q = q0; q < q1; q += 2) {
+    const bool two = q + 1 < q1;
+    const int8_t* w0 = w + q * C;
+    const int8_t* w1 = two ? w0 + C : w0;
+    const char* pf = reinterpret_cast<const char*>(w0) + kPrefetchGroups * 2 * C;
+    for (int64_t p0 = 0; p0 < P; p0 += 4) {
+      const int64_t pp = P - p0 < 4 ? P - p0 : 4;
+      const int8_t* xs[4];
+      for (int i = 0; i < 4; ++i) xs[i] = x + (p0 + (i < pp ? i : 0)) * C;
+      __m256i a[2][4];
+      for (int j = 0; j < 2; ++j)
+        for (int i = 0; i < 4; ++i) a[j][i] = _mm256_setzero_si256();
       for (int64_t c = 0; c < C32; c += 32) {
-        _mm_prefetch(pf + 4 * c, _MM_HINT_T0);  // the same bytes kPrefetchGroups groups ahead
-        _mm_prefetch(pf + 4 * c + 64, _MM_HINT_T0);
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + c));
-        a0 = _mm256_add_epi32(a0, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + c)), ones));
-        a1 = _mm256_add_epi32(a1, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + C + c)), ones));
-        a2 = _mm256_add_epi32(a2, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 2 * C + c)), ones));
-        a3 = _mm256_add_epi32(a3, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 3 * C + c)), ones));
+        if (p0 == 0) _mm_prefetch(pf + 2 * c, _MM_HINT_T0);
+        const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + c));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + c));
+        const __m256i au = _mm256_abs_epi8(u), av = _mm256_abs_epi8(v);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[i] + c));
+          a[0][i] = _mm256_add_epi32(a[0][i], _mm256_madd_epi16(_mm256_maddubs_epi16(au, _mm256_sign_epi8(xv, u)), ones));
+          a[1][i] = _mm256_add_epi32(a[1][i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(xv, v)), ones));
+        }
       }
-      int32_t r[4] = {hsum_i32(a0), hsum_i32(a1), hsum_i32(a2), hsum_i32(a3)};
-      for (int64_t c = C32; c < C; ++c)
-        for (int j = 0; j < 4; ++j) r[j] += int32_t{w0[j * C + c]} * int32_t{xp[c]};
-      for (int j = 0; j < 4; ++j) y[p * Q + q + j] = r[j];
+      for (int64_t i = 0; i < pp; ++i) {
+        int32_t r0 = hsum_i32(a[0][i]), r1 = hsum_i32(a[1][i]);
+        for (int64_t c = C32; c < C; ++c) {
+          r0 += int32_t{w0[c]} * int32_t{xs[i][c]};
+          r1 += int32_t{w1[c]} * int32_t{xs[i][c]};
+        }
+        y[(p0 + i) * Q + q] = r0;
+        if (two) y[(p0 + i) * Q + q + 1] = r1;
+      }
     }
-    for (; q < q1; ++q) {
-      const int8_t* w0 = w + q * C;
-      __m256i a = _mm256_setzero_si256();
-      for (int64_t c = 0; c < C32; c += 32)
-        a = _mm256_add_epi32(a, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + c)),
-                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + c)), ones));
-      int32_t r = hsum_i32(a);
-      for (int64_t c = C32; c < C; ++c) r += int32_t{w0[c]} * int32_t{xp[c]};
-      y[p * Q + q] = r;
+  }
+}
+
+// Rows [q0, q1) of y for one activation row: four weight rows per pass over it.
+void int_row(const int8_t* xp, const int8_t* w, int32_t* y, int64_t C, int64_t q0, int64_t q1) {
+  const int64_t C32 = C - C % 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t q = q0;
+  for (; q + 4 <= q1; q += 4) {
+    const int8_t* w0 = w + q * C;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    const char* pf = reinterpret_cast<const char*>(w0) + kPrefetchGroups * 4 * C;
+    for (int64_t c = 0; c < C32; c += 32) {
+      _mm_prefetch(pf + 4 * c, _MM_HINT_T0);  // the same bytes kPrefetchGroups groups ahead
+      _mm_prefetch(pf + 4 * c + 64, _MM_HINT_T0);
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + c));
+      a0 = _mm256_add_epi32(a0, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + c)), ones));
+      a1 = _mm256_add_epi32(a1, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + C + c)), ones));
+      a2 = _mm256_add_epi32(a2, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 2 * C + c)), ones));
+      a3 = _mm256_add_epi32(a3, dot32(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 3 * C + c)), ones));
     }
+    int32_t r[4] = {hsum_i32(a0), hsum_i32(a1), hsum_i32(a2), hsum_i32(a3)};
+    for (int64_t c = C32; c < C; ++c)
+      for (int j = 0; j < 4; ++j) r[j] += int32_t{w0[j * C + c]} * int32_t{xp[c]};
+    for (int j = 0; j < 4; ++j) y[q + j] = r[j];
+  }
+  for (; q < q1; ++q) {
+    const int8_t* w0 = w + q * C;
+    __m256i a = _mm256_setzero_si256();
+    for (int64_t c = 0; c < C32; c += 32)
+      a = _mm256_add_epi32(a, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + c)),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + c)), ones));
+    int32_t r = hsum_i32(a);
+    for (int64_t c = C32; c < C; ++c) r += int32_t{w0[c]} * int32_t{xp[c]};
+    y[q] = r;
   }
 }
 
@@ -211,7 +251,12 @@ ffi::Error int_rows_dot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
   const int8_t* wp = reinterpret_cast<const int8_t*>(w.typed_data());
   int32_t* yp = y->typed_data();
   const int64_t P = xd[0], C = xd[1], Q = wd[0];
-  run(Q, C, [=](int64_t q0, int64_t q1) { int_rows(xp, wp, yp, P, C, Q, q0, q1); });
+  run(Q, C, [=](int64_t q0, int64_t q1) {
+    if (P == 1)
+      int_row(xp, wp, yp, C, q0, q1);
+    else
+      int_rows_many(xp, wp, yp, P, C, Q, q0, q1);
+  });
   return ffi::Error::Success();
 }
 
