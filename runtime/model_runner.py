@@ -48,8 +48,9 @@ def enable_compile_cache(path: str | None = None) -> str:
     same model and shapes loads its programs instead of compiling them. Returns the folder."""
     import os
 
-    folder = path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "einshard", "jax")
+    from runtime.probe import default_cache_dir
+
+    folder = path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_cache_dir() / "jax")
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return folder

@@ -21,6 +21,8 @@ from pathlib import Path
 import jax
 import jaxlib
 
+from runtime.probe import default_cache_dir
+
 SOURCE = Path(__file__).with_name("int_rows_dot.cc")
 FLAGS = ("-O3", "-mavx2", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
@@ -30,8 +32,7 @@ class BuildError(Exception):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "einshard" / "kernels"
+    return default_cache_dir() / "kernels"
 
 
 def compiler() -> str:

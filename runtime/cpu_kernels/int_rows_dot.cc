@@ -4,9 +4,10 @@
 // Decode is memory-bound: at batch 1 the step reads every weight once. XLA hands this dot to
 // its library, which on a CPU without AVX-VNNI (AMD Zen 3, say) runs it at a quarter to a third
 // of the rate the machine reads memory; this kernel streams each weight once through AVX2 byte
-// multiply-adds (maddubs), four weight rows per pass over the activation row, prefetching
-// ahead, with the rows split between the calling thread and helpers of its own. Integer sums
-// are exact, so its result equals XLA's bit for bit and the tokens do not change.
+// multiply-adds (maddubs), four weight rows per pass over one activation row (tiles of 2
+// weight rows x 4 activation rows for more), prefetching ahead, with the rows split between
+// the calling thread and helpers of its own. Integer sums are exact, so its result equals
+// XLA's bit for bit and the tokens do not change.
 //
 // Built by runtime/cpu_kernels/build.py at first use (g++ -O3 -mavx2), loaded with ctypes
 // and registered as the XLA FFI target einshard_int_rows_dot.
